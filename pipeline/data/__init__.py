@@ -1,0 +1,1 @@
+"""Preference data: sources, formats, normalization to the canonical schema, and tokenization."""

@@ -1,0 +1,112 @@
+"""params.yaml: the defaults of every stage's knobs (their one home) and the check every stage runs.
+
+A key that is not known, or a value of the wrong type, fails with the key's dotted name before any
+model is loaded or data read.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .builtin import BUILTIN_DATA, BUILTIN_MODEL
+from .config import DPO_OPTION_NAMES, DPOConfig, validate_dpo_options
+from .errors import PipelineError
+
+ANY = object()  # a default of None accepts any type; this marks "any type" for non-None defaults
+
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "model": {
+        "name_or_path": BUILTIN_MODEL,  # builtin:tiny-llama, a Hub id or a local directory
+        "revision": None,
+        "trust_remote_code": False,
+        "model_init_kwargs": {},
+        # the built-in model only: its size and the supervised warm start of the base stage
+        "builtin": {"hidden_size": 64, "num_layers": 2, "num_heads": 4,
+                    "warmup_steps": 300, "warmup_batch_size": 32, "warmup_learning_rate": 3e-3,
+                    "warmup_positive_fraction": 0.3},
+    },
+    "data": {
+        "train": BUILTIN_DATA,  # builtin:sentiment, a local file/directory or a Hub dataset id
+        "eval": None,           # its own source, else carved from train with eval_fraction
+        "eval_fraction": 0.1,
+        "name": None,
+        "split": "train",
+        "eval_split": None,
+        "revision": None,
+        "prompt_marker": None,  # e.g. "\n\nAssistant:" to split implicit prompts at the last shared turn
+        "on_invalid": "error",  # error | drop
+        "builtin": {"num_pairs": 2000, "num_eval_pairs": 200},
+    },
+    "tokenize": {"max_length": 1024, "truncation_mode": "keep_start", "batch_size": 1000},
+    "ref_logps": {"precompute_ref_batch_size": 32},
+    "train": {},  # any DPOConfig / TrainingArguments field: checked against DPOConfig itself
+    "evaluate": {"batch_size": 32, "num_generations": 120, "max_new_tokens": 24},
+    "export": {"push": {"enabled": False, "repo_id": None, "private": True}, "merge_adapter": True},
+}
+
+CHOICES = {"data.on_invalid": ("error", "drop"), "tokenize.truncation_mode": ("keep_start", "keep_end")}
+
+
+def _check(value: Any, default: Any, key: str) -> Any:
+    if isinstance(default, dict):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise PipelineError(f"params: {key} must be a mapping, got {type(value).__name__}.")
+        if default:  # a non-empty default mapping lists every allowed key
+            unknown = sorted(set(value) - set(default))
+            if unknown:
+                raise PipelineError(f"params: unknown key {key + '.' if key else ''}{unknown[0]}; "
+                                    f"known keys of {key or 'the top level'}: {sorted(default)}.")
+            return {k: _check(value.get(k, default[k]), default[k], f"{key}.{k}" if key else k) for k in default}
+        return dict(value)
+    if default is None or value is None:
+        return value
+    expected = float if isinstance(default, float) else type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise PipelineError(f"params: {key} must be {expected.__name__}, got {value!r}.")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise PipelineError(f"params: {key} must be one of {list(CHOICES[key])}, got {value!r}.")
+    return value
+
+
+TRAIN_KEYS = set(DPOConfig.__dataclass_fields__) - {"output_dir"}
+
+
+def check_params(raw: dict | None) -> dict:
+    """Merge `raw` over the defaults and validate it; returns the full, typed params."""
+    params = _check(raw or {}, DEFAULTS, "")
+    unknown = sorted(set(params["train"]) - TRAIN_KEYS)
+    if unknown:
+        raise PipelineError(f"params: unknown key train.{unknown[0]}; train takes DPOConfig options "
+                            f"(e.g. beta, loss_type, learning_rate); see `python -c 'import pipeline; help(pipeline.DPOConfig)'`.")
+    train = params["train"]
+    validate_dpo_options({k: v for k, v in train.items() if k in DPO_OPTION_NAMES})
+    if not 0 < params["data"]["eval_fraction"] < 1:
+        raise PipelineError(f"params: data.eval_fraction must be in (0, 1), got {params['data']['eval_fraction']}.")
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"{path}: no such params file; run from the project root or pass --params.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise PipelineError(f"{path}: not valid YAML: {err}") from None
+    try:
+        return check_params(raw)
+    except PipelineError as err:
+        raise PipelineError(f"{path}: {err}") from None
+
+
+def defaults() -> dict:
+    return copy.deepcopy(check_params({}))

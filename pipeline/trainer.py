@@ -1,0 +1,281 @@
+"""`DPOTrainer`: the Hugging Face `Trainer` with the DPO objective, its reference and its metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections import defaultdict
+from typing import Any, Callable
+
+import torch
+from transformers import PreTrainedModel, Trainer, TrainerCallback
+
+from . import losses
+from .collator import DataCollatorForPreference
+from .config import DPOConfig
+from .data.prepare import prepare_dataset
+from .errors import PipelineError
+from .logps import sequence_logps, token_logps, token_statistics, wpo_log_weights
+from .models import disable_dropout, load_causal_lm, load_tokenizer, with_pad_token
+from .reference import reference_logps
+
+PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
+TOKEN_METRICS = ("logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy")
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+class SyncRefModelCallback(TrainerCallback):
+    """TR-DPO: every `ref_model_sync_steps` optimizer steps, ref ← α·policy + (1−α)·ref."""
+
+    def __init__(self, trainer: "DPOTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % args.ref_model_sync_steps == 0:
+            policy = self.trainer.accelerator.unwrap_model(self.trainer.model)
+            mix_into_reference(self.trainer.ref_model, policy, args.ref_model_mixup_alpha)
+
+
+@torch.no_grad()
+def mix_into_reference(ref_model: torch.nn.Module, policy: torch.nn.Module, alpha: float) -> None:
+    for ref_param, param in zip(ref_model.parameters(), policy.parameters(), strict=True):
+        ref_param.mul_(1 - alpha).add_(param.detach().to(ref_param.dtype), alpha=alpha)
+
+
+class DPOTrainer(Trainer):
+    """Trainer for Direct Preference Optimization (Rafailov et al., 2023) and its variants.
+
+    `train_dataset`/`eval_dataset` may be raw preference datasets (standard or conversational,
+    explicit or implicit prompt; tokenized here) or already tokenized ones with `prompt_ids`,
+    `chosen_ids`, `rejected_ids` and, optionally, precomputed `ref_*` columns.
+    """
+
+    def __init__(self, model: str | PreTrainedModel | torch.nn.Module, ref_model: str | PreTrainedModel | None = None,
+                 args: DPOConfig | None = None, data_collator: Callable | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, compute_metrics: Callable | None = None,
+                 callbacks: list[TrainerCallback] | None = None,
+                 optimizers: tuple = (None, None), peft_config: Any = None):
+        model_id = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
+        if args is None:
+            args = DPOConfig(output_dir=f"{str(model_id).split('/')[-1]}-DPO")
+        if not isinstance(args, DPOConfig):
+            raise PipelineError(f"args must be a DPOConfig, got {type(args).__name__}; build it with DPOConfig(...).")
+        if ref_model is not None and ref_model is model:
+            raise PipelineError("model and ref_model are the same object; pass ref_model=None to use a frozen copy "
+                                "of the initial policy, or a separate model instance.")
+        if args.use_liger_kernel:
+            self._require_liger()
+            if compute_metrics is not None:
+                raise PipelineError("use_liger_kernel=True does not support compute_metrics; drop one of them.")
+        if isinstance(model, str):
+            model = load_causal_lm(model, args.model_init_kwargs)
+        elif args.model_init_kwargs:
+            warnings.warn("model_init_kwargs is ignored because model is already instantiated.", stacklevel=2)
+        if processing_class is None:
+            processing_class = load_tokenizer(model_id)
+        with_pad_token(processing_class, args.pad_token)
+
+        new_adapter = peft_config is not None
+        if new_adapter:
+            if _is_peft(model):
+                raise PipelineError("You passed a PeftModel and a peft_config: continue training the PeftModel without "
+                                    "peft_config, or pass the base model with peft_config to train a new adapter.")
+            from peft import get_peft_model
+            model = get_peft_model(model, peft_config)
+            if args.gradient_checkpointing:
+                model.enable_input_require_grads()
+        is_peft = _is_peft(model)
+        if args.sync_ref_model and is_peft and ref_model is None:
+            raise PipelineError("sync_ref_model=True is not supported with a PEFT model that keeps no standalone "
+                                "ref_model; pass ref_model=... or turn sync_ref_model off.")
+
+        # The reference: given, the policy's adapter disabled (new adapter), or a frozen copy of the start.
+        self.uses_adapter_reference = ref_model is None and new_adapter
+        if isinstance(ref_model, str):
+            ref_model = load_causal_lm(ref_model, args.ref_model_init_kwargs)
+        elif ref_model is None and not self.uses_adapter_reference and not args.precompute_ref_log_probs:
+            # precomputed reference log-probs are taken before the first step, from the policy itself
+            ref_model = copy.deepcopy(model)
+        if ref_model is not None:
+            ref_model.eval()
+            ref_model.requires_grad_(False)
+        if args.disable_dropout:
+            disable_dropout(model)
+            if ref_model is not None:
+                disable_dropout(ref_model)
+
+        num_proc = args.dataset_num_proc
+        train_dataset = prepare_dataset(train_dataset, processing_class, args.max_length, args.truncation_mode, num_proc)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: prepare_dataset(v, processing_class, args.max_length, args.truncation_mode, num_proc, f"eval_dataset[{k}]")
+                            for k, v in eval_dataset.items()}
+        else:
+            eval_dataset = prepare_dataset(eval_dataset, processing_class, args.max_length, args.truncation_mode, num_proc, "eval_dataset")
+        if args.precompute_ref_log_probs:
+            import datasets
+            for name, ds in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+                if isinstance(ds, datasets.IterableDataset):
+                    raise PipelineError(f"precompute_ref_log_probs=True is not supported with an IterableDataset ({name}); "
+                                        "pass a map-style Dataset or set precompute_ref_log_probs=False.")
+        if data_collator is None:
+            data_collator = DataCollatorForPreference(processing_class.pad_token_id, args.pad_to_multiple_of)
+
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
+                         callbacks=callbacks, optimizers=optimizers)
+        self.ref_model = ref_model.to(self.args.device) if ref_model is not None else None
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(lambda: [0.0, 0.0]),
+                                                             "eval": defaultdict(lambda: [0.0, 0.0])}
+        self._num_tokens = 0
+        if args.sync_ref_model:
+            self.add_callback(SyncRefModelCallback(self))
+        if args.precompute_ref_log_probs:
+            self.train_dataset = self.with_reference_logps(self.train_dataset)
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {k: self.with_reference_logps(v) for k, v in self.eval_dataset.items()}
+            else:
+                self.eval_dataset = self.with_reference_logps(self.eval_dataset)
+
+    @staticmethod
+    def _require_liger() -> None:
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            raise PipelineError("use_liger_kernel=True needs the optional Liger Kernel (GPU only): "
+                                "pip install 'dpo-pipeline[liger]', or set use_liger_kernel=False.") from None
+
+    # ---- the reference --------------------------------------------------------------------------
+
+    def reference_context(self) -> contextlib.AbstractContextManager:
+        """Where the reference is the policy without its new adapter, run it with the adapter off."""
+        if self.uses_adapter_reference:
+            return self.accelerator.unwrap_model(self.model).disable_adapter()
+        return contextlib.nullcontext()
+
+    def reference_model(self) -> torch.nn.Module:
+        return self.model if self.ref_model is None else self.ref_model
+
+    def with_reference_logps(self, dataset):
+        """Add precomputed reference log-prob columns to a tokenized dataset that lacks them."""
+        if dataset is None or "ref_chosen_logps" in dataset.column_names:
+            return dataset
+        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+        rows = [dict(zip(("row_id", "prompt_ids", "chosen_ids", "rejected_ids"), values)) for values in
+                zip(dataset["row_id"] if "row_id" in dataset.column_names else range(len(dataset)),
+                    dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
+        computed = reference_logps(self.reference_model(), rows, self.data_collator, batch_size, self.reference_context)
+        for column in ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_token_logps", "ref_rejected_token_logps"):
+            dataset = dataset.add_column(column, computed[column])
+        return dataset
+
+    # ---- the objective --------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch=None):
+        args = self.args
+        mode = "train" if model.training else "eval"
+        n = inputs["input_ids"].shape[0] // 2
+        offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) \
+            if args.activation_offloading and mode == "train" else contextlib.nullcontext()
+        with offload:
+            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits[:, :-1]
+        labels = inputs["input_ids"][:, 1:]
+        mask = inputs["completion_mask"][:, 1:].bool()
+        per_token = token_logps(logits, labels)
+        lengths = mask.sum(-1)
+        shared = torch.minimum(lengths[:n], lengths[n:]).repeat(2)
+        logps = sequence_logps(per_token, mask, args.ld_alpha, shared)
+        ref_logps = self._reference_sequence_logps(inputs, mask, shared).to(logps.dtype)
+
+        chosen_tokens = mask[:n].sum().clamp(min=1)
+        sft_nll = -(per_token[:n] * mask[:n]).sum() / chosen_tokens
+        pair_weights = None
+        if args.use_weighting:
+            log_w = wpo_log_weights(logits, labels, mask)
+            pair_weights = torch.exp(log_w[:n] + log_w[n:])
+        total, _ = losses.dpo_objective(
+            args.loss_type, args.loss_weights, pair_weights=pair_weights,
+            chosen_logps=logps[:n], rejected_logps=logps[n:], ref_chosen_logps=ref_logps[:n], ref_rejected_logps=ref_logps[n:],
+            beta=args.beta, label_smoothing=args.label_smoothing, f_divergence_type=args.f_divergence_type,
+            f_alpha_divergence_coef=args.f_alpha_divergence_coef, discopop_tau=args.discopop_tau,
+            chosen_lengths=lengths[:n], rejected_lengths=lengths[n:], sft_nll=sft_nll)
+
+        chosen_rewards, rejected_rewards = losses.implicit_rewards(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], args.beta)
+        self._record_metrics(mode, logps.detach(), chosen_rewards, rejected_rewards, token_statistics(logits, labels, mask), n)
+        if mode == "train":
+            self._num_tokens += int(self.accelerator.reduce(inputs["attention_mask"].sum(), "sum").item())
+        if return_outputs:
+            return total, {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}
+        return total
+
+    @torch.no_grad()
+    def _reference_sequence_logps(self, inputs: dict, mask: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        if self.args.precompute_ref_log_probs and "ref_chosen_logps" not in inputs and self.ref_model is None:
+            raise PipelineError("precompute_ref_log_probs=True but this batch has no reference log-probs: pass datasets "
+                                "to the trainer's constructor (they are precomputed there) or use the ref-logps stage.")
+        if "ref_chosen_logps" in inputs and (self.args.ld_alpha is None or "ref_token_logps" not in inputs):
+            if self.args.ld_alpha is not None:
+                raise PipelineError("ld_alpha needs per-token reference log-probs; re-run the ref-logps stage.")
+            return torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
+        if "ref_token_logps" in inputs:
+            per_token = inputs["ref_token_logps"][:, 1:]
+        else:
+            with self.reference_context():
+                ref_logits = self.reference_model()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                                    use_cache=False).logits[:, :-1]
+            per_token = token_logps(ref_logits, inputs["input_ids"][:, 1:])
+        return sequence_logps(per_token, mask, self.args.ld_alpha, shared)
+
+    # ---- metrics --------------------------------------------------------------------------------
+
+    def _record_metrics(self, mode: str, logps, chosen_rewards, rejected_rewards, stats: dict, n: int) -> None:
+        """Accumulate (sum, count) per metric, reduced over ranks: pair metrics count pairs, token metrics tokens."""
+        c, r = slice(0, n), slice(n, 2 * n)
+        values = {
+            "rewards/chosen": (chosen_rewards.sum(), n), "rewards/rejected": (rejected_rewards.sum(), n),
+            "rewards/margins": ((chosen_rewards - rejected_rewards).sum(), n),
+            "rewards/accuracies": ((chosen_rewards > rejected_rewards).float().sum(), n),
+            "logps/chosen": (logps[c].sum(), n), "logps/rejected": (logps[r].sum(), n),
+            "logits/chosen": (stats["logits_sum"][c].sum(), stats["tokens"][c].sum()),
+            "logits/rejected": (stats["logits_sum"][r].sum(), stats["tokens"][r].sum()),
+            "entropy": (stats["entropy_sum"].sum(), stats["tokens"].sum()),
+            "mean_token_accuracy": (stats["correct"][c].sum(), stats["tokens"][c].sum()),
+        }
+        device = chosen_rewards.device
+        flat = torch.tensor([[float(s), float(k)] for s, k in values.values()], device=device, dtype=torch.float64)
+        flat = self.accelerator.reduce(flat, "sum").tolist()
+        for name, (total, count) in zip(values, flat):
+            acc = self._metrics[mode][name]
+            acc[0] += total
+            acc[1] += count
+
+    def pop_metrics(self, mode: str) -> dict[str, float]:
+        """The metrics accumulated since the last log, averaged; the accumulators are reset."""
+        metrics = {name: total / count for name, (total, count) in self._metrics[mode].items() if count > 0}
+        self._metrics[mode].clear()
+        return metrics
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({prefix + name: value for name, value in self.pop_metrics(mode).items()})
+        if mode == "train":
+            logs["num_tokens"] = float(self._num_tokens)
+            logs["global_step"] = self.state.global_step
+        super().log(logs, start_time)
+
+    def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        logits = torch.stack([outputs["chosen_rewards"], outputs["rejected_rewards"]], dim=1)
+        return loss.detach(), logits, torch.zeros(logits.shape[0], device=logits.device)

@@ -1,0 +1,28 @@
+"""dpo normalize: raw preference data → canonical Parquet splits in artifacts/normalized."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pipeline.artifacts import staged_dir
+from pipeline.data.normalize import normalize_dataset
+
+from . import paths
+from .common import load, params_option, path_option, user_errors
+
+
+def run(params: dict, out: Path = paths.NORMALIZED) -> dict:
+    with staged_dir(out) as tmp:
+        return normalize_dataset(params, tmp)
+
+
+@click.command("normalize")
+@params_option
+@path_option("out", paths.NORMALIZED, "Where to write the normalized splits.")
+@user_errors
+def command(params_path: Path, out: Path) -> None:
+    """Validate and normalize the preference data (data.* params) to the canonical schema."""
+    report = run(load(params_path), out)
+    click.echo(f"normalize: read {report['rows_read']}, wrote {report['rows_written']}, dropped {report['rows_dropped']} -> {out}")

@@ -1,0 +1,35 @@
+"""dpo tokenize: canonical pairs → token ids (with truncation) in artifacts/tokenized."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pipeline.artifacts import manifest_digest, read_manifest, staged_dir
+from pipeline.base import load_base_tokenizer
+from pipeline.data.tokenize import tokenize_dataset
+
+from . import paths
+from .common import load, params_option, path_option, user_errors
+
+
+def run(params: dict, normalized: Path = paths.NORMALIZED, base: Path = paths.BASE, out: Path = paths.TOKENIZED) -> dict:
+    read_manifest(normalized, "normalized")
+    tokenizer = load_base_tokenizer(base, params)
+    inputs = {"normalized": manifest_digest(normalized), "base": manifest_digest(base)}
+    with staged_dir(out) as tmp:
+        return tokenize_dataset(tokenizer, normalized, tmp, params, inputs)
+
+
+@click.command("tokenize")
+@params_option
+@path_option("normalized", paths.NORMALIZED, "The normalized artifact.")
+@path_option("base", paths.BASE, "The base artifact (its tokenizer is used).")
+@path_option("out", paths.TOKENIZED, "Where to write the tokenized splits.")
+@user_errors
+def command(params_path: Path, normalized: Path, base: Path, out: Path) -> None:
+    """Tokenize the normalized pairs with the base model's tokenizer (tokenize.* params)."""
+    report = run(load(params_path), normalized, base, out)
+    for split, r in report.items():
+        click.echo(f"tokenize {split}: wrote {r['rows_written']}, truncated {r.get('rows_truncated', 0)}, dropped {r['rows_dropped']}")

@@ -1,0 +1,77 @@
+"""dpo train: DPO on the tokenized pairs → artifacts/train (model, log history) + DVCLive metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import click
+
+from pipeline.artifacts import manifest_digest, read_manifest, staged_dir, write_manifest
+from pipeline.base import load_base_model, load_base_tokenizer
+from pipeline.config import DPOConfig
+from pipeline.data.tables import load_pairs
+from pipeline.tracking import LiveMetricsCallback
+from pipeline.trainer import DPOTrainer
+
+from . import paths
+from .common import load, params_option, path_option, user_errors
+
+
+def training_config(params: dict, output_dir: Path, **overrides) -> DPOConfig:
+    """The DPOConfig of a stage: params.yaml's train section over the stage's own settings."""
+    settings = {"report_to": "none", "save_total_limit": 2, "seed": params["seed"], "data_seed": params["seed"],
+                **params["train"], **overrides}
+    return DPOConfig(output_dir=str(output_dir), **settings)
+
+
+def run(params: dict, tokenized: Path = paths.TOKENIZED, ref_logps: Path = paths.REF_LOGPS, base: Path = paths.BASE,
+        out: Path = paths.TRAIN, checkpoints: Path = paths.CHECKPOINTS, live: Path = paths.LIVE,
+        resume: str | bool | None = None) -> dict:
+    args = training_config(params, checkpoints)
+    read_manifest(base, "base")
+    ref_dir = ref_logps if args.precompute_ref_log_probs else None
+    train_set = load_pairs(tokenized, "train", ref_dir)
+    eval_set = load_pairs(tokenized, "eval", ref_dir) if args.eval_strategy != "no" else None
+    tokenizer = load_base_tokenizer(base, params)
+    model = load_base_model(base, params)
+    with staged_dir(out) as tmp:
+        trainer = DPOTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                             processing_class=tokenizer, callbacks=[LiveMetricsCallback(tmp / "live")])
+        if resume is None:
+            resume = params["train"].get("resume_from_checkpoint")
+        if resume is True and not any(Path(checkpoints).glob("checkpoint-*")):
+            resume = None  # nothing to resume yet: start fresh
+        result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(str(tmp / "model"))
+        (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        live_tmp = Path(str(live) + f".tmp-{os.getpid()}")  # metrics live beside the artifact (DVC metrics/plots)
+        shutil.rmtree(live_tmp, ignore_errors=True)
+        shutil.move(str(tmp / "live"), live_tmp)
+        inputs = {"tokenized": manifest_digest(tokenized), "base": manifest_digest(base)}
+        if ref_dir is not None:
+            inputs["ref_logps"] = manifest_digest(ref_dir)
+        manifest = write_manifest(tmp, "train", inputs=inputs, params=params["train"],
+                                  rows={"train": len(train_set)}, extra={"train_metrics": result.metrics})
+    shutil.rmtree(live, ignore_errors=True)
+    os.replace(live_tmp, live)
+    return manifest
+
+
+@click.command("train")
+@params_option
+@path_option("tokenized", paths.TOKENIZED, "The tokenized artifact.")
+@path_option("ref-logps", paths.REF_LOGPS, "The reference log-probs (used when train.precompute_ref_log_probs).")
+@path_option("base", paths.BASE, "The base artifact: the starting policy.")
+@path_option("out", paths.TRAIN, "Where to write the trained model.")
+@path_option("checkpoints", paths.CHECKPOINTS, "Trainer checkpoints (kept between runs for resuming).")
+@click.option("--resume", default=None, help="'true' for the last checkpoint, or a checkpoint path.")
+@user_errors
+def command(params_path: Path, tokenized: Path, ref_logps: Path, base: Path, out: Path, checkpoints: Path, resume) -> None:
+    """Train the policy with DPO (train.* params: any DPOConfig option)."""
+    if resume is not None and resume.lower() in ("true", "false"):
+        resume = resume.lower() == "true"
+    manifest = run(load(params_path), tokenized, ref_logps, base, out, checkpoints, resume=resume)
+    click.echo(f"train: {manifest['train_metrics']} -> {out}")
