@@ -27,7 +27,7 @@ DEFAULTS: dict[str, Any] = {
         "model_init_kwargs": {},
         # the built-in model only: its size and the supervised warm start of the base stage
         "builtin": {"hidden_size": 64, "num_layers": 2, "num_heads": 4,
-                    "warmup_steps": 300, "warmup_batch_size": 32, "warmup_learning_rate": 3e-3,
+                    "warmup_steps": 800, "warmup_batch_size": 32, "warmup_learning_rate": 3e-3,
                     "warmup_positive_fraction": 0.3},
     },
     "data": {

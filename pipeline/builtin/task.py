@@ -8,6 +8,7 @@ far DPO moved the policy: no human or reward model needed. Everything is seeded 
 from __future__ import annotations
 
 import random
+import re
 
 NOUNS = (
     "movie", "book", "song", "album", "meal", "hotel", "phone", "laptop", "game", "show",
@@ -94,11 +95,25 @@ def subject_of(messages: list[dict]) -> str | None:
     return next((w for w in words if w in NOUNS), None)
 
 
+def _answer_pattern(template: str) -> re.Pattern:
+    escaped = re.escape(template).replace(r"\{noun\}", r"(?P<noun>\w+)")
+    return re.compile("^" + escaped.replace(r"\{a\}", r"(?P<a>\w+)").replace(r"\{b\}", r"(?P<b>\w+)") + "$")
+
+
+ANSWER_PATTERNS = tuple(_answer_pattern(t) for t in ANSWERS)
+MALFORMED = -3.0  # below any well-formed answer: degenerate text never wins
+
+
 def judge(prompt: list[dict], completion: str) -> float:
-    """Score of an answer: +1 per praising word, −1 per panning word, +0.5 if it names the subject."""
-    words = completion.split()
-    score = sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words)
-    return score + (0.5 if subject_of(prompt) in words else 0.0)
+    """Score an answer: well-formed review sentences get +1 per praising and −1 per panning
+    adjective, +0.5 if they name the prompt's subject; anything else scores MALFORMED."""
+    text = " ".join(completion.split())
+    match = next((m for m in (p.match(text) for p in ANSWER_PATTERNS) if m), None)
+    if match is None or match["noun"] not in NOUNS or not {match["a"], match["b"]} <= set(POSITIVE + NEGATIVE):
+        return MALFORMED
+    adjectives = (match["a"], match["b"])
+    score = sum(a in POSITIVE for a in adjectives) - sum(a in NEGATIVE for a in adjectives)
+    return score + (0.5 if match["noun"] == subject_of(prompt) else 0.0)
 
 
 def win_rate(prompts: list[list[dict]], policy_answers: list[str], reference_answers: list[str]) -> tuple[float, list[float]]:
