@@ -13,6 +13,7 @@ from pipeline.artifacts import manifest_digest, read_manifest, staged_dir, write
 from pipeline.base import load_base_model, load_base_tokenizer
 from pipeline.config import DPOConfig
 from pipeline.data.tables import load_pairs
+from pipeline.errors import PipelineError
 from pipeline.tracking import LiveMetricsCallback
 from pipeline.trainer import DPOTrainer
 
@@ -24,7 +25,12 @@ def training_config(params: dict, output_dir: Path, **overrides) -> DPOConfig:
     """The DPOConfig of a stage: params.yaml's train section over the stage's own settings."""
     settings = {"report_to": "none", "save_total_limit": 2, "seed": params["seed"], "data_seed": params["seed"],
                 **params["train"], **overrides}
-    return DPOConfig(output_dir=str(output_dir), **settings)
+    try:
+        return DPOConfig(output_dir=str(output_dir), **settings)
+    except PipelineError:
+        raise
+    except (TypeError, ValueError) as err:  # TrainingArguments' own checks
+        raise PipelineError(f"params: train: {err}") from None
 
 
 def run(params: dict, tokenized: Path = paths.TOKENIZED, ref_logps: Path = paths.REF_LOGPS, base: Path = paths.BASE,
