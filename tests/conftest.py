@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny params for the built-in task, and a tiny model + tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DISABLE_TQDM", "1")
+
+
+def tiny_params(**train_overrides) -> dict:
+    """params for the built-in task at test size: a few seconds per stage on 2 CPU cores."""
+    from pipeline.params import check_params
+
+    train = {"precompute_ref_log_probs": True, "learning_rate": 1e-4, "num_train_epochs": 1,
+             "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16, "gradient_checkpointing": False,
+             "logging_steps": 2, "save_strategy": "no", "disable_tqdm": True, "max_length": 64}
+    train.update(train_overrides)
+    return check_params({
+        "model": {"builtin": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "warmup_steps": 20,
+                              "warmup_batch_size": 16}},
+        "data": {"builtin": {"num_pairs": 48, "num_eval_pairs": 16}},
+        "ref_logps": {"precompute_ref_batch_size": 16},
+        "train": train,
+        "evaluate": {"batch_size": 16, "num_generations": 8, "max_new_tokens": 12},
+    })
+
+
+@pytest.fixture
+def params():
+    return tiny_params()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from pipeline.builtin.tokenizer import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture
+def tiny_model(tiny_tokenizer):
+    from pipeline.builtin.model import build_model
+
+    return build_model(tiny_tokenizer, seed=0, hidden_size=32, num_layers=1, num_heads=2)
