@@ -88,6 +88,10 @@ def check_params(raw: dict | None) -> dict:
         raise PipelineError(f"params: unknown key train.{unknown[0]}; train takes DPOConfig options "
                             f"(e.g. beta, loss_type, learning_rate); see `python -c 'import pipeline; help(pipeline.DPOConfig)'`.")
     train = params["train"]
+    for key, value in train.items():
+        # YAML 1.1 (and `dvc exp run -S`, which rewrites params.yaml) reads a bare `no` as false
+        if value is False and isinstance(DPOConfig.__dataclass_fields__[key].default, str):
+            train[key] = "no"
     validate_dpo_options({k: v for k, v in train.items() if k in DPO_OPTION_NAMES})
     if not 0 < params["data"]["eval_fraction"] < 1:
         raise PipelineError(f"params: data.eval_fraction must be in (0, 1), got {params['data']['eval_fraction']}.")
