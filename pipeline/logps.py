@@ -35,31 +35,33 @@ def sequence_logps(per_token: torch.Tensor, mask: torch.Tensor, ld_alpha: float 
 
 
 @torch.no_grad()
-def wpo_log_weights(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """log w of WPO (arXiv 2406.11827 eq. 2): mean over completion tokens of log p(y_t) − log Σ_v p_t(v)²."""
-    out = []
-    for rows, row_labels, row_mask in zip(logits.split(ROW_CHUNK), labels.split(ROW_CHUNK), mask.split(ROW_CHUNK)):
-        logp_all = torch.log_softmax(rows.float(), dim=-1)
-        picked = logp_all.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)
-        log_sum_sq = torch.logsumexp(2 * logp_all, dim=-1)
-        m = row_mask.float()
-        out.append(((picked - log_sum_sq) * m).sum(-1) / m.sum(-1).clamp(min=1))
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def token_statistics(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-row sums over completion tokens: vocabulary-mean logit, entropy, argmax hits, token count.
-
-    Sums (not means) so metrics can be token-weighted across batches and ranks.
-    """
-    logit_mean, entropy, correct = [], [], []
-    for rows, row_labels, row_mask in zip(logits.split(ROW_CHUNK), labels.split(ROW_CHUNK), mask.split(ROW_CHUNK)):
+def token_diagnostics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-position values for the metrics and for WPO, in one pass over the vocabulary:
+    the vocabulary-mean logit, the predictive entropy, whether the argmax is the label, and
+    log p(label) − log Σ_v p(v)² (the WPO term, arXiv 2406.11827 eq. 2)."""
+    mean_logit, entropy, hit, wpo = [], [], [], []
+    for rows, row_labels in zip(logits.split(ROW_CHUNK), labels.split(ROW_CHUNK)):
         rows = rows.float()
-        m = row_mask.float()
         logp = torch.log_softmax(rows, dim=-1)
-        logit_mean.append((rows.mean(-1) * m).sum(-1))
-        entropy.append((-(logp.exp() * logp).sum(-1) * m).sum(-1))
-        correct.append(((rows.argmax(-1) == row_labels).float() * m).sum(-1))
-    return {"logits_sum": torch.cat(logit_mean), "entropy_sum": torch.cat(entropy),
-            "correct": torch.cat(correct), "tokens": mask.float().sum(-1)}
+        picked = logp.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)
+        mean_logit.append(rows.mean(-1))
+        entropy.append(-(logp.exp() * logp).sum(-1))
+        hit.append((rows.argmax(-1) == row_labels).float())
+        wpo.append(picked - torch.logsumexp(2 * logp, dim=-1))
+    return {"mean_logit": torch.cat(mean_logit), "entropy": torch.cat(entropy), "hit": torch.cat(hit),
+            "wpo_term": torch.cat(wpo)}
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(values.dtype)
+    return (values * m).sum(-1) / m.sum(-1).clamp(min=1)
+
+
+def wpo_log_weights(diagnostics: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """log w of WPO per sequence: the mean over its completion tokens of the WPO term."""
+    return masked_mean(diagnostics["wpo_term"], mask)
+
+
+def unpack(packed: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-position values of a padding-free batch ([1, T]) laid out per sequence ([rows, L]) via `index`."""
+    return packed[0][index] * valid.to(packed.dtype)

@@ -16,7 +16,7 @@ from .collator import DataCollatorForPreference
 from .config import DPOConfig
 from .data.prepare import prepare_dataset
 from .errors import PipelineError
-from .logps import sequence_logps, token_logps, token_statistics, wpo_log_weights
+from .logps import sequence_logps, token_diagnostics, token_logps, unpack, wpo_log_weights
 from .models import disable_dropout, load_causal_lm, load_tokenizer, with_pad_token
 from .reference import reference_logps
 
@@ -126,7 +126,7 @@ class DPOTrainer(Trainer):
                     raise PipelineError(f"precompute_ref_log_probs=True is not supported with an IterableDataset ({name}); "
                                         "pass a map-style Dataset or set precompute_ref_log_probs=False.")
         if data_collator is None:
-            data_collator = DataCollatorForPreference(processing_class.pad_token_id, args.pad_to_multiple_of)
+            data_collator = DataCollatorForPreference(processing_class.pad_token_id, args.pad_to_multiple_of, args.padding_free)
 
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
@@ -171,34 +171,49 @@ class DPOTrainer(Trainer):
         rows = [dict(zip(("row_id", "prompt_ids", "chosen_ids", "rejected_ids"), values)) for values in
                 zip(dataset["row_id"] if "row_id" in dataset.column_names else range(len(dataset)),
                     dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
-        computed = reference_logps(self.reference_model(), rows, self.data_collator, batch_size, self.reference_context)
+        computed = reference_logps(self.reference_model(), rows, DataCollatorForPreference(self.processing_class.pad_token_id),
+                                   batch_size, self.reference_context)
         for column in ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_token_logps", "ref_rejected_token_logps"):
             dataset = dataset.add_column(column, computed[column])
         return dataset
 
     # ---- the objective --------------------------------------------------------------------------
 
+    def _token_values(self, model, inputs: dict, diagnostics: bool) -> tuple[torch.Tensor, dict | None]:
+        """Per-position log p(label) of every sequence, laid out [2N, L-1] whatever the batch layout
+        (padded, or padding-free with restarting position_ids), plus the metric diagnostics."""
+        ids = inputs["input_ids"]
+        if "position_ids" in inputs:
+            logits = model(input_ids=ids, position_ids=inputs["position_ids"], use_cache=False).logits[:, :-1]
+        else:
+            logits = model(input_ids=ids, attention_mask=inputs["attention_mask"], use_cache=False).logits[:, :-1]
+        labels = ids[:, 1:]
+        per_token = token_logps(logits, labels)
+        diag = token_diagnostics(logits, labels) if diagnostics else None
+        if "packed_index" in inputs:
+            index, valid = inputs["packed_index"], inputs["packed_valid"]
+            per_token = unpack(per_token, index, valid)
+            diag = {k: unpack(v, index, valid) for k, v in diag.items()} if diag else None
+        return per_token, diag
+
     def compute_loss(self, model, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch=None):
         args = self.args
         mode = "train" if model.training else "eval"
-        n = inputs["input_ids"].shape[0] // 2
+        mask = inputs["completion_mask"][:, 1:].bool()
+        n = mask.shape[0] // 2
         offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) \
             if args.activation_offloading and mode == "train" else contextlib.nullcontext()
         with offload:
-            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits[:, :-1]
-        labels = inputs["input_ids"][:, 1:]
-        mask = inputs["completion_mask"][:, 1:].bool()
-        per_token = token_logps(logits, labels)
+            per_token, diag = self._token_values(model, inputs, diagnostics=True)
         lengths = mask.sum(-1)
         shared = torch.minimum(lengths[:n], lengths[n:]).repeat(2)
         logps = sequence_logps(per_token, mask, args.ld_alpha, shared)
         ref_logps = self._reference_sequence_logps(inputs, mask, shared).to(logps.dtype)
 
-        chosen_tokens = mask[:n].sum().clamp(min=1)
-        sft_nll = -(per_token[:n] * mask[:n]).sum() / chosen_tokens
+        sft_nll = -(per_token[:n] * mask[:n]).sum() / mask[:n].sum().clamp(min=1)
         pair_weights = None
         if args.use_weighting:
-            log_w = wpo_log_weights(logits, labels, mask)
+            log_w = wpo_log_weights(diag, mask)
             pair_weights = torch.exp(log_w[:n] + log_w[n:])
         total, _ = losses.dpo_objective(
             args.loss_type, args.loss_weights, pair_weights=pair_weights,
@@ -208,9 +223,10 @@ class DPOTrainer(Trainer):
             chosen_lengths=lengths[:n], rejected_lengths=lengths[n:], sft_nll=sft_nll)
 
         chosen_rewards, rejected_rewards = losses.implicit_rewards(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], args.beta)
-        self._record_metrics(mode, logps.detach(), chosen_rewards, rejected_rewards, token_statistics(logits, labels, mask), n)
+        self._record_metrics(mode, logps.detach(), chosen_rewards, rejected_rewards, diag, mask, n)
         if mode == "train":
-            self._num_tokens += int(self.accelerator.reduce(inputs["attention_mask"].sum(), "sum").item())
+            tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(inputs["input_ids"].numel())
+            self._num_tokens += int(self.accelerator.reduce(tokens.to(self.args.device), "sum").item())
         if return_outputs:
             return total, {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}
         return total
@@ -228,28 +244,27 @@ class DPOTrainer(Trainer):
             per_token = inputs["ref_token_logps"][:, 1:]
         else:
             with self.reference_context():
-                ref_logits = self.reference_model()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                                    use_cache=False).logits[:, :-1]
-            per_token = token_logps(ref_logits, inputs["input_ids"][:, 1:])
+                per_token, _ = self._token_values(self.reference_model(), inputs, diagnostics=False)
         return sequence_logps(per_token, mask, self.args.ld_alpha, shared)
 
     # ---- metrics --------------------------------------------------------------------------------
 
-    def _record_metrics(self, mode: str, logps, chosen_rewards, rejected_rewards, stats: dict, n: int) -> None:
+    def _record_metrics(self, mode: str, logps, chosen_rewards, rejected_rewards, diag: dict, mask, n: int) -> None:
         """Accumulate (sum, count) per metric, reduced over ranks: pair metrics count pairs, token metrics tokens."""
+        m = mask.float()
         c, r = slice(0, n), slice(n, 2 * n)
+        token_sum = lambda name, rows: (diag[name][rows] * m[rows]).sum()  # noqa: E731
         values = {
             "rewards/chosen": (chosen_rewards.sum(), n), "rewards/rejected": (rejected_rewards.sum(), n),
             "rewards/margins": ((chosen_rewards - rejected_rewards).sum(), n),
             "rewards/accuracies": ((chosen_rewards > rejected_rewards).float().sum(), n),
             "logps/chosen": (logps[c].sum(), n), "logps/rejected": (logps[r].sum(), n),
-            "logits/chosen": (stats["logits_sum"][c].sum(), stats["tokens"][c].sum()),
-            "logits/rejected": (stats["logits_sum"][r].sum(), stats["tokens"][r].sum()),
-            "entropy": (stats["entropy_sum"].sum(), stats["tokens"].sum()),
-            "mean_token_accuracy": (stats["correct"][c].sum(), stats["tokens"][c].sum()),
+            "logits/chosen": (token_sum("mean_logit", c), m[c].sum()),
+            "logits/rejected": (token_sum("mean_logit", r), m[r].sum()),
+            "entropy": (token_sum("entropy", slice(None)), m.sum()),
+            "mean_token_accuracy": (token_sum("hit", c), m[c].sum()),
         }
-        device = chosen_rewards.device
-        flat = torch.tensor([[float(s), float(k)] for s, k in values.values()], device=device, dtype=torch.float64)
+        flat = torch.tensor([[float(s), float(k)] for s, k in values.values()], device=chosen_rewards.device, dtype=torch.float64)
         flat = self.accelerator.reduce(flat, "sum").tolist()
         for name, (total, count) in zip(values, flat):
             acc = self._metrics[mode][name]
