@@ -141,6 +141,8 @@ class DPOConfig(TrainingArguments):
             self.loss_weights = [float(w) for w in _as_list(self.loss_weights)]
         if self.bf16 is None:
             self.bf16 = not self.fp16 and bf16_supported()
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin to; avoids a warning per dataloader
         validate_dpo_options({name: getattr(self, name) for name in DPO_OPTION_NAMES})
         super().__post_init__()
 

@@ -32,6 +32,22 @@ def _is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
+def refuse_vision_dataset(dataset, args: DPOConfig, model) -> None:
+    """Image columns: refused with keep_end truncation or a text-only model (the only kind supported here)."""
+    columns = set(getattr(dataset, "column_names", None) or [])
+    if not {"image", "images"} & columns:
+        return
+    if args.truncation_mode == "keep_end":
+        raise PipelineError("truncation_mode='keep_end' is not supported with a vision dataset (it would cut the image "
+                            "tokens at the start); use truncation_mode='keep_start' or max_length=None.")
+    config = getattr(model, "config", None)
+    if getattr(config, "vision_config", None) is None:
+        raise PipelineError("the dataset has an 'image'/'images' column but the model is text-only; use a text dataset "
+                            "or remove the image columns.")
+    raise PipelineError("vision-language preference training is not implemented in this pipeline yet; "
+                        "remove the image columns to train on the text alone.")
+
+
 class SyncRefModelCallback(TrainerCallback):
     """TR-DPO: every `ref_model_sync_steps` optimizer steps, ref ← α·policy + (1−α)·ref."""
 
@@ -72,9 +88,9 @@ class DPOTrainer(Trainer):
             raise PipelineError("model and ref_model are the same object; pass ref_model=None to use a frozen copy "
                                 "of the initial policy, or a separate model instance.")
         if args.use_liger_kernel:
-            self._require_liger()
             if compute_metrics is not None:
                 raise PipelineError("use_liger_kernel=True does not support compute_metrics; drop one of them.")
+            self._require_liger()
         if isinstance(model, str):
             model = load_causal_lm(model, args.model_init_kwargs)
         elif args.model_init_kwargs:
@@ -112,6 +128,8 @@ class DPOTrainer(Trainer):
             if ref_model is not None:
                 disable_dropout(ref_model)
 
+        for dataset in (train_dataset, *(eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset])):
+            refuse_vision_dataset(dataset, args, model)
         num_proc = args.dataset_num_proc
         train_dataset = prepare_dataset(train_dataset, processing_class, args.max_length, args.truncation_mode, num_proc)
         if isinstance(eval_dataset, dict):
