@@ -101,7 +101,7 @@ class DPOConfig(TrainingArguments):
 
     # model
     model_init_kwargs: dict[str, Any] | None = field(default=None, metadata={"help": "Keyword arguments for from_pretrained() of the policy."})
-    ref_model_init_kwargs: dict[str, Any] | None = field(default=None, metadata={"help": "Keyword arguments for from_pretrained() of a ref_model given by name."})
+    ref_model_init_kwargs: dict[str, Any] | None = field(default=None, metadata={"help": "Keyword arguments for from_pretrained() of a ref_model given by name. None: the same as model_init_kwargs."})
     disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in the policy and the reference."})
 
     # data

@@ -1,14 +1,24 @@
-"""export: the trained model as a self-contained HF directory with a model card; opt-in Hub push."""
+"""export: the trained model as a self-contained HF directory with a model card; opt-in Hub push.
+
+For an adapter the export holds both the adapter alone (`adapter/`, loadable with peft on the base
+model) and, by default, the full model with the adapter merged into the full-precision base (the
+directory itself, loadable with `AutoModelForCausalLM.from_pretrained`). The Hub token is read from
+the environment (HF_TOKEN) or the huggingface_hub login, passed only to `HfApi`, and never written
+to a message, a log or an artifact.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
 from .errors import PipelineError
+
+ADAPTER_SUBDIR = "adapter"
 
 CARD_TEMPLATE = """---
 {front_matter}---
@@ -18,77 +28,152 @@ CARD_TEMPLATE = """---
 Trained with Direct Preference Optimization ([Rafailov et al., 2023](https://arxiv.org/abs/2305.18290))
 by the dpo-pipeline project.
 
-- Base model: `{base_model}`
+- Base model: `{base_model}`{base_revision}
+- Weights: {weights}
 - Loss types: {loss_types} (weights {loss_weights}), beta = {beta}
-- Training data: `{data_source}` (normalized data digest `{data_digest}`)
+- Training data: `{data_source}`
+
+## Data digests (sha256)
+
+{data_table}
 
 ## Evaluation (held-out pairs)
 
 {metrics_table}
 
-## Training parameters
+## Parameters
 
 ```yaml
 {params_yaml}```
 """
 
 
-def model_card(title: str, base_model: str, params: dict, metrics: dict, data_digest: str) -> str:
+def _table(header: tuple[str, str], rows: dict) -> str:
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    for key, value in sorted(rows.items()):
+        lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    return "\n".join(lines) if rows else "(none recorded)"
+
+
+def model_card(title: str, base_model: str, params: dict, metrics: dict, data_digests: dict[str, str] | str,
+               base_revision: str | None = None, adapter: dict | None = None, merged: bool = False) -> str:
+    """The model card: base model, weights kind (adapter/merged/full), loss types, data digests, eval metrics, params."""
     train = params["train"]
-    front = {"tags": ["dpo", "preference-optimization"], "library_name": "transformers", "base_model": base_model}
-    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, (int, float)) else f"| {k} | {v} |" for k, v in sorted(metrics.items()))
+    loss_types = train.get("loss_type", ["sigmoid"])
+    loss_types = loss_types if isinstance(loss_types, list) else [loss_types]
+    if isinstance(data_digests, str):
+        data_digests = {"normalized": data_digests}
+    tags = ["dpo", "preference-optimization"] + (["peft", "lora"] if adapter else [])
+    front = {"tags": tags, "library_name": "transformers", "base_model": base_model}
+    if adapter:
+        lora = ", ".join(f"{k}={adapter[k]}" for k in ("r", "lora_alpha", "lora_dropout", "target_modules") if k in adapter)
+        weights = (f"LoRA adapter ({lora}) in `{ADAPTER_SUBDIR}/`"
+                   + ("; the full model with the adapter merged at the top level" if merged else ""))
+    else:
+        weights = "full fine-tuned model"
     return CARD_TEMPLATE.format(
         front_matter=yaml.safe_dump(front, sort_keys=False), title=title, base_model=base_model,
-        loss_types=", ".join(train.get("loss_type", ["sigmoid"]) if isinstance(train.get("loss_type", ["sigmoid"]), list) else [train["loss_type"]]),
-        loss_weights=train.get("loss_weights") or "all 1.0", beta=train.get("beta", 0.1),
-        data_source=params["data"]["train"], data_digest=data_digest[:16],
-        metrics_table="| metric | value |\n|---|---|\n" + rows, params_yaml=yaml.safe_dump(params, sort_keys=True))
+        base_revision=f" (revision `{base_revision}`)" if base_revision else "", weights=weights,
+        loss_types=", ".join(loss_types), loss_weights=train.get("loss_weights") or "all 1.0", beta=train.get("beta", 0.1),
+        data_source=params["data"]["train"], data_table=_table(("artifact", "digest"), data_digests),
+        metrics_table=_table(("metric", "value"), metrics), params_yaml=yaml.safe_dump(params, sort_keys=True))
 
 
-def export_model(model_dir: Path, out_dir: Path, merge_adapter: bool = True) -> dict:
-    """Write the model (merged when it is an adapter and `merge_adapter`), its adapter and tokenizer."""
+def export_model(model_dir: Path, out_dir: Path, merge_adapter: bool = True,
+                 load_base: Callable[[], object] | None = None, base_name: str | None = None,
+                 base_revision: str | None = None) -> dict:
+    """Write the trained model and its tokenizer to `out_dir`.
+
+    A full model is re-saved as safetensors. An adapter goes to `out_dir/adapter` (its config naming
+    `base_name`/`base_revision` when given) and, if `merge_adapter`, is merged into the base from
+    `load_base()` (default: the base its adapter_config names) and saved at the top of `out_dir`.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .models import is_adapter_dir, load_trained_model
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if (model_dir / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
-        model = AutoPeftModelForCausalLM.from_pretrained(model_dir)
-        model.save_pretrained(out_dir / "adapter")
-        tokenizer.save_pretrained(out_dir / "adapter")
-        if not merge_adapter:
-            return {"adapter": True, "merged": False}
-        model = model.merge_and_unload()
-        kind = {"adapter": True, "merged": True}
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        kind = {"adapter": False, "merged": False}
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    return kind
+    if not is_adapter_dir(model_dir):
+        AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+        return {"adapter": False, "merged": False}
+
+    model = load_trained_model(model_dir, base_model=load_base() if load_base is not None else None)
+    adapter_dir = out_dir / ADAPTER_SUBDIR
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    if base_name is not None:  # point the adapter at the real base, not this run's local copy
+        config_path = adapter_dir / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config.update({"base_model_name_or_path": base_name, "revision": base_revision})
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    lora = model.peft_config[model.active_adapter].to_dict()
+    adapter = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora.items()
+               if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "peft_type")}
+    if merge_adapter:
+        merged = model.merge_and_unload()
+        merged.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+    return {"adapter": adapter, "merged": merge_adapter}
+
+
+# ---- the Hub -----------------------------------------------------------------------------------
+
+def hub_token() -> str | None:
+    """The Hub token: HF_TOKEN from the environment, else the huggingface_hub login; None if neither."""
+    from huggingface_hub import get_token
+
+    return os.environ.get("HF_TOKEN") or get_token()
+
+
+def _redact(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
 
 
 def push_to_hub(folder: Path, repo_id: str | None, private: bool = True, api=None) -> list[str]:
-    """Upload `folder` to the Hub repo `repo_id`; returns the uploaded paths.
+    """Upload `folder` (all but its manifest) to the Hub model repo `repo_id`, private by default.
 
-    The token comes from the environment (HF_TOKEN) or the huggingface_hub login, and is never logged.
-    `api` is an `HfApi`-like object (tests pass a local stand-in).
+    Returns the uploaded paths. `api` is an `HfApi`-like object (tests pass a local stand-in); by
+    default `HfApi` with the token from the environment. Every failure (offline, unauthenticated,
+    refused, unreachable) is a PipelineError saying what to fix; the local export is left as it is.
     """
+    folder = Path(folder)
+    intact = f"The local export in {folder} is intact."
     if not repo_id:
         raise PipelineError("export.push.enabled is true but export.push.repo_id is not set; set it to 'user/name'.")
+    token = hub_token()
     if api is None:
+        if not token:
+            raise PipelineError(f"push to the Hub repo {repo_id!r}: not authenticated: no Hub token. Set HF_TOKEN in the "
+                                f"environment to a token with write access (or run `hf auth login`). {intact}")
         from huggingface_hub import HfApi
-        api = HfApi(token=os.environ.get("HF_TOKEN"))
-    paths = sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file() and p.name != "manifest.json")
+        api = HfApi(token=token)
+    paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json")
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                           allow_patterns=paths, commit_message="Upload DPO model")
     except Exception as err:
-        message = str(err).replace(os.environ.get("HF_TOKEN") or "\0", "***")
-        raise PipelineError(f"push to the Hub repo {repo_id!r} failed ({type(err).__name__}: {message}). The local export in "
-                            f"{folder} is intact. Check the network and that HF_TOKEN holds a token with write access.") from None
+        raise PipelineError(f"push to the Hub repo {repo_id!r} failed: {_push_failure(err, token)} {intact}") from None
     return paths
+
+
+def _push_failure(err: Exception, token: str | None) -> str:
+    """What went wrong, in a sentence, without the token."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    detail = _redact(f"{type(err).__name__}: {err}", token)
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if isinstance(err, OfflineModeIsEnabled):
+        return f"offline mode is on (HF_HUB_OFFLINE=1); unset it, with network access, to push ({detail})."
+    if status in (401, 403):
+        return (f"the Hub refused the credentials (HTTP {status}); set HF_TOKEN to a token with write access "
+                f"to this repo ({detail}).")
+    if isinstance(err, (ConnectionError, TimeoutError)) or "connect" in type(err).__name__.lower() \
+            or "network" in type(err).__name__.lower() or "timeout" in type(err).__name__.lower():
+        return f"the Hub could not be reached; check the network or HF_ENDPOINT ({detail})."
+    return f"{detail}. Check the network and that HF_TOKEN holds a token with write access."
 
 
 def read_metrics(path: Path) -> dict:

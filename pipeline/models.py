@@ -1,7 +1,15 @@
-"""Loading policies, references and tokenizers by name, with `from_pretrained` keyword arguments."""
+"""Loading policies, references, adapters and tokenizers, with `from_pretrained` keyword arguments.
+
+The reference of a DPO run is, in order of precedence: an explicit reference model; for a new
+adapter, the policy with its adapter disabled (no second model); otherwise a frozen copy of the
+initial policy, which shares every frozen parameter with the policy (so a continued adapter's
+reference is a copy of the starting adapter on the same, single copy of the base weights).
+"""
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,20 +21,65 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "auto": "auto"}
 
 
+def resolve_dtype(value: Any, key: str = "model_init_kwargs.dtype") -> Any:
+    if isinstance(value, str):
+        if value not in DTYPES:
+            raise PipelineError(f"{key}={value!r} is not a dtype; use one of {sorted(DTYPES)}.")
+        return DTYPES[value]
+    return value
+
+
 def init_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
-    """`model_init_kwargs` with `dtype` (or legacy `torch_dtype`) given as a string resolved to a torch dtype."""
+    """`model_init_kwargs` as `from_pretrained` takes them.
+
+    `dtype` (or legacy `torch_dtype`) may be a string; a `quantization_config` may be a mapping
+    (bitsandbytes keys, e.g. `{load_in_4bit: true, bnb_4bit_compute_dtype: bfloat16}`).
+    """
     kwargs = dict(kwargs or {})
     if "torch_dtype" in kwargs:
         kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
-    dtype = kwargs.get("dtype")
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise PipelineError(f"model_init_kwargs.dtype={dtype!r} is not a dtype; use one of {sorted(DTYPES)}.")
-        kwargs["dtype"] = DTYPES[dtype]
+    if "dtype" in kwargs:
+        kwargs["dtype"] = resolve_dtype(kwargs["dtype"])
+    quantization = kwargs.get("quantization_config")
+    if isinstance(quantization, dict):
+        kwargs["quantization_config"] = bitsandbytes_config(quantization)
     return kwargs
 
 
+def bitsandbytes_config(options: dict[str, Any]):
+    """A `BitsAndBytesConfig` from plain options (dtype names as strings), refused without CUDA."""
+    from transformers import BitsAndBytesConfig
+
+    options = dict(options)
+    options.pop("quant_method", None)
+    for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
+        if key in options:
+            options[key] = resolve_dtype(options[key], f"quantization_config.{key}")
+    require_bitsandbytes(options)
+    return BitsAndBytesConfig(**options)
+
+
+def require_bitsandbytes(options: dict[str, Any]) -> None:
+    """4-/8-bit loading (QLoRA) runs on CUDA through bitsandbytes; say so clearly anywhere else."""
+    if not (options.get("load_in_4bit") or options.get("load_in_8bit")):
+        return
+    if not torch.cuda.is_available():
+        raise PipelineError("4-bit/8-bit loading (QLoRA: model.quantization.load_in_4bit) needs a CUDA GPU and "
+                            "bitsandbytes; this machine has no CUDA device. Set model.quantization.load_in_4bit: false "
+                            "(LoRA on the unquantized base) or run on a GPU.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise PipelineError("4-bit/8-bit loading (QLoRA) needs bitsandbytes: pip install bitsandbytes.") from None
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
+
+
 def load_causal_lm(name_or_path: str, kwargs: dict[str, Any] | None = None) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained` with any of its keywords; remote code stays off unless asked."""
     kwargs = init_kwargs(kwargs)
     kwargs.setdefault("trust_remote_code", False)
     try:
@@ -57,16 +110,99 @@ def with_pad_token(tokenizer, pad_token: str | None = None):
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off: every nn.Dropout (LoRA's included) and the functional attention dropout rate of attention layers."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
-def load_trained_model(model_dir, kwargs: dict[str, Any] | None = None) -> torch.nn.Module:
-    """A trained policy directory: a full model, or an adapter (loaded on its base model)."""
-    from pathlib import Path
+# ---- adapters ---------------------------------------------------------------------------------
 
-    if (Path(model_dir) / "adapter_config.json").exists():
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def lora_config(options: dict[str, Any]):
+    """A `peft.LoraConfig` for a causal LM from params.yaml's `model.peft` (without `enabled`)."""
+    from peft import LoraConfig
+
+    options = {k: v for k, v in options.items() if k != "enabled"}
+    try:
+        return LoraConfig(task_type="CAUSAL_LM", **options)
+    except (TypeError, ValueError) as err:
+        raise PipelineError(f"params: model.peft: {err}") from None
+
+
+def load_adapter(base_model: PreTrainedModel, adapter: str | Path, trainable: bool, revision: str | None = None):
+    """The adapter at `adapter` (a directory or Hub id) on `base_model`; trainable to continue training it."""
+    from peft import PeftModel
+
+    kwargs = {"revision": revision} if revision else {}
+    try:
+        return PeftModel.from_pretrained(base_model, str(adapter), is_trainable=trainable, **kwargs)
+    except (OSError, ValueError) as err:
+        raise PipelineError(f"adapter {str(adapter)!r}: could not be loaded ({err}). Give an adapter directory "
+                            "(adapter_config.json + weights) or a reachable Hub id.") from None
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def load_trained_model(model_dir, kwargs: dict[str, Any] | None = None, base_model: PreTrainedModel | None = None) -> torch.nn.Module:
+    """A trained policy directory: a full model, or an adapter (on `base_model` when given, else on the
+    base its adapter_config names)."""
+    if is_adapter_dir(model_dir):
+        if base_model is not None:
+            return load_adapter(base_model, model_dir, trainable=False)
         from peft import AutoPeftModelForCausalLM
         return AutoPeftModelForCausalLM.from_pretrained(str(model_dir), **init_kwargs(kwargs))
     return load_causal_lm(str(model_dir), kwargs)
+
+
+def initial_policy_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of `model` as it is now, for use as the reference.
+
+    Parameters the policy does not train (requires_grad False: a PEFT model's base weights, any frozen
+    layer) are shared, not copied: they never change, so the copy of a PeftModel holds only a second
+    copy of the adapter, and the base weights stay in memory once.
+    """
+    shared = {id(p): p for p in model.parameters() if not p.requires_grad}
+    reference = copy.deepcopy(model, memo=shared)
+    reference.eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+@torch.no_grad()
+def effective_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights `model` computes with, by the names a plain (non-PEFT) model of its architecture uses:
+    for a PeftModel, each LoRA layer's base weight plus the active adapters' deltas."""
+    if not is_peft_model(model):
+        return dict(model.named_parameters())
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    weights: dict[str, torch.Tensor] = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            weight = module.get_base_layer().weight
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A and not module.disable_adapters:
+                    weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+            weights[f"{name}.weight"] = weight
+    for name, param in base.named_parameters():
+        if "lora_" in name or ".original_module." in name:
+            continue
+        parts = name.replace(".base_layer.", ".").split(".")
+        if "modules_to_save" in parts:  # the trained copy of a fully trained module
+            i = parts.index("modules_to_save")
+            parts = parts[:i] + parts[i + 2:]
+        weights.setdefault(".".join(parts), param)
+    return weights

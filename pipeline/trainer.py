@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import copy
+import os
 import warnings
 from collections import defaultdict
 from typing import Any, Callable
@@ -17,7 +17,8 @@ from .config import DPOConfig
 from .data.prepare import prepare_dataset
 from .errors import PipelineError
 from .logps import sequence_logps, token_diagnostics, token_logps, unpack, wpo_log_weights
-from .models import disable_dropout, load_causal_lm, load_tokenizer, with_pad_token
+from .models import (disable_dropout, effective_weights, initial_policy_copy, is_quantized, load_causal_lm, load_tokenizer,
+                     with_pad_token)
 from .reference import reference_logps
 
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
@@ -48,8 +49,14 @@ def refuse_vision_dataset(dataset, args: DPOConfig, model) -> None:
                         "remove the image columns to train on the text alone.")
 
 
+REF_CHECKPOINT_NAME = "ref_model.safetensors"
+
+
 class SyncRefModelCallback(TrainerCallback):
-    """TR-DPO: every `ref_model_sync_steps` optimizer steps, ref ← α·policy + (1−α)·ref."""
+    """TR-DPO: every `ref_model_sync_steps` optimizer steps, ref ← α·policy + (1−α)·ref.
+
+    The moving reference is saved with every checkpoint, so a resumed run continues from it.
+    """
 
     def __init__(self, trainer: "DPOTrainer"):
         self.trainer = trainer
@@ -59,10 +66,27 @@ class SyncRefModelCallback(TrainerCallback):
             policy = self.trainer.accelerator.unwrap_model(self.trainer.model)
             mix_into_reference(self.trainer.ref_model, policy, args.ref_model_mixup_alpha)
 
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(checkpoint):
+            from safetensors.torch import save_model
+            save_model(self.trainer.ref_model, os.path.join(checkpoint, REF_CHECKPOINT_NAME))
+
 
 @torch.no_grad()
 def mix_into_reference(ref_model: torch.nn.Module, policy: torch.nn.Module, alpha: float) -> None:
-    for ref_param, param in zip(ref_model.parameters(), policy.parameters(), strict=True):
+    if _is_peft(policy):  # a PEFT policy mixes in its effective weights (base + adapter deltas), by name
+        weights = effective_weights(policy)
+        missing = [name for name, _ in ref_model.named_parameters() if name not in weights]
+        if missing:
+            raise PipelineError(f"sync_ref_model: the reference's weight {missing[0]!r} has no counterpart in the "
+                                "PEFT policy; the reference must be a plain model of the policy's architecture.")
+        pairs = [(ref_param, weights[name]) for name, ref_param in ref_model.named_parameters()]
+    else:
+        pairs = list(zip(ref_model.parameters(), policy.parameters(), strict=True))
+    for ref_param, param in pairs:
+        if ref_param is param:  # a frozen weight shared by policy and reference: nothing to mix
+            continue
         ref_param.mul_(1 - alpha).add_(param.detach().to(ref_param.dtype), alpha=alpha)
 
 
@@ -84,7 +108,7 @@ class DPOTrainer(Trainer):
             args = DPOConfig(output_dir=f"{str(model_id).split('/')[-1]}-DPO")
         if not isinstance(args, DPOConfig):
             raise PipelineError(f"args must be a DPOConfig, got {type(args).__name__}; build it with DPOConfig(...).")
-        if ref_model is not None and ref_model is model:
+        if ref_model is not None and ref_model is model and not isinstance(model, str):  # a path may name both
             raise PipelineError("model and ref_model are the same object; pass ref_model=None to use a frozen copy "
                                 "of the initial policy, or a separate model instance.")
         if args.use_liger_kernel:
@@ -96,7 +120,9 @@ class DPOTrainer(Trainer):
         elif args.model_init_kwargs:
             warnings.warn("model_init_kwargs is ignored because model is already instantiated.", stacklevel=2)
         if processing_class is None:
-            processing_class = load_tokenizer(model_id)
+            init = args.model_init_kwargs or {}
+            processing_class = load_tokenizer(model_id, revision=init.get("revision"),
+                                              trust_remote_code=init.get("trust_remote_code", False))
         with_pad_token(processing_class, args.pad_token)
 
         new_adapter = peft_config is not None
@@ -104,22 +130,34 @@ class DPOTrainer(Trainer):
             if _is_peft(model):
                 raise PipelineError("You passed a PeftModel and a peft_config: continue training the PeftModel without "
                                     "peft_config, or pass the base model with peft_config to train a new adapter.")
-            from peft import get_peft_model
+            from peft import get_peft_model, prepare_model_for_kbit_training
+            if is_quantized(model):  # QLoRA: norms in fp32, input grads for checkpointing (idempotent)
+                model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(args.gradient_checkpointing))
             model = get_peft_model(model, peft_config)
-            if args.gradient_checkpointing:
-                model.enable_input_require_grads()
         is_peft = _is_peft(model)
+        if is_quantized(model) and not is_peft:
+            raise PipelineError("a 4-bit/8-bit quantized model cannot be fine-tuned directly; pass peft_config "
+                                "(QLoRA: train a LoRA adapter on the frozen quantized base).")
+        if is_peft and args.gradient_checkpointing:
+            # the frozen embeddings give no grad to the checkpointed blocks' inputs; the adapters need one
+            model.enable_input_require_grads()
+        if is_peft and not new_adapter and ref_model is None and not args.precompute_ref_log_probs \
+                and not any(p.requires_grad for p in model.parameters()):
+            warnings.warn("the PeftModel has no trainable parameters; to continue training an adapter, load it with "
+                          "is_trainable=True.", stacklevel=2)
         if args.sync_ref_model and is_peft and ref_model is None:
             raise PipelineError("sync_ref_model=True is not supported with a PEFT model that keeps no standalone "
                                 "ref_model; pass ref_model=... or turn sync_ref_model off.")
 
-        # The reference: given, the policy's adapter disabled (new adapter), or a frozen copy of the start.
+        # The reference: given, the policy's adapter disabled (new adapter), or a frozen copy of the start
+        # (of a continued PeftModel: its starting adapter, on the base weights it shares with the policy).
         self.uses_adapter_reference = ref_model is None and new_adapter
         if isinstance(ref_model, str):
-            ref_model = load_causal_lm(ref_model, args.ref_model_init_kwargs)
+            ref_kwargs = args.ref_model_init_kwargs if args.ref_model_init_kwargs is not None else args.model_init_kwargs
+            ref_model = load_causal_lm(ref_model, ref_kwargs)
         elif ref_model is None and not self.uses_adapter_reference and not args.precompute_ref_log_probs:
             # precomputed reference log-probs are taken before the first step, from the policy itself
-            ref_model = copy.deepcopy(model)
+            ref_model = initial_policy_copy(model)
         if ref_model is not None:
             ref_model.eval()
             ref_model.requires_grad_(False)
@@ -180,6 +218,14 @@ class DPOTrainer(Trainer):
 
     def reference_model(self) -> torch.nn.Module:
         return self.model if self.ref_model is None else self.ref_model
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Resume: the Trainer restores policy/adapter (optimizer, scheduler and RNG follow); a TR-DPO reference too."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, REF_CHECKPOINT_NAME)
+        if self.args.sync_ref_model and self.ref_model is not None and os.path.isfile(path):
+            from safetensors.torch import load_model
+            load_model(self.ref_model, path, device=str(self.args.device))
 
     def with_reference_logps(self, dataset):
         """Add precomputed reference log-prob columns to a tokenized dataset that lacks them."""

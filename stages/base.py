@@ -7,18 +7,25 @@ from pathlib import Path
 import click
 
 from pipeline.artifacts import staged_dir, write_manifest
-from pipeline.base import build_builtin_base, describe_external_base
+from pipeline.base import build_builtin_base, describe_external_base, describe_reference_and_adapter
 from pipeline.builtin import BUILTIN_MODEL
 
 from . import paths
 from .common import load, params_option, path_option, user_errors
 
 
+# The model.* keys that decide what the base artifact holds (the dvc.yaml base stage lists the same);
+# loading options (dtype, attention, quantization, LoRA) are read by the stages that load models.
+BASE_MODEL_KEYS = ("name_or_path", "revision", "ref_name_or_path", "ref_revision", "adapter", "builtin")
+
+
 def run(params: dict, out: Path = paths.BASE) -> dict:
     builtin = params["model"]["name_or_path"] == BUILTIN_MODEL
     with staged_dir(out) as tmp:
         info = build_builtin_base(params, tmp) if builtin else describe_external_base(params)
-        used = {"seed": params["seed"], "model": params["model"], "eval_fraction": params["data"]["eval_fraction"]}
+        info.update(describe_reference_and_adapter(params))
+        used = {"seed": params["seed"], "eval_fraction": params["data"]["eval_fraction"],
+                "model": {k: params["model"][k] for k in BASE_MODEL_KEYS}}
         return write_manifest(tmp, "base", inputs={}, params=used, extra=info)
 
 
@@ -27,6 +34,7 @@ def run(params: dict, out: Path = paths.BASE) -> dict:
 @path_option("out", paths.BASE, "Where to write the base artifact.")
 @user_errors
 def command(params_path: Path, out: Path) -> None:
-    """Resolve the base model: build and warm-start the built-in one, or record a Hub id / local directory."""
+    """Resolve the base model (build and warm-start the built-in one, or record a Hub id / local directory),
+    and record the explicit reference model and the adapter to continue, when params name them."""
     manifest = run(load(params_path), out)
     click.echo(f"base: {manifest['source']} -> {out}")

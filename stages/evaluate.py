@@ -11,12 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.artifacts import manifest_digest, read_manifest, staged_dir, write_json, write_manifest
-from pipeline.base import load_base_model, load_base_tokenizer
+from pipeline.base import load_base_tokenizer, load_reference, load_trained_policy
 from pipeline.data.schema import decoded_row
 from pipeline.data.sources import is_builtin
 from pipeline.data.tables import load_pairs
 from pipeline.evaluation import judged_win_rate
-from pipeline.models import load_trained_model
 from pipeline.trainer import DPOTrainer
 
 from . import paths
@@ -42,8 +41,8 @@ def run(params: dict, train: Path = paths.TRAIN, tokenized: Path = paths.TOKENIZ
     precomputed = params["train"].get("precompute_ref_log_probs", False)
     eval_set = load_pairs(tokenized, "eval", ref_logps if precomputed else None)
     tokenizer = load_base_tokenizer(base, params)
-    policy = load_trained_model(train / "model")
-    reference = load_base_model(base, params)
+    policy = load_trained_policy(train / "model", base, params)  # a full model, or the adapter on the base
+    reference = load_reference(base, params)  # the training run's reference (explicit, starting adapter or base)
     with staged_dir(out) as tmp:
         args = training_config(params, tmp / "trainer", per_device_eval_batch_size=cfg["batch_size"],
                                eval_strategy="no", gradient_checkpointing=False)

@@ -25,4 +25,5 @@ def run(params: dict, out: Path = paths.NORMALIZED) -> dict:
 def command(params_path: Path, out: Path) -> None:
     """Validate and normalize the preference data (data.* params) to the canonical schema."""
     report = run(load(params_path), out)
-    click.echo(f"normalize: read {report['rows_read']}, wrote {report['rows_written']}, dropped {report['rows_dropped']} -> {out}")
+    click.echo(f"normalize: read {report['rows_read']}, wrote {report['rows_written']}, dropped {report['rows_dropped']} "
+               f"{report['dropped_by_reason'] or ''} -> {out}")

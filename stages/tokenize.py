@@ -32,4 +32,7 @@ def command(params_path: Path, normalized: Path, base: Path, out: Path) -> None:
     """Tokenize the normalized pairs with the base model's tokenizer (tokenize.* params)."""
     report = run(load(params_path), normalized, base, out)
     for split, r in report.items():
-        click.echo(f"tokenize {split}: wrote {r['rows_written']}, truncated {r.get('rows_truncated', 0)}, dropped {r['rows_dropped']}")
+        click.echo(f"tokenize {split}: read {r['rows_read']}, wrote {r['rows_written']}, dropped {r['rows_dropped']} "
+                   f"{r['dropped_by_reason'] or ''}; truncated {r['rows_truncated']} rows "
+                   f"({r['completions_truncated']} completions cut, {r['completions_emptied']} emptied); "
+                   f"{r['boundary_merges']} prompt-boundary merges")

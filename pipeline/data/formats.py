@@ -1,8 +1,24 @@
 """Preference-row formats: detection, implicit-prompt extraction and validation of one raw row.
 
-A raw row is standard (strings) or conversational (lists of `{"role", "content", ...}` messages),
-with an explicit `prompt` or an implicit one shared by `chosen` and `rejected`. `canonical_pair`
-turns any of them into the canonical explicit-prompt form or raises `InvalidRow` naming the rule.
+A raw row is *standard* (`prompt`/`chosen`/`rejected` are strings) or *conversational* (lists of
+`{"role", "content", ...}` messages, with `tool_calls` and `tool` turns for tool calling), with an
+explicit `prompt` or an implicit one that `chosen` and `rejected` share. `canonical_pair` turns any
+of them into the canonical explicit-prompt form, or raises `InvalidRow` naming the broken rule
+(`RULES` lists every rule, with what it means; the normalize and tokenize stages add theirs there).
+
+Implicit prompts:
+- conversational: the prompt is the leading messages both conversations share; the rest of each
+  must be assistant turns (tool turns may follow an assistant turn that calls tools).
+- standard: the prompt is the longest common prefix cut back to a whitespace boundary, so it never
+  ends inside a word (or a number, or a URL); the whitespace goes to the completions (" blue.").
+  With `prompt_marker` (e.g. "\\n\\nAssistant:") the prompt instead ends right after the last
+  occurrence of the marker inside the common prefix, i.e. at the last turn both texts share, so
+  leading words the two answers happen to share stay in the completions.
+
+Null values inside messages, `tools` and `chat_template_kwargs` are dropped: Arrow sources
+(Parquet, `datasets`) fill every key that any row has with null, so null and absent cannot be told
+apart; absent is what the data meant (a chat template testing `message.tool_calls is defined` must
+not see a tool call in every message).
 """
 
 from __future__ import annotations
@@ -10,68 +26,143 @@ from __future__ import annotations
 import json
 from typing import Any
 
-ROLES = ("system", "user", "assistant", "tool", "developer")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+COMPLETION_ROLES = ("assistant", "tool")  # a completion is assistant turns, with tool results between them
+# arguments of apply_chat_template that a row's chat_template_kwargs may not override
+RESERVED_TEMPLATE_KWARGS = ("conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+                            "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+                            "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs")
+
+RULES = {
+    # normalize: reading the source
+    "malformed_row": "the source cannot be parsed at this row (invalid JSON line, CSV row with extra fields, "
+                     "a row that is not an object)",
+    "preprocess_failed": "the data.preprocess hook raised on this row, or returned something other than a mapping or None",
+    "preprocess_skipped": "the data.preprocess hook returned None for this row (always dropped, under either policy)",
+    # normalize: one row
+    "missing_column": "the row has no chosen/rejected column (or no column data.columns maps to)",
+    "null_field": "chosen or rejected is null (a key absent from one JSON row while others have it reads as null)",
+    "bad_type": "a field is neither a string (standard format) nor a list of messages (conversational)",
+    "mixed_format": "prompt/chosen/rejected mix strings and message lists, or the row's format differs from the "
+                    "first row of its dataset",
+    "bad_message": "a message is not an object with a 'role'",
+    "unknown_role": f"a message's role is not one of {list(ROLES)}",
+    "non_string_content": "a message's content is not a string (only an assistant turn with tool_calls may omit it)",
+    "bad_tool_call": "an assistant message's tool_calls is not a list of {'function': {'name': ...}} objects",
+    "no_prompt": "the prompt is empty, or chosen and rejected share no prompt to extract",
+    "empty_completion": "a completion is empty (no text, no message, or only empty messages)",
+    "completion_not_assistant": "a conversational completion does not start with an assistant turn, or holds "
+                                "user/system turns",
+    "identical_pair": "chosen and rejected are identical: no preference",
+    "bad_tools_json": "tools is not a JSON list of tool schemas (objects), or is a string that is not valid JSON",
+    "bad_chat_template_kwargs": "chat_template_kwargs is not a mapping (or a JSON object string), or overrides an "
+                                "argument the pipeline sets itself",
+    "template_fields_on_text": "tools or chat_template_kwargs on a standard (text) row: only the chat template "
+                               "uses them, and text rows are not templated",
+    "duplicate_pair": "the same prompt, chosen, rejected and tools as an earlier row (the first one is kept)",
+    # tokenize
+    "template_error": "the tokenizer's chat template fails on the row (e.g. roles that do not alternate)",
+    "template_changes_prompt": "the chat template renders the prompt differently once a completion follows, so "
+                               "the completion cannot be located in the rendered text",
+    "emptied_by_truncation": "max_length leaves no completion tokens (always dropped, under either policy)",
+}
 
 
 class InvalidRow(ValueError):
-    """A row that breaks a validation rule; `rule` is a short stable name used in reports."""
+    """A row that breaks a validation rule; `rule` is a key of `RULES`, used in reports."""
 
     def __init__(self, rule: str, detail: str):
+        assert rule in RULES, rule
         super().__init__(f"{rule}: {detail}")
         self.rule = rule
         self.detail = detail
 
+    def __reduce__(self):  # picklable, for tokenizer worker processes
+        return InvalidRow, (self.rule, self.detail)
 
-def is_conversational(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(m, dict) for m in value) and len(value) > 0
+
+def drop_nulls(value: Any) -> Any:
+    """`value` with every null-valued mapping key removed, recursively (list items are kept)."""
+    if isinstance(value, dict):
+        return {k: drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [drop_nulls(v) for v in value]
+    return value
+
+
+def _kind(name: str, value: Any) -> str:
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "messages"
+    raise InvalidRow("bad_type", f"{name} is {type(value).__name__}; expected a string (standard format) "
+                                 "or a list of messages (conversational)")
+
+
+def _check_tool_calls(where: str, calls: Any) -> None:
+    if not isinstance(calls, list) or not calls:
+        raise InvalidRow("bad_tool_call", f"{where}.tool_calls is {type(calls).__name__}, expected a non-empty list")
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise InvalidRow("bad_tool_call", f"{where}.tool_calls[{j}] has no function name "
+                                              "(expected {'type': 'function', 'function': {'name': ..., 'arguments': ...}})")
+        if not isinstance(function.get("arguments", {}), (dict, str)):
+            raise InvalidRow("bad_tool_call", f"{where}.tool_calls[{j}].function.arguments is "
+                                              f"{type(function['arguments']).__name__}, expected an object or a JSON string")
 
 
 def _check_messages(field: str, messages: list) -> None:
     for i, message in enumerate(messages):
-        role = message.get("role")
+        where = f"{field}[{i}]"
+        if not isinstance(message, dict) or "role" not in message:
+            raise InvalidRow("bad_message", f"{where} is not a message object with a 'role'")
+        role = message["role"]
         if role not in ROLES:
-            raise InvalidRow("unknown_role", f"{field}[{i}] has role {role!r}; expected one of {list(ROLES)}")
+            raise InvalidRow("unknown_role", f"{where} has role {role!r}; expected one of {list(ROLES)}")
+        if "tool_calls" in message:
+            if role != "assistant":
+                raise InvalidRow("bad_tool_call", f"{where} is a {role!r} turn with tool_calls; only assistant turns call tools")
+            _check_tool_calls(where, message["tool_calls"])
         content = message.get("content")
-        if content is None and message.get("tool_calls"):
+        if content is None and "tool_calls" in message:
             continue  # an assistant turn that only calls tools
         if not isinstance(content, str):
-            raise InvalidRow("non_string_content", f"{field}[{i}].content is {type(content).__name__}, expected text")
+            raise InvalidRow("non_string_content", f"{where}.content is {type(content).__name__}, expected text")
 
 
-def _word_char(ch: str) -> bool:
-    return ch.isalnum() or ch == "_"
+def _has_text(messages: list) -> bool:
+    return any((m.get("content") or "").strip() or m.get("tool_calls") for m in messages)
 
 
 def extract_text_prompt(chosen: str, rejected: str, marker: str | None = None) -> tuple[str, str, str]:
-    """Split two full texts into (prompt, chosen completion, rejected completion).
-
-    Without a marker the prompt is the longest common prefix, moved back so that it never ends inside
-    a word; trailing whitespace goes to the completions (" blue." tokenizes like the model saw it).
-    With a marker (e.g. "\\n\\nAssistant:") the prompt ends right after its last occurrence inside the
-    common prefix, so words both answers happen to start with stay in the completions.
-    """
+    """Split two full texts into (prompt, chosen completion, rejected completion); see the module docstring."""
     n = 0
     limit = min(len(chosen), len(rejected))
     while n < limit and chosen[n] == rejected[n]:
         n += 1
-    if marker is not None:
+    if marker:
         cut = chosen.rfind(marker, 0, n)
         if cut < 0:
-            raise InvalidRow("no_prompt", f"the turn marker {marker!r} does not occur in the text both completions share")
+            raise InvalidRow("no_prompt", f"the turn marker {marker!r} does not occur in the text chosen and rejected "
+                                          "share, so the prompt cannot be extracted")
         n = cut + len(marker)
     else:
-        while n > 0 and _word_char(chosen[n - 1]) and (
-                (n < len(chosen) and _word_char(chosen[n])) or (n < len(rejected) and _word_char(rejected[n]))):
+        # a cut is clean where the prompt ends in whitespace or both continuations start with it
+        def clean(i: int) -> bool:
+            return chosen[i - 1].isspace() or all(i == len(t) or t[i].isspace() for t in (chosen, rejected))
+        while n > 0 and not clean(n):
             n -= 1
     prompt = chosen[:n].rstrip()
     if not prompt.strip():
+        hint = "" if marker else " (or set data.prompt_marker, e.g. '\\n\\nAssistant:')"
         raise InvalidRow("no_prompt", "chosen and rejected share no prompt text, so the prompt cannot be extracted; "
-                                      "add an explicit 'prompt' column")
+                                      f"add an explicit 'prompt' column{hint}")
     return prompt, chosen[len(prompt):], rejected[len(prompt):]
 
 
 def extract_message_prompt(chosen: list, rejected: list) -> tuple[list, list, list]:
-    """Split two conversations at their last shared message: the rest must be assistant turns."""
+    """Split two conversations after their last shared leading message."""
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
@@ -80,45 +171,95 @@ def extract_message_prompt(chosen: list, rejected: list) -> tuple[list, list, li
     return chosen[:n], chosen[n:], rejected[n:]
 
 
+def parse_tools(tools: Any) -> list | None:
+    """The `tools` column as a list of tool schemas, from a list or a JSON string; None when empty."""
+    if isinstance(tools, str):
+        if not tools.strip():
+            return None
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as err:
+            raise InvalidRow("bad_tools_json", f"'tools' is not valid JSON ({err.msg} at char {err.pos})") from None
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and t for t in tools):
+        raise InvalidRow("bad_tools_json", f"'tools' must be a list of JSON schemas (objects), got {json.dumps(tools)[:80]}")
+    return drop_nulls(tools)
+
+
+def parse_template_kwargs(kwargs: Any) -> dict | None:
+    if isinstance(kwargs, str):
+        if not kwargs.strip():
+            return None
+        try:
+            kwargs = json.loads(kwargs)
+        except json.JSONDecodeError as err:
+            raise InvalidRow("bad_chat_template_kwargs", f"'chat_template_kwargs' is not valid JSON ({err.msg})") from None
+    if kwargs is None:
+        return None
+    if not isinstance(kwargs, dict):
+        raise InvalidRow("bad_chat_template_kwargs", f"'chat_template_kwargs' is {type(kwargs).__name__}, expected a mapping")
+    reserved = sorted(set(kwargs) & set(RESERVED_TEMPLATE_KWARGS))
+    if reserved:
+        raise InvalidRow("bad_chat_template_kwargs", f"'chat_template_kwargs' sets {reserved[0]!r}, which the pipeline "
+                                                     "sets itself (tools come from the 'tools' column)")
+    return drop_nulls(kwargs) or None
+
+
 def canonical_pair(raw: dict, prompt_marker: str | None = None) -> dict:
-    """Validate one raw row and return it in explicit-prompt form (still Python objects)."""
+    """Validate one raw row and return it in explicit-prompt form (still Python objects).
+
+    Returns {"conversational", "prompt", "chosen", "rejected", "tools", "chat_template_kwargs",
+    "implicit_prompt"}.
+    """
     for column in ("chosen", "rejected"):
         if column not in raw:
-            raise InvalidRow("missing_column", f"no {column!r} column (columns: {sorted(raw)})")
+            raise InvalidRow("missing_column", f"no {column!r} column (columns: {sorted(map(str, raw))})")
         if raw[column] is None:
             raise InvalidRow("null_field", f"{column!r} is null")
     prompt, chosen, rejected = raw.get("prompt"), raw["chosen"], raw["rejected"]
-    conversational = is_conversational(chosen)
-    if conversational != is_conversational(rejected) or (prompt is not None and conversational != is_conversational(prompt)):
+    kinds = {_kind(name, value) for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected))
+             if value is not None}
+    if len(kinds) > 1:
         raise InvalidRow("mixed_format", "prompt/chosen/rejected mix plain text and message lists")
-    if not conversational and not all(isinstance(v, str) for v in (chosen, rejected) + ((prompt,) if prompt is not None else ())):
-        raise InvalidRow("bad_type", "fields must be strings (standard format) or lists of messages (conversational)")
+    conversational = kinds == {"messages"}
+    tools = parse_tools(raw.get("tools"))
+    template_kwargs = parse_template_kwargs(raw.get("chat_template_kwargs"))
+    implicit = prompt is None
     if conversational:
+        prompt, chosen, rejected = (drop_nulls(v) if v is not None else None for v in (prompt, chosen, rejected))
         for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
             if value is not None:
                 _check_messages(name, value)
-        if prompt is None:
+        if implicit:
+            if chosen == rejected:
+                raise InvalidRow("identical_pair", "chosen and rejected are identical")
             prompt, chosen, rejected = extract_message_prompt(chosen, rejected)
+        elif not prompt:
+            raise InvalidRow("no_prompt", "prompt is an empty list of messages")
         for name, value in (("chosen", chosen), ("rejected", rejected)):
             if not value:
                 raise InvalidRow("empty_completion", f"{name} has no message after the prompt")
-            if value[0]["role"] != "assistant":
-                raise InvalidRow("completion_not_assistant", f"{name} starts with a {value[0]['role']!r} turn, not an assistant turn")
+            if value[0]["role"] != "assistant" or any(m["role"] not in COMPLETION_ROLES for m in value):
+                roles = [m["role"] for m in value]
+                raise InvalidRow("completion_not_assistant", f"{name} completion has turns {roles}; it must start with "
+                                                             "an assistant turn and hold only assistant (and tool) turns")
+            if not _has_text(value):
+                raise InvalidRow("empty_completion", f"{name} completion has no text and no tool call")
     else:
-        if prompt is None:
+        if tools is not None or template_kwargs is not None:
+            raise InvalidRow("template_fields_on_text", "tools/chat_template_kwargs need the conversational format "
+                                                        "(only chat templates render them)")
+        if implicit:
             if chosen == rejected:
                 raise InvalidRow("identical_pair", "chosen and rejected are identical")
             prompt, chosen, rejected = extract_text_prompt(chosen, rejected, prompt_marker)
+        elif not prompt.strip():
+            raise InvalidRow("no_prompt", "prompt is empty")
         for name, value in (("chosen", chosen), ("rejected", rejected)):
             if not value.strip():
                 raise InvalidRow("empty_completion", f"{name} is empty")
     if chosen == rejected:
         raise InvalidRow("identical_pair", "chosen and rejected are identical")
-    tools = raw.get("tools")
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools) if tools.strip() else None
-        except json.JSONDecodeError as err:
-            raise InvalidRow("bad_tools_json", f"'tools' is not valid JSON ({err.msg} at char {err.pos})") from None
     return {"conversational": conversational, "prompt": prompt, "chosen": chosen, "rejected": rejected,
-            "tools": tools or None, "chat_template_kwargs": raw.get("chat_template_kwargs") or None}
+            "tools": tools, "chat_template_kwargs": template_kwargs, "implicit_prompt": implicit}

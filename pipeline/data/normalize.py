@@ -1,22 +1,45 @@
-"""normalize: raw rows from any source → canonical Parquet splits with stable `row_id`s + a report."""
+"""normalize: raw rows from any source → canonical Parquet splits with stable `row_id`s + a report.
+
+Rows stream through in chunks (see `sources`), so memory does not grow with the dataset: the
+splits are written 1000 rows at a time, dropped rows go to `dropped.jsonl` as they are found, and
+the duplicate check keeps its digests in an on-disk SQLite table.
+
+Per raw row, in order: `data.columns` renames source columns to the canonical names, the
+`data.preprocess` hook (`module:function`, like a `datasets.map` function: it gets the row and
+returns the canonical columns, merged over the row; None skips the row), then `canonical_pair`
+validates it and makes an implicit prompt explicit. A row that breaks a rule (`formats.RULES`) stops
+the stage with the file, row and rule (`data.on_invalid: error`), or is dropped and listed with its
+reason (`drop`). The first copy of a duplicated pair is kept; later ones are `duplicate_pair`
+(an eval row that repeats a train row included, so eval never tests on training pairs).
+
+Without `data.eval`, the eval split is carved from train: a seeded `eval_fraction` of the
+*prompts* (so all pairs of one prompt land on the same side and eval prompts are unseen in training).
+"""
 
 from __future__ import annotations
 
-import random
+import hashlib
+import json
+import sqlite3
+import tempfile
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
-from ..artifacts import write_json, write_manifest
+from ..artifacts import file_digest, write_json, write_manifest
 from ..errors import PipelineError
 from .formats import InvalidRow, canonical_pair
-from .schema import NORMALIZED_SCHEMA, encode_field, encode_optional, row_id_for
-from .sources import builtin_rows, is_builtin, iter_rows
+from .schema import NORMALIZED_SCHEMA, encode_field, encode_optional, prompt_id_for, raw_row_id, row_id_for
+from .sources import builtin_rows, hook_file, is_builtin, iter_rows, load_hook
 
 CHUNK_ROWS = 1000
+DROPPED_FILE = "dropped.jsonl"
+CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "tools", "chat_template_kwargs")
 
 
 class SplitWriter:
@@ -43,75 +66,196 @@ class SplitWriter:
         self._writer.close()
 
 
+class SeenPairs:
+    """The row_ids met so far, in an on-disk table: memory stays flat however many rows there are."""
+
+    def __init__(self, directory: str):
+        self.db = sqlite3.connect(Path(directory) / "seen.sqlite")
+        self.db.execute("PRAGMA journal_mode=OFF")
+        self.db.execute("PRAGMA synchronous=OFF")
+        self.db.execute("CREATE TABLE seen (row_id TEXT PRIMARY KEY) WITHOUT ROWID")
+        self.cursor = self.db.cursor()
+
+    def add(self, row_id: str) -> bool:
+        """Record `row_id`; False if it was already there."""
+        self.cursor.execute("INSERT OR IGNORE INTO seen VALUES (?)", (row_id,))
+        return self.cursor.rowcount == 1
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class DroppedLog:
+    """Dropped rows, one JSON object per line, counted by reason."""
+
+    def __init__(self, path: Path):
+        self.handle = open(path, "w", encoding="utf-8")
+        self.count, self.by_reason = 0, Counter()
+
+    def add(self, entry: dict) -> None:
+        self.handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self.count += 1
+        self.by_reason[entry["rule"]] += 1
+
+    def close(self) -> None:
+        self.handle.close()
+
+
 def canonical_record(pair: dict) -> dict:
     conv = pair["conversational"]
-    return {"row_id": row_id_for(pair["prompt"], pair["chosen"], pair["rejected"], pair["tools"]),
+    return {"row_id": row_id_for(pair["prompt"], pair["chosen"], pair["rejected"], pair["tools"],
+                                 pair["chat_template_kwargs"]),
             "conversational": conv,
             "prompt": encode_field(pair["prompt"], conv), "chosen": encode_field(pair["chosen"], conv),
             "rejected": encode_field(pair["rejected"], conv), "tools": encode_optional(pair["tools"]),
             "chat_template_kwargs": encode_optional(pair["chat_template_kwargs"])}
 
 
-def normalize_rows(rows: Iterable[dict], source: str, route, data_params: dict, report: dict) -> None:
-    """Validate and canonicalize `rows`; `route(record)` returns the writer for a record's split."""
-    seen: set[str] = set()
-    dropped = report.setdefault("dropped", [])
-    reasons = report.setdefault("dropped_by_reason", Counter())
-    first_format = None
-    for index, raw in enumerate(rows):
-        report["rows_read"] += 1
-        try:
-            pair = canonical_pair(raw, data_params["prompt_marker"])
-            first_format = first_format if first_format is not None else pair["conversational"]
-            if pair["conversational"] != first_format:
-                raise InvalidRow("mixed_format", "this row's format differs from the dataset's first row")
-            record = canonical_record(pair)
-            if record["row_id"] in seen:
-                raise InvalidRow("duplicate_pair", f"same prompt, chosen and rejected as an earlier row (row_id {record['row_id']})")
-        except InvalidRow as bad:
-            if data_params["on_invalid"] == "error":
-                raise PipelineError(f"{source}: row {index}: {bad.detail} [rule {bad.rule}]. Fix the row, or set "
-                                    "data.on_invalid: drop to skip such rows (they are listed in the report).") from None
-            dropped.append({"source": source, "row": index, "rule": bad.rule, "detail": bad.detail})
-            reasons[bad.rule] += 1
-            continue
-        seen.add(record["row_id"])
-        route(record).add(record)
+def check_column_mapping(columns: dict) -> dict:
+    """`data.columns`: canonical name → the source's column name."""
+    for canonical, source in columns.items():
+        if canonical not in CANONICAL_COLUMNS:
+            raise PipelineError(f"params: data.columns maps {canonical!r}, which is not a canonical column; "
+                                f"keys are canonical names {list(CANONICAL_COLUMNS)}, values the source's column names.")
+        if not isinstance(source, str) or not source:
+            raise PipelineError(f"params: data.columns.{canonical} must be the source's column name, got {source!r}.")
+    return dict(columns)
 
 
-def _in_eval(row_id: str, seed: int, fraction: float) -> bool:
-    return random.Random(f"{seed}:{row_id}").random() < fraction
+class RowPreparer:
+    """Raw row → canonical record: column mapping, the user's hook, validation (one dataset at a time)."""
+
+    def __init__(self, data: dict, hook: Callable | None):
+        self.columns, self.hook, self.marker = check_column_mapping(data["columns"]), hook, data["prompt_marker"]
+        self.known_columns: set = set()
+        self.first_format: bool | None = None
+
+    def __call__(self, raw: dict) -> dict:
+        self.known_columns.update(raw)
+        if len(raw) < len(self.known_columns):
+            # JSON rows may omit a key other rows have: that is a null, as in a table
+            raw = {**{column: None for column in self.known_columns}, **raw}
+        if self.columns:
+            missing = [source for source in self.columns.values() if source not in raw]
+            if missing:
+                raise InvalidRow("missing_column", f"no {missing[0]!r} column, which data.columns maps "
+                                                   f"(columns: {sorted(map(str, raw))})")
+            mapped = set(self.columns.values())
+            raw = {**{k: v for k, v in raw.items() if k not in mapped},
+                   **{canonical: raw[source] for canonical, source in self.columns.items()}}
+        if self.hook is not None:
+            try:
+                out = self.hook(dict(raw))
+            except Exception as err:
+                raise InvalidRow("preprocess_failed", f"the data.preprocess hook raised {type(err).__name__}: {err}") from None
+            if out is None:
+                raise InvalidRow("preprocess_skipped", "the data.preprocess hook returned None")
+            if not isinstance(out, dict):
+                raise InvalidRow("preprocess_failed", f"the data.preprocess hook returned {type(out).__name__}, "
+                                                      "expected a mapping of canonical columns (or None to skip)")
+            raw = {**raw, **out}
+        pair = canonical_pair(raw, self.marker)
+        if self.first_format is None:
+            self.first_format = pair["conversational"]
+        elif pair["conversational"] != self.first_format:
+            kinds = {True: "conversational", False: "standard"}
+            raise InvalidRow("mixed_format", f"this row is {kinds[pair['conversational']]} but the dataset's first row "
+                                             f"is {kinds[self.first_format]}; one dataset holds one format")
+        return pair
+
+
+def _in_eval(prompt_id: str, seed: int, fraction: float) -> bool:
+    draw = int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()[:8], "big") / 2**64
+    return draw >= 1 - fraction  # a uniform draw in [0, 1): eval with probability `fraction`
+
+
+class Normalizer:
+    """One normalize run: the writers, the duplicate check, the dropped log and the counts."""
+
+    def __init__(self, data: dict, writers: dict, seen: SeenPairs, dropped: DroppedLog):
+        self.data, self.writers, self.seen, self.dropped = data, writers, seen, dropped
+        self.rows_read = 0
+        self.implicit_prompts = 0
+        self.formats: dict[str, str] = {}
+
+    def run(self, rows: Iterable, split_of: Callable[[dict], str], prepare: Callable[[dict], dict], desc: str) -> None:
+        """Validate and write `rows` ((source, index, raw) triples); `split_of(pair)` picks the split."""
+        for source, index, raw in tqdm(rows, desc=desc, unit=" rows", mininterval=2, disable=None):
+            self.rows_read += 1
+            row_id = None
+            try:
+                if isinstance(raw, InvalidRow):
+                    raise raw
+                pair = prepare(raw)
+                record = canonical_record(pair)
+                row_id = record["row_id"]
+                if not self.seen.add(row_id):
+                    raise InvalidRow("duplicate_pair", "same prompt, chosen, rejected and tools as an earlier row")
+            except InvalidRow as bad:
+                if self.data["on_invalid"] == "error" and bad.rule != "preprocess_skipped":
+                    raise PipelineError(f"{source}: row {index}: {bad.detail} [rule {bad.rule}]. Fix the row, or set "
+                                        "data.on_invalid: drop to skip such rows (they are listed in the report).") from None
+                self.dropped.add({"source": source, "row": index,
+                                  "row_id": row_id or (raw_row_id(raw) if isinstance(raw, dict) else None),
+                                  "rule": bad.rule, "detail": bad.detail})
+                continue
+            self.implicit_prompts += pair["implicit_prompt"]
+            split = split_of(pair)
+            self.formats.setdefault(split, "conversational" if pair["conversational"] else "standard")
+            self.writers[split].add(record)
 
 
 def normalize_dataset(params: dict, out_dir: Path) -> dict:
-    """Write `train.parquet`, `eval.parquet`, `report.json` and `manifest.json` into `out_dir`."""
+    """Write `train.parquet`, `eval.parquet`, `dropped.jsonl`, `report.json` and `manifest.json` into `out_dir`."""
     data = params["data"]
-    writers = {split: SplitWriter(out_dir / f"{split}.parquet") for split in ("train", "eval")}
-    report = {"rows_read": 0, "sources": {}}
-    if is_builtin(data["train"]):
-        for split in ("train", "eval"):
-            normalize_rows(builtin_rows(params, split), data["train"], lambda r, s=split: writers[s], data, report)
-    else:
-        hub = {"name": data["name"], "revision": data["revision"]}
-        if data["eval"] is None:
-            def route(record):
-                return writers["eval" if _in_eval(record["row_id"], params["seed"], data["eval_fraction"]) else "train"]
-            normalize_rows(iter_rows(data["train"], data["split"], **hub), data["train"], route, data, report)
+    if data["prompt_marker"] is not None and (not isinstance(data["prompt_marker"], str) or not data["prompt_marker"]):
+        raise PipelineError(f"params: data.prompt_marker must be a non-empty string or null, got {data['prompt_marker']!r}.")
+    hook = load_hook(data["preprocess"])
+    check_column_mapping(data["columns"])
+    needed = None if hook else set(data["columns"].values()) | set(CANONICAL_COLUMNS)
+    hub = {"name": data["name"], "revision": data["revision"]}
+    with ExitStack() as stack:
+        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="dpo-normalize-"))
+        writers = {split: SplitWriter(out_dir / f"{split}.parquet") for split in ("train", "eval")}
+        seen = SeenPairs(scratch)
+        stack.callback(seen.close)
+        dropped = DroppedLog(out_dir / DROPPED_FILE)
+        stack.callback(dropped.close)
+        run = Normalizer(data, writers, seen, dropped)
+        if is_builtin(data["train"]):
+            for split in ("train", "eval"):
+                rows = ((data["train"], i, row) for i, row in enumerate(builtin_rows(params, split)))
+                run.run(rows, lambda pair, s=split: s, RowPreparer({**data, "columns": {}}, None), f"normalize {split}")
+            eval_from = "builtin"
         else:
-            normalize_rows(iter_rows(data["train"], data["split"], **hub), data["train"], lambda r: writers["train"], data, report)
-            normalize_rows(iter_rows(data["eval"], data["eval_split"] or data["split"], **hub), data["eval"],
-                           lambda r: writers["eval"], data, report)
-    for writer in writers.values():
-        writer.close()
+            train_rows = iter_rows(data["train"], data["split"], columns=needed, **hub)
+            if data["eval"] is None:
+                def carve(pair: dict) -> str:
+                    prompt_id = prompt_id_for(pair["prompt"], pair["tools"])
+                    return "eval" if _in_eval(prompt_id, params["seed"], data["eval_fraction"]) else "train"
+                run.run(train_rows, carve, RowPreparer(data, hook), "normalize")
+                eval_from = f"carved from train: eval_fraction {data['eval_fraction']} of the prompts, seed {params['seed']}"
+            else:
+                run.run(train_rows, lambda pair: "train", RowPreparer(data, hook), "normalize train")
+                eval_rows = iter_rows(data["eval"], data["eval_split"] or data["split"], columns=needed, **hub)
+                run.run(eval_rows, lambda pair: "eval", RowPreparer(data, hook), "normalize eval")
+                eval_from = f"{data['eval']} (split {data['eval_split'] or data['split']})"
+        for writer in writers.values():
+            writer.close()
     rows = {split: w.count for split, w in writers.items()}
-    report["rows_written"] = rows
-    report["rows_dropped"] = len(report["dropped"])
-    report["dropped_by_reason"] = dict(report["dropped_by_reason"])
+    report = {"rows_read": run.rows_read, "rows_written": rows, "rows_dropped": dropped.count,
+              "dropped_by_reason": dict(sorted(dropped.by_reason.items())), "dropped_rows_file": DROPPED_FILE,
+              "implicit_prompts": run.implicit_prompts, "formats": run.formats, "eval_from": eval_from,
+              "on_invalid": data["on_invalid"]}
     if report["rows_read"] != sum(rows.values()) + report["rows_dropped"]:
         raise RuntimeError("internal error: normalize counts do not add up")
     if rows["train"] == 0:
         raise PipelineError(f"{data['train']}: no valid training rows remain ({report['rows_read']} read, "
                             f"{report['rows_dropped']} dropped: {report['dropped_by_reason']}).")
     write_json(out_dir / "report.json", report)
-    write_manifest(out_dir, "normalize", inputs={}, params={"seed": params["seed"], "data": data}, rows=rows)
+    inputs = {}
+    hook_path = hook_file(data["preprocess"])
+    if hook_path is not None and hook_path.is_file():
+        inputs["preprocess"] = file_digest(hook_path)
+    write_manifest(out_dir, "normalize", inputs=inputs, params={"seed": params["seed"], "data": data}, rows=rows)
     return report

@@ -54,10 +54,27 @@ def encode_optional(value: Any) -> str | None:
     return None if value is None else json.dumps(value, ensure_ascii=False)
 
 
-def row_id_for(prompt: Any, chosen: Any, rejected: Any, tools: Any = None) -> str:
-    """A content digest: stable across re-runs and reorderings; equal for duplicated pairs."""
-    payload = json.dumps([prompt, chosen, rejected, tools], sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
+
+
+def row_id_for(prompt: Any, chosen: Any, rejected: Any, tools: Any = None, chat_template_kwargs: Any = None) -> str:
+    """A content digest of the canonical pair: stable across re-runs, reorderings and source formats
+    (an implicit-prompt row and its explicit form get the same id); equal for duplicated pairs."""
+    payload = [prompt, chosen, rejected, tools]
+    if chat_template_kwargs:  # rendered differently, so a different pair
+        payload.append(chat_template_kwargs)
+    return _digest(payload)
+
+
+def prompt_id_for(prompt: Any, tools: Any = None) -> str:
+    """A digest of what the model is conditioned on: pairs that share it go to the same split."""
+    return _digest([prompt, tools])
+
+
+def raw_row_id(raw: Any) -> str:
+    """A digest of a raw row that could not be made canonical, so reports can still name it."""
+    return "raw:" + hashlib.sha256(json.dumps(raw, sort_keys=True, ensure_ascii=False, default=repr).encode()).hexdigest()[:16]
 
 
 def decoded_row(record: dict) -> dict:

@@ -1,50 +1,273 @@
-"""Where raw preference rows come from: the built-in task, local files and directories, the Hub."""
+"""Where raw preference rows come from, streamed: local files, `save_to_disk` directories, the Hub.
+
+Every reader yields `(source, index, row)`: `source` names the file (or dataset id and split) for
+error messages, `index` is the 0-based row number within it, and `row` is a dict, or an `InvalidRow`
+when the source cannot be parsed at that row (a bad JSON line), so the caller's `on_invalid` policy
+decides. Nothing reads a whole file into memory:
+
+- JSON Lines (`.jsonl`, `.json` with one object per line) and JSON arrays (`.json` starting with
+  `[`) are parsed incrementally with the standard `json` module, so values come back exactly as
+  written (no Arrow type unification). `.gz`, `.bz2`, `.xz` (and `.zst` with `zstandard`) work.
+- CSV goes through the `csv` module, one row at a time; empty cells read as null.
+- Parquet is read one record batch at a time.
+- a `datasets.save_to_disk` directory is memory-mapped (`load_from_disk`) and read in batches.
+- anything else (a Hub dataset id, or a local directory laid out like a Hub dataset repository) goes
+  through `datasets.load_dataset(source, name, split=split, revision=revision)`, which prepares a
+  memory-mapped Arrow cache; it is then read in batches.
+- a glob pattern (`data/train-*.jsonl`) reads the matching files in name order.
+"""
 
 from __future__ import annotations
 
+import bz2
+import csv
+import glob
+import gzip
+import importlib
+import importlib.util
+import io
+import json
+import lzma
+import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..builtin import BUILTIN_DATA, task
 from ..errors import PipelineError
+from .formats import InvalidRow
 
-LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet", ".csv": "csv"}
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+BATCH_ROWS = 1000
+READ_CHUNK = 1 << 20  # characters read at a time from a JSON array
+
+RowStream = Iterator[tuple[str, int, "dict | InvalidRow"]]
 
 
 def _suffix(path: Path) -> str:
-    suffixes = [s for s in path.suffixes if s not in (".gz", ".bz2", ".xz", ".zst")]
+    suffixes = [s.lower() for s in path.suffixes if s.lower() not in COMPRESSIONS]
     return suffixes[-1] if suffixes else ""
 
 
-def load_dataset_source(source: str, *, split: str = "train", name: str | None = None, revision: str | None = None):
-    """A `datasets.Dataset` for a local file, a `save_to_disk` directory or a Hub dataset id."""
-    import datasets
+def open_text(path: Path, newline: str | None = None) -> io.TextIOBase:
+    """A text stream over a file, decompressing by suffix."""
+    kind = path.suffix.lower()
+    if kind == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline=newline)
+    if kind == ".bz2":
+        return bz2.open(path, "rt", encoding="utf-8-sig", newline=newline)
+    if kind == ".xz":
+        return lzma.open(path, "rt", encoding="utf-8-sig", newline=newline)
+    if kind == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise PipelineError(f"{path}: reading .zst needs the zstandard package (pip install zstandard), "
+                                "or decompress the file.") from None
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8-sig",
+                                newline=newline)
+    return open(path, encoding="utf-8-sig", newline=newline)
 
-    path = Path(source)
+
+def _json_lines(path: Path, handle, label: str) -> RowStream:
+    index = 0
+    for line_number, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue  # blank lines are not rows
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            row = InvalidRow("malformed_row", f"line {line_number} is not valid JSON ({err.msg} at column {err.colno})")
+        if isinstance(row, dict) or isinstance(row, InvalidRow):
+            yield label, index, row
+        else:
+            yield label, index, InvalidRow("malformed_row", f"line {line_number} is a JSON {type(row).__name__}, "
+                                                            "not an object")
+        index += 1
+
+
+def _json_array(handle, label: str) -> RowStream:
+    """The items of a top-level JSON array, decoded one at a time with a bounded buffer."""
+    decoder = json.JSONDecoder()
+    buffer, pos, eof, index = "", 0, False, 0
+
+    def more() -> bool:
+        nonlocal buffer, pos, eof
+        chunk = handle.read(READ_CHUNK)
+        buffer, pos = buffer[pos:] + chunk, 0
+        eof = not chunk
+        return bool(chunk)
+
+    more()
+    pos = buffer.index("[") + 1
+    while True:
+        while True:  # skip whitespace and the comma between items
+            while pos < len(buffer) and (buffer[pos].isspace() or (buffer[pos] == "," and index > 0)):
+                pos += 1
+            if pos < len(buffer) or not more():
+                break
+        if pos >= len(buffer):
+            raise PipelineError(f"{label}: the JSON array is not closed (after row {index - 1}); the file is truncated.")
+        if buffer[pos] == "]":
+            return
+        while True:
+            try:
+                row, end = decoder.raw_decode(buffer, pos)
+                break
+            except json.JSONDecodeError as err:
+                if eof or not more():
+                    raise PipelineError(f"{label}: row {index}: invalid JSON ({err.msg}) [rule malformed_row]; a JSON "
+                                        "array cannot be resynchronised after an error, so fix the file "
+                                        "(or convert it to JSON Lines, where a bad line can be dropped).") from None
+        pos = end
+        yield label, index, row if isinstance(row, dict) else InvalidRow(
+            "malformed_row", f"array item is a JSON {type(row).__name__}, not an object")
+        index += 1
+
+
+def read_json(path: Path) -> RowStream:
+    with open_text(path) as handle:
+        start = handle.read(4096).lstrip()
+    with open_text(path) as handle:
+        if start.startswith("["):
+            yield from _json_array(handle, str(path))
+        else:
+            yield from _json_lines(path, handle, str(path))
+
+
+def read_csv(path: Path) -> RowStream:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    label = str(path)
+    with open_text(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        for index, row in enumerate(reader):
+            if None in row:
+                yield label, index, InvalidRow("malformed_row", f"CSV line {reader.line_num} has more fields than the "
+                                                                f"header ({len(reader.fieldnames)})")
+                continue
+            yield label, index, {k: (v if v != "" else None) for k, v in row.items()}
+
+
+def _arrow_batches(tables, label: str, columns: set | None) -> RowStream:
+    index = 0
+    for table in tables:
+        if columns is not None:
+            table = table.select([c for c in table.column_names if c in columns])
+        for row in table.to_pylist():
+            yield label, index, row
+            index += 1
+
+
+def read_parquet(path: Path, columns: set | None = None) -> RowStream:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    names = None if columns is None else [c for c in parquet.schema_arrow.names if c in columns]
+    yield from _arrow_batches(parquet.iter_batches(batch_size=BATCH_ROWS, columns=names), str(path), None)
+
+
+def read_dataset(dataset, label: str, columns: set | None = None) -> RowStream:
+    """A `datasets.Dataset`, read in Arrow batches (memory-mapped: nothing is copied whole)."""
+    yield from _arrow_batches(dataset.with_format("arrow").iter(batch_size=BATCH_ROWS), label, columns)
+
+
+def is_save_to_disk_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name in ("state.json", "dataset_dict.json"))
+
+
+def _load(loader: Callable, source: str):
     try:
-        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()
-                              or (path / "dataset_dict.json").exists()):
-            loaded = datasets.load_from_disk(str(path))
-            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-        if path.is_file():
-            builder = LOCAL_BUILDERS.get(_suffix(path))
-            if builder is None:
-                raise PipelineError(f"{source}: unsupported file type; use .json, .jsonl, .parquet or .csv (optionally .gz).")
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
-        if path.suffix or source.startswith((".", "/")):
-            raise PipelineError(f"{source}: no such file or directory.")
-        return datasets.load_dataset(source, name, split=split, revision=revision)
+        return loader()
     except PipelineError:
         raise
     except Exception as err:  # datasets raises many types; the user needs the source and the cause
         raise PipelineError(f"{source}: could not load the dataset ({type(err).__name__}: {err}). "
-                            "For a Hub id check the name, split and network (HF_HUB_OFFLINE); "
-                            "for a local file check its format.") from None
+                            "For a Hub id check the name, config (data.name), split and revision, and the network "
+                            "(HF_HUB_OFFLINE); for a local file check its format.") from None
 
 
-def iter_rows(source: str, split: str = "train", **kwargs) -> Iterator[dict]:
-    dataset = load_dataset_source(source, split=split, **kwargs)
-    yield from dataset
+def _read_file(path: Path, columns: set | None) -> RowStream:
+    kind = LOCAL_FORMATS.get(_suffix(path))
+    if kind is None:
+        raise PipelineError(f"{path}: unsupported file type; use .json, .jsonl, .parquet or .csv "
+                            f"(optionally compressed: {', '.join(COMPRESSIONS)}).")
+    if kind == "parquet":
+        return read_parquet(path, columns)
+    return read_csv(path) if kind == "csv" else read_json(path)
+
+
+def iter_rows(source: str, split: str = "train", name: str | None = None, revision: str | None = None,
+              columns: set | None = None) -> RowStream:
+    """Stream the rows of `source` (see the module docstring); `columns` limits what Arrow sources read."""
+    import datasets
+
+    path = Path(source)
+    if any(ch in source for ch in "*?[") and not path.exists():
+        files = sorted(glob.glob(source))
+        if not files:
+            raise PipelineError(f"{source}: no file matches this pattern.")
+        for file in files:
+            yield from _read_file(Path(file), columns)
+        return
+    if path.is_file():
+        yield from _read_file(path, columns)
+        return
+    label = f"{source}[{split}]"
+    if is_save_to_disk_dir(path):
+        loaded = _load(lambda: datasets.load_from_disk(str(path)), source)
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise PipelineError(f"{source}: no split {split!r} (splits: {sorted(loaded)}); set data.split / data.eval_split.")
+            loaded = loaded[split]
+        yield from read_dataset(loaded, label, columns)
+        return
+    if not path.is_dir() and (path.suffix or source.startswith((".", "/", "~"))):
+        raise PipelineError(f"{source}: no such file or directory.")
+    # a Hub dataset id, or a local directory laid out like a Hub dataset repository
+    loaded = _load(lambda: datasets.load_dataset(source, name, split=split, revision=revision), source)
+    yield from read_dataset(loaded, label, columns)
+
+
+def load_hook(spec: str | None) -> Callable[[dict], dict | None] | None:
+    """The user's preprocessing function from `module:function` or `path/to/file.py:function`."""
+    if not spec:
+        return None
+    if not isinstance(spec, str):
+        raise PipelineError(f"params: data.preprocess must be 'module:function' or 'path/to/file.py:function', got {spec!r}.")
+    module_name, sep, function_name = spec.rpartition(":")
+    if not sep or not module_name or not function_name:
+        raise PipelineError(f"params: data.preprocess must be 'module:function' or 'path/to/file.py:function', got {spec!r}.")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise PipelineError(f"params: data.preprocess: no such file {module_name}.")
+            spec_ = importlib.util.spec_from_file_location(f"dpo_preprocess_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec_)
+            spec_.loader.exec_module(module)
+        else:
+            if str(Path.cwd()) not in sys.path and "" not in sys.path:
+                sys.path.insert(0, str(Path.cwd()))  # a module next to params.yaml
+            module = importlib.import_module(module_name)
+    except PipelineError:
+        raise
+    except Exception as err:
+        raise PipelineError(f"params: data.preprocess: cannot import {module_name} ({type(err).__name__}: {err}).") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise PipelineError(f"params: data.preprocess: {module_name} has no function {function_name!r}.")
+    return function
+
+
+def hook_file(spec: str | None) -> Path | None:
+    """The file that defines the hook, so the manifest can record its digest."""
+    if not spec:
+        return None
+    module_name = spec.rpartition(":")[0]
+    if module_name.endswith(".py"):
+        return Path(module_name)
+    found = importlib.util.find_spec(module_name)
+    return Path(found.origin) if found and found.origin else None
 
 
 def builtin_rows(params: dict, split: str) -> list[dict]:

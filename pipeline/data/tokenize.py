@@ -1,25 +1,58 @@
-"""tokenize: canonical pairs → token ids of the prompt and of each completion, + a length report.
+"""tokenize: canonical pairs → token ids of the prompt and of each completion, + a report.
 
-Conversational rows go through the tokenizer's chat template; the completion ids are the tail of
-the templated prompt+completion after the templated prompt. Standard rows: the prompt is tokenized
-with the tokenizer's special tokens, each completion without them and with EOS appended.
-Truncation (`max_length`, `truncation_mode`) happens here, once, so reference log-probs and
-training see the same tokens.
+How a pair becomes tokens, exactly:
+
+1. Texts. Conversational rows are rendered by the tokenizer's chat template (with the row's `tools`
+   and `chat_template_kwargs`): the prompt with the generation prompt, and prompt+chosen,
+   prompt+rejected as whole conversations. Standard rows are the texts `prompt`, `prompt + chosen`,
+   `prompt + rejected` (concatenated as given: " blue." carries its own space).
+2. Tokens. Each text is tokenized whole, without special tokens (a chat template writes its own);
+   standard rows then get the tokenizer's leading special tokens (BOS) unless the text already
+   starts with them, and EOS after each completion unless it already ends with EOS. Doubled
+   BOS/EOS are collapsed. So prompt_ids + chosen_ids is exactly the tokenization of the full text,
+   as the model sees it at inference.
+3. Prompt boundary. The tokenized prompt is not always a prefix of the tokenized prompt+completion:
+   BPE merges across the boundary ("is " + "blue" → "is", " blue"). The policy: `prompt_ids` is the
+   longest common token prefix of the prompt, prompt+chosen and prompt+rejected; each completion is
+   the rest of its own full tokenization. The merged boundary token moves into both completions, so
+   both are scored over the same text span, from the same context, with the tokens the model really
+   sees; nothing is shifted. Such rows are counted (`boundary_merges`, `boundary_tokens_moved`).
+   If a chat template renders the prompt *text* differently once a completion follows (it rewrites
+   earlier turns), the completion cannot be located: that is rule `template_changes_prompt`,
+   handled by `data.on_invalid` like any invalid row (error names the file, row, row_id and rule).
+4. Truncation to `max_length` (prompt + the longer completion), once, here, so reference log-probs
+   and training see the same tokens. `keep_start` keeps the prompt's start and cuts the completions'
+   ends. `keep_end` (deprecated, warned) keeps the prompt's end instead: it drops the prompt's oldest
+   tokens (after a leading BOS, which stays) until the longer side fits; if a completion alone is too
+   long even with one prompt token left, its end is cut as with keep_start. A pair whose completions
+   lose all their tokens carries no preference and is dropped (`emptied_by_truncation`). The report
+   counts truncated rows, prompts and completions, emptied completions, and length statistics.
+
+Splits stream through in Parquet record batches (`tokenize.batch_size` rows), optionally over
+`tokenize.dataset_num_proc` worker processes with a bounded number of batches in flight, so peak
+memory does not grow with the dataset; output order is the input order whatever the process count.
 """
 
 from __future__ import annotations
 
-import statistics
+import json
+import multiprocessing
+import sys
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
 from ..artifacts import write_json, write_manifest
+from ..errors import PipelineError
 from .formats import InvalidRow
-from .schema import TOKENIZED_SCHEMA, decoded_row
+from .schema import SPLITS, TOKENIZED_SCHEMA, decoded_row
+
+DROPPED_FILE = "dropped.jsonl"
 
 
 def _ids(encoded) -> list[int]:
@@ -27,112 +60,288 @@ def _ids(encoded) -> list[int]:
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
-def _strip_doubled_bos(ids: list[int], bos_id: int | None) -> list[int]:
-    if bos_id is not None and len(ids) >= 2 and ids[0] == bos_id and ids[1] == bos_id:
-        return ids[1:]
-    return ids
+def special_prefix(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text (e.g. [BOS]); [] for most chat models."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            return list(full[:i])
+    return []
 
 
-def tokenize_pair(tokenizer, row: dict) -> dict:
-    """Untruncated ids of one decoded canonical row. Raises InvalidRow if the template breaks the prefix."""
-    if row["conversational"]:
+def _collapse_doubles(ids: list[int], bos_id: int | None, eos_id: int | None) -> list[int]:
+    start, end = 0, len(ids)
+    while bos_id is not None and end - start >= 2 and ids[start] == bos_id and ids[start + 1] == bos_id:
+        start += 1
+    while eos_id is not None and end - start >= 2 and ids[end - 1] == eos_id and ids[end - 2] == eos_id:
+        end -= 1
+    return ids[start:end]
+
+
+def _common_prefix_length(*sequences: list[int]) -> int:
+    n = 0
+    for items in zip(*sequences):
+        if any(item != items[0] for item in items[1:]):
+            break
+        n += 1
+    return n
+
+
+class PairTokenizer:
+    """Tokenizes decoded canonical rows by the policy of the module docstring."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.bos_id, self.eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.prefix = special_prefix(tokenizer)
+
+    def texts(self, row: dict) -> tuple[str, str, str]:
+        """The prompt, prompt+chosen and prompt+rejected texts of one row."""
+        if not row["conversational"]:
+            return row["prompt"], row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]
         kwargs = dict(row.get("chat_template_kwargs") or {})
         if row.get("tools"):
             kwargs["tools"] = row["tools"]
-        prompt_ids = _ids(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, **kwargs))
-        prompt_ids = _strip_doubled_bos(prompt_ids, tokenizer.bos_token_id)
-        out = {"prompt_ids": prompt_ids}
+        render = self.tokenizer.apply_chat_template
+        try:
+            prompt = render(row["prompt"], add_generation_prompt=True, tokenize=False, **kwargs)
+            fulls = [render(row["prompt"] + row[name], tokenize=False, **kwargs) for name in ("chosen", "rejected")]
+        except Exception as err:  # jinja raises TemplateError, TypeError, ...; the row is what the user must fix
+            raise InvalidRow("template_error", f"the chat template fails on this row ({type(err).__name__}: {err})") from None
+        for name, full in zip(("chosen", "rejected"), fulls):
+            if not full.startswith(prompt):
+                at = _common_prefix_length(list(prompt), list(full))
+                raise InvalidRow("template_changes_prompt",
+                                 f"the chat template renders the prompt differently once the {name} completion follows "
+                                 f"(from character {at}: {prompt[at:at + 30]!r} becomes {full[at:at + 30]!r}), so the "
+                                 "completion cannot be located")
+        return prompt, fulls[0], fulls[1]
+
+    def _finish(self, ids: list[int], conversational: bool, completion: bool) -> list[int]:
+        if not conversational:
+            if self.prefix and ids[:len(self.prefix)] != self.prefix:
+                ids = self.prefix + ids
+            if completion and self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
+                ids = ids + [self.eos_id]
+        return _collapse_doubles(ids, self.bos_id, self.eos_id)
+
+    def split(self, row: dict, prompt: list[int], chosen: list[int], rejected: list[int]) -> tuple[dict, int]:
+        """Prompt/chosen/rejected ids from the three full tokenizations, and how many prompt tokens moved."""
+        conv = row["conversational"]
+        prompt = self._finish(prompt, conv, False)
+        chosen, rejected = self._finish(chosen, conv, True), self._finish(rejected, conv, True)
+        n = _common_prefix_length(prompt, chosen, rejected)
+        if n == 0:
+            raise InvalidRow("no_prompt", "no prompt token is left once the completions are tokenized with the prompt")
+        ids = {"prompt_ids": prompt[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]}
         for name in ("chosen", "rejected"):
-            full = _ids(tokenizer.apply_chat_template(row["prompt"] + row[name], tokenize=True, **kwargs))
-            full = _strip_doubled_bos(full, tokenizer.bos_token_id)
-            if full[:len(prompt_ids)] != prompt_ids:
-                raise InvalidRow("prompt_not_prefix", f"the chat template renders the prompt differently once the {name} "
-                                 "completion follows, so the completion cannot be located")
-            out[f"{name}_ids"] = full[len(prompt_ids):]
-        return out
-    prompt_ids = tokenizer(row["prompt"])["input_ids"]
-    out = {"prompt_ids": list(prompt_ids)}
-    for name in ("chosen", "rejected"):
-        ids = list(tokenizer(row[name], add_special_tokens=False)["input_ids"])
-        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
-            ids.append(tokenizer.eos_token_id)
-        out[f"{name}_ids"] = ids
-    return out
+            if not ids[f"{name}_ids"]:
+                raise InvalidRow("empty_completion", f"the {name} completion has no token of its own")
+        return ids, len(prompt) - n
+
+    def encode(self, rows: list[dict]) -> list[tuple[dict, int] | InvalidRow]:
+        """Untruncated ids and moved-token counts of decoded rows (an InvalidRow where a row fails)."""
+        outcomes: list = [None] * len(rows)
+        texts, owners = [], []
+        for i, row in enumerate(rows):
+            try:
+                texts.extend(self.texts(row))
+                owners.append(i)
+            except InvalidRow as bad:
+                outcomes[i] = bad
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        for k, i in enumerate(owners):
+            try:
+                outcomes[i] = self.split(rows[i], *(list(ids) for ids in encoded[3 * k:3 * k + 3]))
+            except InvalidRow as bad:
+                outcomes[i] = bad
+        return outcomes
 
 
-def truncate_pair(ids: dict, max_length: int | None, mode: str) -> dict:
-    """Fit prompt+completion of each side into `max_length` tokens; both sides keep the same prompt.
+def tokenize_pair(tokenizer, row: dict) -> dict:
+    """Untruncated ids of one decoded canonical row; raises InvalidRow if it cannot be tokenized."""
+    outcome = PairTokenizer(tokenizer).encode([row])[0]
+    if isinstance(outcome, InvalidRow):
+        raise outcome
+    return outcome[0]
 
-    keep_start keeps the prompt's start and cuts the completions' ends. keep_end (deprecated) drops
-    the prompt's first tokens until the longer side fits, then cuts completion ends if still too long.
-    """
-    if max_length is None:
+
+def truncate_pair(ids: dict, max_length: int | None, mode: str, bos_id: int | None = None) -> dict:
+    """Fit prompt + each completion into `max_length` tokens; both sides keep the same prompt (see above)."""
+    prompt, chosen, rejected = ids["prompt_ids"], ids["chosen_ids"], ids["rejected_ids"]
+    longest = max(len(chosen), len(rejected))
+    if max_length is None or len(prompt) + longest <= max_length:
         return ids
-    prompt = ids["prompt_ids"]
-    longest = max(len(ids["chosen_ids"]), len(ids["rejected_ids"]))
     if mode == "keep_end":
-        overflow = len(prompt) + longest - max_length
-        prompt = prompt[max(0, overflow):]
+        head = prompt[:1] if bos_id is not None and prompt[:1] == [bos_id] and len(prompt) > 1 else []
+        body = prompt[len(head):]
+        keep = max(1, max_length - len(head) - longest)
+        prompt = head + body[-keep:]
     else:
         prompt = prompt[:max_length]
-    room = max_length - len(prompt)
-    return {"prompt_ids": prompt, "chosen_ids": ids["chosen_ids"][:room], "rejected_ids": ids["rejected_ids"][:room]}
+    room = max(0, max_length - len(prompt))
+    return {"prompt_ids": prompt, "chosen_ids": chosen[:room], "rejected_ids": rejected[:room]}
 
 
-def _length_stats(values: list[int]) -> dict:
-    if not values:
-        return {"count": 0}
-    values = sorted(values)
-    return {"count": len(values), "min": values[0], "max": values[-1], "mean": statistics.fmean(values),
-            "p50": values[len(values) // 2], "p95": values[min(len(values) - 1, int(len(values) * 0.95))]}
+def tokenize_records(pair_tokenizer: PairTokenizer, records: list[dict], max_length: int | None, mode: str) -> list[dict]:
+    """Normalized Parquet records → one outcome per record: ids, or the rule that dropped it, + counts."""
+    rows = [decoded_row(record) for record in records]
+    outcomes = []
+    for row, encoded in zip(rows, pair_tokenizer.encode(rows)):
+        if isinstance(encoded, InvalidRow):
+            outcomes.append({"row_id": row["row_id"], "invalid": encoded})
+            continue
+        full, moved = encoded
+        ids = truncate_pair(full, max_length, mode, pair_tokenizer.bos_id)
+        cut = {name: len(full[f"{name}_ids"]) - len(ids[f"{name}_ids"]) for name in ("prompt", "chosen", "rejected")}
+        outcomes.append({"row_id": row["row_id"], "ids": ids, "moved": moved, "cut": cut,
+                         "emptied": [name for name in ("chosen", "rejected") if not ids[f"{name}_ids"]]})
+    return outcomes
 
 
-def tokenize_split(tokenizer, in_path: Path, out_path: Path, max_length: int | None, mode: str, batch_size: int) -> dict:
+_WORKER: dict = {}
+
+
+def _worker_init(tokenizer) -> None:
+    _WORKER["tokenizer"] = PairTokenizer(tokenizer)
+
+
+def _worker_task(batch: pa.RecordBatch, max_length: int | None, mode: str) -> list[dict]:
+    return tokenize_records(_WORKER["tokenizer"], batch.to_pylist(), max_length, mode)
+
+
+def _outcome_batches(tokenizer, batches: Iterable[pa.RecordBatch], max_length, mode, num_proc: int | None) -> Iterator[list[dict]]:
+    """Outcomes batch by batch, in input order; with num_proc > 1 at most 2 * num_proc batches in flight."""
+    if not num_proc or num_proc <= 1:
+        pair_tokenizer = PairTokenizer(tokenizer)
+        for batch in batches:
+            yield tokenize_records(pair_tokenizer, batch.to_pylist(), max_length, mode)
+        return
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with context.Pool(num_proc, initializer=_worker_init, initargs=(tokenizer,)) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_worker_task, (batch, max_length, mode)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+class LengthStats:
+    """Exact length statistics from a histogram: memory grows with distinct lengths, not rows."""
+
+    def __init__(self):
+        self.histogram = Counter()
+
+    def add(self, length: int) -> None:
+        self.histogram[length] += 1
+
+    def summary(self) -> dict:
+        count = sum(self.histogram.values())
+        if not count:
+            return {"count": 0}
+        lengths = sorted(self.histogram)
+
+        def quantile(q: float) -> int:
+            rank, seen = min(count - 1, int(count * q)), 0
+            for length in lengths:
+                seen += self.histogram[length]
+                if seen > rank:
+                    return length
+            return lengths[-1]
+        total = sum(length * n for length, n in self.histogram.items())
+        return {"count": count, "min": lengths[0], "max": lengths[-1], "mean": total / count,
+                "p50": quantile(0.5), "p95": quantile(0.95)}
+
+
+def tokenize_split(tokenizer, in_path: Path, out_path: Path, max_length: int | None, mode: str, batch_size: int,
+                   on_invalid: str = "error", dropped_log=None, num_proc: int | None = None, split: str = "") -> dict:
     """Stream one normalized split through the tokenizer in record batches; returns its report."""
     counts = Counter()
-    dropped = []
-    lengths = {"prompt": [], "chosen": [], "rejected": []}
-    with pq.ParquetWriter(out_path, TOKENIZED_SCHEMA) as writer:
-        for batch in pq.ParquetFile(in_path).iter_batches(batch_size=batch_size):
+    reasons = Counter()
+    lengths = {name: LengthStats() for name in ("prompt", "chosen", "rejected", "total")}
+    parquet = pq.ParquetFile(in_path)
+    progress = tqdm(total=parquet.metadata.num_rows, desc=f"tokenize {split}".strip(), unit=" rows", mininterval=2,
+                    disable=None)
+    with pq.ParquetWriter(out_path, TOKENIZED_SCHEMA) as writer, progress:
+        batches = parquet.iter_batches(batch_size=batch_size)
+        for outcomes in _outcome_batches(tokenizer, batches, max_length, mode, num_proc):
             records = []
-            for record in batch.to_pylist():
+            for outcome in outcomes:
+                index = counts["rows_read"]
                 counts["rows_read"] += 1
-                row = decoded_row(record)
-                try:
-                    full = tokenize_pair(tokenizer, row)
-                except InvalidRow as bad:
-                    dropped.append({"row_id": row["row_id"], "rule": bad.rule, "detail": bad.detail})
+                bad = outcome.get("invalid")
+                if bad is None and outcome["emptied"]:
+                    bad = InvalidRow("emptied_by_truncation", f"max_length={max_length} leaves no tokens to "
+                                                              f"{' and '.join(outcome['emptied'])}")
+                if bad is not None:
+                    if on_invalid == "error" and bad.rule != "emptied_by_truncation":
+                        raise PipelineError(f"{in_path}: row {index} (row_id {outcome['row_id']}): {bad.detail} "
+                                            f"[rule {bad.rule}]. Fix the row, or set data.on_invalid: drop to skip "
+                                            "such rows (they are listed in the report).")
+                    reasons[bad.rule] += 1
+                    if dropped_log is not None:
+                        dropped_log.write(json.dumps({"split": split, "row": index, "row_id": outcome["row_id"],
+                                                      "rule": bad.rule, "detail": bad.detail}) + "\n")
+                if outcome.get("invalid") is None:  # truncation counts include the rows it emptied
+                    cut = outcome["cut"]
+                    counts["rows_truncated"] += any(cut.values())
+                    counts["prompts_truncated"] += cut["prompt"] > 0
+                    for name in ("chosen", "rejected"):
+                        counts[f"{name}_truncated"] += cut[name] > 0
+                    counts["completions_truncated"] += (cut["chosen"] > 0) + (cut["rejected"] > 0)
+                    counts["completions_emptied"] += len(outcome["emptied"])
+                    counts["boundary_merges"] += outcome["moved"] > 0
+                    counts["boundary_tokens_moved"] += outcome["moved"]
+                if bad is not None:
                     continue
-                ids = truncate_pair(full, max_length, mode)
-                cut = {name: len(full[f"{name}_ids"]) - len(ids[f"{name}_ids"]) for name in ("prompt", "chosen", "rejected")}
-                if any(cut.values()):
-                    counts["rows_truncated"] += 1
-                counts["prompts_truncated"] += cut["prompt"] > 0
-                for name in ("chosen", "rejected"):
-                    counts[f"{name}_truncated"] += cut[name] > 0
-                if not ids["chosen_ids"] or not ids["rejected_ids"]:
-                    counts["completions_emptied"] += 1
-                    dropped.append({"row_id": row["row_id"], "rule": "emptied_by_truncation",
-                                    "detail": f"max_length={max_length} leaves no completion tokens"})
-                    continue
-                for name in lengths:
-                    lengths[name].append(len(ids[f"{name}_ids"]))
-                records.append({"row_id": row["row_id"], **ids})
+                ids = outcome["ids"]
+                for name in ("prompt", "chosen", "rejected"):
+                    lengths[name].add(len(ids[f"{name}_ids"]))
+                lengths["total"].add(len(ids["prompt_ids"]) + max(len(ids["chosen_ids"]), len(ids["rejected_ids"])))
+                records.append({"row_id": outcome["row_id"], **ids})
             writer.write_table(pa.Table.from_pylist(records, schema=TOKENIZED_SCHEMA))
-    counts["rows_written"] = counts["rows_read"] - len(dropped)
-    return {**{k: int(v) for k, v in counts.items()}, "rows_dropped": len(dropped), "dropped": dropped,
-            "lengths": {name: _length_stats(v) for name, v in lengths.items()}}
+            counts["rows_written"] += len(records)
+            progress.update(len(outcomes))
+    counts["rows_dropped"] = sum(reasons.values())
+    if counts["rows_read"] != counts["rows_written"] + counts["rows_dropped"]:
+        raise RuntimeError("internal error: tokenize counts do not add up")
+    keys = ("rows_read", "rows_written", "rows_dropped", "boundary_merges", "boundary_tokens_moved", "rows_truncated",
+            "prompts_truncated", "chosen_truncated", "rejected_truncated", "completions_truncated", "completions_emptied")
+    return {**{key: int(counts[key]) for key in keys}, "dropped_by_reason": dict(sorted(reasons.items())),
+            "dropped_rows_file": DROPPED_FILE, "lengths": {name: s.summary() for name, s in lengths.items()}}
+
+
+def check_tokenize_params(cfg: dict) -> None:
+    if cfg["max_length"] is not None and cfg["max_length"] < 2:
+        raise PipelineError(f"params: tokenize.max_length must be >= 2 or null, got {cfg['max_length']}.")
+    if cfg["batch_size"] < 1:
+        raise PipelineError(f"params: tokenize.batch_size must be >= 1, got {cfg['batch_size']}.")
+    num_proc = cfg.get("dataset_num_proc")
+    if num_proc is not None and (not isinstance(num_proc, int) or isinstance(num_proc, bool) or num_proc < 1):
+        raise PipelineError(f"params: tokenize.dataset_num_proc must be a positive integer or null, got {num_proc!r}.")
+
+
+def warn_keep_end(mode: str) -> None:
+    if mode == "keep_end":
+        warnings.warn("truncation_mode='keep_end' is deprecated: it cuts the oldest prompt tokens, and cuts "
+                      "completions at their end only when they alone overflow; prefer keep_start.",
+                      FutureWarning, stacklevel=3)
 
 
 def tokenize_dataset(tokenizer, normalized_dir: Path, out_dir: Path, params: dict, inputs: dict) -> dict:
     cfg = params["tokenize"]
-    if cfg["truncation_mode"] == "keep_end":
-        warnings.warn("truncation_mode='keep_end' is deprecated: it cuts the start of the prompt; prefer keep_start.",
-                      FutureWarning, stacklevel=2)
-    report = {split: tokenize_split(tokenizer, normalized_dir / f"{split}.parquet", out_dir / f"{split}.parquet",
-                                    cfg["max_length"], cfg["truncation_mode"], cfg["batch_size"])
-              for split in ("train", "eval")}
+    check_tokenize_params(cfg)
+    warn_keep_end(cfg["truncation_mode"])
+    on_invalid = params["data"]["on_invalid"]
+    with open(out_dir / DROPPED_FILE, "w", encoding="utf-8") as dropped_log:
+        report = {split: tokenize_split(tokenizer, normalized_dir / f"{split}.parquet", out_dir / f"{split}.parquet",
+                                        cfg["max_length"], cfg["truncation_mode"], cfg["batch_size"], on_invalid,
+                                        dropped_log, cfg.get("dataset_num_proc"), split)
+                  for split in SPLITS}
     write_json(out_dir / "report.json", report)
-    write_manifest(out_dir, "tokenize", inputs=inputs, params=cfg,
+    write_manifest(out_dir, "tokenize", inputs=inputs, params={**cfg, "on_invalid": on_invalid},
                    rows={split: r["rows_written"] for split, r in report.items()})
     return report

@@ -1,0 +1,146 @@
+"""Resuming from a Trainer checkpoint gives the run that was never interrupted: model or adapter,
+optimizer, scheduler, RNG (dropout stays on here, so the RNG matters) and a TR-DPO reference."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+
+from pipeline import DPOConfig, DPOTrainer
+from pipeline.errors import PipelineError
+from test_peft_trainer import dataset, lora, make_rows
+
+ROWS = make_rows(24, seed=3)
+
+
+def config(output_dir, **kwargs) -> DPOConfig:
+    settings = dict(output_dir=str(output_dir), report_to="none", gradient_checkpointing=False, disable_tqdm=True,
+                    per_device_train_batch_size=4, logging_steps=1, save_strategy="steps", save_steps=3, max_steps=6,
+                    learning_rate=5e-3, warmup_steps=2, lr_scheduler_type="linear", beta=0.5, seed=7,
+                    disable_dropout=False)
+    settings.update(kwargs)
+    return DPOConfig(**settings)
+
+
+def dropout_model(tiny_tokenizer):
+    from pipeline.builtin.model import build_model
+
+    model = build_model(tiny_tokenizer, seed=0, hidden_size=32, num_layers=1, num_heads=2)
+    for module in model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.1
+    return model
+
+
+def trainable_state(trainer) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kind", ["lora", "full_tr_dpo"])
+def test_resumed_run_equals_the_uninterrupted_one(tmp_path, tiny_tokenizer, kind):
+    extra = {"sync_ref_model": True, "ref_model_sync_steps": 2, "ref_model_mixup_alpha": 0.5} if kind == "full_tr_dpo" else {}
+    peft = {"peft_config": lora(lora_dropout=0.2)} if kind == "lora" else {}
+
+    def trainer_for(output_dir):
+        return DPOTrainer(dropout_model(tiny_tokenizer), args=config(output_dir, **extra), train_dataset=dataset(ROWS),
+                          processing_class=tiny_tokenizer, **copy.deepcopy(peft))
+
+    whole = trainer_for(tmp_path / "whole")
+    whole.train()
+    expected = trainable_state(whole)
+    checkpoint = tmp_path / "whole" / "checkpoint-3"
+    assert (checkpoint / ("adapter_model.safetensors" if kind == "lora" else "model.safetensors")).exists()
+    assert (checkpoint / "optimizer.pt").exists() and (checkpoint / "scheduler.pt").exists()
+    assert list(checkpoint.glob("rng_state*.pth"))
+
+    resumed = trainer_for(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 6
+    got = trainable_state(resumed)
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert torch.allclose(got[name], value, atol=1e-6, rtol=0), name
+    losses = lambda t: [e["loss"] for e in t.state.log_history if "loss" in e and e["step"] > 3]  # noqa: E731
+    assert losses(resumed) == pytest.approx(losses(whole), abs=1e-6)
+    if kind == "full_tr_dpo":  # the moving reference was saved with the checkpoint and restored
+        assert (checkpoint / "ref_model.safetensors").exists()
+        for a, b in zip(resumed.ref_model.parameters(), whole.ref_model.parameters()):
+            assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+    # control: the same weights without the optimizer, scheduler and RNG state end elsewhere
+    restarted = trainer_for(tmp_path / "restarted")
+    restarted._load_from_checkpoint(str(checkpoint))
+    restarted.args.max_steps = 3
+    restarted.train()
+    assert any(not torch.allclose(trainable_state(restarted)[n], v, atol=1e-6) for n, v in expected.items())
+
+
+# ---- through the train stage: train.resume -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    import stages.base as base_stage
+    import stages.normalize as normalize_stage
+    import stages.ref_logps as ref_stage
+    import stages.tokenize as tokenize_stage
+    from conftest import tiny_params
+
+    root = tmp_path_factory.mktemp("resume")
+    params = tiny_params()
+    base_stage.run(params, root / "base")
+    normalize_stage.run(params, root / "normalized")
+    tokenize_stage.run(params, root / "normalized", root / "base", root / "tokenized")
+    ref_stage.run(params, root / "tokenized", root / "base", root / "ref_logps")
+    return root
+
+
+def train_stage_run(root, out, resume=None, **train):
+    import stages.train as train_stage
+    from conftest import tiny_params
+
+    params = tiny_params(save_strategy="steps", save_steps=2, max_steps=4, learning_rate=3e-3, **train)
+    if resume is not None:
+        params["train"]["resume"] = resume
+    return train_stage.run(params, root / "tokenized", root / "ref_logps", root / "base", out / "train", out / "ck",
+                           out / "live")
+
+
+def final_weights(out) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "train" / "model" / "model.safetensors"))
+
+
+def test_train_stage_resume_true_and_a_checkpoint_path(prepared, tmp_path):
+    whole = tmp_path / "whole"
+    train_stage_run(prepared, whole)
+    expected = final_weights(whole)
+
+    interrupted = tmp_path / "interrupted"  # only the first checkpoint survived
+    (interrupted / "ck").mkdir(parents=True)
+    checkpoint = interrupted / "ck" / "checkpoint-2"
+    shutil.copytree(whole / "ck" / "checkpoint-2", checkpoint)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state["log_history"][-1]["marker"] = "from the checkpoint"  # to see that steps 1-2 are not trained again
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    manifest = train_stage_run(prepared, interrupted, resume=True)
+    assert manifest["resumed_from"] == str(checkpoint)
+    history = json.loads((interrupted / "train" / "log_history.json").read_text())
+    assert [e["step"] for e in history if "loss" in e] == [2, 4] and history[0]["marker"] == "from the checkpoint"
+    for name, value in final_weights(interrupted).items():
+        assert torch.allclose(value, expected[name], atol=1e-6, rtol=0), name
+
+    by_path = tmp_path / "by_path"
+    manifest = train_stage_run(prepared, by_path, resume=str(whole / "ck" / "checkpoint-2"))
+    assert manifest["resumed_from"].endswith("checkpoint-2")
+    for name, value in final_weights(by_path).items():
+        assert torch.allclose(value, expected[name], atol=1e-6, rtol=0), name
+
+    fresh = tmp_path / "fresh"  # resume: true with no checkpoint yet starts from the beginning
+    assert train_stage_run(prepared, fresh, resume=True)["resumed_from"] is None
+    with pytest.raises(PipelineError, match="not a Trainer checkpoint"):
+        train_stage_run(prepared, tmp_path / "bad", resume=str(tmp_path / "nowhere"))
