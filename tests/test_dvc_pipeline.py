@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -49,6 +50,24 @@ def project(tmp_path_factory):
     return repo, env
 
 
+def changed_by(repo: Path, env: dict, key: tuple[str, ...], value) -> set[str]:
+    """The stages `dvc status` reports after setting params.yaml's `key` to `value` (params.yaml is restored)."""
+    path = repo / "params.yaml"
+    original = path.read_text()
+    params = yaml.safe_load(original)
+    node = params
+    for part in key[:-1]:
+        node = node[part]
+    node[key[-1]] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        status = json.loads(subprocess.run(["dvc", "status", "--json"], cwd=repo, env=env, capture_output=True,
+                                           text=True, check=True).stdout)
+    finally:
+        path.write_text(original)
+    return {name.split(":")[-1] for name in status}
+
+
 def test_repro_runs_all_stages_then_nothing_then_only_train_onwards(project):
     repo, env = project
     first = sh(["dvc", "repro"], repo, env)
@@ -59,6 +78,11 @@ def test_repro_runs_all_stages_then_nothing_then_only_train_onwards(project):
     assert "win_rate" in metrics and "artifacts/live/metrics.json" in metrics
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "commit", "-qm", "lock"], repo, env)
+    # which stages a params edit invalidates (dvc status names the stages whose own deps changed)
+    assert changed_by(repo, env, ("model", "peft", "r"), 4) == {"train", "export"}
+    assert changed_by(repo, env, ("model", "model_init_kwargs"), {"dtype": "float32"}) == {"ref-logps", "train", "evaluate", "export"}
+    assert changed_by(repo, env, ("tokenize", "max_length"), 96) == {"tokenize", "export"}
+    assert changed_by(repo, env, ("data", "on_invalid"), "drop") == {"normalize", "tokenize", "export"}
     beta = sh(["dvc", "exp", "run", "-S", "train.beta=0.2"], repo, env)
     assert ran(beta) == ["train", "evaluate", "export"]
     ipo = sh(["dvc", "exp", "run", "-S", "train.loss_type=[ipo]"], repo, env)
