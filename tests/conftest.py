@@ -30,6 +30,20 @@ def tiny_params(**train_overrides) -> dict:
     })
 
 
+def prepare_stages(params: dict, root, through: str = "tokenize") -> None:
+    """Run base, normalize, tokenize (and ref-logps with through="ref-logps") into root/<artifact>."""
+    import stages.base as base_stage
+    import stages.normalize as normalize_stage
+    import stages.ref_logps as ref_stage
+    import stages.tokenize as tokenize_stage
+
+    base_stage.run(params, root / "base")
+    normalize_stage.run(params, root / "normalized")
+    tokenize_stage.run(params, root / "normalized", root / "base", root / "tokenized")
+    if through == "ref-logps":
+        ref_stage.run(params, root / "tokenized", root / "base", root / "ref_logps")
+
+
 @pytest.fixture
 def params():
     return tiny_params()

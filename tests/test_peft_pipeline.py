@@ -12,9 +12,7 @@ import torch
 import stages.base as base_stage
 import stages.evaluate as evaluate_stage
 import stages.export as export_stage
-import stages.normalize as normalize_stage
 import stages.ref_logps as ref_stage
-import stages.tokenize as tokenize_stage
 import stages.train as train_stage
 from pipeline.artifacts import read_manifest
 from pipeline.errors import PipelineError
@@ -34,13 +32,11 @@ def with_changes(params: dict, model: dict | None = None, train: dict | None = N
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """base (built-in, warm-started), normalized and tokenized artifacts at test size, shared by the tests here."""
-    from conftest import tiny_params
+    from conftest import prepare_stages, tiny_params
 
     root = tmp_path_factory.mktemp("peft")
     params = tiny_params()
-    base_stage.run(params, root / "base")
-    normalize_stage.run(params, root / "normalized")
-    tokenize_stage.run(params, root / "normalized", root / "base", root / "tokenized")
+    prepare_stages(params, root)
     return params, root
 
 

@@ -83,18 +83,10 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path, tiny_tokenizer, kind
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    import stages.base as base_stage
-    import stages.normalize as normalize_stage
-    import stages.ref_logps as ref_stage
-    import stages.tokenize as tokenize_stage
-    from conftest import tiny_params
+    from conftest import prepare_stages, tiny_params
 
     root = tmp_path_factory.mktemp("resume")
-    params = tiny_params()
-    base_stage.run(params, root / "base")
-    normalize_stage.run(params, root / "normalized")
-    tokenize_stage.run(params, root / "normalized", root / "base", root / "tokenized")
-    ref_stage.run(params, root / "tokenized", root / "base", root / "ref_logps")
+    prepare_stages(tiny_params(), root, through="ref-logps")
     return root
 
 

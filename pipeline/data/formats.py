@@ -171,15 +171,21 @@ def extract_message_prompt(chosen: list, rejected: list) -> tuple[list, list, li
     return chosen[:n], chosen[n:], rejected[n:]
 
 
+def _from_json(value: Any, column: str, rule: str) -> Any:
+    """A column given as a JSON string, decoded (a blank string is None); any other value as it is."""
+    if not isinstance(value, str):
+        return value
+    if not value.strip():
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as err:
+        raise InvalidRow(rule, f"'{column}' is not valid JSON ({err.msg} at char {err.pos})") from None
+
+
 def parse_tools(tools: Any) -> list | None:
     """The `tools` column as a list of tool schemas, from a list or a JSON string; None when empty."""
-    if isinstance(tools, str):
-        if not tools.strip():
-            return None
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as err:
-            raise InvalidRow("bad_tools_json", f"'tools' is not valid JSON ({err.msg} at char {err.pos})") from None
+    tools = _from_json(tools, "tools", "bad_tools_json")
     if tools is None or tools == []:
         return None
     if not isinstance(tools, list) or not all(isinstance(t, dict) and t for t in tools):
@@ -188,13 +194,7 @@ def parse_tools(tools: Any) -> list | None:
 
 
 def parse_template_kwargs(kwargs: Any) -> dict | None:
-    if isinstance(kwargs, str):
-        if not kwargs.strip():
-            return None
-        try:
-            kwargs = json.loads(kwargs)
-        except json.JSONDecodeError as err:
-            raise InvalidRow("bad_chat_template_kwargs", f"'chat_template_kwargs' is not valid JSON ({err.msg})") from None
+    kwargs = _from_json(kwargs, "chat_template_kwargs", "bad_chat_template_kwargs")
     if kwargs is None:
         return None
     if not isinstance(kwargs, dict):
