@@ -70,6 +70,13 @@ CHOICES = {"data.on_invalid": ("error", "drop"), "tokenize.truncation_mode": ("k
 # keys whose value may take more than one type
 TYPES = {"model.peft.target_modules": (str, list)}
 # keys of the train section that are the train stage's own, not DPOConfig options
+# DPOConfig options whose one home in params.yaml is another section: the stage that owns them applies
+# them once for every later stage (the tokenize stage truncates the data train and evaluate read).
+OWNED_ELSEWHERE = {"max_length": "tokenize.max_length", "truncation_mode": "tokenize.truncation_mode",
+                   "dataset_num_proc": "tokenize.dataset_num_proc",
+                   "precompute_ref_batch_size": "ref_logps.precompute_ref_batch_size",
+                   "model_init_kwargs": "model.model_init_kwargs", "ref_model_init_kwargs": "model.ref_model_init_kwargs"}
+
 TRAIN_STAGE_KEYS = {"resume": "train.resume: true (the last checkpoint) or a checkpoint path; false/null: start fresh"}
 
 
@@ -113,6 +120,9 @@ def check_params(raw: dict | None) -> dict:
         raise PipelineError(f"params: unknown key train.{unknown[0]}; train takes DPOConfig options "
                             f"(e.g. beta, loss_type, learning_rate); see `python -c 'import pipeline; help(pipeline.DPOConfig)'`.")
     train = params["train"]
+    for key in sorted(set(train) & set(OWNED_ELSEWHERE)):
+        raise PipelineError(f"params: train.{key} belongs in {OWNED_ELSEWHERE[key]} in the pipeline (that stage applies it "
+                            f"for every later one); move it there.")
     for key, value in train.items():
         # YAML 1.1 (and `dvc exp run -S`, which rewrites params.yaml) reads a bare `no` as false
         if value is False and key in TRAIN_KEYS and isinstance(DPOConfig.__dataclass_fields__[key].default, str):

@@ -15,7 +15,7 @@ from pipeline.config import DPOConfig
 from pipeline.data.tables import load_pairs
 from pipeline.errors import PipelineError
 from pipeline.models import is_peft_model
-from pipeline.params import TRAIN_STAGE_KEYS
+from pipeline.params import OWNED_ELSEWHERE, TRAIN_STAGE_KEYS
 from pipeline.tracking import LiveMetricsCallback
 from pipeline.trainer import DPOTrainer
 
@@ -26,8 +26,11 @@ from .common import load, params_option, path_option, user_errors
 def training_config(params: dict, output_dir: Path, **overrides) -> DPOConfig:
     """The DPOConfig of a stage: params.yaml's train section over the stage's own settings."""
     train = {k: v for k, v in params["train"].items() if k not in TRAIN_STAGE_KEYS}
+    # the data options as the tokenize/ref-logps stages applied them (the stage loads the models itself)
+    owned = {key: params[section][name] for key, (section, name) in
+             ((key, home.split(".")) for key, home in OWNED_ELSEWHERE.items()) if section != "model"}
     settings = {"report_to": "none", "save_total_limit": 2, "seed": params["seed"], "data_seed": params["seed"],
-                **train, **overrides}
+                **owned, **train, **overrides}
     try:
         return DPOConfig(output_dir=str(output_dir), **settings)
     except PipelineError:

@@ -18,12 +18,13 @@ def tiny_params(**train_overrides) -> dict:
 
     train = {"precompute_ref_log_probs": True, "learning_rate": 1e-4, "num_train_epochs": 1,
              "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16, "gradient_checkpointing": False,
-             "logging_steps": 2, "save_strategy": "no", "disable_tqdm": True, "max_length": 64}
+             "logging_steps": 2, "save_strategy": "no", "disable_tqdm": True}
     train.update(train_overrides)
     return check_params({
         "model": {"builtin": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "warmup_steps": 20,
                               "warmup_batch_size": 16}},
         "data": {"builtin": {"num_pairs": 48, "num_eval_pairs": 16}},
+        "tokenize": {"max_length": 64},
         "ref_logps": {"precompute_ref_batch_size": 16},
         "train": train,
         "evaluate": {"batch_size": 16, "num_generations": 8, "max_new_tokens": 12},

@@ -77,6 +77,9 @@ def test_a_failed_normalize_keeps_the_previous_artifact(tmp_path):
     ({"tokenize": {"max_length": "long"}}, "tokenize.max_length must be int"),
     ({"modle": {}}, "unknown key modle"),
     ({"train": {"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}}, "loss_weights has 1 entries"),
+    ({"train": {"max_length": 512}}, "train.max_length belongs in tokenize.max_length"),
+    ({"train": {"precompute_ref_batch_size": 8}}, "belongs in ref_logps.precompute_ref_batch_size"),
+    ({"train": {"model_init_kwargs": {"dtype": "bfloat16"}}}, "belongs in model.model_init_kwargs"),
 ])
 def test_params_mistakes_fail_fast_with_the_key(tmp_path, params, message):
     path = tmp_path / "params.yaml"
@@ -84,3 +87,14 @@ def test_params_mistakes_fail_fast_with_the_key(tmp_path, params, message):
     result = CliRunner().invoke(main, ["normalize", "--params", str(path), "--out", str(tmp_path / "n")])
     assert result.exit_code == 1 and message in result.output, result.output
     assert str(path) in result.output
+
+
+def test_the_train_config_takes_the_data_options_from_their_stages(tmp_path):
+    from conftest import tiny_params
+    from stages.train import training_config
+
+    params = tiny_params()
+    params["tokenize"].update(max_length=77, truncation_mode="keep_end", dataset_num_proc=2)
+    args = training_config(params, tmp_path / "out")
+    assert (args.max_length, args.truncation_mode, args.dataset_num_proc) == (77, "keep_end", 2)
+    assert args.precompute_ref_batch_size == params["ref_logps"]["precompute_ref_batch_size"]

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import DPOConfig, DPOTrainer
 from pipeline.errors import PipelineError
-from pipeline.params import check_params
+from pipeline.params import OWNED_ELSEWHERE, check_params
 
 PAIRS = [{"prompt_ids": [2, 5, 40], "chosen_ids": [50, 3], "rejected_ids": [60, 3]}]
 
@@ -32,8 +32,12 @@ PAIRS = [{"prompt_ids": [2, 5, 40], "chosen_ids": [50, 3], "rejected_ids": [60, 
 def test_refused_at_configuration_time_in_the_api_and_in_params(options, message):
     with pytest.raises(PipelineError, match=message):
         DPOConfig(output_dir="unused", **options)
+    raw = {"train": options}
+    for key in set(options) & set(OWNED_ELSEWHERE):  # params.yaml's home of a data option is its stage's section
+        section, name = OWNED_ELSEWHERE[key].split(".")
+        raw = {section: {name: options[key]}}
     with pytest.raises(PipelineError, match=message):
-        check_params({"train": options})
+        check_params(raw)
 
 
 def test_yaml_no_for_a_string_option_reads_as_no():
