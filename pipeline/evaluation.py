@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .builtin import task
@@ -27,10 +29,15 @@ def greedy_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: 
     return [a.strip() for a in answers]
 
 
-def judged_win_rate(policy, reference, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int) -> dict:
-    """Win rate of the policy over the reference under the built-in task's judge (ties count half)."""
+def judged_win_rate(policy, reference, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
+                    reference_context=contextlib.nullcontext) -> dict:
+    """Win rate of the policy over the reference under the built-in task's judge (ties count half).
+
+    The reference generates inside `reference_context()` (a PEFT policy's adapter switched off, where the
+    reference is the policy without it)."""
     mine = greedy_answers(policy, tokenizer, prompts, max_new_tokens, batch_size)
-    theirs = greedy_answers(reference, tokenizer, prompts, max_new_tokens, batch_size)
+    with reference_context():
+        theirs = greedy_answers(reference, tokenizer, prompts, max_new_tokens, batch_size)
     rate, outcomes = task.win_rate(prompts, mine, theirs)
     examples = [{"prompt": p[-1]["content"], "policy": a, "reference": b, "policy_score": task.judge(p, a),
                  "reference_score": task.judge(p, b), "outcome": o} for p, a, b, o in zip(prompts, mine, theirs, outcomes)]

@@ -141,10 +141,6 @@ class DPOTrainer(Trainer):
         if is_peft and args.gradient_checkpointing:
             # the frozen embeddings give no grad to the checkpointed blocks' inputs; the adapters need one
             model.enable_input_require_grads()
-        if is_peft and not new_adapter and ref_model is None and not args.precompute_ref_log_probs \
-                and not any(p.requires_grad for p in model.parameters()):
-            warnings.warn("the PeftModel has no trainable parameters; to continue training an adapter, load it with "
-                          "is_trainable=True.", stacklevel=2)
         if args.sync_ref_model and is_peft and ref_model is None:
             raise PipelineError("sync_ref_model=True is not supported with a PEFT model that keeps no standalone "
                                 "ref_model; pass ref_model=... or turn sync_ref_model off.")
@@ -215,6 +211,21 @@ class DPOTrainer(Trainer):
         if self.uses_adapter_reference:
             return self.accelerator.unwrap_model(self.model).disable_adapter()
         return contextlib.nullcontext()
+
+    def train(self, *args, **kwargs):
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise PipelineError("the model has no trainable parameters. To continue training a PEFT adapter, load it "
+                                "with PeftModel.from_pretrained(..., is_trainable=True); to train frozen weights, "
+                                "unfreeze them (requires_grad_(True)).")
+        return super().train(*args, **kwargs)
+
+    def use_policy_without_adapter_as_reference(self) -> None:
+        """Make the reference the policy with its adapter off, as for a new adapter: to evaluate a trained
+        adapter against its base without loading the base a second time."""
+        if not _is_peft(self.model):
+            raise PipelineError("the reference can be the policy without its adapter only for a PeftModel policy.")
+        self.ref_model = None
+        self.uses_adapter_reference = True
 
     def reference_model(self) -> torch.nn.Module:
         return self.model if self.ref_model is None else self.ref_model

@@ -80,7 +80,7 @@ def saved_adapter(base_dir, out, seed=1):
 
 
 @pytest.mark.parametrize("case", ["new_adapter", "continued_adapter", "explicit_reference"])
-def test_ref_logps_stage_computes_the_reference_of_the_online_path(prepared, tmp_path, case):
+def test_ref_logps_stage_computes_the_reference_of_the_online_path(prepared, tmp_path, case, monkeypatch):
     params, root = prepared
     base = root / "base"
     if case == "new_adapter":
@@ -116,15 +116,47 @@ def test_ref_logps_stage_computes_the_reference_of_the_online_path(prepared, tmp
         assert json.loads((tmp_path / "train-True" / "model" / "adapter_config.json").read_text())["r"] == 4
     else:  # a new adapter's reference is the base model
         assert differs == 0.0 and first[True]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
-    if case != "new_adapter":  # evaluate's online reference is the ref-logps stage's too
-        evaluated = {}
-        for precompute in (True, False):
-            eval_params = with_changes(params, train={"precompute_ref_log_probs": precompute})
-            evaluated[precompute] = evaluate_stage.run(
-                eval_params, tmp_path / "train-True", root / "tokenized", tmp_path / "ref_logps", root / "normalized",
-                base, tmp_path / f"eval-{precompute}", tmp_path / f"metrics-{precompute}.json")
-        for name in ("loss", "rewards/chosen", "rewards/margins"):
-            assert evaluated[True][name] == pytest.approx(evaluated[False][name], abs=1e-4), name
+    # evaluate's online reference is the ref-logps stage's too; a new adapter's is the policy with the
+    # adapter off, so evaluate loads the base model once (a second load would fail here)
+    if case == "new_adapter":
+        monkeypatch.setattr(evaluate_stage, "load_reference", lambda *a: pytest.fail("evaluate loaded the base twice"))
+    evaluated = {}
+    for precompute in (True, False):
+        eval_params = with_changes(params, train={"precompute_ref_log_probs": precompute})
+        evaluated[precompute] = evaluate_stage.run(
+            eval_params, tmp_path / "train-True", root / "tokenized", tmp_path / "ref_logps", root / "normalized",
+            base, tmp_path / f"eval-{precompute}", tmp_path / f"metrics-{precompute}.json")
+    for name in ("loss", "rewards/chosen", "rewards/margins"):
+        assert evaluated[True][name] == pytest.approx(evaluated[False][name], abs=1e-4), name
+
+
+def test_evaluating_a_new_adapter_generates_the_reference_with_the_adapter_off(prepared, tmp_path, monkeypatch):
+    """A new adapter's reference is the base: evaluate gets it by switching the adapter off, without loading
+    the base a second time, and the reference's generations are the base model's (the policy's differ)."""
+    import shutil
+
+    from pipeline.base import load_base_tokenizer
+    from pipeline.evaluation import greedy_answers
+    from pipeline.models import load_causal_lm
+
+    params, root = prepared
+    params = with_changes(params, model={"peft": LORA})
+    base = root / "base"
+    ref_stage.run(params, root / "tokenized", base, tmp_path / "ref_logps")
+    train_stage.run(params, root / "tokenized", tmp_path / "ref_logps", base, tmp_path / "train", tmp_path / "ck",
+                    tmp_path / "live")
+    shutil.rmtree(tmp_path / "train" / "model")  # a far-trained adapter in its place, so the two sides differ
+    saved_adapter(base, tmp_path / "train" / "model", seed=3)
+    monkeypatch.setattr(evaluate_stage, "load_reference", lambda *a: pytest.fail("evaluate loaded the base twice"))
+    evaluate_stage.run(params, tmp_path / "train", root / "tokenized", tmp_path / "ref_logps", root / "normalized",
+                       base, tmp_path / "eval", tmp_path / "metrics.json")
+    examples = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
+    cfg = params["evaluate"]
+    answers = greedy_answers(load_causal_lm(str(base / "model")), load_base_tokenizer(base, params),
+                             evaluate_stage.held_out_prompts(root / "normalized", cfg["num_generations"]),
+                             cfg["max_new_tokens"], cfg["batch_size"])
+    assert answers == [e["reference"] for e in examples]
+    assert answers != [e["policy"] for e in examples]
 
 
 def test_qlora_params_are_refused_clearly_without_cuda(prepared, tmp_path):

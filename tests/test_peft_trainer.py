@@ -263,3 +263,12 @@ def test_tr_dpo_with_a_lora_policy_mixes_the_merged_policy_into_a_standalone_ref
         assert torch.allclose(value, expected, atol=1e-6), name
     base = base_state(trainer.model)  # the adapter's delta was part of what was mixed in
     assert not torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_training_a_peft_model_loaded_without_is_trainable_is_refused_with_the_fix(tmp_path, fresh_model, tiny_tokenizer):
+    from peft import PeftModel
+
+    frozen = PeftModel.from_pretrained(fresh_model(), str(randomized_adapter(fresh_model(), tmp_path)))  # is_trainable False
+    trainer = DPOTrainer(frozen, args=config(tmp_path), train_dataset=dataset(), processing_class=tiny_tokenizer)
+    with pytest.raises(PipelineError, match=r"no trainable parameters.*is_trainable=True"):
+        trainer.train()
