@@ -19,10 +19,8 @@ Without `data.eval`, the eval split is carved from train: a seeded `eval_fractio
 from __future__ import annotations
 
 import hashlib
-import json
 import sqlite3
 import tempfile
-from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, Iterable
@@ -33,12 +31,12 @@ from tqdm.auto import tqdm
 
 from ..artifacts import file_digest, write_json, write_manifest
 from ..errors import PipelineError
+from .dropped import DROPPED_FILE, DroppedLog
 from .formats import InvalidRow, canonical_pair
 from .schema import NORMALIZED_SCHEMA, encode_field, encode_optional, prompt_id_for, raw_row_id, row_id_for
 from .sources import builtin_rows, hook_file, is_builtin, iter_rows, load_hook
 
 CHUNK_ROWS = 1000
-DROPPED_FILE = "dropped.jsonl"
 CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "tools", "chat_template_kwargs")
 
 
@@ -83,22 +81,6 @@ class SeenPairs:
 
     def close(self) -> None:
         self.db.close()
-
-
-class DroppedLog:
-    """Dropped rows, one JSON object per line, counted by reason."""
-
-    def __init__(self, path: Path):
-        self.handle = open(path, "w", encoding="utf-8")
-        self.count, self.by_reason = 0, Counter()
-
-    def add(self, entry: dict) -> None:
-        self.handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        self.count += 1
-        self.by_reason[entry["rule"]] += 1
-
-    def close(self) -> None:
-        self.handle.close()
 
 
 def canonical_record(pair: dict) -> dict:

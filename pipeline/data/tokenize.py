@@ -35,7 +35,6 @@ memory does not grow with the dataset; output order is the input order whatever 
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import sys
 import warnings
@@ -49,10 +48,10 @@ from tqdm.auto import tqdm
 
 from ..artifacts import write_json, write_manifest
 from ..errors import PipelineError
+from .dropped import DROPPED_FILE, DroppedLog
 from .formats import InvalidRow
 from .schema import SPLITS, TOKENIZED_SCHEMA, decoded_row
 
-DROPPED_FILE = "dropped.jsonl"
 
 
 def _ids(encoded) -> list[int]:
@@ -283,8 +282,8 @@ def tokenize_split(tokenizer, in_path: Path, out_path: Path, max_length: int | N
                                             "such rows (they are listed in the report).")
                     reasons[bad.rule] += 1
                     if dropped_log is not None:
-                        dropped_log.write(json.dumps({"split": split, "row": index, "row_id": outcome["row_id"],
-                                                      "rule": bad.rule, "detail": bad.detail}) + "\n")
+                        dropped_log.add({"split": split, "row": index, "row_id": outcome["row_id"],
+                                         "rule": bad.rule, "detail": bad.detail})
                 if outcome.get("invalid") is None:  # truncation counts include the rows it emptied
                     cut = outcome["cut"]
                     counts["rows_truncated"] += any(cut.values())
@@ -336,7 +335,7 @@ def tokenize_dataset(tokenizer, normalized_dir: Path, out_dir: Path, params: dic
     check_tokenize_params(cfg)
     warn_keep_end(cfg["truncation_mode"])
     on_invalid = params["data"]["on_invalid"]
-    with open(out_dir / DROPPED_FILE, "w", encoding="utf-8") as dropped_log:
+    with DroppedLog(out_dir / DROPPED_FILE) as dropped_log:
         report = {split: tokenize_split(tokenizer, normalized_dir / f"{split}.parquet", out_dir / f"{split}.parquet",
                                         cfg["max_length"], cfg["truncation_mode"], cfg["batch_size"], on_invalid,
                                         dropped_log, cfg.get("dataset_num_proc"), split)
