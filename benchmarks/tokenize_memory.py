@@ -87,7 +87,7 @@ def child(args) -> None:
         floor = rss_mib()
         start = time.perf_counter()
         with staged_dir(work / "tokenized") as out:
-            report = tokenize_dataset(tokenizer, work / "normalized", out, params, inputs={})
+            report = tokenize_dataset(tokenizer, work / "normalized", out, params)
         rows = sum(split["rows_read"] for split in report.values())
     seconds = time.perf_counter() - start
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest worker process, if any

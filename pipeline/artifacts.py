@@ -9,6 +9,7 @@ manifest is missing, of another schema version, or made from other inputs, and n
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -117,3 +118,30 @@ def require_same_input(manifest: dict, directory: Path, input_name: str, expecte
             f"(digest {str(got)[:12]} vs {expected_digest[:12]}); it is stale: run `dpo {PRODUCER[kind]}` "
             f"(or `dvc repro {PRODUCER[kind]}`) again."
         )
+
+
+@dataclasses.dataclass
+class StageOutput:
+    """What a stage fills in while its output directory is staged: files go under `dir`; `rows`, `extra`
+    and `inputs` (digests of non-artifact inputs, e.g. a hook file) go into the manifest written last."""
+
+    dir: Path
+    manifests: dict[str, dict]
+    rows: dict[str, int] = dataclasses.field(default_factory=dict)
+    extra: dict = dataclasses.field(default_factory=dict)
+    inputs: dict[str, str] = dataclasses.field(default_factory=dict)
+    manifest: dict | None = None
+
+
+@contextlib.contextmanager
+def stage_output(stage: str, out: Path, inputs: dict[str, Path], params: Any) -> Iterator[StageOutput]:
+    """A stage's frame: read and check the manifests of its input artifacts (`inputs`: artifact kind → directory),
+    stage the output directory, and, when the block finishes, write the manifest last (input digests, params,
+    rows) and rename the directory into place. On an error nothing is renamed and the old output stays."""
+    manifests = {kind: read_manifest(path, kind) for kind, path in inputs.items()}
+    digests = {kind: manifest_digest(path) for kind, path in inputs.items()}
+    with staged_dir(out) as tmp:
+        output = StageOutput(Path(tmp), manifests)
+        yield output
+        output.manifest = write_manifest(tmp, stage, inputs={**digests, **output.inputs}, params=params,
+                                         rows=output.rows, extra=output.extra)

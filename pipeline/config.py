@@ -9,73 +9,75 @@ import torch
 from transformers import TrainingArguments
 
 from .errors import PipelineError
+from .losses import check_loss_options
+from .rules import at_least, check, greater_than, one_of, within
 
-LOSS_TYPE_NAMES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
-    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-)
-F_DIVERGENCE_NAMES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 TRUNCATION_MODES = ("keep_start", "keep_end")
+
+
+def option(default: Any = None, help: str = "", factory=None):
+    """A DPOConfig field with its help text (HfArgumentParser hands field metadata to argparse, so the value
+    rules live in OPTION_RULES below the class, not here)."""
+    metadata = {"help": help}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# Rules of inherited TrainingArguments fields whose bad values would otherwise fail late (inside the
+# optimizer or the sampler) or silently (no steps at all).
+TRAINING_RULES = {
+    "learning_rate": (at_least(0), "a typical DPO rate is 1e-6 (full) or 1e-5 (LoRA)"),
+    "per_device_train_batch_size": (at_least(1), ""),
+    "per_device_eval_batch_size": (at_least(1), ""),
+    "gradient_accumulation_steps": (at_least(1), ""),
+    "logging_steps": (greater_than(0), ""),
+    "save_steps": (greater_than(0), ""),
+    "eval_steps": (greater_than(0), "or null: logging_steps"),
+    "warmup_steps": (at_least(0), ""),
+    "weight_decay": (at_least(0), ""),
+    "max_grad_norm": (at_least(0), ""),
+    "save_total_limit": (at_least(1), "or null: keep every checkpoint"),
+}
 
 
 def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def validate_dpo_options(opts: dict[str, Any]) -> None:
-    """The validation rules of losses.md that need only the options themselves.
+def field_rules() -> dict[str, tuple]:
+    """(rule, fix) of every ruled option: DPOConfig's own fields (from their metadata) and TRAINING_RULES."""
+    return {**TRAINING_RULES, **OPTION_RULES}
 
-    Shared by `DPOConfig.__post_init__` and the params.yaml check of every stage, so a bad
-    combination fails before any model is loaded or data read.
-    """
-    beta = opts.get("beta", 0.1)
-    if not isinstance(beta, (int, float)) or beta <= 0:
-        raise PipelineError(f"beta must be > 0 (got {beta!r}); try beta=0.1.")
-    loss_types = _as_list(opts.get("loss_type", ["sigmoid"]))
-    unknown = [t for t in loss_types if t not in LOSS_TYPE_NAMES]
-    if unknown:
-        raise PipelineError(f"unknown loss_type {unknown}; choose from {list(LOSS_TYPE_NAMES)}.")
-    if not loss_types:
-        raise PipelineError("loss_type is empty; give at least one, e.g. loss_type=['sigmoid'].")
-    weights = opts.get("loss_weights")
-    if weights is not None and len(_as_list(weights)) != len(loss_types):
-        raise PipelineError(
-            f"loss_weights has {len(_as_list(weights))} entries but loss_type has {len(loss_types)} "
-            f"({loss_types}); give one weight per loss type."
-        )
-    f_type = opts.get("f_divergence_type", "reverse_kl")
-    if f_type not in F_DIVERGENCE_NAMES:
-        raise PipelineError(f"unknown f_divergence_type {f_type!r}; choose from {list(F_DIVERGENCE_NAMES)}.")
-    eps = opts.get("label_smoothing", 0.0)
-    if "exo_pair" in loss_types and not eps > 0:
-        raise PipelineError("loss_type 'exo_pair' needs label_smoothing > 0; the EXO authors recommend 1e-3.")
-    if "robust" in loss_types and not 0 <= eps < 0.5:
-        raise PipelineError(f"loss_type 'robust' needs label_smoothing in [0, 0.5) (got {eps}); it is the label-flip rate.")
-    ld_alpha = opts.get("ld_alpha")
-    if ld_alpha is not None and not 0 <= ld_alpha <= 1:
-        raise PipelineError(f"ld_alpha must be in [0, 1] or None (got {ld_alpha}).")
-    if opts.get("use_weighting") and {"aot", "aot_unpaired"} & set(loss_types):
-        raise PipelineError("use_weighting=True is not supported with loss_type 'aot'/'aot_unpaired' "
-                            "(sorting breaks the pairing); turn off use_weighting or pick another loss.")
-    if opts.get("truncation_mode", "keep_start") not in TRUNCATION_MODES:
-        raise PipelineError(f"truncation_mode must be one of {list(TRUNCATION_MODES)} (got {opts.get('truncation_mode')!r}).")
-    precompute = opts.get("precompute_ref_log_probs", False)
-    if opts.get("use_liger_kernel"):
+
+def check_dpo_options(options: dict[str, Any], name=lambda key: key) -> None:
+    """Every validation rule of DPOConfig: the value rule of each option present, then the rules that
+    combine options (losses.md, the reference documentation's constraints). Shared by `DPOConfig` and the
+    params.yaml check, which names options as it spells them (`name("beta")` → "train.beta")."""
+    for key, (rule, fix) in field_rules().items():
+        if key in options:
+            try:
+                check(options[key], rule, name(key), fix)
+            except TypeError:  # e.g. a string where a number belongs
+                raise PipelineError(f"{name(key)} has the wrong type (got {options[key]!r}).") from None
+    check_loss_options(options, name)
+    epochs, max_steps = options.get("num_train_epochs"), options.get("max_steps", -1)
+    if epochs is not None and not (max_steps or -1) > 0 and not epochs > 0:
+        raise PipelineError(f"{name('num_train_epochs')} must be > 0 (got {epochs!r}) unless {name('max_steps')} > 0: "
+                            "a run of no steps would publish the untrained model as trained.")
+    loss_types = _as_list(options.get("loss_type", []))
+    precompute = options.get("precompute_ref_log_probs", False)
+    if options.get("use_liger_kernel"):
         if len(loss_types) > 1:
-            raise PipelineError("use_liger_kernel=True supports a single loss_type only; drop the extra loss types or use_liger_kernel.")
+            raise PipelineError(f"use_liger_kernel=True supports a single loss_type only; drop the extra types of "
+                                f"{name('loss_type')} or turn off {name('use_liger_kernel')}.")
         if precompute:
-            raise PipelineError("use_liger_kernel=True is not supported with precompute_ref_log_probs=True; turn one off.")
-    if opts.get("sync_ref_model") and precompute:
-        raise PipelineError("sync_ref_model=True cannot be combined with precompute_ref_log_probs=True "
-                            "(the reference changes during training); turn one off.")
-    alpha = opts.get("ref_model_mixup_alpha", 0.6)
-    if not 0 <= alpha <= 1:
-        raise PipelineError(f"ref_model_mixup_alpha must be in [0, 1] (got {alpha}).")
-    if opts.get("ref_model_sync_steps", 512) < 1:
-        raise PipelineError("ref_model_sync_steps must be >= 1.")
-    max_length = opts.get("max_length", 1024)
-    if max_length is not None and max_length < 2:
-        raise PipelineError(f"max_length must be >= 2 or None (got {max_length}).")
+            raise PipelineError(f"use_liger_kernel=True is not supported with precompute_ref_log_probs=True; turn off "
+                                f"{name('use_liger_kernel')} or {name('precompute_ref_log_probs')}.")
+    if options.get("sync_ref_model") and precompute:
+        raise PipelineError(f"sync_ref_model=True cannot be combined with precompute_ref_log_probs=True (the reference "
+                            f"changes during training); turn off {name('sync_ref_model')} or "
+                            f"{name('precompute_ref_log_probs')}.")
 
 
 def bf16_supported() -> bool:
@@ -100,38 +102,47 @@ class DPOConfig(TrainingArguments):
     remove_unused_columns: bool = field(default=False)
 
     # model
-    model_init_kwargs: dict[str, Any] | None = field(default=None, metadata={"help": "Keyword arguments for from_pretrained() of the policy."})
-    ref_model_init_kwargs: dict[str, Any] | None = field(default=None, metadata={"help": "Keyword arguments for from_pretrained() of a ref_model given by name. None: the same as model_init_kwargs."})
-    disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in the policy and the reference."})
+    model_init_kwargs: dict[str, Any] | None = option(
+        None, "Keyword arguments for from_pretrained() of the policy, e.g. {dtype: bfloat16}.")
+    ref_model_init_kwargs: dict[str, Any] | None = option(
+        None, "Keyword arguments for from_pretrained() of a ref_model given by name; None: model_init_kwargs.")
+    trust_remote_code: bool = option(
+        False, "Run the custom modelling/tokenizer code of a model loaded by name (only for repositories you trust).")
+    disable_dropout: bool = option(True, "Turn dropout off in the policy and the reference.")
 
     # data
-    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset tokenization."})
-    pad_token: str | None = field(default=None, metadata={"help": "Padding token; default: the tokenizer's pad token, else its eos token."})
-    padding_free: bool = field(default=False, metadata={"help": "Pack the batch into one sequence without padding (needs flash attention)."})
-    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad sequence lengths to a multiple of this."})
-    max_length: int | None = field(default=1024, metadata={"help": "Maximum tokens of prompt + completion; None = no truncation."})
-    truncation_mode: str = field(default="keep_start", metadata={"help": "keep_start (cut the end) or keep_end (deprecated: cut the start)."})
+    dataset_num_proc: int | None = option(None, "Processes for dataset tokenization; None: the calling process.")
+    pad_token: str | None = option(None, "Padding token; default: the tokenizer's pad token, else its eos token.")
+    padding_free: bool = option(False, "Pack the batch into one sequence without padding (position_ids restart per sequence).")
+    pad_to_multiple_of: int | None = option(None, "Pad sequence lengths to a multiple of this.")
+    max_length: int | None = option(1024, "Maximum tokens of prompt + the longer completion; None: no truncation.")
+    truncation_mode: str = option("keep_start", "keep_start (cut the completions' ends) or keep_end (deprecated: cut "
+                                  "the oldest prompt tokens).")
 
     # reference
-    precompute_ref_log_probs: bool = field(default=False, metadata={"help": "Compute reference log-probs once before training."})
-    precompute_ref_batch_size: int | None = field(default=None, metadata={"help": "Batch size of that pass; default per_device_eval_batch_size."})
-    sync_ref_model: bool = field(default=False, metadata={"help": "TR-DPO: mix the policy into the reference every ref_model_sync_steps."})
-    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "α of the TR-DPO update ref = α·policy + (1−α)·ref."})
-    ref_model_sync_steps: int = field(default=512, metadata={"help": "Optimizer steps between TR-DPO reference updates."})
+    precompute_ref_log_probs: bool = option(False, "Compute the reference log-probs once before training.")
+    precompute_ref_batch_size: int | None = option(None, "Batch size of that pass; None: per_device_eval_batch_size.")
+    sync_ref_model: bool = option(False, "TR-DPO: mix the policy into the reference every ref_model_sync_steps.")
+    ref_model_mixup_alpha: float = option(0.6, "α of the TR-DPO update ref = α·policy + (1−α)·ref.")
+    ref_model_sync_steps: int = option(512, "Optimizer steps between TR-DPO reference updates.")
 
     # objective
-    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={"help": "Loss type, or a list of them to combine."})
-    loss_weights: list[float] | None = field(default=None, metadata={"help": "Weights of the combined loss types; default all 1.0."})
-    beta: float = field(default=0.1, metadata={"help": "β: strength of the KL constraint (reciprocal margin for hinge)."})
-    f_divergence_type: str = field(default="reverse_kl", metadata={"help": "reverse_kl, forward_kl, js_divergence or alpha_divergence."})
-    f_alpha_divergence_coef: float = field(default=0.5, metadata={"help": "Coefficient a of the alpha divergence."})
-    label_smoothing: float = field(default=0.0, metadata={"help": "ε: label-flip rate (robust), smoothing (exo_pair, aot)."})
-    use_weighting: bool = field(default=False, metadata={"help": "WPO weighting of each pair by its on-policy probability."})
-    ld_alpha: float | None = field(default=None, metadata={"help": "LD-DPO α for the tokens past the shorter completion; None = plain sums."})
-    discopop_tau: float = field(default=0.05, metadata={"help": "τ of the DiscoPOP loss."})
+    loss_type: list[str] = option(help="Loss type, or a list of them to combine (see losses.md).",
+                                  factory=lambda: ["sigmoid"])
+    loss_weights: list[float] | None = option(None, "Weights of the combined loss types; None: all 1.0.")
+    beta: float = option(0.1, "β: strength of the KL constraint (reciprocal margin for hinge).")
+    f_divergence_type: str = option("reverse_kl", "reverse_kl, forward_kl, js_divergence or alpha_divergence.")
+    f_alpha_divergence_coef: float = option(0.5, "Coefficient a of the alpha divergence.")
+    label_smoothing: float = option(0.0, "ε: label-flip rate (robust, in [0, 0.5)), smoothing (exo_pair, in (0, 1); aot).")
+    use_weighting: bool = option(False, "WPO weighting of each pair by its on-policy probability.")
+    ld_alpha: float | None = option(None, "LD-DPO α for the tokens past the shorter completion; None: plain sums.")
+    discopop_tau: float = option(0.05, "τ of the DiscoPOP loss.")
+    router_aux_loss_coef: float = option(
+        0.001, "Weight of a mixture-of-experts model's router load-balancing loss, added to the objective when the "
+        "model returns router logits (config.output_router_logits).")
 
     # speed and memory
-    activation_offloading: bool = field(default=False, metadata={"help": "Offload activations to the CPU during the forward pass."})
+    activation_offloading: bool = option(False, "Offload activations to the CPU during the forward pass.")
 
     def __post_init__(self):
         if isinstance(self.loss_type, str):
@@ -143,10 +154,51 @@ class DPOConfig(TrainingArguments):
             self.bf16 = not self.fp16 and bf16_supported()
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin to; avoids a warning per dataloader
-        validate_dpo_options({name: getattr(self, name) for name in DPO_OPTION_NAMES})
+        check_dpo_options({name: getattr(self, name) for name in (*DPO_OPTION_NAMES, *TRAINING_RULES, "num_train_epochs",
+                                                                  "max_steps")})
         super().__post_init__()
 
+    def policy_init_kwargs(self) -> dict[str, Any]:
+        """from_pretrained() keywords of a policy loaded by name."""
+        return from_pretrained_kwargs(self, reference=False)
+
+    def reference_init_kwargs(self) -> dict[str, Any]:
+        """from_pretrained() keywords of a reference loaded by name (its own, else the policy's)."""
+        return from_pretrained_kwargs(self, reference=True)
+
+
+def from_pretrained_kwargs(options: Any, reference: bool) -> dict[str, Any]:
+    """The from_pretrained() keywords of the policy or of a reference loaded by name, from a DPOConfig or a
+    mapping of its options: a reference without ref_model_init_kwargs takes the policy's; remote code only
+    with trust_remote_code."""
+    get = options.get if isinstance(options, dict) else lambda key: getattr(options, key)
+    own = get("ref_model_init_kwargs") if reference and get("ref_model_init_kwargs") is not None \
+        else get("model_init_kwargs")
+    return {"trust_remote_code": bool(get("trust_remote_code")), **(own or {})}
+
+
+# The value rule of each DPOConfig option that has one: (rule, the fix to suggest). params.yaml's check
+# uses the same table, so the API and the pipeline refuse the same values with the same words.
+OPTION_RULES = {
+    "dataset_num_proc": (at_least(1), "or null"),
+    "pad_to_multiple_of": (at_least(1), "or null"),
+    "max_length": (at_least(2), "or null for no truncation"),
+    "truncation_mode": (one_of(*TRUNCATION_MODES), ""),
+    "precompute_ref_batch_size": (at_least(1), "or null: per_device_eval_batch_size"),
+    "ref_model_mixup_alpha": (within(0, 1), ""),
+    "ref_model_sync_steps": (at_least(1), ""),
+    "beta": (greater_than(0), "try 0.1"),
+    "ld_alpha": (within(0, 1), "or null"),
+    "discopop_tau": (greater_than(0), "the DiscoPOP paper uses 0.05"),
+    "router_aux_loss_coef": (at_least(0), ""),
+}
 
 DPO_OPTION_NAMES = tuple(
     name for name in DPOConfig.__dataclass_fields__ if name not in TrainingArguments.__dataclass_fields__
 ) + ("use_liger_kernel",)
+
+
+def dpo_default(name: str) -> Any:
+    """The default of a DPOConfig option: its one home is the dataclass field."""
+    f = DPOConfig.__dataclass_fields__[name]
+    return f.default_factory() if callable(f.default_factory) else f.default

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
+import json
+import shutil
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
+from .artifacts import write_json
 from .builtin import task
+from .data.schema import decoded_row
+from .data.sources import is_builtin
+from .data.tables import load_pairs
+from .models import load_base_tokenizer, load_trained_policy
+from .reference import Reference, stage_reference
+from .trainer import DPOTrainer
+from .training import dpo_config
 
 
 @torch.no_grad()
@@ -29,15 +41,14 @@ def greedy_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: 
     return [a.strip() for a in answers]
 
 
-def judged_win_rate(policy, reference, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
-                    reference_context=contextlib.nullcontext) -> dict:
+def judged_win_rate(policy, reference: Reference, tokenizer, prompts: list[list[dict]], max_new_tokens: int,
+                    batch_size: int) -> dict:
     """Win rate of the policy over the reference under the built-in task's judge (ties count half).
 
-    The reference generates inside `reference_context()` (a PEFT policy's adapter switched off, where the
-    reference is the policy without it)."""
+    The reference generates inside its context (for "adapter_off": the policy with its adapter switched off)."""
     mine = greedy_answers(policy, tokenizer, prompts, max_new_tokens, batch_size)
-    with reference_context():
-        theirs = greedy_answers(reference, tokenizer, prompts, max_new_tokens, batch_size)
+    with reference.context():
+        theirs = greedy_answers(reference.model, tokenizer, prompts, max_new_tokens, batch_size)
     rate, outcomes = task.win_rate(prompts, mine, theirs)
     examples = [{"prompt": p[-1]["content"], "policy": a, "reference": b, "policy_score": task.judge(p, a),
                  "reference_score": task.judge(p, b), "outcome": o} for p, a, b, o in zip(prompts, mine, theirs, outcomes)]
@@ -45,3 +56,47 @@ def judged_win_rate(policy, reference, tokenizer, prompts: list[list[dict]], max
             "policy_mean_score": sum(e["policy_score"] for e in examples) / max(1, len(examples)),
             "reference_mean_score": sum(e["reference_score"] for e in examples) / max(1, len(examples)),
             "examples": examples}
+
+
+def held_out_prompts(normalized: Path, limit: int) -> list[list[dict]]:
+    """Distinct conversational prompts of the eval split, in file order, at most `limit`."""
+    seen, prompts = set(), []
+    for record in pq.read_table(Path(normalized) / "eval.parquet").to_pylist():
+        if record["conversational"] and record["prompt"] not in seen and len(prompts) < limit:
+            seen.add(record["prompt"])
+            prompts.append(decoded_row(record)["prompt"])
+    return prompts
+
+
+def evaluate_policy(params: dict, train: Path, tokenized: Path, ref_logps: Path, normalized: Path, base: Path,
+                    out_dir: Path) -> dict:
+    """The DPO metrics of the trained policy on the eval split against the run's reference, per-example
+    results in out_dir, and on the built-in task the judged win rate of greedy generations."""
+    cfg = params["evaluate"]
+    precomputed = bool(params["train"].get("precompute_ref_log_probs", False))
+    eval_set = load_pairs(tokenized, "eval", ref_logps if precomputed else None)
+    tokenizer = load_base_tokenizer(base, params)
+    judge = is_builtin(params["data"]["train"])
+    policy = load_trained_policy(Path(train) / "model", base, params)  # a full model, or the adapter on the base
+    # the training run's reference, loaded only when something runs it (a new adapter's: the adapter off)
+    reference = stage_reference(base, params, policy, "after_training", precomputed=precomputed and not judge)
+    args = dpo_config(params, Path(out_dir) / "trainer", per_device_eval_batch_size=cfg["batch_size"],
+                      eval_strategy="no", gradient_checkpointing=False)
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, processing_class=tokenizer)
+    prediction = trainer.predict(eval_set, metric_key_prefix="eval")
+    metrics = {"loss": prediction.metrics["eval_loss"], **trainer.pop_metrics("eval"), "num_pairs": len(eval_set)}
+    rewards = prediction.predictions
+    per_example = pa.table({"row_id": eval_set["row_id"], "chosen_reward": rewards[:, 0], "rejected_reward": rewards[:, 1],
+                            "margin": rewards[:, 0] - rewards[:, 1], "correct": rewards[:, 0] > rewards[:, 1]})
+    pq.write_table(per_example, Path(out_dir) / "per_example.parquet")
+    if judge:
+        prompts = held_out_prompts(normalized, cfg["num_generations"])
+        if reference.standalone is not None:
+            reference.standalone.to(trainer.model.device)
+        judged = judged_win_rate(trainer.model, reference, tokenizer, prompts, cfg["max_new_tokens"], cfg["batch_size"])
+        metrics.update({k: judged[k] for k in ("win_rate", "policy_mean_score", "reference_mean_score")})
+        metrics["num_generations"] = len(prompts)
+        (Path(out_dir) / "generations.jsonl").write_text("".join(json.dumps(e) + "\n" for e in judged["examples"]))
+    shutil.rmtree(Path(out_dir) / "trainer", ignore_errors=True)
+    write_json(Path(out_dir) / "metrics.json", metrics)
+    return metrics

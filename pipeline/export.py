@@ -58,8 +58,9 @@ def _table(header: tuple[str, str], rows: dict) -> str:
 def model_card(title: str, base_model: str, params: dict, metrics: dict, data_digests: dict[str, str] | str,
                base_revision: str | None = None, adapter: dict | None = None, merged: bool = False) -> str:
     """The model card: base model, weights kind (adapter/merged/full), loss types, data digests, eval metrics, params."""
-    train = params["train"]
-    loss_types = train.get("loss_type", ["sigmoid"])
+    from .params import train_option
+
+    loss_types = train_option(params, "loss_type")
     loss_types = loss_types if isinstance(loss_types, list) else [loss_types]
     if isinstance(data_digests, str):
         data_digests = {"normalized": data_digests}
@@ -74,7 +75,8 @@ def model_card(title: str, base_model: str, params: dict, metrics: dict, data_di
     return CARD_TEMPLATE.format(
         front_matter=yaml.safe_dump(front, sort_keys=False), title=title, base_model=base_model,
         base_revision=f" (revision `{base_revision}`)" if base_revision else "", weights=weights,
-        loss_types=", ".join(loss_types), loss_weights=train.get("loss_weights") or "all 1.0", beta=train.get("beta", 0.1),
+        loss_types=", ".join(loss_types), loss_weights=train_option(params, "loss_weights") or "all 1.0",
+        beta=train_option(params, "beta"),
         data_source=params["data"]["train"], data_table=_table(("artifact", "digest"), data_digests),
         metrics_table=_table(("metric", "value"), metrics), params_yaml=yaml.safe_dump(params, sort_keys=True))
 
@@ -174,6 +176,14 @@ def _push_failure(err: Exception, token: str | None) -> str:
             or "network" in type(err).__name__.lower() or "timeout" in type(err).__name__.lower():
         return f"the Hub could not be reached; check the network or HF_ENDPOINT ({detail})."
     return f"{detail}. Check the network and that HF_TOKEN holds a token with write access."
+
+
+def data_digests(normalized: Path, manifest: dict) -> dict[str, str]:
+    """The normalized data's identity for the model card: its manifest digest and each split file's digest."""
+    from .artifacts import manifest_digest
+
+    return {"normalized/manifest.json": manifest_digest(normalized),
+            **{f"normalized/{name}": digest for name, digest in manifest["files"].items() if name.endswith(".parquet")}}
 
 
 def read_metrics(path: Path) -> dict:

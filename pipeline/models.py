@@ -1,45 +1,27 @@
-"""Loading policies, references, adapters and tokenizers, with `from_pretrained` keyword arguments.
+"""Every model, adapter and tokenizer load of the project, with `from_pretrained` keyword arguments.
 
-The reference of a DPO run is, in order of precedence: an explicit reference model; for a new
-adapter, the policy with its adapter disabled (no second model); otherwise a frozen copy of the
-initial policy, which shares every frozen parameter with the policy (so a continued adapter's
-reference is a copy of the starting adapter on the same, single copy of the base weights).
+Stages load through the base artifact's records (`pipeline.base`): the base model, the adapter to
+continue, an explicit reference model, the trained policy. What the reference *is* is decided in one
+place, `pipeline.reference.resolve_reference`.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .config import from_pretrained_kwargs
+from .base import adapter_source, base_source, reference_source
 from .errors import PipelineError
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "auto": "auto"}
-
-
-def resolve_dtype(value: Any, key: str = "model_init_kwargs.dtype") -> Any:
-    if isinstance(value, str):
-        if value not in DTYPES:
-            raise PipelineError(f"{key}={value!r} is not a dtype; use one of {sorted(DTYPES)}.")
-        return DTYPES[value]
-    return value
 
 
 def init_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
-    """`model_init_kwargs` as `from_pretrained` takes them.
-
-    `dtype` (or legacy `torch_dtype`) may be a string; a `quantization_config` may be a mapping
-    (bitsandbytes keys, e.g. `{load_in_4bit: true, bnb_4bit_compute_dtype: bfloat16}`).
-    """
+    """`model_init_kwargs` as `from_pretrained` takes them: dtype names (`bfloat16`, `auto`) pass through as
+    strings, which `from_pretrained` accepts; a `quantization_config` mapping becomes a `BitsAndBytesConfig`."""
     kwargs = dict(kwargs or {})
-    if "torch_dtype" in kwargs:
-        kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
-    if "dtype" in kwargs:
-        kwargs["dtype"] = resolve_dtype(kwargs["dtype"])
     quantization = kwargs.get("quantization_config")
     if isinstance(quantization, dict):
         kwargs["quantization_config"] = bitsandbytes_config(quantization)
@@ -52,9 +34,6 @@ def bitsandbytes_config(options: dict[str, Any]):
 
     options = dict(options)
     options.pop("quant_method", None)
-    for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
-        if key in options:
-            options[key] = resolve_dtype(options[key], f"quantization_config.{key}")
     require_bitsandbytes(options)
     return BitsAndBytesConfig(**options)
 
@@ -166,20 +145,6 @@ def load_trained_model(model_dir, kwargs: dict[str, Any] | None = None, base_mod
     return load_causal_lm(str(model_dir), kwargs)
 
 
-def initial_policy_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A frozen copy of `model` as it is now, for use as the reference.
-
-    Parameters the policy does not train (requires_grad False: a PEFT model's base weights, any frozen
-    layer) are shared, not copied: they never change, so the copy of a PeftModel holds only a second
-    copy of the adapter, and the base weights stay in memory once.
-    """
-    shared = {id(p): p for p in model.parameters() if not p.requires_grad}
-    reference = copy.deepcopy(model, memo=shared)
-    reference.eval()
-    reference.requires_grad_(False)
-    return reference
-
-
 @torch.no_grad()
 def effective_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The weights `model` computes with, by the names a plain (non-PEFT) model of its architecture uses:
@@ -206,3 +171,72 @@ def effective_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             parts = parts[:i] + parts[i + 2:]
         weights.setdefault(".".join(parts), param)
     return weights
+
+
+# ---- the pipeline's models, through the base artifact ------------------------------------------------
+
+def model_kwargs(params: dict, reference: bool = False) -> dict:
+    """`from_pretrained` keywords of the policy (or of an explicit reference) from the model.* params."""
+    cfg = params["model"]
+    kwargs = from_pretrained_kwargs(cfg, reference)
+    if cfg["attn_implementation"]:
+        kwargs.setdefault("attn_implementation", cfg["attn_implementation"])
+    quantization = dict(cfg["quantization"])
+    if quantization.pop("load_in_4bit") and not reference:
+        kwargs.setdefault("quantization_config", {"load_in_4bit": True, **quantization})
+    return kwargs
+
+
+def load_base_tokenizer(base_dir: Path, params: dict):
+    source, revision = base_source(base_dir)
+    return load_tokenizer(source, revision=revision, trust_remote_code=params["model"]["trust_remote_code"],
+                          pad_token=params["train"].get("pad_token"))
+
+
+def load_base_model(base_dir: Path, params: dict, quantized: bool = True):
+    """The base model; 4-bit (QLoRA) when model.quantization asks, unless `quantized` is False (export merges
+    the adapter into the full-precision base)."""
+    source, revision = base_source(base_dir)
+    kwargs = model_kwargs(params)
+    if not quantized:
+        kwargs.pop("quantization_config", None)
+    if revision:
+        kwargs["revision"] = revision
+    model = load_causal_lm(source, kwargs)
+    if is_quantized(model):
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=params["train"].get("gradient_checkpointing", True))
+    return model
+
+
+def peft_config(params: dict):
+    """The LoRA configuration of a new adapter (model.peft.enabled), or None for full fine-tuning."""
+    return lora_config(params["model"]["peft"]) if params["model"]["peft"]["enabled"] else None
+
+
+def load_policy(base_dir: Path, params: dict, trainable: bool = True):
+    """The initial policy: the base model, carrying the adapter to continue when model.adapter is set."""
+    model = load_base_model(base_dir, params)
+    adapter = adapter_source(base_dir)
+    if adapter is not None:
+        model = load_adapter(model, adapter[0], trainable=trainable, revision=adapter[1])
+    return model
+
+
+def load_explicit_reference(base_dir: Path, params: dict):
+    """The model of model.ref_name_or_path (with its own ref_model_init_kwargs), or None."""
+    source = reference_source(base_dir)
+    if source is None:
+        return None
+    kwargs = model_kwargs(params, reference=True)
+    if source[1]:
+        kwargs["revision"] = source[1]
+    return load_causal_lm(source[0], kwargs)
+
+
+def load_trained_policy(model_dir: Path, base_dir: Path, params: dict):
+    """The trained policy of the train stage: a full model, or its adapter on the base model."""
+    if is_adapter_dir(model_dir):
+        return load_adapter(load_base_model(base_dir, params), model_dir, trainable=False)
+    return load_causal_lm(str(model_dir), {"trust_remote_code": params["model"]["trust_remote_code"]})

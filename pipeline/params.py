@@ -1,148 +1,369 @@
-"""params.yaml: the defaults of every stage's knobs (their one home) and the check every stage runs.
+"""The params schema: the one home of every params.yaml default, type, range and help text.
 
-A key that is not known, or a value of the wrong type, fails with the key's dotted name before any
-model is loaded or data read.
+One dataclass per section; a field's metadata holds its help and its value rule (`pipeline.rules`).
+The `train` section takes any `DPOConfig` option and is checked against `DPOConfig` itself: values are
+coerced the way `HfArgumentParser` reads them (YAML 1.1 reads `3e-5` as a string; it becomes a float),
+then DPOConfig's own rules run (`check_dpo_options`) and a `DPOConfig` is built, all before any model or
+data is loaded. DPOConfig options whose one home is another section (the stage that applies them for
+every later stage, e.g. `tokenize.max_length`) take their default, help and rule from the DPOConfig field.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .builtin import BUILTIN_DATA, BUILTIN_MODEL
-from .config import DPO_OPTION_NAMES, DPOConfig, validate_dpo_options
+from .config import DPO_OPTION_NAMES, OPTION_RULES, DPOConfig, check_dpo_options, dpo_default
 from .errors import PipelineError
+from .rules import at_least, check, dtype_name, greater_than, one_of, within
 
-ANY = object()  # a default of None accepts any type; this marks "any type" for non-None defaults
 
-DEFAULTS: dict[str, Any] = {
-    "seed": 0,
-    "model": {
-        "name_or_path": BUILTIN_MODEL,  # builtin:tiny-llama, a Hub id or a local directory
-        "revision": None,
-        "trust_remote_code": False,
-        "attn_implementation": None,  # e.g. sdpa, eager, flash_attention_2; None: the transformers default
-        "model_init_kwargs": {},  # any from_pretrained() keyword; dtype as a string
-        # an explicit reference model; None: the initial policy (for a new adapter: the adapter disabled)
-        "ref_name_or_path": None,
-        "ref_revision": None,
-        "ref_model_init_kwargs": None,  # None: the policy's model_init_kwargs
-        # an adapter (directory or Hub id) to continue training; its starting state is the reference
-        "adapter": None,
-        # a new LoRA adapter (peft.LoraConfig fields); off = full fine-tuning
-        "peft": {"enabled": False, "r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear",
-                 "bias": "none", "modules_to_save": None, "use_rslora": False, "use_dora": False},
-        # QLoRA: the base loaded in 4 bits through bitsandbytes (CUDA only), with an adapter
-        "quantization": {"load_in_4bit": False, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "bfloat16",
-                         "bnb_4bit_use_double_quant": True},
-        # the built-in model only: its size and the supervised warm start of the base stage
-        "builtin": {"hidden_size": 64, "num_layers": 2, "num_heads": 4,
-                    "warmup_steps": 800, "warmup_batch_size": 32, "warmup_learning_rate": 3e-3,
-                    "warmup_positive_fraction": 0.3},
-    },
-    "data": {
-        "train": BUILTIN_DATA,  # builtin:sentiment, a local file/directory or a Hub dataset id
-        "eval": None,           # its own source, else carved from train with eval_fraction
-        "eval_fraction": 0.1,
-        "name": None,
-        "split": "train",
-        "eval_split": None,
-        "revision": None,
-        "prompt_marker": None,  # e.g. "\n\nAssistant:" to split implicit prompts at the last shared turn
-        "columns": {},          # canonical name -> the source's column name, e.g. {chosen: accepted}
-        "preprocess": None,     # "module:function" or "path/to/file.py:function": raw row -> canonical columns
-        "on_invalid": "error",  # error | drop
-        "builtin": {"num_pairs": 2000, "num_eval_pairs": 200},
-    },
-    "tokenize": {"max_length": 1024, "truncation_mode": "keep_start", "batch_size": 1000,
-                 "dataset_num_proc": None},  # worker processes; None: tokenize in the stage's own process
-    "ref_logps": {"precompute_ref_batch_size": 32},
-    "train": {},  # any DPOConfig / TrainingArguments field: checked against DPOConfig itself
-    "evaluate": {"batch_size": 32, "num_generations": 120, "max_new_tokens": 24},
-    "export": {"push": {"enabled": False, "repo_id": None, "private": True}, "merge_adapter": True},
-}
+def knob(default: Any = None, help: str = "", rule=None, fix: str = "", factory=None):
+    metadata = {"help": help, "rule": rule, "fix": fix}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
-CHOICES = {"data.on_invalid": ("error", "drop"), "tokenize.truncation_mode": ("keep_start", "keep_end"),
-           "model.peft.bias": ("none", "all", "lora_only")}
-# keys whose value may take more than one type
-TYPES = {"model.peft.target_modules": (str, list)}
-# keys of the train section that are the train stage's own, not DPOConfig options
+
+def owned(name: str):
+    """A DPOConfig option whose params.yaml home is this section: default, help and rule are DPOConfig's."""
+    f = DPOConfig.__dataclass_fields__[name]
+    rule, fix = OPTION_RULES.get(name, (None, ""))
+    metadata = {**f.metadata, "rule": rule, "fix": fix, "dpo_option": name}
+    if callable(f.default_factory):
+        return field(default_factory=f.default_factory, metadata=metadata)
+    return field(default=f.default, metadata=metadata)
+
+
+@dataclass
+class PeftParams:
+    enabled: bool = knob(False, "Train a new LoRA adapter (the reference is the base with the adapter off); "
+                                "false: full fine-tuning.")
+    r: int = knob(16, "LoRA rank.", at_least(1))
+    lora_alpha: int = knob(32, "LoRA scaling numerator (scale = lora_alpha / r).", greater_than(0))
+    lora_dropout: float = knob(0.05, "Dropout on the LoRA input (turned off with train.disable_dropout).",
+                               within(0, 1, high_open=True))
+    target_modules: str | list[str] = knob("all-linear", "Modules that get adapters: all-linear or a list of names, "
+                                                         "e.g. [q_proj, v_proj].")
+    bias: str = knob("none", "Which biases train: none, all or lora_only.", one_of("none", "all", "lora_only"))
+    modules_to_save: list[str] | None = knob(None, "Modules trained in full next to the adapters, e.g. [lm_head].")
+    use_rslora: bool = knob(False, "Rank-stabilised LoRA scaling (lora_alpha / sqrt(r)).")
+    use_dora: bool = knob(False, "Weight-decomposed LoRA (DoRA).")
+
+
+@dataclass
+class QuantizationParams:
+    load_in_4bit: bool = knob(False, "QLoRA: load the base in 4 bits through bitsandbytes (CUDA only); needs "
+                                     "peft.enabled or adapter.")
+    bnb_4bit_quant_type: str = knob("nf4", "4-bit data type: nf4 or fp4.", one_of("nf4", "fp4"))
+    bnb_4bit_compute_dtype: str = knob("bfloat16", "dtype of the 4-bit layers' matrix products.", dtype_name)
+    bnb_4bit_use_double_quant: bool = knob(True, "Quantize the quantization constants too.")
+
+
+@dataclass
+class BuiltinModelParams:
+    hidden_size: int = knob(64, "Hidden size of the built-in model (a multiple of num_heads).", at_least(1))
+    num_layers: int = knob(2, "Transformer layers of the built-in model.", at_least(1))
+    num_heads: int = knob(4, "Attention heads of the built-in model.", at_least(1))
+    warmup_steps: int = knob(800, "Optimizer steps of the base stage's supervised warm start.", at_least(1))
+    warmup_batch_size: int = knob(32, "Batch size of the warm start.", at_least(1))
+    warmup_learning_rate: float = knob(3e-3, "Learning rate of the warm start.", greater_than(0))
+    warmup_positive_fraction: float = knob(0.3, "Share of praising answers in the warm start (the rest pan): "
+                                                "below 0.5 the reference prefers the dispreferred behaviour.",
+                                           within(0, 1))
+
+
+@dataclass
+class ModelParams:
+    name_or_path: str = knob(BUILTIN_MODEL, "The base model: builtin:tiny-llama, a Hub id or a local directory.")
+    revision: str | None = knob(None, "Hub revision (branch, tag or commit) of the base model.")
+    trust_remote_code: bool = owned("trust_remote_code")
+    attn_implementation: str | None = knob(None, "Attention kernel: sdpa, eager, flash_attention_2, ...; "
+                                                 "null: the transformers default.")
+    model_init_kwargs: dict | None = owned("model_init_kwargs")
+    ref_name_or_path: str | None = knob(None, "An explicit reference model; null: the initial policy (for a new "
+                                              "adapter: the base with the adapter off).")
+    ref_revision: str | None = knob(None, "Hub revision of the reference model.")
+    ref_model_init_kwargs: dict | None = owned("ref_model_init_kwargs")
+    adapter: str | None = knob(None, "A PEFT adapter (directory or Hub id) to continue training; its starting "
+                                     "state is the reference.")
+    peft: PeftParams = knob(help="A new LoRA adapter (peft.LoraConfig fields).", factory=PeftParams)
+    quantization: QuantizationParams = knob(help="QLoRA loading of the base.", factory=QuantizationParams)
+    builtin: BuiltinModelParams = knob(help="The built-in model only: its size and warm start.",
+                                       factory=BuiltinModelParams)
+
+
+@dataclass
+class BuiltinDataParams:
+    num_pairs: int = knob(2000, "Training pairs of the built-in task.", at_least(1))
+    num_eval_pairs: int = knob(200, "Held-out pairs of the built-in task.", at_least(1))
+
+
+@dataclass
+class DataParams:
+    train: str = knob(BUILTIN_DATA, "Training data: builtin:sentiment, a local file/glob/directory or a Hub "
+                                    "dataset id.")
+    eval: str | None = knob(None, "Eval data with its own source; null: carve eval_fraction of train's prompts.")
+    eval_fraction: float = knob(0.1, "Share of train's prompts carved out for eval (seeded).",
+                                within(0, 1, low_open=True, high_open=True))
+    name: str | None = knob(None, "Hub dataset configuration name.")
+    split: str = knob("train", "Split of the training source.")
+    eval_split: str | None = knob(None, "Split of the eval source; null: split.")
+    revision: str | None = knob(None, "Hub dataset revision.")
+    prompt_marker: str | None = knob(None, "Implicit-prompt text: the prompt ends after the marker's last shared "
+                                           "occurrence, e.g. \"\\n\\nAssistant:\" for HH-RLHF.")
+    columns: dict = knob(help="Canonical name → the source's column, e.g. {chosen: accepted}.", factory=dict)
+    preprocess: str | None = knob(None, "module:function or path/to/file.py:function: raw row → canonical columns.")
+    on_invalid: str = knob("error", "error: stop at the first invalid row; drop: skip and report it.",
+                           one_of("error", "drop"))
+    builtin: BuiltinDataParams = knob(help="The built-in task only.", factory=BuiltinDataParams)
+
+
+@dataclass
+class TokenizeParams:
+    max_length: int | None = owned("max_length")
+    truncation_mode: str = owned("truncation_mode")
+    batch_size: int = knob(1000, "Rows tokenized per record batch.", at_least(1))
+    dataset_num_proc: int | None = owned("dataset_num_proc")
+
+
+@dataclass
+class RefLogpsParams:
+    precompute_ref_batch_size: int | None = owned("precompute_ref_batch_size")
+
+
+@dataclass
+class EvaluateParams:
+    batch_size: int = knob(32, "Pairs per forward pass and prompts per generation batch.", at_least(1))
+    num_generations: int = knob(120, "Held-out prompts answered greedily by policy and reference (built-in task).",
+                                at_least(0))
+    max_new_tokens: int = knob(24, "Tokens generated per answer.", at_least(1))
+
+
+@dataclass
+class PushParams:
+    enabled: bool = knob(False, "Upload the export to the Hub (token from HF_TOKEN).")
+    repo_id: str | None = knob(None, "The Hub model repo, user/name.")
+    private: bool = knob(True, "Create the repo private.")
+
+
+@dataclass
+class ExportParams:
+    merge_adapter: bool = knob(True, "For an adapter: also write the full model with the adapter merged.")
+    push: PushParams = knob(help="Optional Hub upload.", factory=PushParams)
+
+
+@dataclass
+class Params:
+    seed: int = knob(0, "Seed of data generation, carving, initialisation and training.")
+    model: ModelParams = knob(help="The base model, reference, adapters and loading options.", factory=ModelParams)
+    data: DataParams = knob(help="The preference data and its validation.", factory=DataParams)
+    tokenize: TokenizeParams = knob(help="Tokenization and truncation.", factory=TokenizeParams)
+    ref_logps: RefLogpsParams = knob(help="The reference log-prob pass.", factory=RefLogpsParams)
+    train: dict = knob(help="Any DPOConfig option (and TrainingArguments field), checked against DPOConfig.",
+                       factory=dict)
+    evaluate: EvaluateParams = knob(help="Held-out evaluation.", factory=EvaluateParams)
+    export: ExportParams = knob(help="Export and push.", factory=ExportParams)
+
+
 # DPOConfig options whose one home in params.yaml is another section: the stage that owns them applies
 # them once for every later stage (the tokenize stage truncates the data train and evaluate read).
-OWNED_ELSEWHERE = {"max_length": "tokenize.max_length", "truncation_mode": "tokenize.truncation_mode",
-                   "dataset_num_proc": "tokenize.dataset_num_proc",
-                   "precompute_ref_batch_size": "ref_logps.precompute_ref_batch_size",
-                   "model_init_kwargs": "model.model_init_kwargs", "ref_model_init_kwargs": "model.ref_model_init_kwargs"}
+OWNED_ELSEWHERE = {
+    f.metadata["dpo_option"]: f"{section}.{f.name}"
+    for section, schema in (("model", ModelParams), ("tokenize", TokenizeParams), ("ref_logps", RefLogpsParams))
+    for f in dataclasses.fields(schema) if "dpo_option" in f.metadata
+}
 
+# keys of the train section that are the train stage's own, not DPOConfig options
 TRAIN_STAGE_KEYS = {"resume": "train.resume: true (the last checkpoint) or a checkpoint path; false/null: start fresh"}
-
-
-def _check(value: Any, default: Any, key: str) -> Any:
-    if isinstance(default, dict):
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            raise PipelineError(f"params: {key} must be a mapping, got {type(value).__name__}.")
-        if default:  # a non-empty default mapping lists every allowed key
-            unknown = sorted(set(value) - set(default))
-            if unknown:
-                raise PipelineError(f"params: unknown key {key + '.' if key else ''}{unknown[0]}; "
-                                    f"known keys of {key or 'the top level'}: {sorted(default)}.")
-            return {k: _check(value.get(k, default[k]), default[k], f"{key}.{k}" if key else k) for k in default}
-        return dict(value)
-    if default is None or value is None:
-        return value
-    if key in TYPES:
-        if not isinstance(value, TYPES[key]):
-            raise PipelineError(f"params: {key} must be one of {[t.__name__ for t in TYPES[key]]}, got {value!r}.")
-        return value
-    expected = float if isinstance(default, float) else type(default)
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise PipelineError(f"params: {key} must be {expected.__name__}, got {value!r}.")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise PipelineError(f"params: {key} must be one of {list(CHOICES[key])}, got {value!r}.")
-    return value
-
-
 TRAIN_KEYS = set(DPOConfig.__dataclass_fields__) - {"output_dir"}
 
 
-def check_params(raw: dict | None) -> dict:
-    """Merge `raw` over the defaults and validate it; returns the full, typed params."""
-    params = _check(raw or {}, DEFAULTS, "")
-    unknown = sorted(set(params["train"]) - TRAIN_KEYS - set(TRAIN_STAGE_KEYS))
+# ---- checking a section against its dataclass -------------------------------------------------------
+
+@functools.cache
+def _hints(schema: type) -> dict[str, Any]:
+    return typing.get_type_hints(schema)
+
+
+def _alternatives(hint: Any) -> tuple:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _type_name(hint: Any) -> str:
+    names = [getattr(a, "__name__", str(a)) if a is not type(None) else "null" for a in _alternatives(hint)]
+    return " or ".join(names).replace("NoneType", "null")
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """`value` as the type `hint` names, reading strings the way argparse (HfArgumentParser) does."""
+    options = _alternatives(hint)
+    if value is None:
+        if type(None) in options or hint is Any:
+            return None
+        raise PipelineError(f"params: {key} must be {_type_name(hint)}, got null.")
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if option is Any:
+            return value
+        if origin is bool:
+            if isinstance(value, bool):
+                return value
+        elif origin in (int, float):
+            if isinstance(value, bool):
+                continue
+            if isinstance(value, int) or (origin is float and isinstance(value, float)):
+                return origin(value)
+            if isinstance(value, str):
+                try:
+                    return origin(value)
+                except ValueError:
+                    continue
+        elif origin is list:
+            if isinstance(value, list):
+                args = typing.get_args(option)
+                return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+        elif origin is dict:
+            if isinstance(value, dict):
+                return value
+        elif isinstance(origin, type) and isinstance(value, origin):
+            return value
+    raise PipelineError(f"params: {key} must be {_type_name(hint)}, got {value!r}.")
+
+
+def check_section(raw: Any, schema: type, key: str) -> dict:
+    """A section merged over its defaults, typed and checked field by field; unknown keys are refused."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise PipelineError(f"params: {key or 'the file'} must be a mapping, got {type(raw).__name__}.")
+    known = {f.name: f for f in dataclasses.fields(schema)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        where = f"{key}." if key else ""
+        raise PipelineError(f"params: unknown key {where}{unknown[0]}; known keys of {key or 'the top level'}: "
+                            f"{sorted(known)}.")
+    out = {}
+    for name, f in known.items():
+        dotted = f"{key}.{name}" if key else name
+        hint = _hints(schema)[name]
+        if dataclasses.is_dataclass(hint):
+            out[name] = check_section(raw.get(name), hint, dotted)
+            continue
+        value = raw.get(name, f.default_factory() if callable(f.default_factory) else f.default)
+        out[name] = value = coerce(value, hint, dotted)
+        check(value, f.metadata.get("rule"), f"params: {dotted}", f.metadata.get("fix", ""))
+    return out
+
+
+# ---- the train section: DPOConfig itself ------------------------------------------------------------
+
+@functools.cache
+def _dpo_arguments() -> dict[str, Any]:
+    """HfArgumentParser's argparse action of every DPOConfig field: its `type` and `choices`."""
+    from transformers import HfArgumentParser
+
+    return {action.dest: action for action in HfArgumentParser(DPOConfig)._actions}
+
+
+def coerce_train_value(key: str, value: Any) -> Any:
+    """A train value as HfArgumentParser would read it from the command line: strings go through the field's
+    type (so YAML 1.1's string `3e-5` is the float 3e-5); numbers of the wrong kind and unknown choices are refused."""
+    action = _dpo_arguments().get(key)
+    if action is None or value is None or action.type is None:
+        return value
+    default = DPOConfig.__dataclass_fields__[key].default
+    if value is False and isinstance(default, str):
+        return "no"  # YAML 1.1 (and `dvc exp run -S`, which rewrites params.yaml) reads a bare `no` as false
+    if action.nargs in ("+", "*") and isinstance(value, list):
+        return [coerce_train_value_one(key, action, v) for v in value]
+    return coerce_train_value_one(key, action, value)
+
+
+def coerce_train_value_one(key: str, action, value: Any) -> Any:
+    kind = action.type
+    if kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)) or \
+                (kind is int and isinstance(value, float)):
+            raise PipelineError(f"params: train.{key} must be {kind.__name__}, got {value!r}.")
+        try:
+            return kind(value)
+        except ValueError:
+            raise PipelineError(f"params: train.{key} must be {kind.__name__}, got {value!r}.") from None
+    if kind is not str and callable(kind) and isinstance(value, str):  # booleans, enums: argparse's reading
+        try:
+            value = kind(value)
+        except Exception:
+            raise PipelineError(f"params: train.{key}: {value!r} is not a valid value"
+                                + (f"; choose from {list(action.choices)}." if action.choices else ".")) from None
+    if action.choices and value not in action.choices and str(value) not in map(str, action.choices):
+        raise PipelineError(f"params: train.{key} must be one of {list(action.choices)}, got {value!r}.")
+    return value
+
+
+def check_train(train: dict, params: dict) -> dict:
+    """The train section checked against DPOConfig: keys, types, every DPOConfig rule, and DPOConfig itself."""
+    unknown = sorted(set(train) - TRAIN_KEYS - set(TRAIN_STAGE_KEYS))
     if unknown:
         raise PipelineError(f"params: unknown key train.{unknown[0]}; train takes DPOConfig options "
-                            f"(e.g. beta, loss_type, learning_rate); see `python -c 'import pipeline; help(pipeline.DPOConfig)'`.")
-    train = params["train"]
+                            f"(e.g. beta, loss_type, learning_rate); see `dpo params --help-keys` or "
+                            f"`python -c 'import pipeline; help(pipeline.DPOConfig)'`.")
     for key in sorted(set(train) & set(OWNED_ELSEWHERE)):
-        raise PipelineError(f"params: train.{key} belongs in {OWNED_ELSEWHERE[key]} in the pipeline (that stage applies it "
-                            f"for every later one); move it there.")
-    for key, value in train.items():
-        # YAML 1.1 (and `dvc exp run -S`, which rewrites params.yaml) reads a bare `no` as false
-        if value is False and key in TRAIN_KEYS and isinstance(DPOConfig.__dataclass_fields__[key].default, str):
-            train[key] = "no"
-    validate_dpo_options({k: v for k, v in train.items() if k in DPO_OPTION_NAMES})
-    _check_models(params)
-    if not 0 < params["data"]["eval_fraction"] < 1:
-        raise PipelineError(f"params: data.eval_fraction must be in (0, 1), got {params['data']['eval_fraction']}.")
-    return params
+        raise PipelineError(f"params: train.{key} belongs in {OWNED_ELSEWHERE[key]} in the pipeline (that stage applies "
+                            f"it for every later one); move it there.")
+    resume = train.get("resume")
+    if resume is not None and not isinstance(resume, (bool, str)):
+        raise PipelineError(f"params: {TRAIN_STAGE_KEYS['resume']} (got {resume!r}).")
+    train = {k: (v if k in TRAIN_STAGE_KEYS else coerce_train_value(k, v)) for k, v in train.items()}
+    given = {**dpo_options(params), **{k: v for k, v in train.items() if k not in TRAIN_STAGE_KEYS}}
+    defaults = {name: dpo_default(name) for name in DPO_OPTION_NAMES if name in DPOConfig.__dataclass_fields__}
+    try:
+        check_dpo_options({**defaults, **given}, name=lambda k: OWNED_ELSEWHERE.get(k, f"train.{k}"))
+        DPOConfig(output_dir="unused", **given)
+    except PipelineError as err:
+        raise PipelineError(f"params: {err}") from None
+    except (TypeError, ValueError) as err:  # TrainingArguments' own checks
+        raise PipelineError(f"params: train: {err}") from None
+    return train
 
+
+def dpo_options(params: dict) -> dict:
+    """The DPOConfig options params.yaml sets outside `train` (e.g. max_length from tokenize), by option name."""
+    out = {}
+    for option, home in OWNED_ELSEWHERE.items():
+        section, name = home.split(".")
+        out[option] = params[section][name]
+    return out
+
+
+def train_option(params: dict, name: str) -> Any:
+    """The value a run uses for a DPOConfig option: params.yaml's, else DPOConfig's default."""
+    if name in OWNED_ELSEWHERE:
+        return dpo_options(params)[name]
+    return params["train"].get(name, dpo_default(name))
+
+
+# ---- the whole file ---------------------------------------------------------------------------------
 
 def _check_models(params: dict) -> None:
     """Model, adapter and reference combinations that cannot work, refused before anything is loaded."""
     model, train = params["model"], params["train"]
-    resume = train.get("resume")
-    if resume is not None and not isinstance(resume, (bool, str)):
-        raise PipelineError(f"params: {TRAIN_STAGE_KEYS['resume']} (got {resume!r}).")
-    ref_kwargs = model["ref_model_init_kwargs"]
-    if ref_kwargs is not None and not isinstance(ref_kwargs, dict):
-        raise PipelineError(f"params: model.ref_model_init_kwargs must be a mapping or null, got {ref_kwargs!r}.")
+    for key in ("model_init_kwargs", "ref_model_init_kwargs"):
+        kwargs = model[key] or {}
+        for dtype_key in ("dtype", "torch_dtype"):
+            if dtype_key in kwargs:
+                check(kwargs[dtype_key], dtype_name, f"params: model.{key}.{dtype_key}")
     if model["peft"]["enabled"] and model["adapter"]:
         raise PipelineError("params: model.adapter continues a PeftModel and model.peft.enabled adds a new adapter "
                             "(you passed a PeftModel and a peft_config): set model.peft.enabled: false to continue "
@@ -154,6 +375,23 @@ def _check_models(params: dict) -> None:
     if train.get("sync_ref_model") and adapters and not model["ref_name_or_path"]:
         raise PipelineError("params: train.sync_ref_model is not supported when training with PEFT models that do "
                             "not keep a standalone ref_model; set model.ref_name_or_path or turn sync_ref_model off.")
+    builtin = model["builtin"]
+    if model["name_or_path"] == BUILTIN_MODEL and builtin["hidden_size"] % builtin["num_heads"]:
+        raise PipelineError(f"params: model.builtin.hidden_size ({builtin['hidden_size']}) must be a multiple of "
+                            f"model.builtin.num_heads ({builtin['num_heads']}); e.g. hidden_size: "
+                            f"{builtin['num_heads'] * max(1, builtin['hidden_size'] // builtin['num_heads'])}.")
+
+
+def check_params(raw: dict | None) -> dict:
+    """Merge `raw` over the schema's defaults and validate it; returns the full, typed params (plain dicts)."""
+    params = check_section(raw or {}, Params, "")
+    params["train"] = check_train(params["train"], params)
+    _check_models(params)
+    push = params["export"]["push"]
+    if push["enabled"] and not push["repo_id"]:
+        raise PipelineError("params: export.push.enabled is true but export.push.repo_id is not set; set it to "
+                            "'user/name' or turn the push off.")
+    return params
 
 
 def load_params(path: str | Path = "params.yaml") -> dict:
@@ -172,3 +410,37 @@ def load_params(path: str | Path = "params.yaml") -> dict:
 
 def defaults() -> dict:
     return copy.deepcopy(check_params({}))
+
+
+# ---- documentation ----------------------------------------------------------------------------------
+
+def _rows(schema: type, prefix: str) -> list[tuple[str, Any, str]]:
+    rows = []
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        hint = _hints(schema)[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows += _rows(hint, key + ".")
+        elif f.name != "train" or prefix:
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            rows.append((key, default, f.metadata.get("help", "")))
+    return rows
+
+
+def reference_rows() -> list[tuple[str, Any, str]]:
+    """(key, default, help) of every params.yaml key: the schema's sections, then the DPO options of `train`."""
+    rows = _rows(Params, "")
+    for name in DPO_OPTION_NAMES:
+        if name in OWNED_ELSEWHERE or name not in DPOConfig.__dataclass_fields__:
+            continue
+        rows.append((f"train.{name}", dpo_default(name), DPOConfig.__dataclass_fields__[name].metadata.get("help", "")))
+    return rows
+
+
+def reference_markdown() -> str:
+    """The README's table of every key: generated from the schema, so the two cannot drift (a test compares)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default, help_text in reference_rows():
+        shown = yaml.safe_dump(default, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+        lines.append(f"| `{key}` | `{shown}` | {help_text.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"

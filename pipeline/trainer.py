@@ -17,20 +17,12 @@ from .config import DPOConfig
 from .data.prepare import prepare_dataset
 from .errors import PipelineError
 from .logps import sequence_logps, token_diagnostics, token_logps, unpack, wpo_log_weights
-from .models import (disable_dropout, effective_weights, initial_policy_copy, is_quantized, load_causal_lm, load_tokenizer,
+from .models import (disable_dropout, effective_weights, is_peft_model, is_quantized, load_causal_lm, load_tokenizer,
                      with_pad_token)
-from .reference import reference_logps
+from .reference import PRECOMPUTED, Reference, reference_logps, resolve_reference
 
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
 TOKEN_METRICS = ("logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy")
-
-
-def _is_peft(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
 
 
 def refuse_vision_dataset(dataset, args: DPOConfig, model) -> None:
@@ -75,7 +67,7 @@ class SyncRefModelCallback(TrainerCallback):
 
 @torch.no_grad()
 def mix_into_reference(ref_model: torch.nn.Module, policy: torch.nn.Module, alpha: float) -> None:
-    if _is_peft(policy):  # a PEFT policy mixes in its effective weights (base + adapter deltas), by name
+    if is_peft_model(policy):  # a PEFT policy mixes in its effective weights (base + adapter deltas), by name
         weights = effective_weights(policy)
         missing = [name for name, _ in ref_model.named_parameters() if name not in weights]
         if missing:
@@ -90,15 +82,26 @@ def mix_into_reference(ref_model: torch.nn.Module, policy: torch.nn.Module, alph
         ref_param.mul_(1 - alpha).add_(param.detach().to(ref_param.dtype), alpha=alpha)
 
 
+def _datasets(dataset) -> list:
+    return [] if dataset is None else list(dataset.values()) if isinstance(dataset, dict) else [dataset]
+
+
+def _has_reference_logps(dataset) -> bool:
+    return "ref_chosen_logps" in (getattr(dataset, "column_names", None) or [])
+
+
 class DPOTrainer(Trainer):
     """Trainer for Direct Preference Optimization (Rafailov et al., 2023) and its variants.
 
     `train_dataset`/`eval_dataset` may be raw preference datasets (standard or conversational,
     explicit or implicit prompt; tokenized here) or already tokenized ones with `prompt_ids`,
-    `chosen_ids`, `rejected_ids` and, optionally, precomputed `ref_*` columns.
+    `chosen_ids`, `rejected_ids` and, optionally, precomputed `ref_*` columns. `ref_model` is a model,
+    a path or Hub id, None (the reference is then resolved by `pipeline.reference.resolve_reference`), or
+    an already resolved `Reference`.
     """
 
-    def __init__(self, model: str | PreTrainedModel | torch.nn.Module, ref_model: str | PreTrainedModel | None = None,
+    def __init__(self, model: str | PreTrainedModel | torch.nn.Module,
+                 ref_model: str | PreTrainedModel | Reference | None = None,
                  args: DPOConfig | None = None, data_collator: Callable | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, compute_metrics: Callable | None = None,
                  callbacks: list[TrainerCallback] | None = None,
@@ -108,61 +111,39 @@ class DPOTrainer(Trainer):
             args = DPOConfig(output_dir=f"{str(model_id).split('/')[-1]}-DPO")
         if not isinstance(args, DPOConfig):
             raise PipelineError(f"args must be a DPOConfig, got {type(args).__name__}; build it with DPOConfig(...).")
-        if ref_model is not None and ref_model is model and not isinstance(model, str):  # a path may name both
-            raise PipelineError("model and ref_model are the same object; pass ref_model=None to use a frozen copy "
-                                "of the initial policy, or a separate model instance.")
         if args.use_liger_kernel:
             if compute_metrics is not None:
                 raise PipelineError("use_liger_kernel=True does not support compute_metrics; drop one of them.")
             self._require_liger()
         if isinstance(model, str):
-            model = load_causal_lm(model, args.model_init_kwargs)
+            model = load_causal_lm(model, args.policy_init_kwargs())
         elif args.model_init_kwargs:
             warnings.warn("model_init_kwargs is ignored because model is already instantiated.", stacklevel=2)
         if processing_class is None:
-            init = args.model_init_kwargs or {}
-            processing_class = load_tokenizer(model_id, revision=init.get("revision"),
-                                              trust_remote_code=init.get("trust_remote_code", False))
+            processing_class = load_tokenizer(model_id, revision=(args.model_init_kwargs or {}).get("revision"),
+                                              trust_remote_code=args.trust_remote_code)
         with_pad_token(processing_class, args.pad_token)
 
         new_adapter = peft_config is not None
         if new_adapter:
-            if _is_peft(model):
+            if is_peft_model(model):
                 raise PipelineError("You passed a PeftModel and a peft_config: continue training the PeftModel without "
                                     "peft_config, or pass the base model with peft_config to train a new adapter.")
+            if ref_model is model:
+                raise PipelineError("model and ref_model are the same object; pass ref_model=None to use the base "
+                                    "with the adapter off, or a separate model instance.")
             from peft import get_peft_model, prepare_model_for_kbit_training
             if is_quantized(model):  # QLoRA: norms in fp32, input grads for checkpointing (idempotent)
                 model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(args.gradient_checkpointing))
             model = get_peft_model(model, peft_config)
-        is_peft = _is_peft(model)
-        if is_quantized(model) and not is_peft:
+        if is_quantized(model) and not is_peft_model(model):
             raise PipelineError("a 4-bit/8-bit quantized model cannot be fine-tuned directly; pass peft_config "
                                 "(QLoRA: train a LoRA adapter on the frozen quantized base).")
-        if is_peft and args.gradient_checkpointing:
+        if is_peft_model(model) and args.gradient_checkpointing:
             # the frozen embeddings give no grad to the checkpointed blocks' inputs; the adapters need one
             model.enable_input_require_grads()
-        if args.sync_ref_model and is_peft and ref_model is None:
-            raise PipelineError("sync_ref_model=True is not supported with a PEFT model that keeps no standalone "
-                                "ref_model; pass ref_model=... or turn sync_ref_model off.")
 
-        # The reference: given, the policy's adapter disabled (new adapter), or a frozen copy of the start
-        # (of a continued PeftModel: its starting adapter, on the base weights it shares with the policy).
-        self.uses_adapter_reference = ref_model is None and new_adapter
-        if isinstance(ref_model, str):
-            ref_kwargs = args.ref_model_init_kwargs if args.ref_model_init_kwargs is not None else args.model_init_kwargs
-            ref_model = load_causal_lm(ref_model, ref_kwargs)
-        elif ref_model is None and not self.uses_adapter_reference and not args.precompute_ref_log_probs:
-            # precomputed reference log-probs are taken before the first step, from the policy itself
-            ref_model = initial_policy_copy(model)
-        if ref_model is not None:
-            ref_model.eval()
-            ref_model.requires_grad_(False)
-        if args.disable_dropout:
-            disable_dropout(model)
-            if ref_model is not None:
-                disable_dropout(ref_model)
-
-        for dataset in (train_dataset, *(eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset])):
+        for dataset in (train_dataset, *_datasets(eval_dataset)):
             refuse_vision_dataset(dataset, args, model)
         num_proc = args.dataset_num_proc
         train_dataset = prepare_dataset(train_dataset, processing_class, args.max_length, args.truncation_mode, num_proc)
@@ -177,13 +158,32 @@ class DPOTrainer(Trainer):
                 if isinstance(ds, datasets.IterableDataset):
                     raise PipelineError(f"precompute_ref_log_probs=True is not supported with an IterableDataset ({name}); "
                                         "pass a map-style Dataset or set precompute_ref_log_probs=False.")
+
+        # The reference. With precomputed log-probs it only runs here, before the first step, on the data
+        # that lacks them; nothing is kept for training.
+        if isinstance(ref_model, Reference):
+            reference = ref_model
+        else:
+            if isinstance(ref_model, str):
+                ref_model = load_causal_lm(ref_model, args.reference_init_kwargs())
+            to_score = [d for d in (train_dataset, *_datasets(eval_dataset)) if not _has_reference_logps(d)]
+            reference = resolve_reference(
+                model, explicit=ref_model, new_adapter=new_adapter,
+                when="before_training" if args.precompute_ref_log_probs else "training",
+                precomputed=args.precompute_ref_log_probs and not to_score, sync_ref_model=args.sync_ref_model)
+        if args.disable_dropout:
+            disable_dropout(model)
+            if reference.standalone is not None:
+                disable_dropout(reference.standalone)
         if data_collator is None:
             data_collator = DataCollatorForPreference(processing_class.pad_token_id, args.pad_to_multiple_of, args.padding_free)
 
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
                          callbacks=callbacks, optimizers=optimizers)
-        self.ref_model = ref_model.to(self.args.device) if ref_model is not None else None
+        if reference.standalone is not None:
+            reference.standalone.to(self.args.device)
+        self.reference = reference
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(lambda: [0.0, 0.0]),
                                                              "eval": defaultdict(lambda: [0.0, 0.0])}
         self._num_tokens = 0
@@ -195,6 +195,8 @@ class DPOTrainer(Trainer):
                 self.eval_dataset = {k: self.with_reference_logps(v) for k, v in self.eval_dataset.items()}
             else:
                 self.eval_dataset = self.with_reference_logps(self.eval_dataset)
+            if not isinstance(ref_model, Reference):
+                self.reference = PRECOMPUTED  # computed: the policy may now change, the values stay
 
     @staticmethod
     def _require_liger() -> None:
@@ -206,11 +208,11 @@ class DPOTrainer(Trainer):
 
     # ---- the reference --------------------------------------------------------------------------
 
-    def reference_context(self) -> contextlib.AbstractContextManager:
-        """Where the reference is the policy without its new adapter, run it with the adapter off."""
-        if self.uses_adapter_reference:
-            return self.accelerator.unwrap_model(self.model).disable_adapter()
-        return contextlib.nullcontext()
+    @property
+    def ref_model(self) -> torch.nn.Module | None:
+        """The reference as a model of its own (explicit, or a frozen copy of the initial policy); None when it is
+        the policy with its adapter off, or when the log-probs are precomputed."""
+        return self.reference.standalone
 
     def train(self, *args, **kwargs):
         if not any(p.requires_grad for p in self.model.parameters()):
@@ -218,17 +220,6 @@ class DPOTrainer(Trainer):
                                 "with PeftModel.from_pretrained(..., is_trainable=True); to train frozen weights, "
                                 "unfreeze them (requires_grad_(True)).")
         return super().train(*args, **kwargs)
-
-    def use_policy_without_adapter_as_reference(self) -> None:
-        """Make the reference the policy with its adapter off, as for a new adapter: to evaluate a trained
-        adapter against its base without loading the base a second time."""
-        if not _is_peft(self.model):
-            raise PipelineError("the reference can be the policy without its adapter only for a PeftModel policy.")
-        self.ref_model = None
-        self.uses_adapter_reference = True
-
-    def reference_model(self) -> torch.nn.Module:
-        return self.model if self.ref_model is None else self.ref_model
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Resume: the Trainer restores policy/adapter (optimizer, scheduler and RNG follow); a TR-DPO reference too."""
@@ -240,14 +231,14 @@ class DPOTrainer(Trainer):
 
     def with_reference_logps(self, dataset):
         """Add precomputed reference log-prob columns to a tokenized dataset that lacks them."""
-        if dataset is None or "ref_chosen_logps" in dataset.column_names:
+        if dataset is None or _has_reference_logps(dataset):
             return dataset
         batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
         rows = [dict(zip(("row_id", "prompt_ids", "chosen_ids", "rejected_ids"), values)) for values in
                 zip(dataset["row_id"] if "row_id" in dataset.column_names else range(len(dataset)),
                     dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
-        computed = reference_logps(self.reference_model(), rows, DataCollatorForPreference(self.processing_class.pad_token_id),
-                                   batch_size, self.reference_context)
+        computed = reference_logps(self.reference, rows, DataCollatorForPreference(self.processing_class.pad_token_id),
+                                   batch_size)
         for column in ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_token_logps", "ref_rejected_token_logps"):
             dataset = dataset.add_column(column, computed[column])
         return dataset
@@ -290,14 +281,10 @@ class DPOTrainer(Trainer):
         if args.use_weighting:
             log_w = wpo_log_weights(diag, mask)
             pair_weights = torch.exp(log_w[:n] + log_w[n:])
-        total, _ = losses.dpo_objective(
-            args.loss_type, args.loss_weights, pair_weights=pair_weights,
-            chosen_logps=logps[:n], rejected_logps=logps[n:], ref_chosen_logps=ref_logps[:n], ref_rejected_logps=ref_logps[n:],
-            beta=args.beta, label_smoothing=args.label_smoothing, f_divergence_type=args.f_divergence_type,
-            f_alpha_divergence_coef=args.f_alpha_divergence_coef, discopop_tau=args.discopop_tau,
-            chosen_lengths=lengths[:n], rejected_lengths=lengths[n:], sft_nll=sft_nll)
-
-        chosen_rewards, rejected_rewards = losses.implicit_rewards(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], args.beta)
+        pair_logps = losses.PairLogps(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:],
+                                      chosen_lengths=lengths[:n], rejected_lengths=lengths[n:], sft_nll=sft_nll)
+        total, _, chosen_rewards, rejected_rewards = losses.dpo_objective(
+            args.loss_type, args.loss_weights, pair_logps, losses.LossSettings.of(args), pair_weights)
         self._record_metrics(mode, logps.detach(), chosen_rewards, rejected_rewards, diag, mask, n)
         if mode == "train":
             tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(inputs["input_ids"].numel())
@@ -308,7 +295,7 @@ class DPOTrainer(Trainer):
 
     @torch.no_grad()
     def _reference_sequence_logps(self, inputs: dict, mask: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
-        if self.args.precompute_ref_log_probs and "ref_chosen_logps" not in inputs and self.ref_model is None:
+        if "ref_chosen_logps" not in inputs and self.reference.model is None:
             raise PipelineError("precompute_ref_log_probs=True but this batch has no reference log-probs: pass datasets "
                                 "to the trainer's constructor (they are precomputed there) or use the ref-logps stage.")
         if "ref_chosen_logps" in inputs and (self.args.ld_alpha is None or "ref_token_logps" not in inputs):
@@ -318,8 +305,8 @@ class DPOTrainer(Trainer):
         if "ref_token_logps" in inputs:
             per_token = inputs["ref_token_logps"][:, 1:]
         else:
-            with self.reference_context():
-                per_token, _ = self._token_values(self.reference_model(), inputs, diagnostics=False)
+            with self.reference.context():
+                per_token, _ = self._token_values(self.reference.model, inputs, diagnostics=False)
         return sequence_logps(per_token, mask, self.args.ld_alpha, shared)
 
     # ---- metrics --------------------------------------------------------------------------------

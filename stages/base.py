@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 
-from pipeline.artifacts import staged_dir, write_manifest
-from pipeline.base import build_builtin_base, describe_external_base, describe_reference_and_adapter
+from pipeline.artifacts import stage_output
+from pipeline.base import describe_external_base, describe_reference_and_adapter
 from pipeline.builtin import BUILTIN_MODEL
+from pipeline.builtin.warm_start import build_builtin_base
 
 from . import paths
 from .common import load, params_option, path_option, user_errors
-
 
 # The model.* keys that decide what the base artifact holds (the dvc.yaml base stage lists the same);
 # loading options (dtype, attention, quantization, LoRA) are read by the stages that load models.
@@ -20,13 +20,13 @@ BASE_MODEL_KEYS = ("name_or_path", "revision", "ref_name_or_path", "ref_revision
 
 
 def run(params: dict, out: Path = paths.BASE) -> dict:
-    builtin = params["model"]["name_or_path"] == BUILTIN_MODEL
-    with staged_dir(out) as tmp:
-        info = build_builtin_base(params, tmp) if builtin else describe_external_base(params)
-        info.update(describe_reference_and_adapter(params))
-        used = {"seed": params["seed"], "eval_fraction": params["data"]["eval_fraction"],
-                "model": {k: params["model"][k] for k in BASE_MODEL_KEYS}}
-        return write_manifest(tmp, "base", inputs={}, params=used, extra=info)
+    used = {"seed": params["seed"], "eval_fraction": params["data"]["eval_fraction"],
+            "model": {k: params["model"][k] for k in BASE_MODEL_KEYS}}
+    with stage_output("base", out, {}, used) as output:
+        builtin = params["model"]["name_or_path"] == BUILTIN_MODEL
+        output.extra = build_builtin_base(params, output.dir) if builtin else describe_external_base(params)
+        output.extra.update(describe_reference_and_adapter(params))
+    return output.manifest
 
 
 @click.command("base")

@@ -6,16 +6,18 @@ from pathlib import Path
 
 import click
 
-from pipeline.artifacts import staged_dir
-from pipeline.data.normalize import normalize_dataset
+from pipeline.artifacts import stage_output
+from pipeline.data.normalize import hook_digest, normalize_dataset
 
 from . import paths
 from .common import load, params_option, path_option, user_errors
 
 
 def run(params: dict, out: Path = paths.NORMALIZED) -> dict:
-    with staged_dir(out) as tmp:
-        return normalize_dataset(params, tmp)
+    with stage_output("normalize", out, {}, {"seed": params["seed"], "data": params["data"]}) as output:
+        report = normalize_dataset(params, output.dir)
+        output.rows, output.inputs = report["rows_written"], hook_digest(params["data"])
+    return report
 
 
 @click.command("normalize")

@@ -6,20 +6,20 @@ from pathlib import Path
 
 import click
 
-from pipeline.artifacts import manifest_digest, read_manifest, staged_dir
-from pipeline.base import load_base_tokenizer
+from pipeline.artifacts import stage_output
 from pipeline.data.tokenize import tokenize_dataset
+from pipeline.models import load_base_tokenizer
 
 from . import paths
 from .common import load, params_option, path_option, user_errors
 
 
 def run(params: dict, normalized: Path = paths.NORMALIZED, base: Path = paths.BASE, out: Path = paths.TOKENIZED) -> dict:
-    read_manifest(normalized, "normalized")
-    tokenizer = load_base_tokenizer(base, params)
-    inputs = {"normalized": manifest_digest(normalized), "base": manifest_digest(base)}
-    with staged_dir(out) as tmp:
-        return tokenize_dataset(tokenizer, normalized, tmp, params, inputs)
+    used = {**params["tokenize"], "on_invalid": params["data"]["on_invalid"]}
+    with stage_output("tokenize", out, {"normalized": normalized, "base": base}, used) as output:
+        report = tokenize_dataset(load_base_tokenizer(base, params), normalized, output.dir, params)
+        output.rows = {split: r["rows_written"] for split, r in report.items()}
+    return report
 
 
 @click.command("tokenize")

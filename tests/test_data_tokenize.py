@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 import pipeline.data.normalize as normalize_module
 import stages.normalize as normalize_stage
-from pipeline.artifacts import staged_dir
+from pipeline.artifacts import stage_output
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.schema import decoded_row
 from pipeline.data.tokenize import tokenize_dataset, truncate_pair
@@ -62,8 +62,8 @@ def run_stages(tmp_path, rows, tokenizer, data=None, tokenize=None, name="t"):
     normalized = tmp_path / f"{name}-normalized"
     normalize_stage.run(params, normalized)
     out = tmp_path / f"{name}-tokenized"
-    with staged_dir(out) as tmp:
-        report = tokenize_dataset(tokenizer, normalized, tmp, params, inputs={})
+    with stage_output("tokenize", out, {"normalized": normalized}, params["tokenize"]) as output:
+        report = tokenize_dataset(tokenizer, normalized, output.dir, params)
     pairs = {r["row_id"]: r for split in ("train", "eval") for r in pq.read_table(out / f"{split}.parquet").to_pylist()}
     canonical = {r["row_id"]: decoded_row(r) for split in ("train", "eval")
                  for r in pq.read_table(normalized / f"{split}.parquet").to_pylist()}

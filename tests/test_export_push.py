@@ -11,7 +11,7 @@ import torch
 from pipeline.collator import DataCollatorForPreference
 from pipeline.errors import PipelineError
 from pipeline.export import export_model, model_card, push_to_hub
-from pipeline.reference import reference_logps
+from pipeline.reference import Reference, reference_logps
 
 SECRET = "hf_dpoPipelineTestSecret0123456789"
 PAIRS = [{"row_id": str(i), "prompt_ids": [2, 5, 10 + i, 11], "chosen_ids": [20 + i, 21, 3], "rejected_ids": [30, 31 + i, 3]}
@@ -19,7 +19,7 @@ PAIRS = [{"row_id": str(i), "prompt_ids": [2, 5, 10 + i, 11], "chosen_ids": [20 
 
 
 def logps(model, tokenizer) -> torch.Tensor:
-    out = reference_logps(model, PAIRS, DataCollatorForPreference(tokenizer.pad_token_id), 8)
+    out = reference_logps(Reference("policy", model, ""), PAIRS, DataCollatorForPreference(tokenizer.pad_token_id), 8)
     return torch.tensor([out["ref_chosen_logps"], out["ref_rejected_logps"]])
 
 

@@ -4,19 +4,27 @@ Values are compared directly; Jacobians w.r.t. the policy's chosen/rejected log-
 with central finite differences of the reference (float64, h = 1e-6).
 """
 
+import dataclasses
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
+from pipeline.errors import PipelineError
 from pipeline.losses import (
-    F_DIVERGENCE_TYPES,
+    F_DIVERGENCES,
     LOSS_TYPES,
+    LossSettings,
+    PairLogps,
+    check_loss_options,
     dpo_objective,
     f_divergence_score,
-    implicit_rewards,
-    pair_losses,
+    preference_loss,
 )
+
+LOSSES_MD = Path(__file__).parents[2] / "shared" / "spec" / "losses.md"
 
 H = 1e-6
 GRAD_TOL = dict(rtol=1e-6, atol=1e-6)
@@ -128,6 +136,18 @@ def t64(x):
     return torch.tensor(x, dtype=torch.float64)
 
 
+def settings(beta=0.1, label_smoothing=0.0, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5,
+             discopop_tau=0.05):
+    """LossSettings with the reference's keyword defaults (these tests' values, not DPOConfig's)."""
+    return LossSettings(beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau)
+
+
+def pair_losses(loss_type, c, r, cr, rr, *, chosen_lengths=None, rejected_lengths=None, sft_nll=None, **kw):
+    """ℓ_i of `preference_loss`, called with the reference's argument shape."""
+    logps = PairLogps(c, r, cr, rr, chosen_lengths, rejected_lengths, sft_nll)
+    return preference_loss(loss_type, logps, settings(**kw))[0]
+
+
 def torch_kwargs(kw):
     """Reference kwargs → pair_losses kwargs (lengths and sft_nll as tensors)."""
     out = dict(kw)
@@ -162,15 +182,26 @@ def default_kwargs(beta, **extra):
 # ---------------------------------------------------------------- every loss × every divergence
 
 def test_public_names():
-    assert LOSS_TYPES == ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
-                          "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
-                          "sft", "sigmoid_norm")
-    assert F_DIVERGENCE_TYPES == ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+    assert tuple(LOSS_TYPES) == ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
+                                 "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
+                                 "sft", "sigmoid_norm")
+    assert tuple(F_DIVERGENCES) == ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
+@pytest.mark.skipif(not LOSSES_MD.exists(), reason=f"the spec is absent ({LOSSES_MD})")
+def test_registry_names_are_the_rows_of_losses_md_in_order():
+    text = LOSSES_MD.read_text(encoding="utf-8")
+    section = text.split("## Loss types", 1)[1].split("\n#", 1)[0]
+    header, *rows = re.findall(r"^\| `(\w+)` \|", section, flags=re.M)
+    assert header == "loss_type" and list(LOSS_TYPES) == rows
+    f_section = text.split("### f-divergence transform", 1)[1].split("\n#", 1)[0]
+    header, *rows = re.findall(r"^\| `(\w+)`", f_section, flags=re.M)
+    assert header == "f_divergence_type" and list(F_DIVERGENCES) == rows
 
 
 @pytest.mark.parametrize("beta", [0.1, 1.5])
-@pytest.mark.parametrize("f_type", F_DIVERGENCE_TYPES)
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("f_type", list(F_DIVERGENCES))
+@pytest.mark.parametrize("loss_type", list(LOSS_TYPES))
 def test_loss_value_and_gradient(loss_type, f_type, beta):
     check_value_and_grad(loss_type, **default_kwargs(beta, f_divergence_type=f_type))
 
@@ -189,7 +220,7 @@ def test_discopop_very_negative_margin_is_finite():
     assert torch.isfinite(c.grad).all()
 
 
-@pytest.mark.parametrize("f_type", F_DIVERGENCE_TYPES)
+@pytest.mark.parametrize("f_type", list(F_DIVERGENCES))
 def test_f_divergence_score_value_and_gradient(f_type):
     rho = [-2.0, -0.3, 0.0, 0.7, 3.0]
     x = t64(rho).requires_grad_()
@@ -221,8 +252,11 @@ def test_robust_with_zero_epsilon_is_sigmoid():
 
 @pytest.mark.parametrize("loss_type,eps", [("exo_pair", 0.0), ("exo_pair", 1.0), ("robust", 0.5), ("robust", -0.1)])
 def test_label_smoothing_out_of_range_raises(loss_type, eps):
-    with pytest.raises(ValueError, match=f"{loss_type} needs .*label_smoothing"):
-        pair_losses(loss_type, t64(C), t64(R), t64(CR), t64(RR), label_smoothing=eps)
+    # refused by the one home of the rules, and so by the objective that consults it
+    with pytest.raises(ValueError, match=f"'{loss_type}' needs .*label_smoothing"):
+        check_loss_options({**OPTIONS, "loss_type": [loss_type], "label_smoothing": eps})
+    with pytest.raises(ValueError, match=f"'{loss_type}' needs .*label_smoothing"):
+        dpo_objective([loss_type], None, tensor_batch(), settings(label_smoothing=eps))
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.3])
@@ -261,7 +295,7 @@ def test_alpha_divergence_exponent_clamp_by_dtype():
 
 def test_unknown_f_divergence_raises():
     with pytest.raises(ValueError, match="unknown f_divergence_type 'tv'"):
-        f_divergence_score(t64([0.0]), "tv")
+        f_divergence_score(t64([0.0]), "tv", 0.5)
 
 
 @pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm"])
@@ -331,8 +365,8 @@ def test_aot_ties(loss_type):
 
 # ---------------------------------------------------------------- objective and rewards
 
-def tensor_batch():
-    return dict(chosen_logps=t64(C), rejected_logps=t64(R), ref_chosen_logps=t64(CR), ref_rejected_logps=t64(RR))
+def tensor_batch(chosen=None, **extra):
+    return PairLogps(t64(C) if chosen is None else chosen, t64(R), t64(CR), t64(RR), **extra)
 
 
 def ref_mean(loss_type, weights=None, **kw):
@@ -342,8 +376,8 @@ def ref_mean(loss_type, weights=None, **kw):
 
 
 def test_mpo_combination_is_weighted_sum():
-    total, terms = dpo_objective(["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], beta=0.1,
-                                 sft_nll=t64(SFT), **tensor_batch())
+    total, terms, _, _ = dpo_objective(["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0],
+                                       tensor_batch(sft_nll=t64(SFT)), settings(beta=0.1))
     parts = {t: ref_mean(t, beta=0.1, sft_nll=SFT) for t in ("sigmoid", "bco_pair", "sft")}
     assert set(terms) == set(parts)
     for name, value in parts.items():
@@ -361,33 +395,34 @@ def test_pair_weights_multiply_before_mean_and_gradient():
         return sum(lw * sum(pw * v for pw, v in zip(w, ref_losses(t, c, R, CR, RR, **kw))) / len(w)
                    for t, lw in zip(types, loss_weights))
 
-    batch = tensor_batch()
-    batch["chosen_logps"].requires_grad_()
-    total, terms = dpo_objective(types, loss_weights, pair_weights=t64(w), **batch, **torch_kwargs(kw))
+    chosen = t64(C).requires_grad_()
+    tkw = torch_kwargs(kw)
+    batch = tensor_batch(chosen, chosen_lengths=tkw.pop("chosen_lengths"), rejected_lengths=tkw.pop("rejected_lengths"))
+    total, terms, _, _ = dpo_objective(types, loss_weights, batch, settings(**tkw), pair_weights=t64(w))
     assert total.item() == pytest.approx(ref_total(C), rel=1e-12)
     assert terms["ipo"].item() == pytest.approx(ref_mean("ipo", w, **kw), rel=1e-12)
-    (grad,) = torch.autograd.grad(total, batch["chosen_logps"])
+    (grad,) = torch.autograd.grad(total, chosen)
     fd = fd_jacobian(lambda c: [ref_total(c)], C)[0]
     torch.testing.assert_close(grad, fd, **GRAD_TOL)
 
 
 def test_single_string_and_default_weights():
-    total, terms = dpo_objective("hinge", None, beta=1.5, **tensor_batch())
+    total, terms, _, _ = dpo_objective("hinge", None, tensor_batch(), settings(beta=1.5))
     assert list(terms) == ["hinge"]
     assert total.item() == pytest.approx(ref_mean("hinge", beta=1.5), rel=1e-12)
-    total2, _ = dpo_objective(["sigmoid", "hinge"], None, beta=1.5, **tensor_batch())
+    total2, _, _, _ = dpo_objective(["sigmoid", "hinge"], None, tensor_batch(), settings(beta=1.5))
     assert total2.item() == pytest.approx(ref_mean("sigmoid", beta=1.5) + ref_mean("hinge", beta=1.5), rel=1e-12)
 
 
 @pytest.mark.parametrize("types,weights,pair_weights,message", [
     (["sigmoid", "bco_pair", "sft"], [0.8, 0.2], None, "loss_weights has 2 entries but loss_type has 3"),
     (["sigmoid", "nope"], None, None, "unknown loss_type.*'nope'"),
-    ([], None, None, "loss_types is empty"),
-    (["aot"], None, t64([1.0] * 4), "aot/aot_unpaired"),
+    ([], None, None, "loss_type is empty"),
+    (["aot"], None, t64([1.0] * 4), "not supported with loss_type 'aot'.*sorted rank"),
 ])
 def test_objective_rejects_bad_arguments(types, weights, pair_weights, message):
     with pytest.raises(ValueError, match=message):
-        dpo_objective(types, weights, pair_weights=pair_weights, sft_nll=t64(SFT), **tensor_batch())
+        dpo_objective(types, weights, tensor_batch(sft_nll=t64(SFT)), settings(), pair_weights=pair_weights)
 
 
 def test_unknown_loss_type_in_pair_losses_raises():
@@ -395,10 +430,85 @@ def test_unknown_loss_type_in_pair_losses_raises():
         pair_losses("dpo", t64(C), t64(R), t64(CR), t64(RR))
 
 
-def test_implicit_rewards_are_raw_and_detached():
-    batch = tensor_batch()
-    batch["chosen_logps"].requires_grad_()
-    pos, neg = implicit_rewards(**batch, beta=0.5)
+@pytest.mark.parametrize("f_type", ["reverse_kl", "forward_kl"])
+def test_rewards_are_raw_and_detached(f_type):
+    chosen = t64(C).requires_grad_()
+    o = settings(beta=0.5, f_divergence_type=f_type)
+    losses, pos, neg = preference_loss("sigmoid", tensor_batch(chosen), o)
     torch.testing.assert_close(pos, t64([0.5 * (c - cr) for c, cr in zip(C, CR)]))
     torch.testing.assert_close(neg, t64([0.5 * (r - rr) for r, rr in zip(R, RR)]))
     assert not pos.requires_grad and not neg.requires_grad
+    assert losses.requires_grad
+    _, _, pos2, neg2 = dpo_objective(["sigmoid", "hinge"], None, tensor_batch(chosen), o)
+    torch.testing.assert_close(pos2, pos, rtol=0, atol=0)
+    torch.testing.assert_close(neg2, neg, rtol=0, atol=0)
+    assert not pos2.requires_grad and not neg2.requires_grad
+
+
+# ---------------------------------------------------------------- the registry's own metadata and rules
+
+# Every LossSettings field, as check_loss_options receives it from a complete DPOConfig.
+OPTIONS = dataclasses.asdict(settings())
+
+
+def test_each_loss_type_reads_only_its_declared_settings():
+    setting_names = {f.name for f in dataclasses.fields(LossSettings)}
+    base = settings(beta=0.4, label_smoothing=0.1, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.5,
+                    discopop_tau=0.05)
+    changed = dict(beta=1.5, label_smoothing=0.3, f_divergence_type="js_divergence", f_alpha_divergence_coef=0.3,
+                   discopop_tau=1.3)
+    assert set(changed) == setting_names
+    batch = tensor_batch(chosen_lengths=torch.tensor(LC), rejected_lengths=torch.tensor(LR), sft_nll=t64(SFT))
+    for loss_type, row in LOSS_TYPES.items():
+        assert set(row.settings) <= setting_names, loss_type
+        assert set(row.needs) <= {"lengths", "sft_nll"}, loss_type
+        assert "arXiv" in row.paper, loss_type
+        want = preference_loss(loss_type, batch, base)[0]
+        for key, value in changed.items():
+            got = preference_loss(loss_type, batch, dataclasses.replace(base, **{key: value}))[0]
+            assert torch.equal(got, want) == (key not in row.settings), (loss_type, key)
+
+
+@pytest.mark.parametrize("eps", [1.0, 0.0, -0.5, 1.5])
+def test_check_loss_options_refuses_exo_pair_outside_open_unit_interval(eps):
+    with pytest.raises(PipelineError, match=r"'exo_pair' needs label_smoothing > 0 and < 1 .*1e-3"):
+        check_loss_options({**OPTIONS, "loss_type": ["exo_pair"], "label_smoothing": eps})
+
+
+def test_check_loss_options_accepts_exo_pair_with_the_recommended_epsilon():
+    check_loss_options({**OPTIONS, "loss_type": ["exo_pair"], "label_smoothing": 1e-3})
+    check_loss_options({**OPTIONS, "loss_type": "exo_pair", "label_smoothing": 0.999})
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}, r"loss_weights has 1 entries but loss_type has 2"),
+    ({"loss_type": ["dpo"]}, r"unknown loss_type \['dpo'\]"),
+    ({"loss_type": []}, r"loss_type is empty"),
+    ({"f_divergence_type": "kl"}, r"unknown f_divergence_type 'kl'"),
+    ({"loss_type": ["exo_pair"]}, r"'exo_pair' needs label_smoothing > 0.*1e-3"),
+    ({"loss_type": ["robust"], "label_smoothing": 0.5}, r"'robust' needs label_smoothing in \[0, 0.5\)"),
+    ({"use_weighting": True, "loss_type": ["aot"]}, r"use_weighting=True is not supported with loss_type 'aot'"),
+    ({"use_weighting": True, "loss_type": ["sigmoid", "aot_unpaired"]}, r"use_weighting=True is not supported"),
+])
+def test_check_loss_options_refusals(options, message):
+    with pytest.raises(PipelineError, match=message):
+        check_loss_options({**OPTIONS, "loss_type": ["sigmoid"], **options})
+
+
+def test_check_loss_options_names_options_through_name():
+    train = lambda key: f"train.{key}"  # noqa: E731
+    with pytest.raises(PipelineError, match=r"^train\.loss_type 'exo_pair' needs train\.label_smoothing > 0"):
+        check_loss_options({**OPTIONS, "loss_type": ["exo_pair"], "label_smoothing": 1.0}, name=train)
+    use_weighting = r"^train\.use_weighting=True .* train\.loss_type 'aot'.* train\.use_weighting"
+    with pytest.raises(PipelineError, match=use_weighting):
+        check_loss_options({**OPTIONS, "loss_type": ["aot"], "use_weighting": True}, name=train)
+    with pytest.raises(PipelineError, match=r"^unknown train\.f_divergence_type 'kl'"):
+        check_loss_options({"f_divergence_type": "kl"}, name=train)
+
+
+def test_check_loss_options_accepts_every_loss_and_skips_rules_whose_options_are_missing():
+    for loss_type in LOSS_TYPES:
+        check_loss_options({**OPTIONS, "loss_type": [loss_type], "label_smoothing": 0.1})
+    check_loss_options({**OPTIONS, "loss_type": list(LOSS_TYPES), "label_smoothing": 0.1, "loss_weights": [1.0] * 15})
+    check_loss_options({"loss_type": ["exo_pair"]})  # label_smoothing missing: its default is the caller's to supply
+    check_loss_options({})

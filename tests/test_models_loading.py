@@ -20,12 +20,14 @@ def model_dir(tmp_path, tiny_model, tiny_tokenizer):
     return path
 
 
-def test_init_kwargs_take_dtype_strings_and_refuse_unknown_ones():
-    assert init_kwargs({"dtype": "bfloat16"})["dtype"] is torch.bfloat16
-    assert init_kwargs({"torch_dtype": "fp16"}) == {"dtype": torch.float16}
+def test_init_kwargs_pass_dtype_names_to_from_pretrained_and_params_refuse_unknown_ones():
+    from pipeline.params import check_params
+
+    assert init_kwargs({"dtype": "bfloat16"}) == {"dtype": "bfloat16"}  # from_pretrained reads the name itself
     assert init_kwargs({"dtype": "auto", "revision": "abc"}) == {"dtype": "auto", "revision": "abc"}
-    with pytest.raises(PipelineError, match="not a dtype"):
-        init_kwargs({"dtype": "float8"})
+    for key in ("model_init_kwargs", "ref_model_init_kwargs"):
+        with pytest.raises(PipelineError, match=rf"model.{key}.dtype is not a dtype.*bfloat16"):
+            check_params({"model": {key: {"dtype": "float8"}}})
 
 
 def test_from_pretrained_keywords_reach_the_model(model_dir):
@@ -82,7 +84,7 @@ def test_qlora_is_refused_clearly_without_cuda(model_dir):
 # ---- params ---------------------------------------------------------------------------------------
 
 def test_params_model_section_builds_lora_and_from_pretrained_kwargs():
-    from pipeline.base import model_kwargs, peft_config
+    from pipeline.models import model_kwargs, peft_config
     from pipeline.params import check_params
 
     params = check_params({"model": {"attn_implementation": "sdpa", "model_init_kwargs": {"dtype": "bfloat16"},
@@ -99,14 +101,14 @@ def test_params_model_section_builds_lora_and_from_pretrained_kwargs():
 
 
 @pytest.mark.parametrize("model, train, message", [
-    ({"peft": {"target_modules": 3}}, {}, r"model.peft.target_modules must be one of \['str', 'list'\]"),
+    ({"peft": {"target_modules": 3}}, {}, r"model.peft.target_modules must be str or list"),
     ({"peft": {"enabled": True}, "adapter": "some/adapter"}, {}, "PeftModel and a peft_config"),
     ({"quantization": {"load_in_4bit": True}}, {}, "set model.peft.enabled: true"),
     ({"peft": {"enabled": True}}, {"sync_ref_model": True, "precompute_ref_log_probs": False},
      "not supported when training with PEFT models that do not keep a standalone ref_model"),
     ({}, {"sync_ref_model": True, "precompute_ref_log_probs": True}, "cannot be combined with precompute_ref_log_probs"),
     ({}, {"resume": 3}, "train.resume: true"),
-    ({"ref_model_init_kwargs": "bf16"}, {}, "ref_model_init_kwargs must be a mapping"),
+    ({"ref_model_init_kwargs": "bf16"}, {}, "ref_model_init_kwargs must be dict or null"),
     ({"peft": {"bias": "some"}}, {}, "model.peft.bias must be one of"),
 ])
 def test_params_refuse_model_combinations_that_cannot_work(model, train, message):
@@ -118,7 +120,7 @@ def test_params_refuse_model_combinations_that_cannot_work(model, train, message
 
 def test_params_accept_resume_and_keep_it_out_of_dpo_config(tmp_path):
     from pipeline.params import check_params
-    from stages.train import training_config
+    from pipeline.training import dpo_config as training_config
 
     for value in (True, False, "artifacts/checkpoints/checkpoint-50", None):
         params = check_params({"train": {"resume": value, "report_to": "none"}})

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline import DPOConfig, DPOTrainer
-from pipeline.config import LOSS_TYPE_NAMES
+from pipeline.losses import LOSS_TYPES
 from pipeline.errors import PipelineError
 from pipeline.logps import token_diagnostics, wpo_log_weights
 
@@ -31,7 +31,7 @@ def config(tmp_path, **kwargs):
     return DPOConfig(**{**base, **kwargs})
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPE_NAMES)
+@pytest.mark.parametrize("loss_type", list(LOSS_TYPES))
 def test_each_loss_type_trains_with_finite_loss_and_documented_metrics(tmp_path, tiny_model, tiny_tokenizer, loss_type):
     args = config(tmp_path, loss_type=[loss_type], **OPTIONS.get(loss_type, {}))
     trainer = DPOTrainer(model=tiny_model, args=args, train_dataset=datasets.Dataset.from_list(PAIRS),

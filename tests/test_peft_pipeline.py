@@ -14,6 +14,7 @@ import stages.evaluate as evaluate_stage
 import stages.export as export_stage
 import stages.ref_logps as ref_stage
 import stages.train as train_stage
+import pipeline.reference as reference_module
 from pipeline.artifacts import read_manifest
 from pipeline.errors import PipelineError
 from pipeline.params import check_params
@@ -119,7 +120,7 @@ def test_ref_logps_stage_computes_the_reference_of_the_online_path(prepared, tmp
     # evaluate's online reference is the ref-logps stage's too; a new adapter's is the policy with the
     # adapter off, so evaluate loads the base model once (a second load would fail here)
     if case == "new_adapter":
-        monkeypatch.setattr(evaluate_stage, "load_reference", lambda *a: pytest.fail("evaluate loaded the base twice"))
+        monkeypatch.setattr(reference_module, "load_policy", lambda *a, **k: pytest.fail("evaluate loaded the base twice"))
     evaluated = {}
     for precompute in (True, False):
         eval_params = with_changes(params, train={"precompute_ref_log_probs": precompute})
@@ -135,8 +136,8 @@ def test_evaluating_a_new_adapter_generates_the_reference_with_the_adapter_off(p
     the base a second time, and the reference's generations are the base model's (the policy's differ)."""
     import shutil
 
-    from pipeline.base import load_base_tokenizer
-    from pipeline.evaluation import greedy_answers
+    from pipeline.evaluation import greedy_answers, held_out_prompts
+    from pipeline.models import load_base_tokenizer
     from pipeline.models import load_causal_lm
 
     params, root = prepared
@@ -147,13 +148,13 @@ def test_evaluating_a_new_adapter_generates_the_reference_with_the_adapter_off(p
                     tmp_path / "live")
     shutil.rmtree(tmp_path / "train" / "model")  # a far-trained adapter in its place, so the two sides differ
     saved_adapter(base, tmp_path / "train" / "model", seed=3)
-    monkeypatch.setattr(evaluate_stage, "load_reference", lambda *a: pytest.fail("evaluate loaded the base twice"))
+    monkeypatch.setattr(reference_module, "load_policy", lambda *a, **k: pytest.fail("evaluate loaded the base twice"))
     evaluate_stage.run(params, tmp_path / "train", root / "tokenized", tmp_path / "ref_logps", root / "normalized",
                        base, tmp_path / "eval", tmp_path / "metrics.json")
     examples = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
     cfg = params["evaluate"]
     answers = greedy_answers(load_causal_lm(str(base / "model")), load_base_tokenizer(base, params),
-                             evaluate_stage.held_out_prompts(root / "normalized", cfg["num_generations"]),
+                             held_out_prompts(root / "normalized", cfg["num_generations"]),
                              cfg["max_new_tokens"], cfg["batch_size"])
     assert answers == [e["reference"] for e in examples]
     assert answers != [e["policy"] for e in examples]

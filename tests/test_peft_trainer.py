@@ -12,7 +12,7 @@ import torch
 from pipeline import DPOConfig, DPOTrainer
 from pipeline.collator import DataCollatorForPreference
 from pipeline.errors import PipelineError
-from pipeline.reference import reference_logps
+from pipeline.reference import Reference, reference_logps
 
 
 def make_rows(n: int = 16, seed: int = 0, vocab: int = 60) -> list[dict]:
@@ -48,11 +48,9 @@ def lora(**kwargs):
                          "task_type": "CAUSAL_LM", **kwargs})
 
 
-def logps(model, tokenizer, rows=ROWS, context=None) -> torch.Tensor:
-    import contextlib
-
-    out = reference_logps(model, rows, DataCollatorForPreference(tokenizer.pad_token_id), 8,
-                          context or contextlib.nullcontext)
+def logps(model, tokenizer, rows=ROWS, adapter_off=False) -> torch.Tensor:
+    reference = Reference("adapter_off" if adapter_off else "policy", model, "")
+    out = reference_logps(reference, rows, DataCollatorForPreference(tokenizer.pad_token_id), 8)
     return torch.tensor([out["ref_chosen_logps"], out["ref_rejected_logps"]])
 
 
@@ -97,7 +95,7 @@ def test_lora_training_changes_only_adapter_weights_and_reference_is_the_base(tm
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = DPOTrainer(model, args=config(tmp_path), train_dataset=dataset(), processing_class=tiny_tokenizer,
                          peft_config=lora())
-    assert trainer.ref_model is None and trainer.uses_adapter_reference  # no second model
+    assert trainer.ref_model is None and trainer.reference.kind == "adapter_off"  # no second model
     trainer.train()
     policy = trainer.model
     trainable = [name for name, p in policy.named_parameters() if p.requires_grad]
@@ -111,7 +109,7 @@ def test_lora_training_changes_only_adapter_weights_and_reference_is_the_base(tm
 
     # the reference (adapter disabled) is exactly the base model; the adapter itself changes the log-probs
     policy.eval()
-    ref = logps(policy, tiny_tokenizer, context=trainer.reference_context)
+    ref = logps(policy, tiny_tokenizer, adapter_off=trainer.reference.kind == "adapter_off")
     base = logps(base_copy, tiny_tokenizer)
     assert torch.allclose(ref, base, atol=1e-5, rtol=0)
     assert (logps(policy, tiny_tokenizer) - base).abs().max() > 1e-3
@@ -184,7 +182,7 @@ def test_continuing_an_adapter_uses_the_starting_adapter_as_reference(tmp_path, 
     model = PeftModel.from_pretrained(fresh_model(), str(adapter), is_trainable=True)
     trainer = DPOTrainer(model, args=config(tmp_path, max_steps=3), train_dataset=dataset(), processing_class=tiny_tokenizer)
     ref = trainer.ref_model
-    assert ref is not None and not trainer.uses_adapter_reference
+    assert ref is not None and trainer.reference.kind == "initial_copy"
     # one copy of the base weights: the reference shares them with the policy; only the adapter is copied
     policy_base, ref_base = base_names(trainer.model), base_names(ref)
     assert all(ref_base[name] is policy_base[name] for name in policy_base)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import datasets
 import pytest
 
@@ -28,14 +30,52 @@ PAIRS = [{"prompt_ids": [2, 5, 40], "chosen_ids": [50, 3], "rejected_ids": [60, 
     ({"use_liger_kernel": True, "precompute_ref_log_probs": True}, r"use_liger_kernel=True is not supported with precompute_ref_log_probs"),
     ({"sync_ref_model": True, "precompute_ref_log_probs": True}, r"sync_ref_model=True cannot be combined with precompute_ref_log_probs"),
     ({"truncation_mode": "middle"}, r"truncation_mode must be one of"),
+    ({"loss_type": ["exo_pair"], "label_smoothing": 1.0}, r"'exo_pair' needs label_smoothing > 0 and < 1.*1e-3"),
+    ({"num_train_epochs": -1}, r"num_train_epochs must be > 0 .*untrained model"),
+    ({"num_train_epochs": 0}, r"num_train_epochs must be > 0"),
+    ({"per_device_train_batch_size": 0}, r"per_device_train_batch_size must be >= 1 \(got 0\)"),
+    ({"learning_rate": -1.0}, r"learning_rate must be >= 0 \(got -1.0\)"),
+    ({"precompute_ref_batch_size": 0}, r"precompute_ref_batch_size must be >= 1 \(got 0\)"),
+    ({"max_length": 1}, r"max_length must be >= 2 \(got 1\); or null"),
+    ({"router_aux_loss_coef": -0.1}, r"router_aux_loss_coef must be >= 0"),
+    ({"gradient_accumulation_steps": 0}, r"gradient_accumulation_steps must be >= 1"),
 ])
 def test_refused_at_configuration_time_in_the_api_and_in_params(options, message):
     with pytest.raises(PipelineError, match=message):
         DPOConfig(output_dir="unused", **options)
-    raw = {"train": options}
+    raw, sections = {"train": options}, {"train"}
     for key in set(options) & set(OWNED_ELSEWHERE):  # params.yaml's home of a data option is its stage's section
         section, name = OWNED_ELSEWHERE[key].split(".")
-        raw = {section: {name: options[key]}}
+        raw, sections = {section: {name: options[key]}}, {section}
+    with pytest.raises(PipelineError) as caught:
+        check_params(raw)
+    said = str(caught.value)
+    # the same rule, in params.yaml's words: each option named with its section
+    assert said.startswith("params: ") and any(f"{s}." in said for s in sections), said
+    assert re.search(message, re.sub(r"\b(train|tokenize|ref_logps)\.", "", said)), said
+
+
+def test_a_yaml_string_number_is_read_as_hf_argument_parser_reads_it():
+    params = check_params({"train": {"learning_rate": "3e-5", "num_train_epochs": "2"}})
+    assert params["train"]["learning_rate"] == 3e-5 and params["train"]["num_train_epochs"] == 2.0
+    with pytest.raises(PipelineError, match=r"train.learning_rate must be float, got 'fast'"):
+        check_params({"train": {"learning_rate": "fast"}})
+    with pytest.raises(PipelineError, match=r"train.per_device_train_batch_size must be int, got 2.5"):
+        check_params({"train": {"per_device_train_batch_size": 2.5}})
+    with pytest.raises(PipelineError, match=r"train.lr_scheduler_type must be one of \['linear', .*got 'wavy'"):
+        check_params({"train": {"lr_scheduler_type": "wavy"}})
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"model": {"peft": {"r": 0}}}, r"model.peft.r must be >= 1 \(got 0\)"),
+    ({"model": {"builtin": {"hidden_size": 30, "num_heads": 4}}}, r"hidden_size \(30\) must be a multiple of .*num_heads"),
+    ({"ref_logps": {"precompute_ref_batch_size": 0}}, r"ref_logps.precompute_ref_batch_size must be >= 1"),
+    ({"tokenize": {"batch_size": 0}}, r"tokenize.batch_size must be >= 1"),
+    ({"data": {"eval_fraction": 1.0}}, r"data.eval_fraction must be in \(0, 1\)"),
+    ({"model": {"builtin": {"warmup_learning_rate": "3e-3x"}}}, r"warmup_learning_rate must be float"),
+    ({"export": {"push": {"enabled": True}}}, r"export.push.repo_id is not set"),
+])
+def test_params_sections_refuse_bad_values_with_the_key(raw, message):
     with pytest.raises(PipelineError, match=message):
         check_params(raw)
 

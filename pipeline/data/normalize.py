@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from ..artifacts import file_digest, write_json, write_manifest
+from ..artifacts import file_digest, write_json
 from ..errors import PipelineError
 from .dropped import DROPPED_FILE, DroppedLog
 from .formats import InvalidRow, canonical_pair
@@ -235,9 +235,10 @@ def normalize_dataset(params: dict, out_dir: Path) -> dict:
         raise PipelineError(f"{data['train']}: no valid training rows remain ({report['rows_read']} read, "
                             f"{report['rows_dropped']} dropped: {report['dropped_by_reason']}).")
     write_json(out_dir / "report.json", report)
-    inputs = {}
-    hook_path = hook_file(data["preprocess"])
-    if hook_path is not None and hook_path.is_file():
-        inputs["preprocess"] = file_digest(hook_path)
-    write_manifest(out_dir, "normalize", inputs=inputs, params={"seed": params["seed"], "data": data}, rows=rows)
     return report
+
+
+def hook_digest(data: dict) -> dict[str, str]:
+    """The digest of a `data.preprocess` hook file, for the normalized manifest's inputs."""
+    hook_path = hook_file(data["preprocess"])
+    return {"preprocess": file_digest(hook_path)} if hook_path is not None and hook_path.is_file() else {}

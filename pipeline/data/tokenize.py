@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from ..artifacts import write_json, write_manifest
+from ..artifacts import write_json
 from ..errors import PipelineError
 from .dropped import DROPPED_FILE, DroppedLog
 from .formats import InvalidRow
@@ -313,16 +313,6 @@ def tokenize_split(tokenizer, in_path: Path, out_path: Path, max_length: int | N
             "dropped_rows_file": DROPPED_FILE, "lengths": {name: s.summary() for name, s in lengths.items()}}
 
 
-def check_tokenize_params(cfg: dict) -> None:
-    if cfg["max_length"] is not None and cfg["max_length"] < 2:
-        raise PipelineError(f"params: tokenize.max_length must be >= 2 or null, got {cfg['max_length']}.")
-    if cfg["batch_size"] < 1:
-        raise PipelineError(f"params: tokenize.batch_size must be >= 1, got {cfg['batch_size']}.")
-    num_proc = cfg.get("dataset_num_proc")
-    if num_proc is not None and (not isinstance(num_proc, int) or isinstance(num_proc, bool) or num_proc < 1):
-        raise PipelineError(f"params: tokenize.dataset_num_proc must be a positive integer or null, got {num_proc!r}.")
-
-
 def warn_keep_end(mode: str) -> None:
     if mode == "keep_end":
         warnings.warn("truncation_mode='keep_end' is deprecated: it cuts the oldest prompt tokens, and cuts "
@@ -330,9 +320,8 @@ def warn_keep_end(mode: str) -> None:
                       FutureWarning, stacklevel=3)
 
 
-def tokenize_dataset(tokenizer, normalized_dir: Path, out_dir: Path, params: dict, inputs: dict) -> dict:
+def tokenize_dataset(tokenizer, normalized_dir: Path, out_dir: Path, params: dict) -> dict:
     cfg = params["tokenize"]
-    check_tokenize_params(cfg)
     warn_keep_end(cfg["truncation_mode"])
     on_invalid = params["data"]["on_invalid"]
     with DroppedLog(out_dir / DROPPED_FILE) as dropped_log:
@@ -341,6 +330,4 @@ def tokenize_dataset(tokenizer, normalized_dir: Path, out_dir: Path, params: dic
                                         dropped_log, cfg.get("dataset_num_proc"), split)
                   for split in SPLITS}
     write_json(out_dir / "report.json", report)
-    write_manifest(out_dir, "tokenize", inputs=inputs, params={**cfg, "on_invalid": on_invalid},
-                   rows={split: r["rows_written"] for split, r in report.items()})
     return report
