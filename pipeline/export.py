@@ -20,9 +20,7 @@ from .errors import PipelineError
 
 ADAPTER_SUBDIR = "adapter"
 
-CARD_TEMPLATE = """---
-{front_matter}---
-
+CARD_TEMPLATE = """
 # {title}
 
 Trained with Direct Preference Optimization ([Rafailov et al., 2023](https://arxiv.org/abs/2305.18290))
@@ -64,21 +62,25 @@ def model_card(title: str, base_model: str, params: dict, metrics: dict, data_di
     loss_types = loss_types if isinstance(loss_types, list) else [loss_types]
     if isinstance(data_digests, str):
         data_digests = {"normalized": data_digests}
+    from huggingface_hub import ModelCard, ModelCardData
+
     tags = ["dpo", "preference-optimization"] + (["peft", "lora"] if adapter else [])
-    front = {"tags": tags, "library_name": "transformers", "base_model": base_model}
+    card_data = ModelCardData(tags=tags, library_name="transformers", base_model=base_model)
     if adapter:
         lora = ", ".join(f"{k}={adapter[k]}" for k in ("r", "lora_alpha", "lora_dropout", "target_modules") if k in adapter)
         weights = (f"LoRA adapter ({lora}) in `{ADAPTER_SUBDIR}/`"
                    + ("; the full model with the adapter merged at the top level" if merged else ""))
     else:
         weights = "full fine-tuned model"
-    return CARD_TEMPLATE.format(
-        front_matter=yaml.safe_dump(front, sort_keys=False), title=title, base_model=base_model,
+    body = CARD_TEMPLATE.format(
+        title=title, base_model=base_model,
         base_revision=f" (revision `{base_revision}`)" if base_revision else "", weights=weights,
         loss_types=", ".join(loss_types), loss_weights=train_option(params, "loss_weights") or "all 1.0",
         beta=train_option(params, "beta"),
         data_source=params["data"]["train"], data_table=_table(("artifact", "digest"), data_digests),
         metrics_table=_table(("metric", "value"), metrics), params_yaml=yaml.safe_dump(params, sort_keys=True))
+    # huggingface_hub writes the metadata block the Hub reads (tags, library, base model)
+    return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}"))
 
 
 def export_model(model_dir: Path, out_dir: Path, merge_adapter: bool = True,

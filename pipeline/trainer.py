@@ -247,12 +247,14 @@ class DPOTrainer(Trainer):
 
     def _token_values(self, model, inputs: dict, diagnostics: bool) -> tuple[torch.Tensor, dict | None]:
         """Per-position log p(label) of every sequence, laid out [2N, L-1] whatever the batch layout
-        (padded, or padding-free with restarting position_ids), plus the metric diagnostics."""
+        (padded, or padding-free with restarting position_ids), plus the metric diagnostics (and, for a
+        mixture-of-experts model that returns router logits, its load-balancing loss as `aux_loss`)."""
         ids = inputs["input_ids"]
         if "position_ids" in inputs:
-            logits = model(input_ids=ids, position_ids=inputs["position_ids"], use_cache=False).logits[:, :-1]
+            outputs = model(input_ids=ids, position_ids=inputs["position_ids"], use_cache=False)
         else:
-            logits = model(input_ids=ids, attention_mask=inputs["attention_mask"], use_cache=False).logits[:, :-1]
+            outputs = model(input_ids=ids, attention_mask=inputs["attention_mask"], use_cache=False)
+        logits = outputs.logits[:, :-1]
         labels = ids[:, 1:]
         per_token = token_logps(logits, labels)
         diag = token_diagnostics(logits, labels) if diagnostics else None
@@ -260,6 +262,8 @@ class DPOTrainer(Trainer):
             index, valid = inputs["packed_index"], inputs["packed_valid"]
             per_token = unpack(per_token, index, valid)
             diag = {k: unpack(v, index, valid) for k, v in diag.items()} if diag else None
+        if diag is not None and getattr(outputs, "aux_loss", None) is not None:
+            diag["aux_loss"] = outputs.aux_loss
         return per_token, diag
 
     def compute_loss(self, model, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch=None):
@@ -283,9 +287,14 @@ class DPOTrainer(Trainer):
             pair_weights = torch.exp(log_w[:n] + log_w[n:])
         pair_logps = losses.PairLogps(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:],
                                       chosen_lengths=lengths[:n], rejected_lengths=lengths[n:], sft_nll=sft_nll)
-        total, _, chosen_rewards, rejected_rewards = losses.dpo_objective(
+        total, terms, chosen_rewards, rejected_rewards = losses.dpo_objective(
             args.loss_type, args.loss_weights, pair_logps, losses.LossSettings.of(args), pair_weights)
-        self._record_metrics(mode, logps.detach(), chosen_rewards, rejected_rewards, diag, mask, n)
+        aux_loss = diag.pop("aux_loss", None)
+        if aux_loss is not None:  # a mixture-of-experts router's load-balancing loss
+            total = total + args.router_aux_loss_coef * aux_loss
+            terms["aux_loss"] = aux_loss
+        self._record_metrics(mode, logps.detach(), chosen_rewards, rejected_rewards, diag, mask, n,
+                             terms if len(terms) > 1 else {})
         if mode == "train":
             tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(inputs["input_ids"].numel())
             self._num_tokens += int(self.accelerator.reduce(tokens.to(self.args.device), "sum").item())
@@ -311,8 +320,10 @@ class DPOTrainer(Trainer):
 
     # ---- metrics --------------------------------------------------------------------------------
 
-    def _record_metrics(self, mode: str, logps, chosen_rewards, rejected_rewards, diag: dict, mask, n: int) -> None:
-        """Accumulate (sum, count) per metric, reduced over ranks: pair metrics count pairs, token metrics tokens."""
+    def _record_metrics(self, mode: str, logps, chosen_rewards, rejected_rewards, diag: dict, mask, n: int,
+                        terms: dict[str, torch.Tensor]) -> None:
+        """Accumulate (sum, count) per metric, reduced over ranks: pair metrics count pairs, token metrics tokens,
+        the terms of a combined objective (`loss/<loss_type>`, a router's `aux_loss`) count batches."""
         m = mask.float()
         c, r = slice(0, n), slice(n, 2 * n)
         token_sum = lambda name, rows: (diag[name][rows] * m[rows]).sum()  # noqa: E731
@@ -325,6 +336,7 @@ class DPOTrainer(Trainer):
             "logits/rejected": (token_sum("mean_logit", r), m[r].sum()),
             "entropy": (token_sum("entropy", slice(None)), m.sum()),
             "mean_token_accuracy": (token_sum("hit", c), m[c].sum()),
+            **{(name if name == "aux_loss" else f"loss/{name}"): (value.detach(), 1) for name, value in terms.items()},
         }
         flat = torch.tensor([[float(s), float(k)] for s, k in values.values()], device=chosen_rewards.device, dtype=torch.float64)
         flat = self.accelerator.reduce(flat, "sum").tolist()
