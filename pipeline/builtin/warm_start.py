@@ -1,4 +1,4 @@
-"""The built-in base model: a tiny chat model warm-started by a short supervised pass (a plain `Trainer` run).
+"""The built-in base model: a tiny chat model warm-started by a short supervised pass.
 
 The warm start mostly pans and sometimes praises (`warmup_positive_fraction`), so the reference can
 produce both behaviours but prefers the dispreferred one: the room DPO has to improve.
@@ -6,50 +6,48 @@ produce both behaviours but prefers the dispreferred one: the room DPO has to im
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
-import datasets
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+import torch
 
+from ..collator import DataCollatorForPreference
+from ..data.tokenize import tokenize_pair
+from ..logps import token_logps
 from . import BUILTIN_MODEL, task
 from .model import build_model
 from .tokenizer import build_tokenizer
 
 MODEL_SUBDIR = "model"
-IGNORE_INDEX = -100  # label of the prompt tokens: the loss is on the completion only
 
 
-def supervised_example(tokenizer, example: dict) -> dict:
-    """input_ids of prompt + completion as the chat template renders them; labels only on the completion."""
-    prompt = tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    input_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-    if input_ids[:len(prompt_ids)] != prompt_ids:
-        raise RuntimeError("internal error: the built-in chat template does not extend the prompt")
-    return {"input_ids": input_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + input_ids[len(prompt_ids):]}
-
-
-def warm_start(model, tokenizer, examples: list[dict], steps: int, batch_size: int, learning_rate: float,
-               seed: int) -> list[float]:
-    """`steps` optimizer steps of supervised fine-tuning (AdamW, linear decay); returns the logged losses."""
-    dataset = datasets.Dataset.from_list([supervised_example(tokenizer, e) for e in examples])
-    with tempfile.TemporaryDirectory(prefix="dpo-warm-start-") as scratch:
-        args = TrainingArguments(output_dir=scratch, max_steps=steps, per_device_train_batch_size=batch_size,
-                                 learning_rate=learning_rate, lr_scheduler_type="linear", weight_decay=0.01,
-                                 logging_steps=max(1, steps // 10), save_strategy="no", report_to="none", seed=seed,
-                                 data_seed=seed, disable_tqdm=True, use_cpu=not _cuda(), dataloader_pin_memory=False)
-        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
-        trainer.train()
+def warm_start(model, tokenizer, examples: list[dict], steps: int, batch_size: int, learning_rate: float, seed: int) -> list[float]:
+    """A short supervised pass on prompt→completion examples (loss on completion tokens only)."""
+    torch.manual_seed(seed)
+    rows = []
+    for ex in examples:
+        ids = tokenize_pair(tokenizer, {"conversational": True, "prompt": ex["prompt"], "chosen": ex["completion"],
+                                        "rejected": ex["completion"], "tools": None, "chat_template_kwargs": None})
+        rows.append(ids)
+    collate = DataCollatorForPreference(tokenizer.pad_token_id)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / max(1, steps))
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    history = []
+    for _ in range(steps):
+        index = torch.randint(len(rows), (batch_size,), generator=generator).tolist()
+        batch = collate([rows[i] for i in index])
+        n = len(index)  # the collator stacks chosen and rejected: here both are the completion
+        ids, attention, mask = batch["input_ids"][:n], batch["attention_mask"][:n], batch["completion_mask"][:n, 1:].bool()
+        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1]
+        loss = -(token_logps(logits, ids[:, 1:]) * mask).sum() / mask.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        history.append(loss.item())
     model.eval()
-    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-
-
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
+    return history
 
 
 def build_builtin_base(params: dict, out_dir: Path) -> dict:
