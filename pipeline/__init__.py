@@ -1,8 +1,22 @@
-"""A staged, cached DPO training pipeline. In-process API: `from pipeline import DPOConfig, DPOTrainer`."""
+"""A staged, cached DPO training pipeline. In-process API: `from pipeline import DPOConfig, DPOTrainer`.
 
-from .config import DPOConfig
-from .errors import PipelineError
-from .trainer import DPOTrainer
+The names below are imported on first use, so a stage that needs only `pipeline.artifacts` does not
+execute the trainer: `dvc.yaml` can then list exactly the files each stage runs.
+"""
+
+import importlib
 
 __all__ = ["DPOConfig", "DPOTrainer", "PipelineError"]
 __version__ = "0.1.0"
+
+_HOMES = {"DPOConfig": ".config", "DPOTrainer": ".trainer", "PipelineError": ".errors"}
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

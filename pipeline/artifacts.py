@@ -1,9 +1,18 @@
 """Artifact directories: atomic writes, manifests written last, and checks of what a stage reads.
 
 Every stage writes into a temporary sibling directory and renames it into place only after its
-`manifest.json` (schema version, stage, input digests, params, row counts, file digests) is written,
-so a killed stage never leaves something that looks complete. A reader refuses a directory whose
-manifest is missing, of another schema version, or made from other inputs, and names the stage to re-run.
+`manifest.json` (schema version, stage, its inputs' identities and paths, params, row counts, file
+digests) is written, so a killed stage never leaves something that looks complete. Before a stage
+reads its inputs it checks them (`check_inputs`):
+
+- each input's manifest exists, is of this schema version and comes from the expected stage;
+- every file the manifest lists has the digest it was written with, and there is no other file
+  (streamed sha256: one pass over the bytes, small next to loading them);
+- lineage: every artifact upstream of the inputs, back to the source data, is the one they were
+  made from (re-normalizing without re-tokenizing is refused), and a local data source still has
+  the digest normalize recorded.
+
+A refusal names the artifact and the stage to re-run.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from typing import Any, Iterator
 
 from .errors import PipelineError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: inputs record {digest, path}; file digests and lineage are checked on read
 MANIFEST = "manifest.json"
 
 # which stage produces which artifact, for "re-run X" messages
@@ -39,13 +48,35 @@ def params_digest(params: Any) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def write_json(path: Path, payload: Any) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+def write_text(path: Path, text: str) -> None:
+    """Write a file through a temporary file and a rename, so readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_orphans(final: Path) -> None:
+    """Remove `final`'s staging leftovers (`.tmp-PID`, `.old-PID`) of processes that were killed."""
+    for sibling in final.parent.glob(f"{final.name}.*-*"):
+        kind, _, pid = sibling.name[len(final.name) + 1:].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(sibling, ignore_errors=True) if sibling.is_dir() else sibling.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -56,6 +87,7 @@ def staged_dir(final: Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(final)
     tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -109,15 +141,95 @@ def read_manifest(directory: Path, kind: str) -> dict:
     return manifest
 
 
+def rerun(kind: str) -> str:
+    return f"`dvc repro {PRODUCER[kind]}` (or `dpo {PRODUCER[kind]}`)"
+
+
+def input_record(directory: Path) -> dict:
+    """How a manifest names one input artifact: its identity (manifest digest) and where it was read."""
+    return {"digest": manifest_digest(directory), "path": str(directory)}
+
+
+def input_digest(manifest: dict, kind: str) -> str | None:
+    record = manifest.get("inputs", {}).get(kind)
+    return record.get("digest") if isinstance(record, dict) else record
+
+
+def verify_files(directory: Path, manifest: dict, kind: str) -> None:
+    """Every file the manifest lists has its recorded digest, and no file was added."""
+    directory = Path(directory)
+    listed = manifest.get("files", {})
+    present = {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST}
+    for name in sorted(listed):
+        path = directory / name
+        if name not in present:
+            raise PipelineError(f"{path}: missing from the {kind} artifact (its manifest lists it); the artifact was "
+                                f"altered after it was written: run {rerun(kind)} again, or `dvc checkout`.")
+        if file_digest(path) != listed[name]:
+            raise PipelineError(f"{path}: its content differs from the digest in {directory / MANIFEST} (the file was "
+                                f"modified after the stage wrote it); run {rerun(kind)} again, or `dvc checkout` to "
+                                "restore the cached version.")
+    added = sorted(present - set(listed))
+    if added:
+        raise PipelineError(f"{directory / added[0]}: not part of the {kind} artifact (its manifest does not list it); "
+                            f"remove it, or run {rerun(kind)} again.")
+
+
 def require_same_input(manifest: dict, directory: Path, input_name: str, expected_digest: str, kind: str) -> None:
     """Refuse an artifact made from another version of `input_name` than the one it is paired with."""
-    got = manifest["inputs"].get(input_name)
+    got = input_digest(manifest, input_name)
     if got != expected_digest:
         raise PipelineError(
-            f"{directory}: this {kind} artifact was made from another {input_name} artifact than the one given "
-            f"(digest {str(got)[:12]} vs {expected_digest[:12]}); it is stale: run `dpo {PRODUCER[kind]}` "
-            f"(or `dvc repro {PRODUCER[kind]}`) again."
+            f"{directory}: this {kind} artifact was made from another {input_name} artifact than the one there now "
+            f"(digest {str(got)[:12]} vs {expected_digest[:12]}); it is stale: run {rerun(kind)} again."
         )
+
+
+def check_sources(directory: Path, manifest: dict) -> None:
+    """A normalized artifact's local data sources still have the digests normalize recorded."""
+    from .data.sources import source_digest
+
+    for role, record in (manifest.get("sources") or {}).items():
+        if not record or record.get("kind") != "local" or not record.get("sha256"):
+            continue
+        try:
+            current = source_digest(record["path"])
+        except (OSError, PipelineError):
+            continue  # the source is gone or moved: nothing to compare with
+        if current != record["sha256"]:
+            raise PipelineError(f"{record['path']} (data.{role}) changed after `normalize` made {directory}; the "
+                                f"artifacts made from it are stale: run {rerun('normalized')}.")
+
+
+def check_inputs(inputs: dict[str, Path]) -> dict[str, dict]:
+    """Check the artifacts a stage reads (`inputs`: kind → directory) and their whole lineage; return their manifests.
+
+    Each input, and every artifact upstream of it that is present, must have its manifest, its files as written,
+    and be the very artifact its downstream artifacts were made from. An upstream artifact that is absent (not
+    pulled, or removed) cannot contradict anything and is skipped; the stage's own inputs must exist.
+    """
+    where = {kind: Path(path) for kind, path in inputs.items()}
+    manifests: dict[str, dict] = {}
+    todo = list(where)
+    while todo:
+        kind = todo.pop(0)
+        if kind in manifests:
+            continue
+        directory = where[kind]
+        manifest = read_manifest(directory, kind)
+        verify_files(directory, manifest, kind)
+        if kind == "normalized":
+            check_sources(directory, manifest)
+        manifests[kind] = manifest
+        for upstream, record in manifest.get("inputs", {}).items():
+            if upstream not in PRODUCER or not isinstance(record, dict):
+                continue  # a non-artifact input (e.g. a hook file's digest)
+            path = where.setdefault(upstream, Path(record["path"]))
+            if not (path / MANIFEST).exists():
+                continue
+            require_same_input(manifest, directory, upstream, manifest_digest(path), kind)
+            todo.append(upstream)
+    return {kind: manifests[kind] for kind in inputs}
 
 
 @dataclasses.dataclass
@@ -135,13 +247,13 @@ class StageOutput:
 
 @contextlib.contextmanager
 def stage_output(stage: str, out: Path, inputs: dict[str, Path], params: Any) -> Iterator[StageOutput]:
-    """A stage's frame: read and check the manifests of its input artifacts (`inputs`: artifact kind → directory),
-    stage the output directory, and, when the block finishes, write the manifest last (input digests, params,
-    rows) and rename the directory into place. On an error nothing is renamed and the old output stays."""
-    manifests = {kind: read_manifest(path, kind) for kind, path in inputs.items()}
-    digests = {kind: manifest_digest(path) for kind, path in inputs.items()}
+    """A stage's frame: check its input artifacts and their lineage (`check_inputs`; `inputs`: artifact kind →
+    directory), stage the output directory, and, when the block finishes, write the manifest last (input identities,
+    params, rows) and rename the directory into place. On an error nothing is renamed and the old output stays."""
+    manifests = check_inputs(inputs)
+    records = {kind: input_record(path) for kind, path in inputs.items()}
     with staged_dir(out) as tmp:
         output = StageOutput(Path(tmp), manifests)
         yield output
-        output.manifest = write_manifest(tmp, stage, inputs={**digests, **output.inputs}, params=params,
+        output.manifest = write_manifest(tmp, stage, inputs={**records, **output.inputs}, params=params,
                                          rows=output.rows, extra=output.extra)

@@ -1,66 +1,82 @@
 """The base artifact: which model the run starts from, which reference it compares with, which adapter it continues.
 
-The `base` stage records each as a source (a local directory with its file digests, or a Hub id at a
-resolved commit); every later stage loads models through these records (`pipeline.models`), so this
-artifact is the one place that says where the models come from.
+The `base` stage records each as a source (a local directory with its file digests, or a Hub id with the
+revision asked for and the commit it resolved to); every later stage loads models through these records
+(`pipeline.models`), at the recorded commit, so a branch that moves on the Hub cannot change a run between
+stages, and this artifact is the one place that says where the models come from.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
 from .artifacts import file_digest, read_manifest
 from .builtin import BUILTIN_MODEL
 from .builtin.warm_start import MODEL_SUBDIR
+from .dvc_deps import require_dvc_deps
 from .errors import PipelineError
+from .hub import resolve_commit
 
 
-def describe_source(name: str, revision: str | None, key: str) -> dict:
-    """Record a model or adapter source: a local directory with its file digests, or a Hub id at a resolved commit."""
+def describe_source(name: str, revision: str | None, key: str, revision_key: str | None = None) -> dict:
+    """Record a model or adapter source: a local directory with its file digests, or a Hub id with the revision
+    asked for and the commit it resolved to (None when offline and not in the local Hub cache)."""
     path = Path(name)
     if path.is_dir():
+        require_dvc_deps([(key, name, [path])])  # under `dvc repro`: a local model must be a dep of the base stage
         files = {str(p.relative_to(path)): file_digest(p) for p in sorted(path.rglob("*")) if p.is_file()}
         if not any(f.endswith((".safetensors", ".bin")) for f in files):
             raise PipelineError(f"{key}={name}: the directory holds no weights (*.safetensors / *.bin).")
         return {"source": str(path.resolve()), "revision": None, "source_files": files}
     try:
-        from huggingface_hub import HfApi
-        info = HfApi().model_info(name, revision=revision)
-    except Exception as err:
-        raise PipelineError(f"{key}={name!r}: not a local directory and the Hub lookup failed "
-                            f"({type(err).__name__}: {err}). Check the id and the network, or use a local directory.") from None
-    return {"source": name, "revision": info.sha, "source_files": {s.rfilename: None for s in info.siblings or []}}
+        validate_repo_id(name)
+    except HFValidationError:
+        raise PipelineError(f"{key}={name}: no such local directory, and not a Hub id (namespace/name); "
+                            "give an existing directory or a Hub model id.") from None
+    return {"source": name, "revision": revision,
+            "commit": resolve_commit(name, revision, "model", key=key, revision_key=revision_key)}
 
 
 def describe_external_base(params: dict) -> dict:
-    return describe_source(params["model"]["name_or_path"], params["model"]["revision"], "model.name_or_path")
+    return describe_source(params["model"]["name_or_path"], params["model"]["revision"], "model.name_or_path",
+                           "model.revision")
 
 
 def describe_reference_and_adapter(params: dict) -> dict:
     """The base manifest's record of an explicit reference model and of an adapter to continue, when set."""
     cfg, info = params["model"], {}
     if cfg["ref_name_or_path"]:
-        info["reference"] = describe_source(cfg["ref_name_or_path"], cfg["ref_revision"], "model.ref_name_or_path")
+        info["reference"] = describe_source(cfg["ref_name_or_path"], cfg["ref_revision"], "model.ref_name_or_path",
+                                            "model.ref_revision")
     if cfg["adapter"]:
         adapter = describe_source(cfg["adapter"], None, "model.adapter")
-        if adapter["revision"] is None and "adapter_config.json" not in adapter["source_files"]:
+        local_files = adapter.get("source_files")  # (a Hub adapter's files are checked when it is loaded)
+        if local_files is not None and "adapter_config.json" not in local_files:
             raise PipelineError(f"model.adapter={cfg['adapter']}: no adapter_config.json there; give a PEFT adapter "
                                 "directory (as saved by train with model.peft.enabled) or a Hub adapter id.")
         info["adapter"] = adapter
     return info
 
 
+def load_revision(entry: dict) -> str | None:
+    """The revision to load a recorded source at: its resolved commit when known, else the revision asked for."""
+    return entry.get("commit") or entry["revision"]
+
+
 def base_source(base_dir: Path) -> tuple[str, str | None]:
-    """(name or path, revision) to load the base model and tokenizer from."""
+    """(name or path, revision) to load the base model and tokenizer from; for a Hub id, the recorded commit."""
     manifest = read_manifest(base_dir, "base")
     if manifest["source"] == BUILTIN_MODEL:
         return str(Path(base_dir) / MODEL_SUBDIR), None
-    return manifest["source"], manifest["revision"]
+    return manifest["source"], load_revision(manifest)
 
 
 def _recorded_source(base_dir: Path, key: str) -> tuple[str, str | None] | None:
     entry = read_manifest(base_dir, "base").get(key)
-    return None if entry is None else (entry["source"], entry["revision"])
+    return None if entry is None else (entry["source"], load_revision(entry))
 
 
 def reference_source(base_dir: Path) -> tuple[str, str | None] | None:

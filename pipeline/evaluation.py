@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .artifacts import write_json
 from .builtin import task
 from .data.schema import decoded_row
 from .data.sources import is_builtin
@@ -68,10 +69,40 @@ def held_out_prompts(normalized: Path, limit: int) -> list[list[dict]]:
     return prompts
 
 
+def as_text(value) -> str:
+    """A prompt or completion as plain text: a string as is, messages as `role: content` lines."""
+    if isinstance(value, str):
+        return value
+    return "\n".join(f"{m.get('role', '?')}: {m.get('content') if isinstance(m.get('content'), str) else json.dumps(m.get('content'))}"
+                     for m in value or [])
+
+
+def pair_texts(normalized: Path, row_ids: list[str]) -> dict[str, dict[str, str]]:
+    """row_id → {prompt, chosen, rejected} as text, from the normalized eval split."""
+    wanted = set(row_ids)
+    texts = {}
+    for record in pq.read_table(Path(normalized) / "eval.parquet").to_pylist():
+        if record["row_id"] in wanted:
+            row = decoded_row(record)
+            texts[row["row_id"]] = {k: as_text(row[k]) for k in ("prompt", "chosen", "rejected")}
+    return texts
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """What evaluate found: the policy's metrics (flat names), the reference's where they are defined, the judged
+    generations (built-in task only), and every eval pair with its text and rewards."""
+
+    metrics: dict[str, float]
+    reference_metrics: dict[str, float]
+    judged: dict | None
+    pairs: list[dict]
+
+
 def evaluate_policy(params: dict, train: Path, tokenized: Path, ref_logps: Path, normalized: Path, base: Path,
-                    out_dir: Path) -> dict:
+                    out_dir: Path) -> Evaluation:
     """The DPO metrics of the trained policy on the eval split against the run's reference, per-example
-    results in out_dir, and on the built-in task the judged win rate of greedy generations."""
+    results (with the pairs' text) in out_dir, and on the built-in task the judged win rate of greedy generations."""
     cfg = params["evaluate"]
     precomputed = bool(params["train"].get("precompute_ref_log_probs", False))
     eval_set = load_pairs(tokenized, "eval", ref_logps if precomputed else None)
@@ -83,20 +114,29 @@ def evaluate_policy(params: dict, train: Path, tokenized: Path, ref_logps: Path,
     args = dpo_config(params, Path(out_dir) / "trainer", per_device_eval_batch_size=cfg["batch_size"],
                       eval_strategy="no", gradient_checkpointing=False)
     trainer = DPOTrainer(model=policy, ref_model=reference, args=args, processing_class=tokenizer)
+    eval_set = trainer.with_reference_logps(eval_set)  # the reference's own log-probs, for the report
     prediction = trainer.predict(eval_set, metric_key_prefix="eval")
     metrics = {"loss": prediction.metrics["eval_loss"], **trainer.pop_metrics("eval"), "num_pairs": len(eval_set)}
+    reference_metrics = {"logps/chosen": float(np.mean(eval_set["ref_chosen_logps"])),
+                         "logps/rejected": float(np.mean(eval_set["ref_rejected_logps"]))}
     rewards = prediction.predictions
-    per_example = pa.table({"row_id": eval_set["row_id"], "chosen_reward": rewards[:, 0], "rejected_reward": rewards[:, 1],
-                            "margin": rewards[:, 0] - rewards[:, 1], "correct": rewards[:, 0] > rewards[:, 1]})
+    row_ids = list(eval_set["row_id"])
+    texts = pair_texts(normalized, row_ids)
+    pairs = [{"row_id": row_id, **texts.get(row_id, {"prompt": "", "chosen": "", "rejected": ""}),
+              "chosen_reward": float(c), "rejected_reward": float(r), "margin": float(c - r)}
+             for row_id, c, r in zip(row_ids, rewards[:, 0], rewards[:, 1])]
+    per_example = pa.Table.from_pylist([{**p, "correct": p["chosen_reward"] > p["rejected_reward"]} for p in pairs])
     pq.write_table(per_example, Path(out_dir) / "per_example.parquet")
+    judged = None
     if judge:
         prompts = held_out_prompts(normalized, cfg["num_generations"])
         if reference.standalone is not None:
             reference.standalone.to(trainer.model.device)
         judged = judged_win_rate(trainer.model, reference, tokenizer, prompts, cfg["max_new_tokens"], cfg["batch_size"])
+        judged["num_generations"] = len(prompts)
         metrics.update({k: judged[k] for k in ("win_rate", "policy_mean_score", "reference_mean_score")})
         metrics["num_generations"] = len(prompts)
+        reference_metrics["policy_mean_score"] = judged["reference_mean_score"]
         (Path(out_dir) / "generations.jsonl").write_text("".join(json.dumps(e) + "\n" for e in judged["examples"]))
     shutil.rmtree(Path(out_dir) / "trainer", ignore_errors=True)
-    write_json(Path(out_dir) / "metrics.json", metrics)
-    return metrics
+    return Evaluation(metrics, reference_metrics, judged, pairs)

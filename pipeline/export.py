@@ -188,5 +188,3 @@ def data_digests(normalized: Path, manifest: dict) -> dict[str, str]:
             **{f"normalized/{name}": digest for name, digest in manifest["files"].items() if name.endswith(".parquet")}}
 
 
-def read_metrics(path: Path) -> dict:
-    return json.loads(Path(path).read_text()) if Path(path).exists() else {}

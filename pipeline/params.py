@@ -184,7 +184,11 @@ OWNED_ELSEWHERE = {
 }
 
 # keys of the train section that are the train stage's own, not DPOConfig options
-TRAIN_STAGE_KEYS = {"resume": "train.resume: true (the last checkpoint) or a checkpoint path; false/null: start fresh"}
+TRAIN_STAGE_KEYS = {"resume": "train.resume: true (continue from the newest complete checkpoint of this run's "
+                              "fingerprint; refuse when there is none), auto (the same, else start fresh; the "
+                              "default, also for null), false (start fresh) or a checkpoint path (refused if made "
+                              "for other params or inputs)"}
+TRAIN_STAGE_DEFAULTS = {"resume": "auto"}
 TRAIN_KEYS = set(DPOConfig.__dataclass_fields__) - {"output_dir"}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import warnings
 from collections import defaultdict
@@ -42,6 +43,7 @@ def refuse_vision_dataset(dataset, args: DPOConfig, model) -> None:
 
 
 REF_CHECKPOINT_NAME = "ref_model.safetensors"
+COUNTS_CHECKPOINT_NAME = "dpo_counts.json"  # the running counts a resumed run continues (num_tokens)
 
 
 class SyncRefModelCallback(TrainerCallback):
@@ -222,12 +224,27 @@ class DPOTrainer(Trainer):
         return super().train(*args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Resume: the Trainer restores policy/adapter (optimizer, scheduler and RNG follow); a TR-DPO reference too."""
+        """Resume: the Trainer restores policy/adapter (optimizer, scheduler and RNG follow); a TR-DPO reference
+        and the token count too."""
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, REF_CHECKPOINT_NAME)
         if self.args.sync_ref_model and self.ref_model is not None and os.path.isfile(path):
             from safetensors.torch import load_model
             load_model(self.ref_model, path, device=str(self.args.device))
+        counts = os.path.join(resume_from_checkpoint, COUNTS_CHECKPOINT_NAME)
+        if os.path.isfile(counts):
+            with open(counts) as f:
+                self._num_tokens = int(json.load(f)["num_tokens"])
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """A checkpoint also holds the token count (summed over ranks already), so num_tokens continues on resume."""
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+            folder = os.path.join(self._get_output_dir(trial=trial),
+                                  f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            with open(os.path.join(folder, COUNTS_CHECKPOINT_NAME), "w") as f:
+                json.dump({"num_tokens": self._num_tokens}, f)
 
     def with_reference_logps(self, dataset):
         """Add precomputed reference log-prob columns to a tokenized dataset that lacks them."""

@@ -1,13 +1,33 @@
-"""The `dpo` command: one subcommand per pipeline stage."""
+"""The `dpo` command: one subcommand per pipeline stage.
+
+Each subcommand's module is imported only when that subcommand runs, so `dpo train` executes the
+files `dvc.yaml` lists for the train stage and nothing of the other stages.
+"""
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
-from . import base, evaluate, export, normalize, ref_logps, tokenize, train
+# subcommand -> module under stages/, in pipeline order
+STAGE_MODULES = {"base": "base", "normalize": "normalize", "tokenize": "tokenize", "ref-logps": "ref_logps",
+                 "train": "train", "evaluate": "evaluate", "export": "export"}
 
 
-@click.group()
+class StageGroup(click.Group):
+    """A click group that imports a stage's module when the stage is asked for."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return list(STAGE_MODULES)
+
+    def get_command(self, ctx, name: str):
+        if name not in STAGE_MODULES:
+            return None
+        return importlib.import_module(f"stages.{STAGE_MODULES[name]}").command
+
+
+@click.group(cls=StageGroup)
 @click.version_option(package_name="dpo-pipeline")
 def main() -> None:
     """Staged DPO training: base → normalize → tokenize → ref-logps → train → evaluate → export.
@@ -17,8 +37,5 @@ def main() -> None:
     """
 
 
-for module in (base, normalize, tokenize, ref_logps, train, evaluate, export):
-    main.add_command(module.command)
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m stages.cli <stage>`, as dvc.yaml runs it
+    main(prog_name="dpo")

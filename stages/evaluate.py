@@ -1,4 +1,4 @@
-"""dpo evaluate: DPO metrics on the held-out pairs (+ judged win rate on the built-in task)."""
+"""dpo evaluate: DPO metrics on the held-out pairs (+ judged win rate on the built-in task), and the run report."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from pathlib import Path
 
 import click
 
-from pipeline.artifacts import stage_output, write_json
+from pipeline.artifacts import stage_output
 from pipeline.evaluation import evaluate_policy
+from pipeline.metrics_file import write_metrics
+from pipeline.report import write_report
 
 from . import paths
 from .common import load, params_option, path_option, user_errors
@@ -16,13 +18,17 @@ from .common import load, params_option, path_option, user_errors
 
 def run(params: dict, train: Path = paths.TRAIN, tokenized: Path = paths.TOKENIZED, ref_logps: Path = paths.REF_LOGPS,
         normalized: Path = paths.NORMALIZED, base: Path = paths.BASE, out: Path = paths.EVAL,
-        metrics_path: Path = paths.METRICS) -> dict:
-    inputs = {"train": train, "tokenized": tokenized, "base": base}
+        metrics_path: Path = paths.METRICS, live: Path = paths.LIVE, report: Path | None = None) -> dict:
+    """Evaluate; the report goes to `report` (default: report.html beside the metrics file)."""
+    inputs = {"train": train, "tokenized": tokenized, "normalized": normalized, "base": base}
+    if params["train"].get("precompute_ref_log_probs"):
+        inputs["ref_logps"] = ref_logps
     with stage_output("evaluate", out, inputs, {"evaluate": params["evaluate"], "train": params["train"]}) as output:
-        metrics = evaluate_policy(params, train, tokenized, ref_logps, normalized, base, output.dir)
-        output.rows = {"eval": metrics["num_pairs"]}
-    write_json(metrics_path, metrics)
-    return metrics
+        result = evaluate_policy(params, train, tokenized, ref_logps, normalized, base, output.dir)
+        output.rows = {"eval": result.metrics["num_pairs"]}
+    write_metrics(metrics_path, result.metrics)
+    write_report(report or Path(metrics_path).with_name("report.html"), result, live, params)
+    return result.metrics
 
 
 @click.command("evaluate")
@@ -30,12 +36,17 @@ def run(params: dict, train: Path = paths.TRAIN, tokenized: Path = paths.TOKENIZ
 @path_option("train", paths.TRAIN, "The trained model artifact.")
 @path_option("tokenized", paths.TOKENIZED, "The tokenized artifact (eval split).")
 @path_option("ref-logps", paths.REF_LOGPS, "The reference log-probs.")
-@path_option("normalized", paths.NORMALIZED, "The normalized artifact (held-out prompts for generation).")
+@path_option("normalized", paths.NORMALIZED, "The normalized artifact (held-out prompts, the pairs' text).")
 @path_option("base", paths.BASE, "The base artifact: the reference for generation.")
 @path_option("out", paths.EVAL, "Where to write per-example results.")
-@path_option("metrics", paths.METRICS, "Where to write the metrics JSON.")
+@path_option("metrics", paths.METRICS, "Where to write the metrics JSON (tracked by git; DVC metrics).")
+@path_option("live", paths.LIVE, "The training run's DVCLive directory (curves for the report).")
+@path_option("report", paths.REPORT, "Where to write the HTML run report.")
 @user_errors
-def command(params_path: Path, train: Path, tokenized: Path, ref_logps: Path, normalized: Path, base: Path, out: Path, metrics: Path) -> None:
-    """Evaluate the trained policy on the eval split: DPO metrics, and the judged win rate on the built-in task."""
-    result = run(load(params_path), train, tokenized, ref_logps, normalized, base, out, metrics)
+def command(params_path: Path, train: Path, tokenized: Path, ref_logps: Path, normalized: Path, base: Path, out: Path,
+            metrics: Path, live: Path, report: Path) -> None:
+    """Evaluate the trained policy on the eval split: DPO metrics, the judged win rate on the built-in task, and a
+    self-contained HTML report of the run."""
+    result = run(load(params_path), train, tokenized, ref_logps, normalized, base, out, metrics, live, report)
     click.echo(json.dumps(result, indent=1))
+    click.echo(f"report: {report}")

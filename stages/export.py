@@ -8,7 +8,8 @@ import click
 
 from pipeline.artifacts import stage_output
 from pipeline.base import base_source
-from pipeline.export import data_digests, export_model, model_card, push_to_hub, read_metrics
+from pipeline.export import data_digests, export_model, model_card, push_to_hub
+from pipeline.metrics_file import read_metrics
 from pipeline.models import load_base_model
 
 from . import paths

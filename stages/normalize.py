@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from pipeline.artifacts import stage_output
-from pipeline.data.normalize import hook_digest, normalize_dataset
+from pipeline.data.normalize import normalize_dataset
 
 from . import paths
 from .common import load, params_option, path_option, user_errors
@@ -16,7 +16,10 @@ from .common import load, params_option, path_option, user_errors
 def run(params: dict, out: Path = paths.NORMALIZED) -> dict:
     with stage_output("normalize", out, {}, {"seed": params["seed"], "data": params["data"]}) as output:
         report = normalize_dataset(params, output.dir)
-        output.rows, output.inputs = report["rows_written"], hook_digest(params["data"])
+        output.rows, output.extra["sources"] = report["rows_written"], report["sources"]
+        hook = report["sources"]["preprocess"]
+        if hook and hook["sha256"]:  # editing the hook changes the artifact's identity
+            output.inputs["preprocess"] = hook["sha256"]
     return report
 
 

@@ -1,4 +1,9 @@
-"""Default artifact locations: the one place dvc.yaml's paths are mirrored in code."""
+"""Default artifact locations: the one place dvc.yaml's paths are mirrored in code.
+
+`artifacts/` is DVC-cached and git-ignored; `dvclive/` (training curves) and `results/` (eval
+metrics, run report) are small, deterministic and tracked by git, so every commit and every
+`dvc exp` holds the numbers that describe its run.
+"""
 
 from pathlib import Path
 
@@ -9,7 +14,9 @@ TOKENIZED = ARTIFACTS / "tokenized"
 REF_LOGPS = ARTIFACTS / "ref_logps"
 TRAIN = ARTIFACTS / "train"
 CHECKPOINTS = ARTIFACTS / "checkpoints"
-LIVE = ARTIFACTS / "live"
 EVAL = ARTIFACTS / "eval"
-METRICS = ARTIFACTS / "metrics" / "eval.json"
 EXPORT = ARTIFACTS / "export"
+LIVE = Path("dvclive")
+RESULTS = Path("results")
+METRICS = RESULTS / "eval.json"
+REPORT = RESULTS / "report.html"

@@ -1,8 +1,7 @@
-"""dpo train: DPO on the tokenized pairs → artifacts/train (model, log history) + DVCLive metrics."""
+"""dpo train: DPO on the tokenized pairs → artifacts/train (model, log history) + DVCLive curves in dvclive/."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import click
 
 from pipeline.artifacts import stage_output
 from pipeline.tracking import LiveMetricsCallback
-from pipeline.training import train_policy
+from pipeline.training import run_checkpoints, train_inputs, train_policy
 
 from . import paths
 from .common import load, params_option, path_option, user_errors
@@ -18,20 +17,17 @@ from .common import load, params_option, path_option, user_errors
 
 def run(params: dict, tokenized: Path = paths.TOKENIZED, ref_logps: Path = paths.REF_LOGPS, base: Path = paths.BASE,
         out: Path = paths.TRAIN, checkpoints: Path = paths.CHECKPOINTS, live: Path = paths.LIVE,
-        resume: str | bool | None = None) -> dict:
-    inputs = {"tokenized": tokenized, "base": base}
-    if params["train"].get("precompute_ref_log_probs"):
-        inputs["ref_logps"] = ref_logps
-    with stage_output("train", out, inputs, params["train"]) as output:
+        resume: str | bool | None = None, say=click.echo) -> dict:
+    with stage_output("train", out, train_inputs(params, tokenized, ref_logps, base), params["train"]) as output:
         info = train_policy(params, tokenized, ref_logps, base, output.dir, checkpoints,
-                            callbacks=[LiveMetricsCallback(output.dir / "live")], resume=resume)
+                            callbacks=[LiveMetricsCallback(live)], resume=resume, say=say)
         output.rows = info.pop("rows")
+        timings = info.pop("timings")
         output.extra = info
-        live_tmp = Path(str(live) + f".tmp-{os.getpid()}")  # metrics live beside the artifact (DVC metrics/plots)
-        shutil.rmtree(live_tmp, ignore_errors=True)
-        shutil.move(str(output.dir / "live"), live_tmp)
-    shutil.rmtree(live, ignore_errors=True)
-    os.replace(live_tmp, live)
+    say(f"train: timings (not recorded): {timings}")
+    # the artifact is in place: this run's checkpoints have served (they exist to survive interruptions)
+    shutil.rmtree(run_checkpoints(checkpoints, info["fingerprint"]), ignore_errors=True)
+    Path(checkpoints).mkdir(parents=True, exist_ok=True)
     return output.manifest
 
 
@@ -41,12 +37,15 @@ def run(params: dict, tokenized: Path = paths.TOKENIZED, ref_logps: Path = paths
 @path_option("ref-logps", paths.REF_LOGPS, "The reference log-probs (used when train.precompute_ref_log_probs).")
 @path_option("base", paths.BASE, "The base artifact: the starting policy.")
 @path_option("out", paths.TRAIN, "Where to write the trained model.")
-@path_option("checkpoints", paths.CHECKPOINTS, "Trainer checkpoints (kept between runs for resuming).")
-@click.option("--resume", default=None, help="'true' for the last checkpoint, or a checkpoint path.")
+@path_option("checkpoints", paths.CHECKPOINTS, "Trainer checkpoints, one directory per run fingerprint (kept until "
+                                                "the run succeeds, for resuming).")
+@path_option("live", paths.LIVE, "The DVCLive directory: training curves (metrics.json, plots/).")
+@click.option("--resume", default=None, help="auto (continue this run's newest complete checkpoint, else start "
+                                             "fresh), true (the same, but refuse a fresh start), false, or a "
+                                             "checkpoint path. Default: train.resume.")
 @user_errors
-def command(params_path: Path, tokenized: Path, ref_logps: Path, base: Path, out: Path, checkpoints: Path, resume) -> None:
+def command(params_path: Path, tokenized: Path, ref_logps: Path, base: Path, out: Path, checkpoints: Path, live: Path,
+            resume) -> None:
     """Train the policy with DPO (train.* params: any DPOConfig option)."""
-    if resume is not None and resume.lower() in ("true", "false"):
-        resume = resume.lower() == "true"
-    manifest = run(load(params_path), tokenized, ref_logps, base, out, checkpoints, resume=resume)
+    manifest = run(load(params_path), tokenized, ref_logps, base, out, checkpoints, live, resume=resume)
     click.echo(f"train: {manifest['train_metrics']} -> {out}")

@@ -1,5 +1,15 @@
-"""dvc.yaml is honest: a tiny `dvc repro` runs every stage, a second does nothing, and a
-`train.beta` or `train.loss_type` experiment re-runs only train and what depends on it."""
+"""Honest caching with real DVC on a tiny copy of the project (slow: about three minutes on 2 cores).
+
+- `dvc repro` runs every stage, a second does nothing, and `dvc repro -f` gives the same dvc.lock and
+  leaves git clean (every cached output and every tracked metric file is deterministic);
+- editing a file a stage executes, or the local data file, makes exactly that stage and the stages
+  after it run; a params edit re-runs what reads it;
+- `dvc exp run -S train.beta=0.2`: `dvc exp show`, `dvc metrics diff`, `dvc plots diff` have numbers
+  for both runs, with the same metric names for train and eval;
+- a queued 2×1 grid (`dvc exp run --queue`, `dvc queue start -j 2`) reuses the cached tokens and
+  reference log-probs;
+- `dvc push` to the local remote, and `dvc pull` in a fresh clone, leave nothing to run.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +19,47 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["base", "normalize", "tokenize", "ref-logps", "train", "evaluate", "export"]
 
 
-def sh(cmd, cwd, env):
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+def sh(cmd, cwd, env, check=True):
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check:
+        assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout + result.stderr
 
 
 def ran(output: str) -> list[str]:
     return re.findall(r"Running stage '([\w-]+)'", output)
+
+
+def would_run(repo: Path, env: dict) -> list[str]:
+    return ran(sh(["dvc", "repro", "--dry"], repo, env))
+
+
+def project_files() -> list[str]:
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split()
+    return [rel for rel in listed if (ROOT / rel).is_file() and not rel.startswith(("tests/", "benchmarks/"))
+            and rel not in ("dvc.lock", "params.yaml") and not rel.startswith(("dvclive/", "results/"))]
+
+
+def write_local_data(repo: Path, params: dict) -> None:
+    """The built-in task's pairs as local JSONL files under data/ (a local source, as users have)."""
+    from pipeline.data.sources import builtin_rows
+
+    for split, name in (("train", "pairs.jsonl"), ("eval", "eval.jsonl")):
+        rows = builtin_rows(params, split)
+        (repo / "data" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +69,25 @@ def project(tmp_path_factory):
     from conftest import tiny_params
 
     repo = tmp_path_factory.mktemp("project")
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for rel in tracked + ["dvc.yaml", ".dvc/config", ".dvcignore"]:
-        if (ROOT / rel).is_file() and not rel.startswith(("tests/", "benchmarks/")) and rel != "dvc.lock":
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, repo / rel)
-    params = tiny_params(beta=0.1, loss_type=["sigmoid"])  # keys the experiments below override
+    for rel in project_files():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, repo / rel)
+    params = tiny_params(beta=0.1, loss_type=["sigmoid"], eval_strategy="steps", eval_steps=2)
+    write_local_data(repo, params)
+    params["data"].update({"train": "data/pairs.jsonl", "eval": "data/eval.jsonl"})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    remote = tmp_path_factory.mktemp("remote")
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
                PYTHONPATH=str(repo), GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
                GIT_COMMITTER_EMAIL="t@t", DVC_NO_ANALYTICS="1")
     sh(["git", "init", "-q", "-b", "main"], repo, env)
+    sh(["dvc", "remote", "modify", "shared", "url", str(remote)], repo, env)  # the example remote, pointed here
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "commit", "-qm", "init"], repo, env)
+    first = sh(["dvc", "repro"], repo, env)
+    assert ran(first) == STAGES
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "commit", "-qm", "run"], repo, env)
     return repo, env
 
 
@@ -61,29 +102,119 @@ def changed_by(repo: Path, env: dict, key: tuple[str, ...], value) -> set[str]:
     node[key[-1]] = value
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
-        status = json.loads(subprocess.run(["dvc", "status", "--json"], cwd=repo, env=env, capture_output=True,
-                                           text=True, check=True).stdout)
+        status = json.loads(sh(["dvc", "status", "--json"], repo, env).strip().splitlines()[-1])
     finally:
         path.write_text(original)
     return {name.split(":")[-1] for name in status}
 
 
-def test_repro_runs_all_stages_then_nothing_then_only_train_onwards(project):
+def after(stage: str) -> list[str]:
+    downstream = {"base": STAGES[2:], "normalize": STAGES[2:], "tokenize": STAGES[3:], "ref-logps": STAGES[4:],
+                  "train": STAGES[5:], "evaluate": ["export"], "export": []}
+    return [s for s in STAGES if s == stage or s in downstream[stage]]
+
+
+def test_a_second_repro_does_nothing_and_a_forced_one_changes_no_byte(project):
     repo, env = project
-    first = sh(["dvc", "repro"], repo, env)
-    assert ran(first) == ["base", "normalize", "tokenize", "ref-logps", "train", "evaluate", "export"]
-    assert (repo / "artifacts" / "metrics" / "eval.json").exists()
     assert ran(sh(["dvc", "repro"], repo, env)) == []
-    metrics = sh(["dvc", "metrics", "show"], repo, env)
-    assert "win_rate" in metrics and "artifacts/live/metrics.json" in metrics
-    sh(["git", "add", "-A"], repo, env)
-    sh(["git", "commit", "-qm", "lock"], repo, env)
-    # which stages a params edit invalidates (dvc status names the stages whose own deps changed)
+    lock = (repo / "dvc.lock").read_text()
+    assert ran(sh(["dvc", "repro", "-f"], repo, env)) == STAGES
+    assert (repo / "dvc.lock").read_text() == lock
+    assert sh(["git", "status", "--porcelain"], repo, env).strip() == ""  # dvclive/, results/ unchanged too
+
+
+def test_editing_code_or_data_reruns_exactly_that_stage_and_the_ones_after(project):
+    repo, env = project
+    edits = {"stages/train.py": "train", "pipeline/tracking.py": "train", "pipeline/data/tables.py": "ref-logps",
+             "pipeline/evaluation.py": "evaluate", "pipeline/params.py": "base", "pipeline/data/sources.py": "normalize",
+             "pipeline/export.py": "export", "data/pairs.jsonl": "normalize"}
+    for rel, first in edits.items():
+        path = repo / rel
+        original = path.read_bytes()
+        path.write_bytes(original[: original.rfind(b"\n", 0, len(original) - 1) + 1] if rel.endswith(".jsonl")
+                         else original + b"\n# edited\n")  # data: the last line deleted
+        try:
+            expected = after(first)
+            if rel == "pipeline/params.py":  # every stage reads params through it
+                expected = STAGES
+            assert would_run(repo, env) == expected, rel
+        finally:
+            path.write_bytes(original)
+    assert would_run(repo, env) == []
+    # params: each edit re-runs the stages that read the key (dvc status names those whose own deps changed)
     assert changed_by(repo, env, ("model", "peft", "r"), 4) == {"train", "export"}
     assert changed_by(repo, env, ("model", "model_init_kwargs"), {"dtype": "float32"}) == {"ref-logps", "train", "evaluate", "export"}
     assert changed_by(repo, env, ("tokenize", "max_length"), 96) == {"tokenize", "export"}
     assert changed_by(repo, env, ("data", "on_invalid"), "drop") == {"normalize", "tokenize", "export"}
-    beta = sh(["dvc", "exp", "run", "-S", "train.beta=0.2"], repo, env)
-    assert ran(beta) == ["train", "evaluate", "export"]
-    ipo = sh(["dvc", "exp", "run", "-S", "train.loss_type=[ipo]"], repo, env)
-    assert ran(ipo) == ["train", "evaluate", "export"]
+
+
+def numbers(row: dict, file: str) -> dict:
+    """The flat metrics of one `dvc exp show --json` row for one metrics file."""
+    from pipeline.metrics_file import flatten
+
+    data = row["data"]["metrics"][file]["data"]
+    return {k: v for k, v in flatten(data).items() if isinstance(v, (int, float))}
+
+
+def test_an_experiment_is_compared_with_numbers(project):
+    repo, env = project
+    assert ran(sh(["dvc", "exp", "run", "-S", "train.beta=0.2"], repo, env)) == ["train", "evaluate", "export"]
+    rows = json.loads(sh(["dvc", "exp", "show", "--json"], repo, env).strip().splitlines()[-1])
+    runs = [rows[0]["experiments"][0]["revs"][0] if rows[0].get("experiments") else None, rows[0]]
+    assert runs[0] is not None, rows
+    for run in runs:
+        train, evaluated = numbers(run, "dvclive/metrics.json"), numbers(run, "results/eval.json")
+        # the same names for train and eval: train/rewards/accuracies, eval/rewards/accuracies, rewards/accuracies
+        for name in ("rewards/accuracies", "rewards/margins", "logps/chosen", "loss"):
+            assert f"train/{name}" in train and f"eval/{name}" in train and name in evaluated, (name, train, evaluated)
+        assert not any("runtime" in k or "per_second" in k for k in train)  # timings are not metrics
+    assert runs[0]["data"]["params"]["params.yaml"]["data"]["train"]["beta"] == 0.2
+    name = runs[0]["name"]
+    diff = json.loads(sh(["dvc", "metrics", "diff", "main", name, "--json"], repo, env).strip().splitlines()[-1])
+    assert diff["results/eval.json"]["rewards.margins"]["new"] != diff["results/eval.json"]["rewards.margins"]["old"]
+    params = json.loads(sh(["dvc", "params", "diff", "main", name, "--json"], repo, env).strip().splitlines()[-1])
+    assert params["params.yaml"]["train.beta"] == {"old": 0.1, "new": 0.2}
+    plots = json.loads(sh(["dvc", "plots", "diff", "main", name, "--json", "--split"], repo, env).strip().splitlines()[-1])
+    assert {"loss", "rewards", "accuracy", "logps"} <= set(plots["data"])
+    rewards = plots["data"]["rewards"][0]["content"]["data"]["values"]
+    assert {v["rev"] for v in rewards} >= {"main", name}
+    steps = sorted({int(v["step"]) for v in rewards if v["filename"].endswith("chosen.tsv")})
+    assert steps[0] > 0 and steps == sorted(set(steps))  # points sit at the optimizer step they describe
+
+
+def test_a_queued_grid_reuses_tokens_and_reference_logps(project):
+    repo, env = project
+    sh(["dvc", "exp", "run", "--queue", "-S", "train.beta=0.3,0.4", "-S", "train.loss_type=[sigmoid]"], repo, env)
+    sh(["dvc", "queue", "start", "-j", "2"], repo, env)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = sh(["dvc", "queue", "status"], repo, env)
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+    rows = json.loads(sh(["dvc", "exp", "show", "--json"], repo, env).strip().splitlines()[-1])
+    betas = set()
+    for exp in rows[0]["experiments"]:
+        run = exp["revs"][0]
+        betas.add(run["data"]["params"]["params.yaml"]["data"]["train"]["beta"])
+        log = sh(["dvc", "queue", "logs", run["name"]], repo, env, check=False)
+        if "Running stage" in log:  # the worker's log: only train onwards ran
+            assert set(ran(log)) == {"train", "evaluate", "export"}, log[-2000:]
+        assert numbers(run, "results/eval.json")["rewards/accuracies"] >= 0
+    assert {0.3, 0.4} <= betas
+    sh(["dvc", "queue", "remove", "--all"], repo, env, check=False)
+
+
+def test_push_then_pull_in_a_fresh_clone_leaves_nothing_to_run(project, tmp_path):
+    repo, env = project
+    sh(["git", "checkout", "-q", "--", "."], repo, env)
+    sh(["dvc", "checkout", "-q"], repo, env, check=False)
+    sh(["dvc", "push"], repo, env)
+    clone = tmp_path / "clone"
+    sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
+    sh(["dvc", "pull"], clone, dict(env, PYTHONPATH=str(clone)))
+    for artifact in ("base", "normalized", "tokenized", "ref_logps", "train", "eval", "export"):
+        assert (clone / "artifacts" / artifact / "manifest.json").exists(), artifact
+    assert ran(sh(["dvc", "repro"], clone, dict(env, PYTHONPATH=str(clone)))) == []
+    assert sh(["git", "status", "--porcelain"], clone, env).strip() == ""

@@ -13,6 +13,7 @@ import stages.base as base_stage
 import stages.evaluate as evaluate_stage
 import stages.export as export_stage
 import stages.ref_logps as ref_stage
+import stages.tokenize as tokenize_stage
 import stages.train as train_stage
 import pipeline.reference as reference_module
 from pipeline.artifacts import read_manifest
@@ -41,16 +42,35 @@ def prepared(tmp_path_factory):
     return params, root
 
 
+def reseal(directory):
+    """Re-digest an artifact a test changed on purpose (the stages refuse files that differ from their manifest)."""
+    from pipeline.artifacts import MANIFEST, file_digest
+
+    manifest = json.loads((directory / MANIFEST).read_text())
+    manifest["files"] = {str(p.relative_to(directory)): file_digest(p)
+                         for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+
+
+def tokenized_for(params, root, base, out):
+    """The tokenized artifact of `base`: the shared one, or (another base artifact) its own, as `dvc repro` would."""
+    if base == root / "base":
+        return root / "tokenized"
+    tokenize_stage.run(params, root / "normalized", base, out / "tokenized")
+    return out / "tokenized"
+
+
 def first_logged_step(params, root, base, out) -> dict:
     """Train one step with precomputed reference log-probs (from the ref-logps stage) and one with the online
     reference; return both first log entries."""
-    ref_stage.run(params, root / "tokenized", base, out / "ref_logps")
+    tokenized = tokenized_for(params, root, base, out)
+    ref_stage.run(params, tokenized, base, out / "ref_logps")
     first = {}
     for precompute in (True, False):
         run_params = with_changes(params, train={"precompute_ref_log_probs": precompute, "max_steps": 1,
                                                  "logging_steps": 1, "learning_rate": 1e-3})
         train_dir = out / f"train-{precompute}"
-        train_stage.run(run_params, root / "tokenized", out / "ref_logps", base, train_dir, out / f"ck-{precompute}",
+        train_stage.run(run_params, tokenized, out / "ref_logps", base, train_dir, out / f"ck-{precompute}",
                         out / f"live-{precompute}")
         first[precompute] = json.loads((train_dir / "log_history.json").read_text())[0]
     return first
@@ -125,7 +145,7 @@ def test_ref_logps_stage_computes_the_reference_of_the_online_path(prepared, tmp
     for precompute in (True, False):
         eval_params = with_changes(params, train={"precompute_ref_log_probs": precompute})
         evaluated[precompute] = evaluate_stage.run(
-            eval_params, tmp_path / "train-True", root / "tokenized", tmp_path / "ref_logps", root / "normalized",
+            eval_params, tmp_path / "train-True", tokenized_for(params, root, base, tmp_path), tmp_path / "ref_logps", root / "normalized",
             base, tmp_path / f"eval-{precompute}", tmp_path / f"metrics-{precompute}.json")
     for name in ("loss", "rewards/chosen", "rewards/margins"):
         assert evaluated[True][name] == pytest.approx(evaluated[False][name], abs=1e-4), name
@@ -148,6 +168,7 @@ def test_evaluating_a_new_adapter_generates_the_reference_with_the_adapter_off(p
                     tmp_path / "live")
     shutil.rmtree(tmp_path / "train" / "model")  # a far-trained adapter in its place, so the two sides differ
     saved_adapter(base, tmp_path / "train" / "model", seed=3)
+    reseal(tmp_path / "train")
     monkeypatch.setattr(reference_module, "load_policy", lambda *a, **k: pytest.fail("evaluate loaded the base twice"))
     evaluate_stage.run(params, tmp_path / "train", root / "tokenized", tmp_path / "ref_logps", root / "normalized",
                        base, tmp_path / "eval", tmp_path / "metrics.json")

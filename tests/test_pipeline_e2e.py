@@ -14,7 +14,8 @@ import stages.normalize as normalize_stage
 import stages.ref_logps as ref_stage
 import stages.tokenize as tokenize_stage
 import stages.train as train_stage
-from pipeline.artifacts import MANIFEST, manifest_digest
+from pipeline.artifacts import MANIFEST, SCHEMA_VERSION, manifest_digest
+from pipeline.metrics_file import flatten, read_metrics
 from pipeline.errors import PipelineError
 
 METRIC_NAMES = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -24,13 +25,15 @@ METRIC_NAMES = {"rewards/chosen", "rewards/rejected", "rewards/margins", "reward
 def run_all(params, root):
     p = {name: root / name for name in ("base", "normalized", "tokenized", "ref_logps", "train", "checkpoints",
                                         "live", "eval", "export")}
-    p["metrics"] = root / "metrics" / "eval.json"
+    p["metrics"] = root / "results" / "eval.json"
+    p["report"] = root / "results" / "report.html"
     base_stage.run(params, p["base"])
     normalize_stage.run(params, p["normalized"])
     tokenize_stage.run(params, p["normalized"], p["base"], p["tokenized"])
     ref_stage.run(params, p["tokenized"], p["base"], p["ref_logps"])
     train_stage.run(params, p["tokenized"], p["ref_logps"], p["base"], p["train"], p["checkpoints"], p["live"])
-    evaluate_stage.run(params, p["train"], p["tokenized"], p["ref_logps"], p["normalized"], p["base"], p["eval"], p["metrics"])
+    evaluate_stage.run(params, p["train"], p["tokenized"], p["ref_logps"], p["normalized"], p["base"], p["eval"], p["metrics"],
+                       p["live"], p["report"])
     export_stage.run(params, p["train"], p["normalized"], p["base"], p["metrics"], p["export"])
     return p
 
@@ -47,7 +50,7 @@ def test_every_stage_writes_a_manifest_last_and_counts_add_up(pipeline_run):
     params, p = pipeline_run
     for name in ("base", "normalized", "tokenized", "ref_logps", "train", "eval", "export"):
         manifest = json.loads((p[name] / MANIFEST).read_text())
-        assert manifest["schema_version"] == 1
+        assert manifest["schema_version"] == SCHEMA_VERSION
         for rel, digest in manifest["files"].items():
             assert (p[name] / rel).exists(), f"{name}: manifest lists missing {rel}"
     report = json.loads((p["normalized"] / "report.json").read_text())
@@ -57,7 +60,7 @@ def test_every_stage_writes_a_manifest_last_and_counts_add_up(pipeline_run):
     ref = pq.read_table(p["ref_logps"] / "train.parquet")
     assert sorted(tokenized.column("row_id").to_pylist()) == sorted(ref.column("row_id").to_pylist())
     ref_manifest = json.loads((p["ref_logps"] / MANIFEST).read_text())
-    assert ref_manifest["inputs"]["tokenized"] == manifest_digest(p["tokenized"])
+    assert ref_manifest["inputs"]["tokenized"] == {"digest": manifest_digest(p["tokenized"]), "path": str(p["tokenized"])}
 
 
 def test_reference_logps_match_per_token_sums(pipeline_run):
@@ -70,21 +73,27 @@ def test_reference_logps_match_per_token_sums(pipeline_run):
 def test_training_logs_documented_metrics_for_dvc(pipeline_run):
     _, p = pipeline_run
     live = json.loads((p["live"] / "metrics.json").read_text())
-    flat = {f"{k}/{kk}" if isinstance(v, dict) else k for k, v in live.items() for kk in (v if isinstance(v, dict) else [None])}
-    assert METRIC_NAMES | {"num_tokens", "learning_rate", "grad_norm", "epoch", "global_step", "loss"} <= flat
-    assert (p["live"] / "plots" / "metrics" / "rewards" / "accuracies.tsv").exists()
+    names = {k.removeprefix("train/") for k in flatten(live) if k.startswith("train/")}
+    assert METRIC_NAMES | {"num_tokens", "learning_rate", "grad_norm", "epoch", "loss"} <= names
+    assert live["step"] == 6  # the last optimizer step: points sit at the step they describe
+    history = (p["live"] / "plots" / "metrics" / "train" / "rewards" / "accuracies.tsv").read_text().splitlines()
+    assert history[0].split("\t") == ["step", "accuracies"] and [r.split("\t")[0] for r in history[1:]] == ["2", "4", "6"]
     assert (p["train"] / "model" / "config.json").exists()
 
 
 def test_evaluate_writes_metrics_per_example_and_win_rate(pipeline_run):
     _, p = pipeline_run
-    metrics = json.loads(p["metrics"].read_text())
+    metrics = read_metrics(p["metrics"])
+    assert json.loads(p["metrics"].read_text())["rewards"]["accuracies"] == metrics["rewards/accuracies"]  # nested
     assert METRIC_NAMES | {"loss", "win_rate", "num_pairs"} <= set(metrics)
     assert 0.0 <= metrics["win_rate"] <= 1.0 and metrics["num_pairs"] == 16
     per_example = pq.read_table(p["eval"] / "per_example.parquet").to_pylist()
     assert len(per_example) == 16
     accuracy = sum(r["correct"] for r in per_example) / len(per_example)
     assert accuracy == pytest.approx(metrics["rewards/accuracies"])
+    assert all(r["prompt"] and r["chosen"] and r["rejected"] for r in per_example)  # the pairs' text, for reading
+    page = p["report"].read_text()
+    assert "win rate" in page and page.count("<svg") >= 4 and per_example[0]["row_id"] in page
 
 
 def test_export_loads_with_transformers_and_has_a_model_card(pipeline_run):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,6 +66,7 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path, tiny_tokenizer, kind
         assert torch.allclose(got[name], value, atol=1e-6, rtol=0), name
     losses = lambda t: [e["loss"] for e in t.state.log_history if "loss" in e and e["step"] > 3]  # noqa: E731
     assert losses(resumed) == pytest.approx(losses(whole), abs=1e-6)
+    assert resumed.state.log_history[-1]["num_tokens"] == whole.state.log_history[-1]["num_tokens"] > 0  # continued
     if kind == "full_tr_dpo":  # the moving reference was saved with the checkpoint and restored
         assert (checkpoint / "ref_model.safetensors").exists()
         for a, b in zip(resumed.ref_model.parameters(), whole.ref_model.parameters()):
@@ -101,38 +102,73 @@ def train_stage_run(root, out, resume=None, **train):
                            out / "live")
 
 
+class Interrupted(Exception):
+    pass
+
+
+def interrupted_run(monkeypatch, root, out, at_step: int) -> Path:
+    """A train stage run stopped (by an exception) at the end of step `at_step`; returns its checkpoints' dir."""
+    from transformers import TrainerCallback
+
+    import pipeline.training as training
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == at_step:
+                raise Interrupted
+
+    class StoppingTrainer(training.DPOTrainer):
+        def __init__(self, *args, callbacks=None, **kwargs):
+            super().__init__(*args, callbacks=[*(callbacks or []), StopAt()], **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "DPOTrainer", StoppingTrainer)
+        with pytest.raises(Interrupted):
+            train_stage_run(root, out)
+    (run_dir,) = (out / "ck").iterdir()
+    return run_dir
+
+
 def final_weights(out) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(out / "train" / "model" / "model.safetensors"))
 
 
-def test_train_stage_resume_true_and_a_checkpoint_path(prepared, tmp_path):
+def test_train_stage_resume_true_and_a_checkpoint_path(prepared, tmp_path, monkeypatch):
     whole = tmp_path / "whole"
-    train_stage_run(prepared, whole)
+    manifest = train_stage_run(prepared, whole)
     expected = final_weights(whole)
+    assert manifest["resumed_from"] is None
+    assert list((whole / "ck").iterdir()) == []  # a finished run's checkpoints are removed
 
-    interrupted = tmp_path / "interrupted"  # only the first checkpoint survived
-    (interrupted / "ck").mkdir(parents=True)
-    checkpoint = interrupted / "ck" / "checkpoint-2"
-    shutil.copytree(whole / "ck" / "checkpoint-2", checkpoint)
+    interrupted = tmp_path / "interrupted"  # stopped at step 3: checkpoint-2 is the last complete one
+    run_dir = interrupted_run(monkeypatch, prepared, interrupted, at_step=3)
+    checkpoint = run_dir / "checkpoint-2"
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     state["log_history"][-1]["marker"] = "from the checkpoint"  # to see that steps 1-2 are not trained again
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
     manifest = train_stage_run(prepared, interrupted, resume=True)
-    assert manifest["resumed_from"] == str(checkpoint)
+    assert manifest["resumed_from"] == f"{run_dir.name}/checkpoint-2"
     history = json.loads((interrupted / "train" / "log_history.json").read_text())
     assert [e["step"] for e in history if "loss" in e] == [2, 4] and history[0]["marker"] == "from the checkpoint"
     for name, value in final_weights(interrupted).items():
-        assert torch.allclose(value, expected[name], atol=1e-6, rtol=0), name
+        assert torch.equal(value, expected[name]), name
+    assert not run_dir.exists()
 
     by_path = tmp_path / "by_path"
-    manifest = train_stage_run(prepared, by_path, resume=str(whole / "ck" / "checkpoint-2"))
-    assert manifest["resumed_from"].endswith("checkpoint-2")
+    run_dir = interrupted_run(monkeypatch, prepared, by_path, at_step=3)
+    manifest = train_stage_run(prepared, by_path, resume=str(run_dir / "checkpoint-2"))
+    assert manifest["resumed_from"] == f"{run_dir.name}/checkpoint-2"
     for name, value in final_weights(by_path).items():
-        assert torch.allclose(value, expected[name], atol=1e-6, rtol=0), name
+        assert torch.equal(value, expected[name]), name
 
-    fresh = tmp_path / "fresh"  # resume: true with no checkpoint yet starts from the beginning
-    assert train_stage_run(prepared, fresh, resume=True)["resumed_from"] is None
+    with pytest.raises(PipelineError, match="nothing to resume: no checkpoints at all"):  # true refuses a fresh start
+        train_stage_run(prepared, tmp_path / "fresh", resume=True)
     with pytest.raises(PipelineError, match="not a Trainer checkpoint"):
         train_stage_run(prepared, tmp_path / "bad", resume=str(tmp_path / "nowhere"))
+    unmarked = tmp_path / "unmarked"  # a checkpoint without fingerprint.json cannot be checked: refused
+    run_dir = interrupted_run(monkeypatch, prepared, unmarked, at_step=3)
+    (run_dir / "checkpoint-2" / "fingerprint.json").unlink()
+    with pytest.raises(PipelineError, match="no readable fingerprint.json"):
+        train_stage_run(prepared, unmarked, resume=str(run_dir / "checkpoint-2"))

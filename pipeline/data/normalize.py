@@ -14,6 +14,10 @@ reason (`drop`). The first copy of a duplicated pair is kept; later ones are `du
 
 Without `data.eval`, the eval split is carved from train: a seeded `eval_fraction` of the
 *prompts* (so all pairs of one prompt land on the same side and eval prompts are unseen in training).
+
+The report (and the manifest) records what was read (`report["sources"]`): each local source as given in
+params with its digest, a Hub dataset with the commit its revision resolved to (which is what is read), the
+preprocess hook's file. Under `dvc repro`, a local source that the stage's dvc.yaml deps do not cover is refused.
 """
 
 from __future__ import annotations
@@ -29,12 +33,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from ..artifacts import file_digest, write_json
+from ..artifacts import write_json
+from ..dvc_deps import require_dvc_deps
 from ..errors import PipelineError
 from .dropped import DROPPED_FILE, DroppedLog
 from .formats import InvalidRow, canonical_pair
 from .schema import NORMALIZED_SCHEMA, encode_field, encode_optional, prompt_id_for, raw_row_id, row_id_for
-from .sources import builtin_rows, hook_file, is_builtin, iter_rows, load_hook
+from .sources import builtin_rows, hook_record, is_builtin, iter_rows, load_hook, local_reads, source_record
 
 CHUNK_ROWS = 1000
 CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "tools", "chat_template_kwargs")
@@ -187,6 +192,26 @@ class Normalizer:
             self.writers[split].add(record)
 
 
+def data_sources(data: dict) -> dict:
+    """What normalize reads, for the manifest: the train and eval sources and the preprocess hook (or None),
+    each a record of `sources.source_record` / `sources.hook_record`. An eval source that is the train source
+    shares its record, so both splits read the same commit of a Hub dataset."""
+    eval_split = data["eval_split"] or data["split"]
+    train = source_record(data["train"], data["split"], data["name"], data["revision"], "data.train")
+    if data["eval"] is None:
+        eval_ = None
+    elif data["eval"] == data["train"] and train["kind"] == "hub":
+        eval_ = {**train, "split": eval_split}
+    else:
+        eval_ = source_record(data["eval"], eval_split, data["name"], data["revision"], "data.eval")
+    return {"train": train, "eval": eval_, "preprocess": hook_record(data["preprocess"])}
+
+
+def revision_to_read(record: dict, data: dict) -> str | None:
+    """The revision to read a source at: a Hub dataset's resolved commit when known, else data.revision."""
+    return record.get("commit") or data["revision"]
+
+
 def normalize_dataset(params: dict, out_dir: Path) -> dict:
     """Write `train.parquet`, `eval.parquet`, `dropped.jsonl`, `report.json` and `manifest.json` into `out_dir`."""
     data = params["data"]
@@ -194,8 +219,9 @@ def normalize_dataset(params: dict, out_dir: Path) -> dict:
         raise PipelineError(f"params: data.prompt_marker must be a non-empty string or null, got {data['prompt_marker']!r}.")
     hook = load_hook(data["preprocess"])
     check_column_mapping(data["columns"])
+    require_dvc_deps(local_reads(data))
+    sources = data_sources(data)
     needed = None if hook else set(data["columns"].values()) | set(CANONICAL_COLUMNS)
-    hub = {"name": data["name"], "revision": data["revision"]}
     with ExitStack() as stack:
         scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="dpo-normalize-"))
         writers = {split: SplitWriter(out_dir / f"{split}.parquet") for split in ("train", "eval")}
@@ -210,7 +236,8 @@ def normalize_dataset(params: dict, out_dir: Path) -> dict:
                 run.run(rows, lambda pair, s=split: s, RowPreparer({**data, "columns": {}}, None), f"normalize {split}")
             eval_from = "builtin"
         else:
-            train_rows = iter_rows(data["train"], data["split"], columns=needed, **hub)
+            train_rows = iter_rows(data["train"], data["split"], data["name"], revision_to_read(sources["train"], data),
+                                   columns=needed)
             if data["eval"] is None:
                 def carve(pair: dict) -> str:
                     prompt_id = prompt_id_for(pair["prompt"], pair["tools"])
@@ -219,7 +246,8 @@ def normalize_dataset(params: dict, out_dir: Path) -> dict:
                 eval_from = f"carved from train: eval_fraction {data['eval_fraction']} of the prompts, seed {params['seed']}"
             else:
                 run.run(train_rows, lambda pair: "train", RowPreparer(data, hook), "normalize train")
-                eval_rows = iter_rows(data["eval"], data["eval_split"] or data["split"], columns=needed, **hub)
+                eval_rows = iter_rows(data["eval"], data["eval_split"] or data["split"], data["name"],
+                                      revision_to_read(sources["eval"], data), columns=needed)
                 run.run(eval_rows, lambda pair: "eval", RowPreparer(data, hook), "normalize eval")
                 eval_from = f"{data['eval']} (split {data['eval_split'] or data['split']})"
         for writer in writers.values():
@@ -228,7 +256,7 @@ def normalize_dataset(params: dict, out_dir: Path) -> dict:
     report = {"rows_read": run.rows_read, "rows_written": rows, "rows_dropped": dropped.count,
               "dropped_by_reason": dict(sorted(dropped.by_reason.items())), "dropped_rows_file": DROPPED_FILE,
               "implicit_prompts": run.implicit_prompts, "formats": run.formats, "eval_from": eval_from,
-              "on_invalid": data["on_invalid"]}
+              "on_invalid": data["on_invalid"], "sources": sources}
     if report["rows_read"] != sum(rows.values()) + report["rows_dropped"]:
         raise RuntimeError("internal error: normalize counts do not add up")
     if rows["train"] == 0:
@@ -236,9 +264,3 @@ def normalize_dataset(params: dict, out_dir: Path) -> dict:
                             f"{report['rows_dropped']} dropped: {report['dropped_by_reason']}).")
     write_json(out_dir / "report.json", report)
     return report
-
-
-def hook_digest(data: dict) -> dict[str, str]:
-    """The digest of a `data.preprocess` hook file, for the normalized manifest's inputs."""
-    hook_path = hook_file(data["preprocess"])
-    return {"preprocess": file_digest(hook_path)} if hook_path is not None and hook_path.is_file() else {}

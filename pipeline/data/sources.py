@@ -15,6 +15,10 @@ decides. Nothing reads a whole file into memory:
   through `datasets.load_dataset(source, name, split=split, revision=revision)`, which prepares a
   memory-mapped Arrow cache; it is then read in batches.
 - a glob pattern (`data/train-*.jsonl`) reads the matching files in name order.
+
+What a source is, for the normalized manifest, is `source_record`: `local` (the path as given in params and
+`source_digest`, which the lineage check can recompute), `hub` (the revision asked for and the commit it
+resolved to, `pipeline.hub`), or `builtin`; `hook_record` records the preprocess hook's file.
 """
 
 from __future__ import annotations
@@ -23,17 +27,21 @@ import bz2
 import csv
 import glob
 import gzip
+import hashlib
 import importlib
 import importlib.util
 import io
 import json
 import lzma
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..artifacts import file_digest
 from ..builtin import BUILTIN_DATA, task
 from ..errors import PipelineError
+from ..hub import resolve_commit
 from .formats import InvalidRow
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -196,18 +204,34 @@ def _read_file(path: Path, columns: set | None) -> RowStream:
     return read_csv(path) if kind == "csv" else read_json(path)
 
 
+def is_glob(source: str) -> bool:
+    return any(ch in source for ch in "*?[") and not Path(source).exists()
+
+
+def glob_files(pattern: str) -> list[Path]:
+    """The files a glob source reads, in name order."""
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise PipelineError(f"{pattern}: no file matches this pattern.")
+    return [Path(file) for file in files]
+
+
+def _require_existing_path(source: str) -> None:
+    """A source spelled like a path (a suffix, or ./ / ~) must exist: it is not a Hub id."""
+    path = Path(source)
+    if not path.exists() and (path.suffix or source.startswith((".", "/", "~"))):
+        raise PipelineError(f"{source}: no such file or directory.")
+
+
 def iter_rows(source: str, split: str = "train", name: str | None = None, revision: str | None = None,
               columns: set | None = None) -> RowStream:
     """Stream the rows of `source` (see the module docstring); `columns` limits what Arrow sources read."""
     import datasets
 
     path = Path(source)
-    if any(ch in source for ch in "*?[") and not path.exists():
-        files = sorted(glob.glob(source))
-        if not files:
-            raise PipelineError(f"{source}: no file matches this pattern.")
-        for file in files:
-            yield from _read_file(Path(file), columns)
+    if is_glob(source):
+        for file in glob_files(source):
+            yield from _read_file(file, columns)
         return
     if path.is_file():
         yield from _read_file(path, columns)
@@ -221,8 +245,7 @@ def iter_rows(source: str, split: str = "train", name: str | None = None, revisi
             loaded = loaded[split]
         yield from read_dataset(loaded, label, columns)
         return
-    if not path.is_dir() and (path.suffix or source.startswith((".", "/", "~"))):
-        raise PipelineError(f"{source}: no such file or directory.")
+    _require_existing_path(source)
     # a Hub dataset id, or a local directory laid out like a Hub dataset repository
     loaded = _load(lambda: datasets.load_dataset(source, name, split=split, revision=revision), source)
     yield from read_dataset(loaded, label, columns)
@@ -259,17 +282,6 @@ def load_hook(spec: str | None) -> Callable[[dict], dict | None] | None:
     return function
 
 
-def hook_file(spec: str | None) -> Path | None:
-    """The file that defines the hook, so the manifest can record its digest."""
-    if not spec:
-        return None
-    module_name = spec.rpartition(":")[0]
-    if module_name.endswith(".py"):
-        return Path(module_name)
-    found = importlib.util.find_spec(module_name)
-    return Path(found.origin) if found and found.origin else None
-
-
 def builtin_rows(params: dict, split: str) -> list[dict]:
     """The built-in task's pairs; train and eval use disjoint prompts."""
     train_prompts, eval_prompts = task.split_prompts(params["seed"], params["data"]["eval_fraction"])
@@ -281,3 +293,101 @@ def builtin_rows(params: dict, split: str) -> list[dict]:
 
 def is_builtin(source: str | None) -> bool:
     return source == BUILTIN_DATA
+
+
+# ---- what a source is, for the normalized manifest and the DVC check ---------------------------------
+
+def local_paths(source: str) -> list[Path]:
+    """The local files and directories `source` reads (a file, a directory, a glob's matches); [] for a Hub id
+    or the built-in task."""
+    if is_builtin(source):
+        return []
+    if is_glob(source):
+        return glob_files(source)
+    return [Path(source)] if Path(source).exists() else []
+
+
+def _visible_files(directory: Path) -> list[Path]:
+    """Every file under `directory` but hidden ones (`.git`, `.cache`), which `datasets` does not read either."""
+    return sorted(p for p in directory.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+
+
+def _glob_root(pattern: str) -> Path:
+    """The directory part of a glob before its first wildcard: matched files are named relative to it."""
+    fixed = []
+    for part in Path(pattern).parts[:-1]:
+        if any(ch in part for ch in "*?["):
+            break
+        fixed.append(part)
+    return Path(*fixed)
+
+
+def source_digest(source: str) -> str:
+    """sha256 of a local source: of the file itself; of a directory or a glob, one digest over the sorted
+    relative paths and digests of every file it reads, so adding, removing, renaming or editing one changes it."""
+    path = Path(source)
+    if path.is_file():
+        return file_digest(path)
+    if is_glob(source):
+        root, files = _glob_root(source), glob_files(source)
+    elif path.is_dir():
+        root, files = path, _visible_files(path)
+    else:
+        raise PipelineError(f"{source}: no such file or directory.")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(root).as_posix()}\0{file_digest(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def source_record(source: str, split: str, name: str | None, revision: str | None, key: str) -> dict:
+    """The manifest's record of a data source: built-in, local (path as given in params + digest), or a Hub
+    dataset with the revision asked for and the commit it resolved to (None when offline and not cached)."""
+    if is_builtin(source):
+        return {"kind": "builtin", "name": source}
+    if local_paths(source):
+        return {"kind": "local", "path": source, "sha256": source_digest(source)}
+    _require_existing_path(source)
+    commit = resolve_commit(source, revision, "dataset", key=key, revision_key="data.revision")
+    return {"kind": "hub", "repo_id": source, "name": name, "split": split, "revision": revision, "commit": commit}
+
+
+def hook_file(spec: str | None) -> Path | None:
+    """The file that defines the `data.preprocess` hook (`file.py:function`, or a module's file)."""
+    if not spec:
+        return None
+    module_name = spec.rpartition(":")[0]
+    if module_name.endswith(".py"):
+        return Path(module_name)
+    found = importlib.util.find_spec(module_name)
+    return Path(found.origin) if found and found.origin and Path(found.origin).is_file() else None
+
+
+def hook_record(spec: str | None) -> dict | None:
+    """The manifest's record of the `data.preprocess` hook: a file as given in params, or a module by name,
+    with the digest of the file that defines it."""
+    if not spec:
+        return None
+    module_name, path = spec.rpartition(":")[0], hook_file(spec)
+    digest = file_digest(path) if path is not None else None  # None: a module without a file (built in)
+    if module_name.endswith(".py"):
+        return {"kind": "local", "path": module_name, "sha256": digest}
+    return {"kind": "module", "module": module_name, "sha256": digest}
+
+
+def _installed(path: Path) -> bool:
+    """Whether `path` belongs to an installed package or the standard library (not to the project)."""
+    roots = {Path(sysconfig.get_paths()[name]).resolve() for name in ("purelib", "platlib", "stdlib", "platstdlib")}
+    return any(root in path.resolve().parents for root in roots)
+
+
+def local_reads(data: dict) -> list[tuple[str, str, list[Path]]]:
+    """(params key, value as given, local paths) of every local input of normalize: the train and eval sources and
+    the preprocess hook's file (a module's too, unless it is installed)."""
+    reads = [(key, data[field], local_paths(data[field])) for key, field in (("data.train", "train"), ("data.eval", "eval"))
+             if data[field]]
+    hook = hook_file(data["preprocess"])
+    if hook is not None and not _installed(hook):
+        reads.append(("data.preprocess", data["preprocess"].rpartition(":")[0], [hook]))
+    return [read for read in reads if read[2]]
