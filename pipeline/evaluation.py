@@ -17,9 +17,9 @@ from .data.schema import decoded_row
 from .data.sources import is_builtin
 from .data.tables import load_pairs
 from .models import load_base_tokenizer, load_trained_policy
+from .params import dpo_config
 from .reference import Reference, stage_reference
 from .trainer import DPOTrainer
-from .training import dpo_config
 
 
 @torch.no_grad()

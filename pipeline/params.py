@@ -448,3 +448,17 @@ def reference_markdown() -> str:
         shown = yaml.safe_dump(default, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
         lines.append(f"| `{key}` | `{shown}` | {help_text.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
+
+
+def dpo_config(params: dict, output_dir: Path, **overrides) -> DPOConfig:
+    """The DPOConfig of a stage: params.yaml's train section and the DPOConfig options other sections own
+    (max_length from tokenize, ...), over the stage's own settings."""
+    train = {k: v for k, v in params["train"].items() if k not in TRAIN_STAGE_KEYS}
+    settings = {"report_to": "none", "save_total_limit": 2, "seed": params["seed"], "data_seed": params["seed"],
+                **dpo_options(params), **train, **overrides}
+    try:
+        return DPOConfig(output_dir=str(output_dir), **settings)
+    except PipelineError:
+        raise
+    except (TypeError, ValueError) as err:  # TrainingArguments' own checks
+        raise PipelineError(f"params: train: {err}") from None

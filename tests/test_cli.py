@@ -91,7 +91,7 @@ def test_params_mistakes_fail_fast_with_the_key(tmp_path, params, message):
 
 def test_the_train_config_takes_the_data_options_from_their_stages(tmp_path):
     from conftest import tiny_params
-    from pipeline.training import dpo_config as training_config
+    from pipeline.params import dpo_config as training_config
 
     params = tiny_params()
     params["tokenize"].update(max_length=77, truncation_mode="keep_end", dataset_num_proc=2)

@@ -92,14 +92,16 @@ def project(tmp_path_factory):
 
 
 def changed_by(repo: Path, env: dict, key: tuple[str, ...], value) -> set[str]:
-    """The stages `dvc status` reports after setting params.yaml's `key` to `value` (params.yaml is restored)."""
+    """The stages `dvc status` reports after setting params.yaml's `key` to `value` (params.yaml is restored;
+    an empty key: as it is)."""
     path = repo / "params.yaml"
     original = path.read_text()
     params = yaml.safe_load(original)
     node = params
     for part in key[:-1]:
         node = node[part]
-    node[key[-1]] = value
+    if key:
+        node[key[-1]] = value
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         status = json.loads(sh(["dvc", "status", "--json"], repo, env).strip().splitlines()[-1])
@@ -125,21 +127,40 @@ def test_a_second_repro_does_nothing_and_a_forced_one_changes_no_byte(project):
 
 def test_editing_code_or_data_reruns_exactly_that_stage_and_the_ones_after(project):
     repo, env = project
-    edits = {"stages/train.py": "train", "pipeline/tracking.py": "train", "pipeline/data/tables.py": "ref-logps",
-             "pipeline/evaluation.py": "evaluate", "pipeline/params.py": "base", "pipeline/data/sources.py": "normalize",
-             "pipeline/export.py": "export", "data/pairs.jsonl": "normalize"}
-    for rel, first in edits.items():
+    # dvc names the stages whose own deps changed (those that execute the file); the stages after them re-run
+    # when their outputs change
+    from test_dvc_deps import needed_deps
+
+    edits = {"stages/train.py": ["train"], "pipeline/tracking.py": ["train"], "pipeline/report.py": ["evaluate"],
+             "pipeline/data/tables.py": ["ref-logps", "train", "evaluate"], "pipeline/evaluation.py": ["evaluate"],
+             "pipeline/export.py": ["export"], "stages/base.py": ["base"],
+             "pipeline/data/normalize.py": ["normalize"]}
+    for rel, expected in edits.items():
+        assert [s for s in STAGES if rel in needed_deps(s)] == expected, rel  # what the imports say
         path = repo / rel
         original = path.read_bytes()
-        path.write_bytes(original[: original.rfind(b"\n", 0, len(original) - 1) + 1] if rel.endswith(".jsonl")
-                         else original + b"\n# edited\n")  # data: the last line deleted
+        path.write_bytes(original + b"\n# edited\n")
         try:
-            expected = after(first)
-            if rel == "pipeline/params.py":  # every stage reads params through it
-                expected = STAGES
             assert would_run(repo, env) == expected, rel
         finally:
             path.write_bytes(original)
+    path = repo / "pipeline" / "params.py"  # every stage reads params through it
+    original = path.read_bytes()
+    path.write_bytes(original + b"\n# edited\n")
+    assert set(changed_by(repo, env, (), None)) == set(STAGES)
+    path.write_bytes(original)
+    assert would_run(repo, env) == []
+    # the local data file: one pair deleted re-runs normalize and, its output changed, every stage after it
+    data = repo / "data" / "pairs.jsonl"
+    original = data.read_bytes()
+    data.write_bytes(original[: original.rfind(b"\n", 0, len(original) - 1) + 1])
+    try:
+        assert would_run(repo, env) == ["normalize"]
+        assert ran(sh(["dvc", "repro"], repo, env)) == after("normalize")
+    finally:
+        data.write_bytes(original)
+        sh(["git", "checkout", "-q", "--", "dvc.lock", "dvclive", "results"], repo, env)
+        sh(["dvc", "checkout", "-q"], repo, env)
     assert would_run(repo, env) == []
     # params: each edit re-runs the stages that read the key (dvc status names those whose own deps changed)
     assert changed_by(repo, env, ("model", "peft", "r"), 4) == {"train", "export"}

@@ -120,7 +120,7 @@ def test_params_refuse_model_combinations_that_cannot_work(model, train, message
 
 def test_params_accept_resume_and_keep_it_out_of_dpo_config(tmp_path):
     from pipeline.params import check_params
-    from pipeline.training import dpo_config as training_config
+    from pipeline.params import dpo_config as training_config
 
     for value in (True, False, "artifacts/checkpoints/checkpoint-50", None):
         params = check_params({"train": {"resume": value, "report_to": "none"}})
