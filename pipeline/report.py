@@ -19,6 +19,7 @@ import yaml
 TEXT_LIMIT = 600  # characters of prompt/completion text shown before an ellipsis
 MAX_EXAMPLES = 8  # judged generations shown
 PAIRS_SHOWN = 5  # pairs in each of the largest/smallest margin tables
+OUTCOMES = {1.0: "policy wins", 0.5: "tie", 0.0: "reference wins"}  # the judge's outcome of one prompt
 
 _SPLITS = ("train", "eval")
 _SIDES = ("chosen", "rejected", "margins")  # series sharing one plot, in legend order
@@ -223,7 +224,7 @@ def _judged_section(judged: dict | None) -> str:
     examples = judged.get("examples", [])[:MAX_EXAMPLES]
     rows = "".join(
         f'<tr><td class="text">{_text(ex["prompt"])}</td><td class="text">{_text(ex["policy"])}</td>'
-        f'<td class="text">{_text(ex["reference"])}</td><td>{_e(ex["outcome"])}</td></tr>'
+        f'<td class="text">{_text(ex["reference"])}</td><td>{_e(OUTCOMES.get(ex["outcome"], ex["outcome"]))}</td></tr>'
         for ex in examples)
     table = ('<table id="judged-examples" class="texts"><colgroup><col><col><col><col class="narrow"></colgroup>'
              '<thead><tr><th>prompt</th><th>policy</th><th>reference</th><th>outcome</th></tr></thead>'
@@ -248,7 +249,7 @@ def _pairs_section(pairs: list[dict]) -> str:
 
 def _pairs_table(table_id: str, pairs: list[dict]) -> str:
     rows = "".join(
-        f'<tr><td>{_e(p["row_id"])}</td><td class="num">{format_number(p["margin"])}</td>'
+        f'<tr><td title="{_e(p["row_id"])}">{_e(str(p["row_id"])[:10])}</td><td class="num">{format_number(p["margin"])}</td>'
         f'<td class="num">{format_number(p["chosen_reward"])}</td><td class="num">{format_number(p["rejected_reward"])}</td>'
         f'<td class="text">{_text(p["prompt"])}</td><td class="text">{_text(p["chosen"])}</td>'
         f'<td class="text">{_text(p["rejected"])}</td></tr>'

@@ -109,9 +109,9 @@ def test_metrics_table(page):
 
 def test_margin_tables(page, inputs):
     largest, smallest = _table(page, "pairs-largest"), _table(page, "pairs-smallest")
-    assert re.findall(r"<tr><td>(eval-\d+)</td>", largest) == ["eval-0003", "eval-0019", "eval-0018", "eval-0017",
+    assert re.findall(r"<tr><td title=\"(eval-\d+)\">", largest) == ["eval-0003", "eval-0019", "eval-0018", "eval-0017",
                                                                "eval-0016"]
-    assert re.findall(r"<tr><td>(eval-\d+)</td>", smallest) == ["eval-0000", "eval-0001", "eval-0002", "eval-0004",
+    assert re.findall(r"<tr><td title=\"(eval-\d+)\">", smallest) == ["eval-0000", "eval-0001", "eval-0002", "eval-0004",
                                                                 "eval-0005"]
     assert "A wonderful film, number 19." in largest and "A dull film, number 0." in smallest
 
