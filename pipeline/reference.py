@@ -5,20 +5,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import Callable, Literal, Sequence
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from .artifacts import read_manifest
 from .collator import DataCollatorForPreference
 from .data.schema import REF_LOGPS_SCHEMA, SPLITS
-from .data.tables import read_tokenized
 from .errors import PipelineError
-from .logps import token_logps
+from .head import evaluating, token_values
 from .models import is_peft_model, load_explicit_reference, load_policy
 
 Model = torch.nn.Module
@@ -117,53 +121,113 @@ def stage_reference(base_dir: Path, params: dict, policy: Model, when: When, pre
         sync_ref_model=bool(params["train"].get("sync_ref_model")))
 
 
+# ---- the reference pass ------------------------------------------------------------------------------
+# Memory stays flat in the number of pairs: pairs are read, scored and written a block at a time (one Parquet
+# row group, or one batch of a `datasets` map), and within a block they run in batches of similar length.
+
+REF_BLOCK_ROWS = 1024  # pairs read, scored and written at a time
+REF_BATCH_TOKENS = 2**14  # padded tokens of one forward pass (chosen and rejected rows together), at most
+ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+REF_VALUE_SCHEMA = pa.schema([f for f in REF_LOGPS_SCHEMA if f.name != "row_id"])
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int = REF_BATCH_TOKENS) -> list[list[int]]:
+    """Indices of pairs of these padded lengths (prompt + the longer completion), shortest first, cut into batches
+    of at most `batch_size` pairs whose chosen and rejected rows, padded, hold at most `max_tokens` tokens (a pair
+    longer than that alone), so little compute goes to padding and no batch outgrows the budget."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if batches and len(batches[-1]) < batch_size and 2 * (len(batches[-1]) + 1) * lengths[i] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 @torch.no_grad()
-def reference_logps(reference: Reference, rows: list[dict], collator: DataCollatorForPreference,
-                    batch_size: int, progress: bool = False) -> dict[str, list]:
-    """Summed and per-token completion log-probs of chosen and rejected under `model`.
-
-    `rows` hold `row_id`, `prompt_ids`, `chosen_ids`, `rejected_ids`. Rows are batched by length so
-    little compute goes to padding; results come back in the input order.
-    
-    """
+def score_block(reference: Reference, block: pa.Table, collator: DataCollatorForPreference, batch_size: int,
+                max_tokens: int = REF_BATCH_TOKENS, chunk_tokens: int | None = None) -> pa.Table:
+    """The reference's summed and per-token completion log-probs of chosen and rejected for the pairs of `block`
+    (its `prompt_ids`, `chosen_ids`, `rejected_ids`), in its order, as REF_VALUE_SCHEMA columns (per-token values
+    float32 lists, built from the tensors without Python floats)."""
     model = reference.model
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt_ids"]) + max(len(rows[i]["chosen_ids"]), len(rows[i]["rejected_ids"])))
-    results: dict[int, tuple] = {}
-    batches: Iterable = range(0, len(order), batch_size)
-    for start in tqdm(batches, desc="reference log-probs", disable=not progress):
-        index = order[start:start + batch_size]
-        batch = collator([rows[i] for i in index])
-        with reference.context():
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                           use_cache=False).logits[:, :-1]
-        labels = batch["input_ids"][:, 1:].to(device)
-        mask = batch["completion_mask"][:, 1:].to(device).bool()
-        per_token = token_logps(logits, labels)
-        n = len(index)
-        for j, i in enumerate(index):
-            chosen = per_token[j][mask[j]].tolist()
-            rejected = per_token[n + j][mask[n + j]].tolist()
-            results[i] = (sum(chosen), sum(rejected), chosen, rejected)
-    if was_training:
-        model.train()
-    ordered = [results[i] for i in range(len(rows))]
-    return {"row_id": [r["row_id"] for r in rows],
-            "ref_chosen_logps": [r[0] for r in ordered], "ref_rejected_logps": [r[1] for r in ordered],
-            "ref_chosen_token_logps": [r[2] for r in ordered], "ref_rejected_token_logps": [r[3] for r in ordered]}
+    ids = block.select(list(ID_COLUMNS))
+    lengths = (np.asarray(pc.list_value_length(ids["prompt_ids"]).fill_null(0))
+               + np.maximum(np.asarray(pc.list_value_length(ids["chosen_ids"]).fill_null(0)),
+                            np.asarray(pc.list_value_length(ids["rejected_ids"]).fill_null(0))))
+    order, parts = [], []
+    with evaluating(model):
+        for index in length_batches(lengths.tolist(), batch_size, max_tokens):
+            batch = {k: v.to(device) for k, v in collator(ids.take(index).to_pylist()).items()}
+            mask = batch["completion_mask"][:, 1:].bool()
+            with reference.context():
+                per_token = token_values(model, batch, mask, chunk_tokens=chunk_tokens).logps
+            parts.append(ref_columns(per_token, mask))
+            order += index
+    if not parts:
+        return REF_VALUE_SCHEMA.empty_table()
+    return pa.concat_tables(parts).take(np.argsort(order))
 
 
-def write_reference_logps(reference: Reference, tokenized_dir: Path, tokenizer, batch_size: int, out_dir: Path) -> dict:
-    """The reference log-probs of every split of a tokenized artifact, as `<split>.parquet` in out_dir; returns
-    the row counts."""
+def ref_columns(per_token: torch.Tensor, mask: torch.Tensor) -> pa.Table:
+    """One batch's REF_VALUE_SCHEMA columns from its per-token log-probs ([2n, L-1]: chosen rows, then rejected)."""
+    n = mask.shape[0] // 2
+    sums = (per_token.double() * mask).sum(-1).cpu().numpy()
+    lengths = mask.sum(-1).cpu().numpy()
+    values = per_token[mask].float().cpu().numpy()  # row-major: every chosen row's tokens, then every rejected row's
+    split = int(lengths[:n].sum())
+
+    def lists(side_lengths, side_values):
+        offsets = np.concatenate([[0], np.cumsum(side_lengths)]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(side_values, pa.float32()))
+    return pa.Table.from_arrays([pa.array(sums[:n]), pa.array(sums[n:]), lists(lengths[:n], values[:split]),
+                                 lists(lengths[n:], values[split:])], schema=REF_VALUE_SCHEMA)
+
+
+def reference_logps(reference: Reference, rows: list[dict], collator: DataCollatorForPreference,
+                    batch_size: int) -> dict[str, list]:
+    """Summed and per-token completion log-probs of chosen and rejected for a few in-memory `rows` (`row_id`,
+    `prompt_ids`, `chosen_ids`, `rejected_ids`), as Python lists in their order. Whole splits stream instead:
+    `write_reference_logps` (Parquet) and `add_reference_logps` (a `datasets.Dataset`)."""
+    block = pa.Table.from_pydict({name: [list(r[name]) for r in rows] for name in ID_COLUMNS})
+    return {"row_id": [r["row_id"] for r in rows], **score_block(reference, block, collator, batch_size).to_pydict()}
+
+
+def write_reference_logps(reference: Reference, tokenized_dir: Path, tokenizer, batch_size: int, out_dir: Path,
+                          max_tokens: int = REF_BATCH_TOKENS) -> dict:
+    """The reference log-probs of every split of a tokenized artifact, as `<split>.parquet` in out_dir, streamed:
+    each block of REF_BLOCK_ROWS pairs is read, scored and written as one row group before the next is read.
+    Returns the row counts."""
     reference.model.to("cuda" if torch.cuda.is_available() else "cpu")
+    read_manifest(tokenized_dir, "tokenized")
     collator = DataCollatorForPreference(tokenizer.pad_token_id)
     rows = {}
     for split in SPLITS:
-        table = read_tokenized(tokenized_dir, split)
-        computed = reference_logps(reference, table.to_pylist(), collator, batch_size, progress=True)
-        pq.write_table(pa.Table.from_pydict(computed, schema=REF_LOGPS_SCHEMA), Path(out_dir) / f"{split}.parquet")
-        rows[split] = table.num_rows
+        source = pq.ParquetFile(Path(tokenized_dir) / f"{split}.parquet")
+        with pq.ParquetWriter(Path(out_dir) / f"{split}.parquet", REF_LOGPS_SCHEMA) as writer, \
+                tqdm(total=source.metadata.num_rows, desc=f"reference log-probs ({split})", unit="pairs") as progress:
+            for batch in source.iter_batches(batch_size=REF_BLOCK_ROWS, columns=["row_id", *ID_COLUMNS]):
+                block = pa.Table.from_batches([batch])
+                scored = score_block(reference, block, collator, batch_size, max_tokens)
+                writer.write_table(pa.Table.from_arrays([block["row_id"], *scored.columns], schema=REF_LOGPS_SCHEMA))
+                progress.update(block.num_rows)
+        rows[split] = source.metadata.num_rows
     return rows
+
+
+def add_reference_logps(dataset, reference: Reference, collator: DataCollatorForPreference, batch_size: int,
+                        max_tokens: int = REF_BATCH_TOKENS, chunk_tokens: int | None = None):
+    """`dataset` (a `datasets.Dataset` of tokenized pairs) with the reference's log-prob columns, streamed: a
+    `map` over blocks of REF_BLOCK_ROWS pairs writes them to an Arrow file in `datasets`' temporary cache
+    directory (removed at exit), which the result reads memory-mapped, beside the dataset's own columns."""
+    import datasets
+    from datasets.fingerprint import get_temporary_cache_files_directory
+
+    name = f"ref_logps-{uuid.uuid4().hex}"  # never a cached result: the values depend on the reference model
+    scored = dataset.select_columns(list(ID_COLUMNS)).with_format("arrow").map(
+        lambda block: score_block(reference, block, collator, batch_size, max_tokens, chunk_tokens),
+        batched=True, batch_size=REF_BLOCK_ROWS, remove_columns=list(ID_COLUMNS), new_fingerprint=name,
+        cache_file_name=os.path.join(get_temporary_cache_files_directory(), f"{name}.arrow"),
+        load_from_cache_file=False, desc="reference log-probs")
+    return datasets.concatenate_datasets([dataset, scored.with_format(None)], axis=1)

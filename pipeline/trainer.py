@@ -17,10 +17,11 @@ from .collator import DataCollatorForPreference
 from .config import DPOConfig
 from .data.prepare import prepare_dataset
 from .errors import PipelineError
-from .logps import sequence_logps, token_diagnostics, token_logps, unpack, wpo_log_weights
+from .head import token_values
+from .logps import sequence_logps, wpo_log_weights
 from .models import (disable_dropout, effective_weights, is_peft_model, is_quantized, load_causal_lm, load_tokenizer,
                      with_pad_token)
-from .reference import PRECOMPUTED, Reference, reference_logps, resolve_reference
+from .reference import PRECOMPUTED, Reference, add_reference_logps, resolve_reference
 
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
 TOKEN_METRICS = ("logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy")
@@ -100,7 +101,13 @@ class DPOTrainer(Trainer):
     `chosen_ids`, `rejected_ids` and, optionally, precomputed `ref_*` columns. `ref_model` is a model,
     a path or Hub id, None (the reference is then resolved by `pipeline.reference.resolve_reference`), or
     an already resolved `Reference`.
+
+    Log-probs and metrics are computed chunk by chunk through the output layer (`pipeline.head`), so no
+    `[2N, L, V]` logits are ever held; `logits_chunk_tokens` sets the positions per chunk (None: sized by the
+    vocabulary to LOGITS_PER_CHUNK logits).
     """
+
+    logits_chunk_tokens: int | None = None
 
     def __init__(self, model: str | PreTrainedModel | torch.nn.Module,
                  ref_model: str | PreTrainedModel | Reference | None = None,
@@ -251,37 +258,20 @@ class DPOTrainer(Trainer):
         if dataset is None or _has_reference_logps(dataset):
             return dataset
         batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
-        rows = [dict(zip(("row_id", "prompt_ids", "chosen_ids", "rejected_ids"), values)) for values in
-                zip(dataset["row_id"] if "row_id" in dataset.column_names else range(len(dataset)),
-                    dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
-        computed = reference_logps(self.reference, rows, DataCollatorForPreference(self.processing_class.pad_token_id),
-                                   batch_size)
-        for column in ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_token_logps", "ref_rejected_token_logps"):
-            dataset = dataset.add_column(column, computed[column])
-        return dataset
+        return add_reference_logps(dataset, self.reference, DataCollatorForPreference(self.processing_class.pad_token_id),
+                                   batch_size, chunk_tokens=self.logits_chunk_tokens)
 
     # ---- the objective --------------------------------------------------------------------------
 
     def _token_values(self, model, inputs: dict, diagnostics: bool) -> tuple[torch.Tensor, dict | None]:
-        """Per-position log p(label) of every sequence, laid out [2N, L-1] whatever the batch layout
+        """Per-position log p(label) of the completion tokens, laid out [2N, L-1] whatever the batch layout
         (padded, or padding-free with restarting position_ids), plus the metric diagnostics (and, for a
         mixture-of-experts model that returns router logits, its load-balancing loss as `aux_loss`)."""
-        ids = inputs["input_ids"]
-        if "position_ids" in inputs:
-            outputs = model(input_ids=ids, position_ids=inputs["position_ids"], use_cache=False)
-        else:
-            outputs = model(input_ids=ids, attention_mask=inputs["attention_mask"], use_cache=False)
-        logits = outputs.logits[:, :-1]
-        labels = ids[:, 1:]
-        per_token = token_logps(logits, labels)
-        diag = token_diagnostics(logits, labels) if diagnostics else None
-        if "packed_index" in inputs:
-            index, valid = inputs["packed_index"], inputs["packed_valid"]
-            per_token = unpack(per_token, index, valid)
-            diag = {k: unpack(v, index, valid) for k, v in diag.items()} if diag else None
-        if diag is not None and getattr(outputs, "aux_loss", None) is not None:
-            diag["aux_loss"] = outputs.aux_loss
-        return per_token, diag
+        values = token_values(model, inputs, inputs["completion_mask"][:, 1:].bool(), diagnostics, self.logits_chunk_tokens)
+        diag = values.diagnostics
+        if diag is not None and values.aux_loss is not None:
+            diag["aux_loss"] = values.aux_loss
+        return values.logps, diag
 
     def compute_loss(self, model, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch=None):
         args = self.args

@@ -3,6 +3,9 @@
 The reference is the one online training would use (`pipeline.reference.resolve_reference`):
 model.ref_name_or_path if set; else the initial policy: the base model, carrying the starting adapter
 when one is continued (model.adapter); a new adapter's reference is the base itself.
+
+The pass streams (`pipeline.reference.write_reference_logps`): blocks of pairs are read, scored and written as
+Parquet row groups one after another, so memory stays flat in the number of pairs.
 """
 
 from __future__ import annotations
