@@ -114,6 +114,13 @@ class DPOConfig(TrainingArguments):
     dataset_num_proc: int | None = option(None, "Processes for dataset tokenization; None: the calling process.")
     pad_token: str | None = option(None, "Padding token; default: the tokenizer's pad token, else its eos token.")
     padding_free: bool = option(False, "Pack the batch into one sequence without padding (position_ids restart per sequence).")
+    prefix_sharing: bool = option(
+        True, "Run each pair's prompt once: prompt, chosen and rejected in one sequence, each completion masked from "
+        "the other (a model whose attention cannot take the mask falls back, with a log line); false: chosen and "
+        "rejected as two sequences.")
+    packing: bool = option(
+        True, "Fill each batch row with several pairs (or sequences), up to the longest one's length, instead of "
+        "padding every row to it (positions restart per sequence; same numbers); false: one per row.")
     pad_to_multiple_of: int | None = option(None, "Pad sequence lengths to a multiple of this.")
     max_length: int | None = option(1024, "Maximum tokens of prompt + the longer completion; None: no truncation.")
     truncation_mode: str = option("keep_start", "keep_start (cut the completions' ends) or keep_end (deprecated: cut "

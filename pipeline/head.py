@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .logps import label_logps, label_logps_backward, token_diagnostics, token_logps, unpack, vocab_diagnostics
+from .attention import prefix_shared_mask
+from .logps import label_logps, label_logps_backward, token_diagnostics, token_logps, vocab_diagnostics
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class OutputLayer:
 def token_values(model: torch.nn.Module, inputs: dict, mask: torch.Tensor, diagnostics: bool = False,
                  chunk_tokens: int | None = None) -> TokenValues:
     """Per-token log-probs (and diagnostics) of the completion tokens `mask` ([2N, L-1]) of a collated batch
-    (padded, or padding-free with restarting position_ids): chunked through the output layer when the model
+    (any layout of `pipeline.collator`): chunked through the output layer when the model
     allows it, else from its full logits. `chunk_tokens`: positions per chunk; None: LOGITS_PER_CHUNK logits."""
     layer = output_layer(model)
     if layer is None:
@@ -72,34 +73,43 @@ def token_values(model: torch.nn.Module, inputs: dict, mask: torch.Tensor, diagn
 
 
 def full_logits_values(model: torch.nn.Module, inputs: dict, diagnostics: bool = False) -> TokenValues:
-    """The plain path: the model's full `[rows, T, V]` logits, then log-probs and diagnostics at every position."""
+    """The plain path: the model's full logits, then log-probs and diagnostics at every position (of a packed or
+    prefix-shared batch: gathered into the per-sequence layout first)."""
     outputs = forward(model, inputs)
-    logits, labels = outputs.logits[:, :-1], inputs["input_ids"][:, 1:]
+    if "packed_index" in inputs:
+        logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])[inputs["packed_index"]]
+        labels = inputs["label_ids"]
+    else:
+        logits, labels = outputs.logits[:, :-1], inputs["input_ids"][:, 1:]
     per_token = token_logps(logits, labels)
     diag = token_diagnostics(logits, labels) if diagnostics else None
     if "packed_index" in inputs:
-        index, valid = inputs["packed_index"], inputs["packed_valid"]
-        per_token = unpack(per_token, index, valid)
-        diag = {k: unpack(v, index, valid) for k, v in diag.items()} if diag else None
+        valid = inputs["packed_valid"].to(per_token.dtype)
+        per_token = per_token * valid
+        diag = {k: v * valid for k, v in diag.items()} if diag else None
     return TokenValues(per_token, diag, getattr(outputs, "aux_loss", None))
 
 
 def forward(model: torch.nn.Module, inputs: dict, **kwargs):
-    """The model on a collated batch: a padding-free one keeps its sequences apart by restarting position_ids."""
+    """The model on a collated batch (`pipeline.collator`): a padded one with its attention mask, a packed one with
+    restarting position_ids alone, a prefix-shared one with position_ids and the mask `pipeline.attention` builds."""
+    if "segment_ids" in inputs:
+        mask = prefix_shared_mask(model, inputs)
+        return model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], attention_mask=mask,
+                     use_cache=False, **kwargs)
     if "position_ids" in inputs:
         return model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False, **kwargs)
     return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False, **kwargs)
 
 
 def completion_positions(inputs: dict, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each completion position of `mask` (row-major, as `masked_scatter` fills), its index in the flattened
-    `[rows·T]` positions of the batch as the model saw it (the one packed row of a padding-free batch), and its label."""
-    ids = inputs["input_ids"]
+    """For each completion position of `mask` (row-major, as `masked_scatter` fills), the index in the flattened
+    `[rows·T]` positions of the batch as the model saw it of the output that predicts its label, and the label."""
     if "packed_index" in inputs:
-        where = inputs["packed_index"][mask]
-    else:
-        rows, cols = mask.nonzero(as_tuple=True)
-        where = rows * ids.shape[1] + cols
+        return inputs["packed_index"][mask], inputs["label_ids"][mask]
+    ids = inputs["input_ids"]
+    rows, cols = mask.nonzero(as_tuple=True)
+    where = rows * ids.shape[1] + cols
     return where, ids.reshape(-1)[where + 1]
 
 

@@ -84,8 +84,3 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def wpo_log_weights(diagnostics: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     """log w of WPO per sequence: the mean over its completion tokens of the WPO term."""
     return masked_mean(diagnostics["wpo_term"], mask)
-
-
-def unpack(packed: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per-position values of a padding-free batch ([1, T]) laid out per sequence ([rows, L]) via `index`."""
-    return packed[0][index] * valid.to(packed.dtype)

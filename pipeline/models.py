@@ -7,6 +7,7 @@ place, `pipeline.reference.resolve_reference`.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +47,8 @@ def require_bitsandbytes(options: dict[str, Any]) -> None:
         raise PipelineError("4-bit/8-bit loading (QLoRA: model.quantization.load_in_4bit) needs a CUDA GPU and "
                             "bitsandbytes; this machine has no CUDA device. Set model.quantization.load_in_4bit: false "
                             "(LoRA on the unquantized base) or run on a GPU.")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise PipelineError("4-bit/8-bit loading (QLoRA) needs bitsandbytes: pip install bitsandbytes.") from None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise PipelineError("4-bit/8-bit loading (QLoRA) needs bitsandbytes: pip install bitsandbytes.")
 
 
 def is_quantized(model: torch.nn.Module) -> bool:

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .artifacts import read_manifest
+from .attention import batch_layout
 from .collator import DataCollatorForPreference
 from .data.schema import REF_LOGPS_SCHEMA, SPLITS
 from .errors import PipelineError
@@ -195,13 +196,15 @@ def reference_logps(reference: Reference, rows: list[dict], collator: DataCollat
 
 
 def write_reference_logps(reference: Reference, tokenized_dir: Path, tokenizer, batch_size: int, out_dir: Path,
-                          max_tokens: int = REF_BATCH_TOKENS) -> dict:
+                          max_tokens: int = REF_BATCH_TOKENS, prefix_sharing: bool = False, packing: bool = False) -> dict:
     """The reference log-probs of every split of a tokenized artifact, as `<split>.parquet` in out_dir, streamed:
     each block of REF_BLOCK_ROWS pairs is read, scored and written as one row group before the next is read.
+    Batches are prefix-shared and packed as asked where the model takes it (`pipeline.attention.batch_layout`).
     Returns the row counts."""
     reference.model.to("cuda" if torch.cuda.is_available() else "cpu")
     read_manifest(tokenized_dir, "tokenized")
-    collator = DataCollatorForPreference(tokenizer.pad_token_id)
+    collator = DataCollatorForPreference(tokenizer.pad_token_id,
+                                         **batch_layout([reference.model], prefix_sharing, packing, padding_free=False))
     rows = {}
     for split in SPLITS:
         source = pq.ParquetFile(Path(tokenized_dir) / f"{split}.parquet")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import warnings
@@ -13,6 +14,7 @@ import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from . import losses
+from .attention import batch_layout
 from .collator import DataCollatorForPreference
 from .config import DPOConfig
 from .data.prepare import prepare_dataset
@@ -25,6 +27,22 @@ from .reference import PRECOMPUTED, Reference, add_reference_logps, resolve_refe
 
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
 TOKEN_METRICS = ("logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy")
+
+
+def pair_metric_values(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards) -> dict[str, tuple]:
+    """(sum, number of pairs) of each of PAIR_METRICS, from per-pair log-probs c, r and rewards βρ⁺, βρ⁻ ([N])."""
+    n = len(chosen_rewards)
+    return {
+        "rewards/chosen": (chosen_rewards.sum(), n), "rewards/rejected": (rejected_rewards.sum(), n),
+        "rewards/margins": ((chosen_rewards - rejected_rewards).sum(), n),
+        "rewards/accuracies": ((chosen_rewards > rejected_rewards).float().sum(), n),
+        "logps/chosen": (chosen_logps.sum(), n), "logps/rejected": (rejected_logps.sum(), n),
+    }
+
+
+def term_metric_values(terms: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """(value, 1 batch) of each term of a combined objective: `loss/<loss_type>`, and a router's `aux_loss`."""
+    return {(name if name == "aux_loss" else f"loss/{name}"): (value.detach(), 1) for name, value in terms.items()}
 
 
 def refuse_vision_dataset(dataset, args: DPOConfig, model) -> None:
@@ -184,8 +202,15 @@ class DPOTrainer(Trainer):
             disable_dropout(model)
             if reference.standalone is not None:
                 disable_dropout(reference.standalone)
+        if args.use_liger_kernel:  # what the fused loss cannot express is refused here, not at the first step
+            from .liger import check_liger_route, model_kernel_config
+            check_liger_route(args, model, reference, (train_dataset, *_datasets(eval_dataset)))
+            args.liger_kernel_config = model_kernel_config(args)
+        # the batch layout every model that runs on the batches takes (prefix-shared, packed, else padded)
+        self.layout = batch_layout([m for m in (model, reference.model) if m is not None],
+                                   args.prefix_sharing, args.packing, args.padding_free)
         if data_collator is None:
-            data_collator = DataCollatorForPreference(processing_class.pad_token_id, args.pad_to_multiple_of, args.padding_free)
+            data_collator = DataCollatorForPreference(processing_class.pad_token_id, args.pad_to_multiple_of, **self.layout)
 
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
@@ -209,11 +234,9 @@ class DPOTrainer(Trainer):
 
     @staticmethod
     def _require_liger() -> None:
-        try:
-            import liger_kernel  # noqa: F401
-        except ImportError:
-            raise PipelineError("use_liger_kernel=True needs the optional Liger Kernel (GPU only): "
-                                "pip install 'dpo-pipeline[liger]', or set use_liger_kernel=False.") from None
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise PipelineError("use_liger_kernel=True needs the optional Liger Kernel: "
+                                "pip install 'dpo-pipeline[liger]', or set use_liger_kernel=False.")
 
     # ---- the reference --------------------------------------------------------------------------
 
@@ -258,14 +281,15 @@ class DPOTrainer(Trainer):
         if dataset is None or _has_reference_logps(dataset):
             return dataset
         batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
-        return add_reference_logps(dataset, self.reference, DataCollatorForPreference(self.processing_class.pad_token_id),
+        collator = DataCollatorForPreference(self.processing_class.pad_token_id, **{**self.layout, "padding_free": False})
+        return add_reference_logps(dataset, self.reference, collator,
                                    batch_size, chunk_tokens=self.logits_chunk_tokens)
 
     # ---- the objective --------------------------------------------------------------------------
 
     def _token_values(self, model, inputs: dict, diagnostics: bool) -> tuple[torch.Tensor, dict | None]:
         """Per-position log p(label) of the completion tokens, laid out [2N, L-1] whatever the batch layout
-        (padded, or padding-free with restarting position_ids), plus the metric diagnostics (and, for a
+        (padded, packed or prefix-shared: `pipeline.collator`), plus the metric diagnostics (and, for a
         mixture-of-experts model that returns router logits, its load-balancing loss as `aux_loss`)."""
         values = token_values(model, inputs, inputs["completion_mask"][:, 1:].bool(), diagnostics, self.logits_chunk_tokens)
         diag = values.diagnostics
@@ -274,13 +298,13 @@ class DPOTrainer(Trainer):
         return values.logps, diag
 
     def compute_loss(self, model, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch=None):
+        if self.args.use_liger_kernel:
+            return self._liger_compute_loss(model, inputs, return_outputs)
         args = self.args
         mode = "train" if model.training else "eval"
         mask = inputs["completion_mask"][:, 1:].bool()
         n = mask.shape[0] // 2
-        offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) \
-            if args.activation_offloading and mode == "train" else contextlib.nullcontext()
-        with offload:
+        with self._offloading(mode):
             per_token, diag = self._token_values(model, inputs, diagnostics=True)
         lengths = mask.sum(-1)
         shared = torch.minimum(lengths[:n], lengths[n:]).repeat(2)
@@ -303,11 +327,43 @@ class DPOTrainer(Trainer):
         self._record_metrics(mode, logps.detach(), chosen_rewards, rejected_rewards, diag, mask, n,
                              terms if len(terms) > 1 else {})
         if mode == "train":
-            tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(inputs["input_ids"].numel())
-            self._num_tokens += int(self.accelerator.reduce(tokens.to(self.args.device), "sum").item())
+            self._count_tokens(inputs)
         if return_outputs:
             return total, {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}
         return total
+
+    def _liger_compute_loss(self, model, inputs: dict[str, torch.Tensor], return_outputs: bool):
+        """compute_loss through Liger Kernel's fused linear DPO loss (`pipeline.liger`), for the options
+        `check_liger_route` let through. Logs the same metrics except `entropy` and `mean_token_accuracy`, which
+        the fused loss does not compute (a second pass over the vocabulary would undo what it saves)."""
+        from .liger import liger_dpo_loss
+
+        mode = "train" if model.training else "eval"
+        with self._offloading(mode):
+            out = liger_dpo_loss(model, self.reference, inputs, self.args, self.logits_chunk_tokens)
+        values = {
+            **pair_metric_values(out.chosen_logps, out.rejected_logps, out.chosen_rewards, out.rejected_rewards),
+            "logits/chosen": (out.chosen_logit_sum, out.chosen_tokens),
+            "logits/rejected": (out.rejected_logit_sum, out.rejected_tokens),
+            **term_metric_values(out.terms if len(out.terms) > 1 else {}),
+        }
+        self._accumulate_metrics(mode, values, out.chosen_rewards.device)
+        if mode == "train":
+            self._count_tokens(inputs)
+        if return_outputs:
+            return out.loss, {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards}
+        return out.loss
+
+    def _offloading(self, mode: str) -> contextlib.AbstractContextManager:
+        """Where the policy's forward runs: with activation_offloading, in training, its saved activations on the CPU."""
+        if self.args.activation_offloading and mode == "train":
+            return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+        return contextlib.nullcontext()
+
+    def _count_tokens(self, inputs: dict) -> None:
+        """num_tokens: the tokens of the pairs (prompt counted with each completion), whatever the layout ran."""
+        tokens = inputs["num_tokens"] if "num_tokens" in inputs else inputs["attention_mask"].sum()
+        self._num_tokens += int(self.accelerator.reduce(tokens.to(self.args.device), "sum").item())
 
     @torch.no_grad()
     def _reference_sequence_logps(self, inputs: dict, mask: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
@@ -335,17 +391,18 @@ class DPOTrainer(Trainer):
         c, r = slice(0, n), slice(n, 2 * n)
         token_sum = lambda name, rows: (diag[name][rows] * m[rows]).sum()  # noqa: E731
         values = {
-            "rewards/chosen": (chosen_rewards.sum(), n), "rewards/rejected": (rejected_rewards.sum(), n),
-            "rewards/margins": ((chosen_rewards - rejected_rewards).sum(), n),
-            "rewards/accuracies": ((chosen_rewards > rejected_rewards).float().sum(), n),
-            "logps/chosen": (logps[c].sum(), n), "logps/rejected": (logps[r].sum(), n),
+            **pair_metric_values(logps[c], logps[r], chosen_rewards, rejected_rewards),
             "logits/chosen": (token_sum("mean_logit", c), m[c].sum()),
             "logits/rejected": (token_sum("mean_logit", r), m[r].sum()),
             "entropy": (token_sum("entropy", slice(None)), m.sum()),
             "mean_token_accuracy": (token_sum("hit", c), m[c].sum()),
-            **{(name if name == "aux_loss" else f"loss/{name}"): (value.detach(), 1) for name, value in terms.items()},
+            **term_metric_values(terms),
         }
-        flat = torch.tensor([[float(s), float(k)] for s, k in values.values()], device=chosen_rewards.device, dtype=torch.float64)
+        self._accumulate_metrics(mode, values, chosen_rewards.device)
+
+    def _accumulate_metrics(self, mode: str, values: dict[str, tuple], device) -> None:
+        """Add each metric's (sum, count) of this batch, summed over ranks, to the running totals of `mode`."""
+        flat = torch.tensor([[float(s), float(k)] for s, k in values.values()], device=device, dtype=torch.float64)
         flat = self.accelerator.reduce(flat, "sum").tolist()
         for name, (total, count) in zip(values, flat):
             acc = self._metrics[mode][name]

@@ -24,10 +24,12 @@ from .common import load, params_option, path_option, user_errors
 
 
 def run(params: dict, tokenized: Path = paths.TOKENIZED, base: Path = paths.BASE, out: Path = paths.REF_LOGPS) -> dict:
-    with stage_output("ref-logps", out, {"tokenized": tokenized, "base": base}, params["ref_logps"]) as output:
+    layout = {name: train_option(params, name) for name in ("prefix_sharing", "packing")}
+    with stage_output("ref-logps", out, {"tokenized": tokenized, "base": base}, {**params["ref_logps"], **layout}) as output:
         reference = stage_reference(base, params, load_policy(base, params, trainable=False), "before_training")
         batch_size = params["ref_logps"]["precompute_ref_batch_size"] or train_option(params, "per_device_eval_batch_size")
-        output.rows = write_reference_logps(reference, tokenized, load_base_tokenizer(base, params), batch_size, output.dir)
+        output.rows = write_reference_logps(reference, tokenized, load_base_tokenizer(base, params), batch_size, output.dir,
+                                            **layout)
         output.extra = {"reference": reference.description}
     return output.manifest
 

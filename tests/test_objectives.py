@@ -11,7 +11,7 @@ import torch
 
 from pipeline import DPOConfig, DPOTrainer
 from pipeline.losses import LOSS_TYPES
-from pipeline.errors import PipelineError
+from pipeline.collator import DataCollatorForPreference
 from pipeline.logps import token_diagnostics, wpo_log_weights
 
 PAIRS = [
@@ -67,7 +67,7 @@ def test_padding_free_batches_give_the_padded_results(tmp_path, tiny_model, tiny
     results = []
     for padding_free in (False, True):
         trainer = DPOTrainer(model=tiny_model, args=config(tmp_path, padding_free=padding_free, ld_alpha=0.5,
-                                                           use_weighting=True),
+                                                           use_weighting=True, prefix_sharing=False, packing=False),
                              train_dataset=dataset, processing_class=tiny_tokenizer)
         batch = trainer.data_collator(PAIRS)
         assert ("attention_mask" in batch) != padding_free
@@ -134,6 +134,7 @@ def test_wpo_weights_match_the_formula_and_scale_each_pair(tmp_path, tiny_model,
     tiny_model.eval()
     batch = plain.data_collator(PAIRS[:1])
     ratio = weighted.compute_loss(tiny_model, batch).item() / plain.compute_loss(tiny_model, batch).item()
+    batch = DataCollatorForPreference(tiny_tokenizer.pad_token_id)(PAIRS[:1])  # padded, for the plain formula
     ids = batch["input_ids"]
     with torch.no_grad():
         diag = token_diagnostics(tiny_model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1], ids[:, 1:])

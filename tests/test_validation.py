@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 import datasets
@@ -95,11 +96,7 @@ def test_model_and_ref_model_being_the_same_object(tmp_path, tiny_model, tiny_to
 
 
 def test_liger_without_the_package_and_with_compute_metrics(tmp_path, tiny_model, tiny_tokenizer):
-    try:
-        import liger_kernel  # noqa: F401
-        installed = True
-    except ImportError:
-        installed = False
+    installed = importlib.util.find_spec("liger_kernel") is not None
     args = DPOConfig(output_dir=str(tmp_path), report_to="none", use_liger_kernel=True)
     with pytest.raises(PipelineError, match="does not support compute_metrics"):
         trainer(tmp_path, tiny_model, tiny_tokenizer, args=args, compute_metrics=lambda p: {},
