@@ -15,7 +15,8 @@ package of commit 65b108f (`benchmarks/_baseline.py`): padded batches, full-voca
 
 Printed per path: seconds of the reference pass and of training, pairs/s and tokens/s end to end (tokens: the
 pairs' own, prompt counted with each completion, the same number for every path), the tokens the model ran
-(padding included; prefix sharing runs each prompt once) and the first step's loss (which must agree).
+(padding included; prefix sharing runs each prompt once), the first step's logps/chosen and the last step's loss
+(which must agree).
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ def worker(opts: dict) -> dict:
     first = next(h for h in trainer.state.log_history if "rewards/margins" in h)
     batches = [rows[i:i + opts["batch"]] for i in range(0, len(rows), opts["batch"])]
     model_tokens = sum(int(trainer.data_collator(b)["input_ids"].numel()) for b in batches)
-    return {"ref_seconds": built - start, "train_seconds": done - built, "first_loss": first["loss"],
-            "first_margin": first["rewards/margins"], "model_tokens": model_tokens,
+    return {"ref_seconds": built - start, "train_seconds": done - built, "first_logps": first["logps/chosen"],
+            "last_loss": trainer.state.log_history[-2]["loss"], "model_tokens": model_tokens,
             "num_params": sum(p.numel() for p in model.parameters())}
 
 
@@ -170,14 +171,14 @@ def report(size: str, pairs: int, tokens: int, shared: int, runs: dict, vocab: i
           f"pairs, {tokens:,} tokens (prompt counted with each completion; {shared:,} with each prompt once: "
           f"{tokens / shared:.2f}x fewer); batch {cli.batch}, max_length {cli.max_length}, gradient checkpointing "
           f"{'off' if cli.no_gradient_checkpointing else 'on'}, {cli.threads} threads")
-    header = f"{'path':<38} {'ref s':>7} {'train s':>8} {'pairs/s':>8} {'tokens/s':>9} {'model tokens':>12} {'speed-up':>8} {'step-1 loss':>12}"
+    header = f"{'path':<38} {'ref s':>7} {'train s':>8} {'pairs/s':>8} {'tokens/s':>9} {'model tokens':>12} {'speed-up':>8} {'logps/chosen@1':>14} {'last loss':>10}"
     print(header + "\n" + "-" * len(header))
     base = next(iter(runs.values()))
     base_total = base["ref_seconds"] + base["train_seconds"]
     for name, r in runs.items():
         total = r["ref_seconds"] + r["train_seconds"]
         print(f"{name:<38} {r['ref_seconds']:>7.1f} {r['train_seconds']:>8.1f} {pairs / total:>8.2f} {tokens / total:>9.0f} "
-              f"{r['model_tokens']:>12,} {base_total / total:>7.2f}x {r['first_loss']:>12.6f}")
+              f"{r['model_tokens']:>12,} {base_total / total:>7.2f}x {r['first_logps']:>14.4f} {r['last_loss']:>10.6f}")
     default = runs["defaults (prefix-shared, packed)"]
     speedup = base_total / (default["ref_seconds"] + default["train_seconds"])
     print(f"model tokens per training epoch, baseline / defaults: {base['model_tokens'] / default['model_tokens']:.2f}x")
