@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+from .distributed import barrier, broadcast, is_main
 from .errors import PipelineError
 
 SCHEMA_VERSION = 2  # 2: inputs record {digest, path}; file digests and lineage are checked on read
@@ -83,27 +84,37 @@ def remove_orphans(final: Path) -> None:
 def staged_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary directory that replaces `final` only if the block finishes.
 
-    On an exception the temporary directory is removed and any earlier `final` is left untouched.
+    On an exception the temporary directory is removed and any earlier `final` is left untouched. Under several
+    processes (`pipeline.distributed`) every rank gets rank 0's directory; rank 0 renames it into place once every
+    rank has left the block, and the ranks go on together after that.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_orphans(final)
-    tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    main = is_main()
+    tmp = None
+    if main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_orphans(final)
+        tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    tmp = Path(broadcast(str(tmp) if main else None))
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:  # another rank's failure stops the launch; rank 0's next run removes what it leaves (an orphan)
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if not (tmp / MANIFEST).exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeError(f"internal error: {final} was staged without a manifest")
-    old = final.with_name(final.name + f".old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    if main:
+        if not (tmp / MANIFEST).exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError(f"internal error: {final} was staged without a manifest")
+        old = final.with_name(final.name + f".old-{os.getpid()}")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
 
 
 def write_manifest(directory: Path, stage: str, inputs: dict[str, str], params: Any,
@@ -255,5 +266,8 @@ def stage_output(stage: str, out: Path, inputs: dict[str, Path], params: Any) ->
     with staged_dir(out) as tmp:
         output = StageOutput(Path(tmp), manifests)
         yield output
-        output.manifest = write_manifest(tmp, stage, inputs={**records, **output.inputs}, params=params,
-                                         rows=output.rows, extra=output.extra)
+        barrier()  # every rank's files are written: rank 0 digests them
+        if is_main():
+            output.manifest = write_manifest(tmp, stage, inputs={**records, **output.inputs}, params=params,
+                                             rows=output.rows, extra=output.extra)
+    output.manifest = broadcast(output.manifest)

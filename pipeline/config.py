@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,6 +162,10 @@ class DPOConfig(TrainingArguments):
             self.bf16 = not self.fp16 and bf16_supported()
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin to; avoids a warning per dataloader
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                # launched as several processes on a machine without GPUs: data parallelism over gloo (accelerate's
+                # MULTI_CPU); without use_cpu the Trainer would run each process alone, silently
+                self.use_cpu = True
         check_dpo_options({name: getattr(self, name) for name in (*DPO_OPTION_NAMES, *TRAINING_RULES, "num_train_epochs",
                                                                   "max_steps")})
         super().__post_init__()

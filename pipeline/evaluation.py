@@ -16,6 +16,7 @@ from .builtin import task
 from .data.schema import decoded_row
 from .data.sources import is_builtin
 from .data.tables import load_pairs
+from .distributed import barrier, gather_shares, is_main, my_share
 from .models import load_base_tokenizer, load_trained_policy
 from .params import dpo_config
 from .reference import Reference, stage_reference
@@ -47,9 +48,11 @@ def judged_win_rate(policy, reference: Reference, tokenizer, prompts: list[list[
     """Win rate of the policy over the reference under the built-in task's judge (ties count half).
 
     The reference generates inside its context (for "adapter_off": the policy with its adapter switched off)."""
-    mine = greedy_answers(policy, tokenizer, prompts, max_new_tokens, batch_size)
+    share = my_share(prompts)  # under several processes each answers its share of the prompts
+    mine = gather_shares(greedy_answers(policy, tokenizer, share, max_new_tokens, batch_size), len(prompts))
     with reference.context():
-        theirs = greedy_answers(reference.model, tokenizer, prompts, max_new_tokens, batch_size)
+        theirs = greedy_answers(reference.model, tokenizer, share, max_new_tokens, batch_size)
+    theirs = gather_shares(theirs, len(prompts))
     rate, outcomes = task.win_rate(prompts, mine, theirs)
     examples = [{"prompt": p[-1]["content"], "policy": a, "reference": b, "policy_score": task.judge(p, a),
                  "reference_score": task.judge(p, b), "outcome": o} for p, a, b, o in zip(prompts, mine, theirs, outcomes)]
@@ -126,7 +129,8 @@ def evaluate_policy(params: dict, train: Path, tokenized: Path, ref_logps: Path,
               "chosen_reward": float(c), "rejected_reward": float(r), "margin": float(c - r)}
              for row_id, c, r in zip(row_ids, rewards[:, 0], rewards[:, 1])]
     per_example = pa.Table.from_pylist([{**p, "correct": p["chosen_reward"] > p["rejected_reward"]} for p in pairs])
-    pq.write_table(per_example, Path(out_dir) / "per_example.parquet")
+    if is_main():
+        pq.write_table(per_example, Path(out_dir) / "per_example.parquet")
     judged = None
     if judge:
         prompts = held_out_prompts(normalized, cfg["num_generations"])
@@ -137,6 +141,9 @@ def evaluate_policy(params: dict, train: Path, tokenized: Path, ref_logps: Path,
         metrics.update({k: judged[k] for k in ("win_rate", "policy_mean_score", "reference_mean_score")})
         metrics["num_generations"] = len(prompts)
         reference_metrics["policy_mean_score"] = judged["reference_mean_score"]
-        (Path(out_dir) / "generations.jsonl").write_text("".join(json.dumps(e) + "\n" for e in judged["examples"]))
-    shutil.rmtree(Path(out_dir) / "trainer", ignore_errors=True)
+        if is_main():
+            (Path(out_dir) / "generations.jsonl").write_text("".join(json.dumps(e) + "\n" for e in judged["examples"]))
+    barrier()
+    if is_main():
+        shutil.rmtree(Path(out_dir) / "trainer", ignore_errors=True)
     return Evaluation(metrics, reference_metrics, judged, pairs)

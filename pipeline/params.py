@@ -163,6 +163,22 @@ class ExportParams:
 
 
 @dataclass
+class DistributedParams:
+    num_processes: int = knob(1, "Processes per machine for ref-logps, train and evaluate (one per GPU); 1: no "
+                                 "launcher.", at_least(1))
+    num_machines: int = knob(1, "Machines taking part; run the same command on each, with its machine_rank.",
+                             at_least(1))
+    machine_rank: int = knob(0, "This machine's rank, 0 .. num_machines-1 (0 hosts the rendezvous).", at_least(0))
+    main_process_ip: str | None = knob(None, "Address of machine 0, needed with num_machines > 1; null: 127.0.0.1.")
+    main_process_port: int = knob(29500, "Rendezvous port on machine 0.", within(1, 65535))
+    mixed_precision: str | None = knob(None, "Passed to accelerate launch with config_file: no, fp16 or bf16; null: "
+                                             "the config file's (train.bf16/fp16 decide otherwise).",
+                                       one_of("no", "fp16", "bf16"))
+    config_file: str | None = knob(None, "An accelerate config file for FSDP or DeepSpeed (examples in "
+                                         "configs/accelerate/); null: plain data parallelism through torchrun.")
+
+
+@dataclass
 class Params:
     seed: int = knob(0, "Seed of data generation, carving, initialisation and training.")
     model: ModelParams = knob(help="The base model, reference, adapters and loading options.", factory=ModelParams)
@@ -173,6 +189,8 @@ class Params:
                        factory=dict)
     evaluate: EvaluateParams = knob(help="Held-out evaluation.", factory=EvaluateParams)
     export: ExportParams = knob(help="Export and push.", factory=ExportParams)
+    distributed: DistributedParams = knob(help="Processes and machines for ref-logps, train and evaluate.",
+                                          factory=DistributedParams)
 
 
 # DPOConfig options whose one home in params.yaml is another section: the stage that owns them applies
@@ -391,6 +409,10 @@ def check_params(raw: dict | None) -> dict:
     params = check_section(raw or {}, Params, "")
     params["train"] = check_train(params["train"], params)
     _check_models(params)
+    d = params["distributed"]
+    if d["machine_rank"] >= d["num_machines"]:
+        raise PipelineError(f"params: distributed.machine_rank is {d['machine_rank']} but distributed.num_machines is "
+                            f"{d['num_machines']}; machine ranks run from 0 to num_machines-1.")
     push = params["export"]["push"]
     if push["enabled"] and not push["repo_id"]:
         raise PipelineError("params: export.push.enabled is true but export.push.repo_id is not set; set it to "

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .artifacts import read_manifest
 from .attention import batch_layout
+from .distributed import gather, gather_to_main, rank_and_size
 from .collator import DataCollatorForPreference
 from .data.schema import REF_LOGPS_SCHEMA, SPLITS
 from .errors import PipelineError
@@ -196,26 +197,50 @@ def reference_logps(reference: Reference, rows: list[dict], collator: DataCollat
 
 
 def write_reference_logps(reference: Reference, tokenized_dir: Path, tokenizer, batch_size: int, out_dir: Path,
-                          max_tokens: int = REF_BATCH_TOKENS, prefix_sharing: bool = False, packing: bool = False) -> dict:
+                          max_tokens: int = REF_BATCH_TOKENS, prefix_sharing: bool = False, packing: bool = False,
+                          rows_per_rank: dict | None = None) -> dict:
     """The reference log-probs of every split of a tokenized artifact, as `<split>.parquet` in out_dir, streamed:
     each block of REF_BLOCK_ROWS pairs is read, scored and written as one row group before the next is read.
     Batches are prefix-shared and packed as asked where the model takes it (`pipeline.attention.batch_layout`).
-    Returns the row counts."""
-    reference.model.to("cuda" if torch.cuda.is_available() else "cpu")
+
+    Under several processes the blocks are shared out (block k to rank k mod world size, blocks no larger than an
+    even share) and scored a round of one block per rank at a time; rank 0 receives each round's blocks over the
+    process group and writes them in order, so no rank repeats another's work, no file is shared between machines
+    and memory stays flat. `rows_per_rank`, when given, receives each split's rows per rank. Returns the row
+    counts."""
+    rank, size = rank_and_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    reference.model.to(device)
     read_manifest(tokenized_dir, "tokenized")
     collator = DataCollatorForPreference(tokenizer.pad_token_id,
                                          **batch_layout([reference.model], prefix_sharing, packing, padding_free=False))
     rows = {}
     for split in SPLITS:
         source = pq.ParquetFile(Path(tokenized_dir) / f"{split}.parquet")
-        with pq.ParquetWriter(Path(out_dir) / f"{split}.parquet", REF_LOGPS_SCHEMA) as writer, \
-                tqdm(total=source.metadata.num_rows, desc=f"reference log-probs ({split})", unit="pairs") as progress:
-            for batch in source.iter_batches(batch_size=REF_BLOCK_ROWS, columns=["row_id", *ID_COLUMNS]):
-                block = pa.Table.from_batches([batch])
-                scored = score_block(reference, block, collator, batch_size, max_tokens)
-                writer.write_table(pa.Table.from_arrays([block["row_id"], *scored.columns], schema=REF_LOGPS_SCHEMA))
-                progress.update(block.num_rows)
-        rows[split] = source.metadata.num_rows
+        total = source.metadata.num_rows
+        block_rows = max(1, min(REF_BLOCK_ROWS, -(-total // size)))
+        blocks = source.iter_batches(batch_size=block_rows, columns=["row_id", *ID_COLUMNS])
+        mine = 0
+        writer = pq.ParquetWriter(Path(out_dir) / f"{split}.parquet", REF_LOGPS_SCHEMA) if rank == 0 else None
+        with tqdm(total=total, desc=f"reference log-probs ({split})", unit="pairs", disable=rank != 0) as progress:
+            for _ in range(-(-total // (block_rows * size)) if total else 0):
+                round_blocks = [next(blocks, None) for _ in range(size)]  # every rank reads the round, scores its own
+                block = round_blocks[rank]
+                table = None
+                if block is not None:
+                    block = pa.Table.from_batches([block])
+                    scored = score_block(reference, block, collator, batch_size, max_tokens)
+                    table = pa.Table.from_arrays([block["row_id"], *scored.columns], schema=REF_LOGPS_SCHEMA)
+                    mine += block.num_rows
+                for done in (gather_to_main(table) if size > 1 else [table]):
+                    if writer is not None and done is not None:
+                        writer.write_table(done, row_group_size=max(1, done.num_rows))  # one row group per block
+                        progress.update(done.num_rows)
+        if writer is not None:
+            writer.close()
+        rows[split] = total
+        if rows_per_rank is not None:
+            rows_per_rank[split] = gather(mine)
     return rows
 
 
@@ -228,9 +253,16 @@ def add_reference_logps(dataset, reference: Reference, collator: DataCollatorFor
     from datasets.fingerprint import get_temporary_cache_files_directory
 
     name = f"ref_logps-{uuid.uuid4().hex}"  # never a cached result: the values depend on the reference model
-    scored = dataset.select_columns(list(ID_COLUMNS)).with_format("arrow").map(
+    rank, size = rank_and_size()
+    ids = dataset.select_columns(list(ID_COLUMNS))
+    if size > 1:  # each rank scores a contiguous shard; the shards are gathered back in order
+        ids = ids.shard(num_shards=size, index=rank, contiguous=True)
+        name += f"-rank{rank}"
+    scored = ids.with_format("arrow").map(
         lambda block: score_block(reference, block, collator, batch_size, max_tokens, chunk_tokens),
         batched=True, batch_size=REF_BLOCK_ROWS, remove_columns=list(ID_COLUMNS), new_fingerprint=name,
         cache_file_name=os.path.join(get_temporary_cache_files_directory(), f"{name}.arrow"),
         load_from_cache_file=False, desc="reference log-probs")
+    if size > 1:
+        scored = datasets.Dataset(pa.concat_tables(gather(scored.data.table.combine_chunks())))
     return datasets.concatenate_datasets([dataset, scored.with_format(None)], axis=1)

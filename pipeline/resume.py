@@ -81,14 +81,19 @@ def fingerprinted_train_values(params: dict) -> dict:
 
 
 def run_fingerprint(params: dict, inputs: dict[str, Path]) -> Fingerprint:
-    """The fingerprint of a train run: seed, the train values that change the model, the model-loading params
-    and the identities (manifest digests) of the input artifacts (`inputs`: artifact kind → directory)."""
-    return Fingerprint.of({
+    """The fingerprint of a train run: seed, the train values that change the model, the model-loading params,
+    the identities (manifest digests) of the input artifacts (`inputs`: artifact kind → directory) and the number
+    of processes when more than one."""
+    record = {
         "seed": params["seed"],
         "train": fingerprinted_train_values(params),
         "model": {k: params["model"][k] for k in FINGERPRINTED_MODEL_KEYS},
         "inputs": {kind: manifest_digest(path) for kind, path in sorted(inputs.items())},
-    })
+    }
+    processes = params["distributed"]["num_processes"] * params["distributed"]["num_machines"]
+    if processes > 1:  # the global batch and each rank's data and RNG state depend on it (one process: unchanged)
+        record["processes"] = processes
+    return Fingerprint.of(record)
 
 
 def _flat(record: dict, prefix: str = "") -> dict[str, object]:

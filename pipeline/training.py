@@ -70,10 +70,11 @@ def train_policy(params: dict, tokenized: Path, ref_logps: Path, base: Path, out
 
     model_dir = Path(out_dir) / "model"
     sort_peft_sets(trainer.model)
-    trainer.save_model(str(model_dir))
-    (model_dir / TRAINING_ARGS_NAME).unlink(missing_ok=True)  # the params are in the manifest
+    trainer.save_model(str(model_dir))  # process zero writes (every rank takes part under FSDP/ZeRO-3)
     history = [run_log(entry, trainer.state.log_history) for entry in trainer.state.log_history]
-    (Path(out_dir) / "log_history.json").write_text(json.dumps(history, indent=1, sort_keys=True) + "\n")
+    if trainer.is_world_process_zero():
+        (model_dir / TRAINING_ARGS_NAME).unlink(missing_ok=True)  # the params are in the manifest
+        (Path(out_dir) / "log_history.json").write_text(json.dumps(history, indent=1, sort_keys=True) + "\n")
     return {"train_metrics": run_log(without_timings(result.metrics), trainer.state.log_history),
             "timings": timings(result.metrics), "fingerprint": fingerprint.digest,
             "resumed_from": resumed_name(plan.checkpoint, checkpoints), "adapter": is_peft_model(trainer.model),

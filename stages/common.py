@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from pipeline.distributed import init_process_group, relaunch
 from pipeline.errors import PipelineError
 from pipeline.params import load_params
 
@@ -33,3 +34,29 @@ def user_errors(func):
 
 def load(params_path: Path) -> dict:
     return load_params(params_path)
+
+
+def command_argv(ctx: click.Context) -> list[str]:
+    """The command line that runs this command again with the values it was given: `<stage> --option value ...`."""
+    argv = [ctx.info_name]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Option) and value is not None:
+            argv += [param.opts[0], str(value)]
+    return argv
+
+
+def launches(func):
+    """A heavy stage's command: with `distributed.num_processes` x `num_machines` > 1, re-run under the launcher
+    (`pipeline.distributed`) and exit with its status; inside a launched process, join the process group first."""
+    @functools.wraps(func)
+    def wrapper(**kwargs):
+        ctx = click.get_current_context()
+        status = relaunch(load(kwargs["params_path"]), command_argv(ctx))
+        if status is None:
+            init_process_group()
+            return func(**kwargs)
+        if status != 0:
+            raise click.ClickException(f"{ctx.info_name}: a process of the launch failed (exit status {status}); its "
+                                       "error is above. Nothing was published; re-running resumes where it can.")
+    return wrapper

@@ -8,12 +8,13 @@ from pathlib import Path
 import click
 
 from pipeline.artifacts import stage_output
+from pipeline.distributed import is_main
 from pipeline.evaluation import evaluate_policy
 from pipeline.metrics_file import write_metrics
 from pipeline.report import write_report
 
 from . import paths
-from .common import load, params_option, path_option, user_errors
+from .common import launches, load, params_option, path_option, user_errors
 
 
 def run(params: dict, train: Path = paths.TRAIN, tokenized: Path = paths.TOKENIZED, ref_logps: Path = paths.REF_LOGPS,
@@ -26,8 +27,9 @@ def run(params: dict, train: Path = paths.TRAIN, tokenized: Path = paths.TOKENIZ
     with stage_output("evaluate", out, inputs, {"evaluate": params["evaluate"], "train": params["train"]}) as output:
         result = evaluate_policy(params, train, tokenized, ref_logps, normalized, base, output.dir)
         output.rows = {"eval": result.metrics["num_pairs"]}
-    write_metrics(metrics_path, result.metrics)
-    write_report(report or Path(metrics_path).with_name("report.html"), result, live, params)
+    if is_main():
+        write_metrics(metrics_path, result.metrics)
+        write_report(report or Path(metrics_path).with_name("report.html"), result, live, params)
     return result.metrics
 
 
@@ -43,6 +45,7 @@ def run(params: dict, train: Path = paths.TRAIN, tokenized: Path = paths.TOKENIZ
 @path_option("live", paths.LIVE, "The training run's DVCLive directory (curves for the report).")
 @path_option("report", paths.REPORT, "Where to write the HTML run report.")
 @user_errors
+@launches
 def command(params_path: Path, train: Path, tokenized: Path, ref_logps: Path, normalized: Path, base: Path, out: Path,
             metrics: Path, live: Path, report: Path) -> None:
     """Evaluate the trained policy on the eval split: DPO metrics, the judged win rate on the built-in task, and a

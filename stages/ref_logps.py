@@ -20,7 +20,7 @@ from pipeline.params import train_option
 from pipeline.reference import stage_reference, write_reference_logps
 
 from . import paths
-from .common import load, params_option, path_option, user_errors
+from .common import launches, load, params_option, path_option, user_errors
 
 
 def run(params: dict, tokenized: Path = paths.TOKENIZED, base: Path = paths.BASE, out: Path = paths.REF_LOGPS) -> dict:
@@ -28,9 +28,10 @@ def run(params: dict, tokenized: Path = paths.TOKENIZED, base: Path = paths.BASE
     with stage_output("ref-logps", out, {"tokenized": tokenized, "base": base}, {**params["ref_logps"], **layout}) as output:
         reference = stage_reference(base, params, load_policy(base, params, trainable=False), "before_training")
         batch_size = params["ref_logps"]["precompute_ref_batch_size"] or train_option(params, "per_device_eval_batch_size")
+        per_rank: dict = {}
         output.rows = write_reference_logps(reference, tokenized, load_base_tokenizer(base, params), batch_size, output.dir,
-                                            **layout)
-        output.extra = {"reference": reference.description}
+                                            **layout, rows_per_rank=per_rank)
+        output.extra = {"reference": reference.description, "rows_per_rank": per_rank}
     return output.manifest
 
 
@@ -40,6 +41,7 @@ def run(params: dict, tokenized: Path = paths.TOKENIZED, base: Path = paths.BASE
 @path_option("base", paths.BASE, "The base artifact: names the reference model (and the adapter it carries).")
 @path_option("out", paths.REF_LOGPS, "Where to write the reference log-probs.")
 @user_errors
+@launches
 def command(params_path: Path, tokenized: Path, base: Path, out: Path) -> None:
     """Precompute the reference model's completion log-probs for every pair (ref_logps.* params)."""
     manifest = run(load(params_path), tokenized, base, out)

@@ -8,11 +8,12 @@ from pathlib import Path
 import click
 
 from pipeline.artifacts import stage_output
+from pipeline.distributed import is_main
 from pipeline.tracking import LiveMetricsCallback
 from pipeline.training import run_checkpoints, train_inputs, train_policy
 
 from . import paths
-from .common import load, params_option, path_option, user_errors
+from .common import launches, load, params_option, path_option, user_errors
 
 
 def run(params: dict, tokenized: Path = paths.TOKENIZED, ref_logps: Path = paths.REF_LOGPS, base: Path = paths.BASE,
@@ -26,8 +27,9 @@ def run(params: dict, tokenized: Path = paths.TOKENIZED, ref_logps: Path = paths
         output.extra = info
     say(f"train: timings (not recorded): {timings}")
     # the artifact is in place: this run's checkpoints have served (they exist to survive interruptions)
-    shutil.rmtree(run_checkpoints(checkpoints, info["fingerprint"]), ignore_errors=True)
-    Path(checkpoints).mkdir(parents=True, exist_ok=True)
+    if is_main():
+        shutil.rmtree(run_checkpoints(checkpoints, info["fingerprint"]), ignore_errors=True)
+        Path(checkpoints).mkdir(parents=True, exist_ok=True)
     return output.manifest
 
 
@@ -44,6 +46,7 @@ def run(params: dict, tokenized: Path = paths.TOKENIZED, ref_logps: Path = paths
                                              "fresh), true (the same, but refuse a fresh start), false, or a "
                                              "checkpoint path. Default: train.resume.")
 @user_errors
+@launches
 def command(params_path: Path, tokenized: Path, ref_logps: Path, base: Path, out: Path, checkpoints: Path, live: Path,
             resume) -> None:
     """Train the policy with DPO (train.* params: any DPOConfig option)."""
