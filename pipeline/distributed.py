@@ -42,12 +42,19 @@ def check_distributed(params: dict) -> None:
     if d["config_file"] is not None and not Path(d["config_file"]).is_file():
         raise PipelineError(f"params: distributed.config_file: {d['config_file']} does not exist; use one of "
                             "configs/accelerate/*.yaml or null.")
-    if d["config_file"] is not None and "deepspeed" in Path(d["config_file"]).read_text().lower():
-        import torch
-        if not torch.cuda.is_available():
-            raise PipelineError(f"params: distributed.config_file {d['config_file']} uses DeepSpeed, which needs CUDA "
-                                "GPUs and this machine has none; use configs/accelerate/ddp.yaml (or no config file) "
-                                "on the CPU.")
+    if d["config_file"] is not None:
+        import yaml
+        try:
+            engine = str((yaml.safe_load(Path(d["config_file"]).read_text()) or {}).get("distributed_type", ""))
+        except yaml.YAMLError as err:
+            raise PipelineError(f"params: distributed.config_file {d['config_file']} is not valid YAML: {err}") from None
+        if engine in ("FSDP", "DEEPSPEED"):
+            import torch
+            if not torch.cuda.is_available():
+                name = "DeepSpeed" if engine == "DEEPSPEED" else "FSDP"
+                raise PipelineError(f"params: distributed.config_file {d['config_file']} uses {name}, which needs CUDA "
+                                    "GPUs, and this machine has none (accelerate would run plain data parallelism "
+                                    "instead); use configs/accelerate/ddp.yaml or no config file on the CPU.")
 
 
 def launch_command(params: dict, argv: list[str]) -> list[str] | None:

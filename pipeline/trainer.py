@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -215,9 +216,7 @@ class DPOTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
                          callbacks=callbacks, optimizers=optimizers)
-        if reference.standalone is not None:
-            reference.standalone.to(self.args.device)
-        self.reference = reference
+        self.reference = self._placed_reference(reference)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(lambda: [0.0, 0.0]),
                                                              "eval": defaultdict(lambda: [0.0, 0.0])}
         self._num_tokens = 0
@@ -231,6 +230,22 @@ class DPOTrainer(Trainer):
                 self.eval_dataset = self.with_reference_logps(self.eval_dataset)
             if not isinstance(ref_model, Reference):
                 self.reference = PRECOMPUTED  # computed: the policy may now change, the values stay
+
+    def _placed_reference(self, reference: Reference) -> Reference:
+        """A standalone reference where it runs: on this process's device; under FSDP sharded like the policy and
+        prepared for evaluation (`Accelerator.prepare_model(..., evaluation_mode=True)`). Under DeepSpeed ZeRO-3 a
+        standalone reference is refused: precompute its log-probs, or use an adapter (its reference is the base)."""
+        model = reference.standalone
+        if model is None:
+            return reference
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise PipelineError("DeepSpeed ZeRO-3 with a reference model of its own (an online reference) is not "
+                                "supported; set precompute_ref_log_probs=True (the pipeline's default) or train a "
+                                "LoRA adapter (its reference is the base with the adapter off).")
+        if self.is_fsdp_enabled:
+            return dataclasses.replace(reference, model=self.accelerator.prepare_model(model, evaluation_mode=True))
+        model.to(self.args.device)
+        return reference
 
     @staticmethod
     def _require_liger() -> None:

@@ -64,8 +64,8 @@ def test_one_process_needs_no_launcher_and_more_get_torchrun_or_accelerate(tmp_p
     command = launch_command(two, ["train", "--params", "p.yaml"])
     assert command[1:3] == ["-m", "torch.distributed.run"] and command[-5:] == ["-m", "stages.cli", "train", "--params", "p.yaml"]
     assert command[command.index("--nproc_per_node") + 1] == "2" and command[command.index("--master_port") + 1] == "29511"
-    config = tmp_path / "fsdp.yaml"
-    config.write_text("distributed_type: FSDP\n")
+    config = tmp_path / "multi_gpu.yaml"
+    config.write_text("distributed_type: MULTI_GPU\n")
     fsdp = with_processes(params, num_processes=2, num_machines=2, machine_rank=1, main_process_ip="10.0.0.1",
                           config_file=str(config), mixed_precision="bf16")
     command = launch_command(fsdp, ["train"])
@@ -83,10 +83,11 @@ def test_launch_settings_that_cannot_work_are_refused(tmp_path, monkeypatch):
         check_params({"distributed": {"num_machines": 2, "machine_rank": 2}})
     with pytest.raises(PipelineError, match=r"distributed.config_file: nope.yaml does not exist"):
         launch_command(with_processes(check_params({}), num_processes=2, config_file="nope.yaml"), ["train"])
-    if not torch.cuda.is_available():
-        with pytest.raises(PipelineError, match=r"uses DeepSpeed, which needs CUDA GPUs"):
-            launch_command(with_processes(check_params({}), num_processes=2,
-                                          config_file=str(ROOT / "configs/accelerate/deepspeed_zero2.yaml")), ["train"])
+    if not torch.cuda.is_available():  # accelerate would fall back to plain data parallelism without a word
+        for name, engine in (("deepspeed_zero2", "DeepSpeed"), ("deepspeed_zero3", "DeepSpeed"), ("fsdp", "FSDP")):
+            with pytest.raises(PipelineError, match=rf"uses {engine}, which needs CUDA GPUs"):
+                launch_command(with_processes(check_params({}), num_processes=2,
+                                              config_file=str(ROOT / f"configs/accelerate/{name}.yaml")), ["train"])
 
 
 def test_the_shipped_accelerate_configs_are_valid_yaml_for_their_engine():
