@@ -223,9 +223,11 @@ def write_reference_logps(reference: Reference, tokenized_dir: Path, tokenizer, 
         mine = 0
         writer = pq.ParquetWriter(Path(out_dir) / f"{split}.parquet", REF_LOGPS_SCHEMA) if rank == 0 else None
         with tqdm(total=total, desc=f"reference log-probs ({split})", unit="pairs", disable=rank != 0) as progress:
-            for _ in range(-(-total // (block_rows * size)) if total else 0):
-                round_blocks = [next(blocks, None) for _ in range(size)]  # every rank reads the round, scores its own
-                block = round_blocks[rank]
+            while True:  # every rank reads each round's blocks (the file's row groups may cut them short)
+                round_blocks = [next(blocks, None) for _ in range(size)]
+                if round_blocks[0] is None:
+                    break
+                block = round_blocks[rank]  # and scores its own
                 table = None
                 if block is not None:
                     block = pa.Table.from_batches([block])
