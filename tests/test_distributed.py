@@ -205,3 +205,65 @@ def test_a_rank_that_dies_fails_the_launch_and_publishes_nothing(tmp_path, prepa
     run_stage(tmp_path, tiny_params(**TRAIN), "ref-logps", "--tokenized", str(prepared / "tokenized"), "--base",
               str(prepared / "base"), "--out", str(out))
     assert (out / "manifest.json").exists() and not list(tmp_path.glob("ref_logps.*"))
+
+
+@pytest.mark.slow
+def test_a_new_lora_adapter_with_its_adapter_off_reference_trains_alike_on_two_processes(tmp_path, prepared):
+    """PEFT under DDP: the online reference is the base with the adapter off, on every rank."""
+    def lora(**train):
+        params = tiny_params(**TRAIN, precompute_ref_log_probs=False, **train)
+        params["model"]["peft"].update(enabled=True, r=4, lora_alpha=8, lora_dropout=0.0)
+        return check_params(params)
+    paths = lambda out: ["--tokenized", str(prepared / "tokenized"), "--base", str(prepared / "base"),  # noqa: E731
+                         "--ref-logps", str(prepared / "ref_logps"), "--out", str(out / "train"),
+                         "--checkpoints", str(out / "ck"), "--live", str(out / "live")]
+    run_stage(tmp_path, lora(), "train", *paths(tmp_path / "one"))
+    run_stage(tmp_path, with_processes(lora(per_device_train_batch_size=4), num_processes=2,
+                                       main_process_port=free_port()), "train", *paths(tmp_path / "two"))
+    from safetensors.torch import load_file
+    want, got = (load_file(tmp_path / n / "train" / "model" / "adapter_model.safetensors") for n in ("one", "two"))
+    assert want.keys() == got.keys() and want
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5, msg=key)
+    h1, h2 = (json.loads((tmp_path / n / "train" / "log_history.json").read_text()) for n in ("one", "two"))
+    margins = [[e["rewards/margins"] for e in h if "rewards/margins" in e] for h in (h1, h2)]
+    assert len(margins[0]) == 4 and margins[1] == pytest.approx(margins[0], rel=1e-4, abs=1e-6)
+
+
+FAIL_AT_STEP_3_ON_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1":
+    import pipeline.trainer as trainer
+    step = trainer.DPOTrainer.training_step
+    def failing(self, *args, **kwargs):
+        if self.state.global_step == 3:
+            raise RuntimeError("rank 1 died at step 4")
+        return step(self, *args, **kwargs)
+    trainer.DPOTrainer.training_step = failing
+"""
+
+
+@pytest.mark.slow
+def test_a_launch_that_dies_in_training_resumes_from_its_last_checkpoint(tmp_path, prepared):
+    import os
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAIL_AT_STEP_3_ON_RANK_1)
+    out = tmp_path / "two"
+    paths = lambda out: ["--tokenized", str(prepared / "tokenized"), "--base", str(prepared / "base"),  # noqa: E731
+                         "--ref-logps", str(prepared / "ref_logps"), "--out", str(out / "train"),
+                         "--checkpoints", str(out / "ck"), "--live", str(out / "live")]
+    two = with_processes(tiny_params(**TRAIN, per_device_train_batch_size=4, save_strategy="steps", save_steps=2),
+                         num_processes=2, main_process_port=free_port())
+    failed = run_stage(tmp_path, two, "train", *paths(out), check=False,
+                       env={**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{ROOT}"})
+    assert failed.returncode != 0 and "rank 1 died at step 4" in failed.stdout + failed.stderr
+    assert not (out / "train").exists() and list((out / "ck").glob("*/checkpoint-2"))
+    run_stage(tmp_path, two, "train", *paths(out))  # the same command again: resumes
+    manifest = json.loads((out / "train" / "manifest.json").read_text())
+    assert manifest["resumed_from"].endswith("checkpoint-2"), manifest["resumed_from"]
+    run_stage(tmp_path, tiny_params(**TRAIN, save_strategy="steps", save_steps=2), "train", *paths(tmp_path / "one"))
+    from safetensors.torch import load_file
+    want, got = (load_file(d / "train" / "model" / "model.safetensors") for d in (tmp_path / "one", out))
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5, msg=key)
