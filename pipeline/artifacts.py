@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 from .distributed import barrier, broadcast, is_main
 from .errors import PipelineError
+from .redaction import redact
 
 SCHEMA_VERSION = 2  # 2: inputs record {digest, path}; file digests and lineage are checked on read
 MANIFEST = "manifest.json"
@@ -119,8 +120,10 @@ def staged_dir(final: Path) -> Iterator[Path]:
 
 def write_manifest(directory: Path, stage: str, inputs: dict[str, str], params: Any,
                    rows: dict[str, int] | None = None, extra: dict | None = None) -> dict:
-    """Write `manifest.json` last: it lists every other file in `directory` with its digest."""
+    """Write `manifest.json` last: it lists every other file in `directory` with its digest. Credentials in
+    `params` are recorded as "<redacted>" (`pipeline.redaction`)."""
     directory = Path(directory)
+    params = redact(params)
     files = {str(p.relative_to(directory)): file_digest(p)
              for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
     manifest = {"schema_version": SCHEMA_VERSION, "stage": stage, "inputs": inputs,

@@ -14,6 +14,11 @@ from .losses import check_loss_options
 from .rules import at_least, check, greater_than, one_of, within
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
+# transformers 5 renamed gradient_checkpointing* to activation_checkpointing*, warning on the old names; DPOConfig
+# takes the reference documentation's names and passes them on under the new ones
+CHECKPOINTING_NAMES = (("gradient_checkpointing", "activation_checkpointing"),
+                       ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"))
+ON_INVALID_POLICIES = ("error", "drop")
 
 
 def option(default: Any = None, help: str = "", factory=None):
@@ -113,6 +118,10 @@ class DPOConfig(TrainingArguments):
 
     # data
     dataset_num_proc: int | None = option(None, "Processes for dataset tokenization; None: the calling process.")
+    on_invalid: str = option(
+        "error", "A row that cannot be read or breaks a format rule (or a pre-tokenized row with an empty completion "
+        "or a token id outside the model's vocabulary): error: refuse, naming the rows; drop: skip those rows and "
+        "report their indices and rules.")
     pad_token: str | None = option(None, "Padding token; default: the tokenizer's pad token, else its eos token.")
     padding_free: bool = option(False, "Pack the batch into one sequence without padding (position_ids restart per sequence).")
     prefix_sharing: bool = option(
@@ -158,6 +167,9 @@ class DPOConfig(TrainingArguments):
         self.loss_type = list(self.loss_type)
         if self.loss_weights is not None:
             self.loss_weights = [float(w) for w in _as_list(self.loss_weights)]
+        for old, new in CHECKPOINTING_NAMES:  # the reference docs' names, under transformers 5's (which would warn)
+            if getattr(self, new) is None and getattr(self, old) is not None:
+                setattr(self, new, getattr(self, old))
         if self.bf16 is None:
             self.bf16 = not self.fp16 and bf16_supported()
         if not torch.cuda.is_available():
@@ -193,6 +205,7 @@ def from_pretrained_kwargs(options: Any, reference: bool) -> dict[str, Any]:
 # uses the same table, so the API and the pipeline refuse the same values with the same words.
 OPTION_RULES = {
     "dataset_num_proc": (at_least(1), "or null"),
+    "on_invalid": (one_of(*ON_INVALID_POLICIES), ""),
     "pad_to_multiple_of": (at_least(1), "or null"),
     "max_length": (at_least(2), "or null for no truncation"),
     "truncation_mode": (one_of(*TRUNCATION_MODES), ""),

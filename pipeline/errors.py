@@ -2,4 +2,10 @@
 
 
 class PipelineError(ValueError):
-    """A problem the user can fix (bad input, bad option, stale artifact). The message says how."""
+    """A problem the user can fix (bad input, bad option, stale artifact). The message says how; a Hub token
+    from the environment never appears in it (`pipeline.redaction`)."""
+
+    def __init__(self, *args):
+        from .redaction import redact_text
+
+        super().__init__(*(redact_text(a) if isinstance(a, str) else a for a in args))

@@ -17,6 +17,7 @@ from typing import Callable
 import yaml
 
 from .errors import PipelineError
+from .redaction import redact, redact_text
 
 ADAPTER_SUBDIR = "adapter"
 
@@ -78,7 +79,7 @@ def model_card(title: str, base_model: str, params: dict, metrics: dict, data_di
         loss_types=", ".join(loss_types), loss_weights=train_option(params, "loss_weights") or "all 1.0",
         beta=train_option(params, "beta"),
         data_source=params["data"]["train"], data_table=_table(("artifact", "digest"), data_digests),
-        metrics_table=_table(("metric", "value"), metrics), params_yaml=yaml.safe_dump(params, sort_keys=True))
+        metrics_table=_table(("metric", "value"), metrics), params_yaml=yaml.safe_dump(redact(params), sort_keys=True))
     # huggingface_hub writes the metadata block the Hub reads (tags, library, base model)
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}"))
 
@@ -132,7 +133,7 @@ def hub_token() -> str | None:
 
 
 def _redact(text: str, token: str | None) -> str:
-    return text.replace(token, "***") if token else text
+    return redact_text(text.replace(token, "***") if token else text)
 
 
 def push_to_hub(folder: Path, repo_id: str | None, private: bool = True, api=None) -> list[str]:

@@ -24,6 +24,7 @@ import yaml
 from .builtin import BUILTIN_DATA, BUILTIN_MODEL
 from .config import DPO_OPTION_NAMES, OPTION_RULES, DPOConfig, check_dpo_options, dpo_default
 from .errors import PipelineError
+from .redaction import credential_keys
 from .rules import at_least, check, dtype_name, greater_than, one_of, within
 
 
@@ -123,8 +124,7 @@ class DataParams:
                                            "occurrence, e.g. \"\\n\\nAssistant:\" for HH-RLHF.")
     columns: dict = knob(help="Canonical name → the source's column, e.g. {chosen: accepted}.", factory=dict)
     preprocess: str | None = knob(None, "module:function or path/to/file.py:function: raw row → canonical columns.")
-    on_invalid: str = knob("error", "error: stop at the first invalid row; drop: skip and report it.",
-                           one_of("error", "drop"))
+    on_invalid: str = owned("on_invalid")
     builtin: BuiltinDataParams = knob(help="The built-in task only.", factory=BuiltinDataParams)
 
 
@@ -134,6 +134,9 @@ class TokenizeParams:
     truncation_mode: str = owned("truncation_mode")
     batch_size: int = knob(1000, "Rows tokenized per record batch.", at_least(1))
     dataset_num_proc: int | None = owned("dataset_num_proc")
+    max_unknown_rate: float = knob(0.05, "Largest share of a split's tokens that may be the tokenizer's unknown token "
+                                         "(<unk>) before tokenize refuses: above it the tokenizer does not cover the "
+                                         "data; 1: never refuse.", within(0, 1))
 
 
 @dataclass
@@ -197,7 +200,8 @@ class Params:
 # them once for every later stage (the tokenize stage truncates the data train and evaluate read).
 OWNED_ELSEWHERE = {
     f.metadata["dpo_option"]: f"{section}.{f.name}"
-    for section, schema in (("model", ModelParams), ("tokenize", TokenizeParams), ("ref_logps", RefLogpsParams))
+    for section, schema in (("model", ModelParams), ("data", DataParams), ("tokenize", TokenizeParams),
+                            ("ref_logps", RefLogpsParams))
     for f in dataclasses.fields(schema) if "dpo_option" in f.metadata
 }
 
@@ -334,8 +338,38 @@ def coerce_train_value_one(key: str, action, value: Any) -> Any:
     return value
 
 
+def _refuse_credentials(keys, where: str) -> None:
+    """params.yaml is recorded (manifests, the model card, DVC experiments, git): a credential never belongs there."""
+    for key in sorted(set(keys) & credential_keys()):
+        raise PipelineError(f"params: {where}.{key} holds a credential, and params.yaml is recorded in manifests, "
+                            f"the model card and git; remove it and set the HF_TOKEN environment variable instead "
+                            f"(the Hub token is read from there, or from `hf auth login`).")
+
+
+# `report_to` integration → the package that provides it, where the names differ
+REPORT_TO_PACKAGES = {"azure_ml": "azureml-core", "flyte": "flytekit", "kubeflow": "kubeflow-training",
+                      "tensorboard": "tensorboard"}
+
+
+def _check_report_to(value) -> None:
+    """Every `train.report_to` integration must be installed: transformers would fail in the Trainer with a traceback."""
+    names = [value] if isinstance(value, str) else list(value or [])
+    names = [n for n in names if n not in ("none", "all")]
+    if not names:
+        return
+    from transformers.integrations import get_available_reporting_integrations
+
+    available = set(get_available_reporting_integrations())
+    for name in names:
+        if name not in available:
+            raise PipelineError(f"params: train.report_to names {name!r}, which is not installed: "
+                                f"`pip install {REPORT_TO_PACKAGES.get(name, name.replace('_', '-'))}`, or remove it "
+                                f"from train.report_to (the pipeline's own curves go to dvclive/ either way).")
+
+
 def check_train(train: dict, params: dict) -> dict:
     """The train section checked against DPOConfig: keys, types, every DPOConfig rule, and DPOConfig itself."""
+    _refuse_credentials(train, "train")
     unknown = sorted(set(train) - TRAIN_KEYS - set(TRAIN_STAGE_KEYS))
     if unknown:
         raise PipelineError(f"params: unknown key train.{unknown[0]}; train takes DPOConfig options "
@@ -348,6 +382,7 @@ def check_train(train: dict, params: dict) -> dict:
     if resume is not None and not isinstance(resume, (bool, str)):
         raise PipelineError(f"params: {TRAIN_STAGE_KEYS['resume']} (got {resume!r}).")
     train = {k: (v if k in TRAIN_STAGE_KEYS else coerce_train_value(k, v)) for k, v in train.items()}
+    _check_report_to(train.get("report_to"))
     given = {**dpo_options(params), **{k: v for k, v in train.items() if k not in TRAIN_STAGE_KEYS}}
     defaults = {name: dpo_default(name) for name in DPO_OPTION_NAMES if name in DPOConfig.__dataclass_fields__}
     try:
@@ -383,6 +418,7 @@ def _check_models(params: dict) -> None:
     model, train = params["model"], params["train"]
     for key in ("model_init_kwargs", "ref_model_init_kwargs"):
         kwargs = model[key] or {}
+        _refuse_credentials(kwargs, f"model.{key}")
         for dtype_key in ("dtype", "torch_dtype"):
             if dtype_key in kwargs:
                 check(kwargs[dtype_key], dtype_name, f"params: model.{key}.{dtype_key}")
@@ -404,6 +440,19 @@ def _check_models(params: dict) -> None:
                             f"{builtin['num_heads'] * max(1, builtin['hidden_size'] // builtin['num_heads'])}.")
 
 
+def _check_builtin_data(data: dict) -> None:
+    """The built-in task makes a bounded number of distinct pairs: asking for more is refused before generating."""
+    if data["train"] != BUILTIN_DATA:
+        return
+    from .builtin.task import split_capacities
+
+    for key, most in zip(("num_pairs", "num_eval_pairs"), split_capacities(data["eval_fraction"])):
+        if data["builtin"][key] > most:
+            raise PipelineError(f"params: data.builtin.{key} is {data['builtin'][key]}, but the built-in task can make "
+                                f"only {most} distinct pairs at data.eval_fraction {data['eval_fraction']}; set "
+                                f"data.builtin.{key} to at most {most}.")
+
+
 def check_params(raw: dict | None) -> dict:
     """Merge `raw` over the schema's defaults and validate it; returns the full, typed params (plain dicts)."""
     params = check_section(raw or {}, Params, "")
@@ -413,6 +462,7 @@ def check_params(raw: dict | None) -> dict:
     if d["machine_rank"] >= d["num_machines"]:
         raise PipelineError(f"params: distributed.machine_rank is {d['machine_rank']} but distributed.num_machines is "
                             f"{d['num_machines']}; machine ranks run from 0 to num_machines-1.")
+    _check_builtin_data(params["data"])
     push = params["export"]["push"]
     if push["enabled"] and not push["repo_id"]:
         raise PipelineError("params: export.push.enabled is true but export.push.repo_id is not set; set it to "

@@ -334,7 +334,9 @@ def render_report(*, title: str, curves: dict[str, list[tuple[int, float]]], eva
 def write_report(path: Path, evaluation, live_dir: Path, params: dict) -> None:
     """Write the run report of an `Evaluation` (pipeline.evaluation) with the curves DVCLive logged in `live_dir`."""
     from .artifacts import write_text
+    from .redaction import redact
 
+    params = redact(params)  # the page records params: credentials masked, as in manifests
     title = f"DPO run: {params['model']['name_or_path']} on {params['data']['train']}"
     page = render_report(title=title, curves=read_curves(Path(live_dir)), eval_metrics=evaluation.metrics,
                          reference_metrics=evaluation.reference_metrics, judged=evaluation.judged,

@@ -171,15 +171,22 @@ class DPOTrainer(Trainer):
             # the frozen embeddings give no grad to the checkpointed blocks' inputs; the adapters need one
             model.enable_input_require_grads()
 
+        from .data.prepare import as_dataset, input_vocab_size
+        train_dataset = as_dataset(train_dataset, "train_dataset")
+        eval_dataset = {k: as_dataset(v, f"eval_dataset[{k}]") for k, v in eval_dataset.items()} \
+            if isinstance(eval_dataset, dict) else as_dataset(eval_dataset, "eval_dataset")
         for dataset in (train_dataset, *_datasets(eval_dataset)):
             refuse_vision_dataset(dataset, args, model)
-        num_proc = args.dataset_num_proc
-        train_dataset = prepare_dataset(train_dataset, processing_class, args.max_length, args.truncation_mode, num_proc)
+        vocab_size = input_vocab_size(model)
+
+        def prepare(dataset, name: str):  # tokenized, invalid rows refused or dropped (args.on_invalid), non-empty
+            return prepare_dataset(dataset, processing_class, args.max_length, args.truncation_mode,
+                                   args.dataset_num_proc, name, args.on_invalid, vocab_size)
+        train_dataset = prepare(train_dataset, "train_dataset")
         if isinstance(eval_dataset, dict):
-            eval_dataset = {k: prepare_dataset(v, processing_class, args.max_length, args.truncation_mode, num_proc, f"eval_dataset[{k}]")
-                            for k, v in eval_dataset.items()}
+            eval_dataset = {k: prepare(v, f"eval_dataset[{k}]") for k, v in eval_dataset.items()}
         else:
-            eval_dataset = prepare_dataset(eval_dataset, processing_class, args.max_length, args.truncation_mode, num_proc, "eval_dataset")
+            eval_dataset = prepare(eval_dataset, "eval_dataset")
         if args.precompute_ref_log_probs:
             import datasets
             for name, ds in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):

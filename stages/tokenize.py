@@ -35,4 +35,5 @@ def command(params_path: Path, normalized: Path, base: Path, out: Path) -> None:
         click.echo(f"tokenize {split}: read {r['rows_read']}, wrote {r['rows_written']}, dropped {r['rows_dropped']} "
                    f"{r['dropped_by_reason'] or ''}; truncated {r['rows_truncated']} rows "
                    f"({r['completions_truncated']} completions cut, {r['completions_emptied']} emptied); "
-                   f"{r['boundary_merges']} prompt-boundary merges")
+                   f"{r['boundary_merges']} prompt-boundary merges"
+                   + (f"; {r['unknown_tokens']['rate']:.2%} unknown tokens" if r.get("unknown_tokens") else ""))

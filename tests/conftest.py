@@ -12,6 +12,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DISABLE_TQDM", "1")
 
 
+def random_pairs(n: int = 4, seed: int = 0, prompt=(2, 6), chosen=(2, 7), rejected=(2, 7), low: int = 5) -> list[dict]:
+    """`n` tokenized pairs of random ids in [low, 100), with lengths drawn from the given (min, max) ranges."""
+    import random
+
+    rng = random.Random(seed)
+
+    def ids(k):
+        return [rng.randrange(low, 100) for _ in range(k)]
+    return [{"row_id": str(i), "prompt_ids": ids(rng.randint(*prompt)), "chosen_ids": ids(rng.randint(*chosen)),
+             "rejected_ids": ids(rng.randint(*rejected))} for i in range(n)]
+
+
 def tiny_params(**train_overrides) -> dict:
     """params for the built-in task at test size: a few seconds per stage on 2 CPU cores."""
     from pipeline.params import check_params

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 
 import datasets
 import pyarrow as pa
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 import pipeline.attention
+from conftest import random_pairs
 from pipeline import DPOConfig, DPOTrainer
 from pipeline.attention import allowed, batch_layout, layout_problem
 from pipeline.collator import CHOSEN, PROMPT, REJECTED, DataCollatorForPreference, first_fit
@@ -31,16 +31,7 @@ LAYOUTS = {
 }
 
 
-def make_pairs(n: int = 6, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-
-    def ids(k):
-        return [rng.randrange(7, 100) for _ in range(k)]
-    return [{"row_id": str(i), "prompt_ids": ids(rng.randint(1, 8)), "chosen_ids": ids(rng.randint(1, 7)),
-             "rejected_ids": ids(rng.randint(1, 9))} for i in range(n)]
-
-
-PAIRS = make_pairs()
+PAIRS = random_pairs(6, prompt=(1, 8), chosen=(1, 7), rejected=(1, 9), low=7)
 
 
 def build(tokenizer, seed: int = 0, attn: str = "sdpa", layers: int = 2):

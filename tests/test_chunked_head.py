@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 
 import datasets
 import pytest
@@ -17,21 +16,13 @@ from pipeline import DPOConfig, DPOTrainer
 from pipeline.head import OutputLayer, head_logps, token_values
 from pipeline.logps import label_logps, vocab_diagnostics
 from pipeline.losses import LOSS_TYPES
+from conftest import random_pairs
 
 CHUNK = 3  # positions per chunk: every batch below spans several chunks, and one chunk crosses rows
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def make_pairs(n: int = 4, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-
-    def ids(k):
-        return [rng.randrange(5, 100) for _ in range(k)]
-    return [{"row_id": str(i), "prompt_ids": ids(rng.randint(2, 6)), "chosen_ids": ids(rng.randint(2, 7)),
-             "rejected_ids": ids(rng.randint(2, 7))} for i in range(n)]
-
-
-PAIRS = make_pairs()
+PAIRS = random_pairs()
 
 
 def build(tokenizer, seed: int = 0, tied: bool = True):
@@ -180,7 +171,7 @@ def test_reference_pass_streams_the_plain_values(tmp_path, tiny_tokenizer):
 def test_no_more_than_a_chunk_of_logits_is_ever_computed(tmp_path, tiny_tokenizer):
     model = build(tiny_tokenizer, tied=False)
     trainer = make_trainer(tmp_path, model, tiny_tokenizer, use_weighting=True)
-    rows = make_pairs(8, seed=1)
+    rows = random_pairs(8, seed=1)
     batch = trainer.data_collator(rows)
     shapes = []
     handle = model.lm_head.register_forward_hook(lambda _m, _a, out: shapes.append(tuple(out.shape)))

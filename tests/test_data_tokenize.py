@@ -4,7 +4,9 @@ and streaming over record batches and worker processes."""
 
 from __future__ import annotations
 
+import gzip
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -268,3 +270,27 @@ def test_explicit_and_implicit_prompts_tokenize_identically_in_each_format(tmp_p
     assert pairs == first
     normalized = json.loads((tmp_path / "both-normalized" / "report.json").read_text())
     assert normalized["dropped_by_reason"] == {"duplicate_pair": 1} and normalized["implicit_prompts"] == 0
+
+
+HH = Path(__file__).parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+
+
+@pytest.mark.skipif(not HH.exists(), reason=f"the shared HH-RLHF file is absent ({HH})")
+def test_a_tokenizer_that_does_not_cover_the_data_is_refused(tmp_path, tiny_tokenizer):
+    """The built-in word-level tokenizer on real HH-RLHF text: most tokens are <unk>, so tokenize stops."""
+    with gzip.open(HH, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line, _ in zip(f, range(300))]
+    data = {"prompt_marker": "\n\nAssistant:", "on_invalid": "drop"}
+    with pytest.raises(PipelineError, match=r"train\.parquet: .*% of the tokens .* unknown token '<unk>', above "
+                                            r"tokenize\.max_unknown_rate \(0\.05\)\. Use a tokenizer that covers"):
+        run_stages(tmp_path, rows, tiny_tokenizer, data=data, name="hh")
+    report, *_ = run_stages(tmp_path, rows, tiny_tokenizer, data=data, tokenize={"max_unknown_rate": 1.0}, name="hh1")
+    unknown = report["train"]["unknown_tokens"]
+    assert unknown["token"] == "<unk>" and unknown["rate"] > 0.5 and unknown["count"] < unknown["of"]
+    assert report["eval"]["unknown_tokens"]["of"] > 0
+
+
+def test_a_tokenizer_without_an_unknown_token_reports_none(tmp_path, tokenizer):
+    rows = [{"prompt": "The sky is" + " " * i, "chosen": " blue.", "rejected": " green."} for i in range(40)]
+    report, *_ = run_stages(tmp_path, rows, tokenizer, name="bpe")
+    assert report["train"]["unknown_tokens"] is None  # a byte-level BPE has no unknown token

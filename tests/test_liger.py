@@ -5,7 +5,6 @@ mixture-of-experts router loss, and evaluation; what it cannot express is refuse
 
 from __future__ import annotations
 
-import random
 
 import datasets
 import pytest
@@ -16,6 +15,7 @@ from pipeline.collator import DataCollatorForPreference
 from pipeline.errors import PipelineError
 from pipeline.liger import LIGER_LOSS_TYPES
 from pipeline.trainer import PAIR_METRICS
+from conftest import random_pairs
 
 pytest.importorskip("liger_kernel")
 
@@ -24,16 +24,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 NOT_UNDER_LIGER = {"entropy", "mean_token_accuracy"}  # Liger's fused loss computes neither
 
 
-def make_pairs(n: int = 4, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-
-    def ids(k):
-        return [rng.randrange(5, 100) for _ in range(k)]
-    return [{"row_id": str(i), "prompt_ids": ids(rng.randint(2, 6)), "chosen_ids": ids(rng.randint(2, 7)),
-             "rejected_ids": ids(rng.randint(2, 7))} for i in range(n)]
-
-
-PAIRS = make_pairs()
+PAIRS = random_pairs()
 
 
 def build(tokenizer, seed: int = 0, tied: bool = True, bias: bool = False):

@@ -43,3 +43,49 @@ def test_an_owned_option_takes_its_default_and_rule_from_dpo_config():
     for option, home in OWNED_ELSEWHERE.items():
         section, name = home.split(".")
         assert params[section][name] == dpo_default(option), home
+
+
+def test_a_report_to_integration_that_is_not_installed_is_refused_with_the_package_to_install(monkeypatch):
+    import pytest
+    import transformers.integrations
+
+    from pipeline.errors import PipelineError
+
+    monkeypatch.setattr(transformers.integrations, "get_available_reporting_integrations", lambda: ["dvclive"])
+    for report_to in ("wandb", ["dvclive", "wandb"]):
+        with pytest.raises(PipelineError, match=r"train\.report_to names 'wandb', which is not installed: "
+                                                r"`pip install wandb`"):
+            check_params({"train": {"report_to": report_to}})
+    assert check_params({"train": {"report_to": ["dvclive"]}})["train"]["report_to"] == ["dvclive"]
+
+
+def test_the_stage_config_keeps_gradient_checkpointing_without_a_deprecation_warning():
+    import warnings
+
+    from pipeline.params import dpo_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        params = check_params({})
+        assert dpo_config(params, "unused").gradient_checkpointing is True  # DPOConfig's default
+        params = check_params({"train": {"gradient_checkpointing": False}})
+        args = dpo_config(params, "unused")
+        assert args.gradient_checkpointing is False and args.activation_checkpointing is False
+        assert dpo_config(check_params({}), "unused", gradient_checkpointing=False).activation_checkpointing is False
+
+
+def test_the_builtin_task_makes_as_many_distinct_pairs_as_asked_or_refuses_up_front():
+    import pytest
+
+    from pipeline.builtin import task
+    from pipeline.errors import PipelineError
+
+    train_prompts, _ = task.split_prompts(0, 0.1)
+    rows = task.preference_pairs(train_prompts, 20000, seed=1)  # drew a duplicate at row 9699 before
+    keys = {(r["prompt"][-1]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows}
+    assert len(keys) == 20000
+    assert check_params({"data": {"builtin": {"num_pairs": 20000}}})["data"]["builtin"]["num_pairs"] == 20000
+    most, _ = task.split_capacities(0.1)
+    with pytest.raises(PipelineError, match=rf"data\.builtin\.num_pairs is {most + 1}, but the built-in task can "
+                                            rf"make only {most} distinct pairs .* at most {most}"):
+        check_params({"data": {"builtin": {"num_pairs": most + 1}}})

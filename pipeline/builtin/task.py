@@ -63,16 +63,38 @@ def split_prompts(seed: int, eval_fraction: float) -> tuple[list, list]:
     return prompts[n_eval:], prompts[:n_eval]
 
 
+def pair_capacity(num_prompts: int) -> int:
+    """How many distinct pairs `preference_pairs` can make from `num_prompts` prompts: per prompt, every
+    praising answer (a template and an ordered pair of adjectives) against every panning one."""
+    def answers(adjectives: tuple) -> int:
+        return len(ANSWERS) * len(adjectives) * (len(adjectives) - 1)
+    return num_prompts * answers(POSITIVE) * answers(NEGATIVE)
+
+
+def split_capacities(eval_fraction: float) -> tuple[int, int]:
+    """The most distinct (train, eval) pairs the task can make at this eval_fraction (seed-independent)."""
+    n_eval = max(1, int(len(all_prompts()) * eval_fraction))
+    return pair_capacity(len(all_prompts()) - n_eval), pair_capacity(n_eval)
+
+
 def preference_pairs(prompts: list, num_pairs: int, seed: int) -> list[dict]:
-    """Conversational explicit-prompt pairs: chosen praises the prompt's subject, rejected pans it."""
+    """Conversational explicit-prompt pairs, all distinct: chosen praises the prompt's subject, rejected pans it.
+    A pair drawn twice for the same prompt is drawn again (normalize refuses duplicates)."""
+    if num_pairs > pair_capacity(len(prompts)):
+        raise ValueError(f"{num_pairs} pairs asked, {pair_capacity(len(prompts))} distinct pairs possible")
     rng = random.Random(seed)
-    rows = []
+    rows, seen = [], set()
     for i in range(num_pairs):
         noun, place, template = prompts[i % len(prompts)]
+        while True:
+            chosen, rejected = answer(noun, rng, positive=True), answer(noun, rng, positive=False)
+            if (i % len(prompts), chosen, rejected) not in seen:
+                seen.add((i % len(prompts), chosen, rejected))
+                break
         rows.append({
             "prompt": prompt_messages(noun, place, template),
-            "chosen": [{"role": "assistant", "content": answer(noun, rng, positive=True)}],
-            "rejected": [{"role": "assistant", "content": answer(noun, rng, positive=False)}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
         })
     return rows
 

@@ -50,7 +50,8 @@ RULES = {
     "non_string_content": "a message's content is not a string (only an assistant turn with tool_calls may omit it)",
     "bad_tool_call": "an assistant message's tool_calls is not a list of {'function': {'name': ...}} objects",
     "no_prompt": "the prompt is empty, or chosen and rejected share no prompt to extract",
-    "empty_completion": "a completion is empty (no text, no message, or only empty messages)",
+    "empty_completion": "a completion is empty: no text after the prompt (e.g. an empty last assistant turn of an "
+                        "implicit-prompt text), no message after the prompt, or only empty messages",
     "completion_not_assistant": "a conversational completion does not start with an assistant turn, or holds "
                                 "user/system turns",
     "identical_pair": "chosen and rejected are identical: no preference",
@@ -206,6 +207,23 @@ def parse_template_kwargs(kwargs: Any) -> dict | None:
     return drop_nulls(kwargs) or None
 
 
+def empty_text_completion(name: str, implicit: bool) -> str:
+    """What is empty when a text completion is blank: with an implicit prompt the full text is not, only what
+    follows the shared prompt (typically a last assistant turn with no answer)."""
+    if implicit:
+        return (f"{name} is empty after the prompt: the completion (the text after the prompt that chosen and "
+                f"rejected share, i.e. the last assistant turn) has no text")
+    return f"{name} is empty: the completion has no text"
+
+
+def invalid_row_message(where: str | None, rows: int | list[int], rule: str, detail: str) -> str:
+    """Invalid rows, as every path (stages and API) names them: where (the file or dataset; None in a list that
+    already named it), the row or rows with this problem, what is wrong, the rule."""
+    rows = rows if isinstance(rows, list) else [rows]
+    numbered = f"row {rows[0]}" if len(rows) == 1 else f"rows {', '.join(map(str, rows))}"
+    return f"{where + ': ' if where else ''}{numbered}: {detail} [rule {rule}]"
+
+
 def canonical_pair(raw: dict, prompt_marker: str | None = None) -> dict:
     """Validate one raw row and return it in explicit-prompt form (still Python objects).
 
@@ -258,7 +276,7 @@ def canonical_pair(raw: dict, prompt_marker: str | None = None) -> dict:
             raise InvalidRow("no_prompt", "prompt is empty")
         for name, value in (("chosen", chosen), ("rejected", rejected)):
             if not value.strip():
-                raise InvalidRow("empty_completion", f"{name} is empty")
+                raise InvalidRow("empty_completion", empty_text_completion(name, implicit))
     if chosen == rejected:
         raise InvalidRow("identical_pair", "chosen and rejected are identical")
     return {"conversational": conversational, "prompt": prompt, "chosen": chosen, "rejected": rejected,

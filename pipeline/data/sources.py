@@ -6,15 +6,19 @@ when the source cannot be parsed at that row (a bad JSON line), so the caller's 
 decides. Nothing reads a whole file into memory:
 
 - JSON Lines (`.jsonl`, `.json` with one object per line) and JSON arrays (`.json` starting with
-  `[`) are parsed incrementally with the standard `json` module, so values come back exactly as
-  written (no Arrow type unification). `.gz`, `.bz2`, `.xz` (and `.zst` with `zstandard`) work.
-- CSV goes through the `csv` module, one row at a time; empty cells read as null.
+  `[`) are parsed incrementally with the standard `json` module (strictly), so values come back exactly
+  as written (no Arrow type unification). `.gz`, `.bz2`, `.xz` (and `.zst` with `zstandard`) work.
+- CSV goes through the `csv` module (strict quoting), one row at a time; empty cells read as null.
 - Parquet is read one record batch at a time.
 - a `datasets.save_to_disk` directory is memory-mapped (`load_from_disk`) and read in batches.
 - anything else (a Hub dataset id, or a local directory laid out like a Hub dataset repository) goes
   through `datasets.load_dataset(source, name, split=split, revision=revision)`, which prepares a
   memory-mapped Arrow cache; it is then read in batches.
 - a glob pattern (`data/train-*.jsonl`) reads the matching files in name order.
+
+The file readers live in `readers`, which says what is unreadable and what then happens: an unreadable JSON
+line is an `InvalidRow`; a file that cannot be read past some point (bad compression, a corrupt Parquet
+file or Arrow batch, a broken JSON array, an unclosed CSV quote) is a `PipelineError` naming where.
 
 What a source is, for the normalized manifest, is `source_record`: `local` (the path as given in params and
 `source_digest`, which the lineage check can recompute), `hub` (the revision asked for and the commit it
@@ -23,16 +27,10 @@ resolved to, `pipeline.hub`), or `builtin`; `hook_record` records the preprocess
 
 from __future__ import annotations
 
-import bz2
-import csv
 import glob
-import gzip
 import hashlib
 import importlib
 import importlib.util
-import io
-import json
-import lzma
 import sys
 import sysconfig
 from pathlib import Path
@@ -42,6 +40,7 @@ from ..artifacts import file_digest
 from ..builtin import BUILTIN_DATA, task
 from ..errors import PipelineError
 from ..hub import resolve_commit
+from . import readers
 from .formats import InvalidRow
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -57,141 +56,91 @@ def _suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def open_text(path: Path, newline: str | None = None) -> io.TextIOBase:
-    """A text stream over a file, decompressing by suffix."""
-    kind = path.suffix.lower()
-    if kind == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8-sig", newline=newline)
-    if kind == ".bz2":
-        return bz2.open(path, "rt", encoding="utf-8-sig", newline=newline)
-    if kind == ".xz":
-        return lzma.open(path, "rt", encoding="utf-8-sig", newline=newline)
-    if kind == ".zst":
-        try:
-            import zstandard
-        except ImportError:
-            raise PipelineError(f"{path}: reading .zst needs the zstandard package (pip install zstandard), "
-                                "or decompress the file.") from None
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8-sig",
-                                newline=newline)
-    return open(path, encoding="utf-8-sig", newline=newline)
-
-
-def _json_lines(path: Path, handle, label: str) -> RowStream:
-    index = 0
-    for line_number, line in enumerate(handle, start=1):
-        if not line.strip():
-            continue  # blank lines are not rows
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            row = InvalidRow("malformed_row", f"line {line_number} is not valid JSON ({err.msg} at column {err.colno})")
-        if isinstance(row, dict) or isinstance(row, InvalidRow):
-            yield label, index, row
-        else:
-            yield label, index, InvalidRow("malformed_row", f"line {line_number} is a JSON {type(row).__name__}, "
-                                                            "not an object")
-        index += 1
-
-
-def _json_array(handle, label: str) -> RowStream:
-    """The items of a top-level JSON array, decoded one at a time with a bounded buffer."""
-    decoder = json.JSONDecoder()
-    buffer, pos, eof, index = "", 0, False, 0
-
-    def more() -> bool:
-        nonlocal buffer, pos, eof
-        chunk = handle.read(READ_CHUNK)
-        buffer, pos = buffer[pos:] + chunk, 0
-        eof = not chunk
-        return bool(chunk)
-
-    more()
-    pos = buffer.index("[") + 1
-    while True:
-        while True:  # skip whitespace and the comma between items
-            while pos < len(buffer) and (buffer[pos].isspace() or (buffer[pos] == "," and index > 0)):
-                pos += 1
-            if pos < len(buffer) or not more():
-                break
-        if pos >= len(buffer):
-            raise PipelineError(f"{label}: the JSON array is not closed (after row {index - 1}); the file is truncated.")
-        if buffer[pos] == "]":
-            return
-        while True:
-            try:
-                row, end = decoder.raw_decode(buffer, pos)
-                break
-            except json.JSONDecodeError as err:
-                if eof or not more():
-                    raise PipelineError(f"{label}: row {index}: invalid JSON ({err.msg}) [rule malformed_row]; a JSON "
-                                        "array cannot be resynchronised after an error, so fix the file "
-                                        "(or convert it to JSON Lines, where a bad line can be dropped).") from None
-        pos = end
-        yield label, index, row if isinstance(row, dict) else InvalidRow(
-            "malformed_row", f"array item is a JSON {type(row).__name__}, not an object")
-        index += 1
-
-
 def read_json(path: Path) -> RowStream:
-    with open_text(path) as handle:
-        start = handle.read(4096).lstrip()
-    with open_text(path) as handle:
-        if start.startswith("["):
-            yield from _json_array(handle, str(path))
-        else:
-            yield from _json_lines(path, handle, str(path))
+    return readers.read_json(path, READ_CHUNK)
 
 
 def read_csv(path: Path) -> RowStream:
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    label = str(path)
-    with open_text(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        for index, row in enumerate(reader):
-            if None in row:
-                yield label, index, InvalidRow("malformed_row", f"CSV line {reader.line_num} has more fields than the "
-                                                                f"header ({len(reader.fieldnames)})")
-                continue
-            yield label, index, {k: (v if v != "" else None) for k, v in row.items()}
+    return readers.read_csv(path)
 
 
-def _arrow_batches(tables, label: str, columns: set | None) -> RowStream:
-    index = 0
-    for table in tables:
-        if columns is not None:
-            table = table.select([c for c in table.column_names if c in columns])
-        for row in table.to_pylist():
+ARROW_ERRORS = (OSError, ValueError)  # pyarrow.ArrowInvalid is a ValueError; ArrowIOError an OSError
+
+
+def _arrow_batches(tables, label: str, columns: set | None, where: Callable[[int], str] = lambda index: "",
+                   fix: str = "re-create it, or re-download it") -> RowStream:
+    """The rows of Arrow batches; a batch that cannot be read stops with the row it got to and the fix."""
+    index, tables = 0, iter(tables)
+    while True:
+        try:
+            table = next(tables, None)
+            if table is None:
+                return
+            if columns is not None:
+                table = table.select([c for c in table.column_names if c in columns])
+            rows = table.to_pylist()
+        except PipelineError:
+            raise
+        except ARROW_ERRORS as err:
+            raise PipelineError(f"{label}: cannot read the rows from row {index}{where(index)} ({type(err).__name__}: "
+                                f"{err}); the data is corrupt or truncated: {fix}.") from None
+        for row in rows:
             yield label, index, row
             index += 1
+
+
+PARQUET_FIX = "re-create it (pyarrow.parquet.write_table, pandas.DataFrame.to_parquet) or re-download it"
+
+
+def _row_group_at(parquet, row: int) -> str:
+    """' (row group g, from byte offset b)': where in a Parquet file `row` lies, for messages."""
+    try:
+        first = 0
+        for group in range(parquet.metadata.num_row_groups):
+            meta = parquet.metadata.row_group(group)
+            if row < first + meta.num_rows:
+                column = meta.column(0)
+                return f" (row group {group}, from byte offset {column.dictionary_page_offset or column.data_page_offset})"
+            first += meta.num_rows
+    except Exception:  # the metadata itself is damaged: the row number has to do
+        pass
+    return ""
 
 
 def read_parquet(path: Path, columns: set | None = None) -> RowStream:
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
-    names = None if columns is None else [c for c in parquet.schema_arrow.names if c in columns]
-    yield from _arrow_batches(parquet.iter_batches(batch_size=BATCH_ROWS, columns=names), str(path), None)
+    try:
+        parquet = pq.ParquetFile(path)
+        names = None if columns is None else [c for c in parquet.schema_arrow.names if c in columns]
+        batches = parquet.iter_batches(batch_size=BATCH_ROWS, columns=names)
+    except ARROW_ERRORS as err:
+        raise PipelineError(f"{path}: not a readable Parquet file ({path.stat().st_size} bytes; {type(err).__name__}: "
+                            f"{err}); {PARQUET_FIX}. If it is another format, give it that format's suffix.") from None
+    yield from _arrow_batches(batches, str(path), None, lambda row: _row_group_at(parquet, row), PARQUET_FIX)
 
 
 def read_dataset(dataset, label: str, columns: set | None = None) -> RowStream:
     """A `datasets.Dataset`, read in Arrow batches (memory-mapped: nothing is copied whole)."""
-    yield from _arrow_batches(dataset.with_format("arrow").iter(batch_size=BATCH_ROWS), label, columns)
+    yield from _arrow_batches(dataset.with_format("arrow").iter(batch_size=BATCH_ROWS), label, columns,
+                              fix="re-create it (Dataset.save_to_disk), or for a Hub dataset clear its datasets cache")
 
 
 def is_save_to_disk_dir(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in ("state.json", "dataset_dict.json"))
 
 
-def _load(loader: Callable, source: str):
+HUB_FIX = ("For a Hub id check the name, config (data.name), split and revision, and the network (HF_HUB_OFFLINE); "
+           "for a local file check its format.")
+
+
+def _load(loader: Callable, source: str, fix: str = HUB_FIX):
     try:
         return loader()
     except PipelineError:
         raise
     except Exception as err:  # datasets raises many types; the user needs the source and the cause
-        raise PipelineError(f"{source}: could not load the dataset ({type(err).__name__}: {err}). "
-                            "For a Hub id check the name, config (data.name), split and revision, and the network "
-                            "(HF_HUB_OFFLINE); for a local file check its format.") from None
+        raise PipelineError(f"{source}: could not load the dataset ({type(err).__name__}: {err}). {fix}") from None
 
 
 def _read_file(path: Path, columns: set | None) -> RowStream:
@@ -238,7 +187,8 @@ def iter_rows(source: str, split: str = "train", name: str | None = None, revisi
         return
     label = f"{source}[{split}]"
     if is_save_to_disk_dir(path):
-        loaded = _load(lambda: datasets.load_from_disk(str(path)), source)
+        loaded = _load(lambda: datasets.load_from_disk(str(path)), source,
+                       "The save_to_disk directory is corrupt or truncated: re-create it with Dataset.save_to_disk.")
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise PipelineError(f"{source}: no split {split!r} (splits: {sorted(loaded)}); set data.split / data.eval_split.")

@@ -28,6 +28,10 @@ How a pair becomes tokens, exactly:
    lose all their tokens carries no preference and is dropped (`emptied_by_truncation`). The report
    counts truncated rows, prompts and completions, emptied completions, and length statistics.
 
+5. Coverage. The report counts, per split, the tokens that are the tokenizer's unknown token (when it has
+   one) among the tokens written; above `tokenize.max_unknown_rate` (default 5%) the stage refuses: the
+   tokenizer does not cover the data (e.g. the built-in word-level tokenizer on real text).
+
 Splits stream through in Parquet record batches (`tokenize.batch_size` rows), optionally over
 `tokenize.dataset_num_proc` worker processes with a bounded number of batches in flight, so peak
 memory does not grow with the dataset; output order is the input order whatever the process count.
@@ -47,6 +51,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from ..artifacts import write_json
+from ..builtin import BUILTIN_MODEL
 from ..errors import PipelineError
 from .dropped import DROPPED_FILE, DroppedLog
 from .formats import InvalidRow
@@ -261,6 +266,7 @@ def tokenize_split(tokenizer, in_path: Path, out_path: Path, max_length: int | N
     counts = Counter()
     reasons = Counter()
     lengths = {name: LengthStats() for name in ("prompt", "chosen", "rejected", "total")}
+    unk_id = getattr(tokenizer, "unk_token_id", None)
     parquet = pq.ParquetFile(in_path)
     progress = tqdm(total=parquet.metadata.num_rows, desc=f"tokenize {split}".strip(), unit=" rows", mininterval=2,
                     disable=None)
@@ -299,6 +305,9 @@ def tokenize_split(tokenizer, in_path: Path, out_path: Path, max_length: int | N
                 ids = outcome["ids"]
                 for name in ("prompt", "chosen", "rejected"):
                     lengths[name].add(len(ids[f"{name}_ids"]))
+                    if unk_id is not None:
+                        counts["tokens"] += len(ids[f"{name}_ids"])
+                        counts["unknown_tokens"] += ids[f"{name}_ids"].count(unk_id)
                 lengths["total"].add(len(ids["prompt_ids"]) + max(len(ids["chosen_ids"]), len(ids["rejected_ids"])))
                 records.append({"row_id": outcome["row_id"], **ids})
             writer.write_table(pa.Table.from_pylist(records, schema=TOKENIZED_SCHEMA))
@@ -310,7 +319,25 @@ def tokenize_split(tokenizer, in_path: Path, out_path: Path, max_length: int | N
     keys = ("rows_read", "rows_written", "rows_dropped", "boundary_merges", "boundary_tokens_moved", "rows_truncated",
             "prompts_truncated", "chosen_truncated", "rejected_truncated", "completions_truncated", "completions_emptied")
     return {**{key: int(counts[key]) for key in keys}, "dropped_by_reason": dict(sorted(reasons.items())),
-            "dropped_rows_file": DROPPED_FILE, "lengths": {name: s.summary() for name, s in lengths.items()}}
+            "dropped_rows_file": DROPPED_FILE, "lengths": {name: s.summary() for name, s in lengths.items()},
+            "unknown_tokens": None if unk_id is None else {
+                "token": tokenizer.unk_token, "count": int(counts["unknown_tokens"]), "of": int(counts["tokens"]),
+                "rate": round(counts["unknown_tokens"] / counts["tokens"], 6) if counts["tokens"] else 0.0}}
+
+
+def check_unknown_rate(report: dict, in_path: Path, max_rate: float, builtin_model: bool = False) -> None:
+    """Refuse a split whose share of unknown tokens passes `max_rate`: the tokenizer does not cover the data
+    (training on <unk> learns nothing about the text it replaced)."""
+    unknown = report.get("unknown_tokens")
+    if not unknown or unknown["rate"] <= max_rate:
+        return
+    own = ("the built-in model's word-level tokenizer covers only the built-in task's words; set model.name_or_path "
+           "to a Hub model or local directory whose tokenizer covers this data" if builtin_model else
+           "e.g. the model's own tokenizer")
+    raise PipelineError(f"{in_path}: {unknown['rate']:.1%} of the tokens ({unknown['count']} of {unknown['of']}) are "
+                        f"the tokenizer's unknown token {unknown['token']!r}, above tokenize.max_unknown_rate "
+                        f"({max_rate:g}). Use a tokenizer that covers the data ({own}), or raise "
+                        "tokenize.max_unknown_rate.")
 
 
 def warn_keep_end(mode: str) -> None:
@@ -324,10 +351,14 @@ def tokenize_dataset(tokenizer, normalized_dir: Path, out_dir: Path, params: dic
     cfg = params["tokenize"]
     warn_keep_end(cfg["truncation_mode"])
     on_invalid = params["data"]["on_invalid"]
+    builtin_model = params["model"]["name_or_path"] == BUILTIN_MODEL
+    report = {}
     with DroppedLog(out_dir / DROPPED_FILE) as dropped_log:
-        report = {split: tokenize_split(tokenizer, normalized_dir / f"{split}.parquet", out_dir / f"{split}.parquet",
-                                        cfg["max_length"], cfg["truncation_mode"], cfg["batch_size"], on_invalid,
-                                        dropped_log, cfg.get("dataset_num_proc"), split)
-                  for split in SPLITS}
+        for split in SPLITS:
+            in_path = normalized_dir / f"{split}.parquet"
+            report[split] = tokenize_split(tokenizer, in_path, out_dir / f"{split}.parquet", cfg["max_length"],
+                                           cfg["truncation_mode"], cfg["batch_size"], on_invalid, dropped_log,
+                                           cfg.get("dataset_num_proc"), split)
+            check_unknown_rate(report[split], in_path, cfg["max_unknown_rate"], builtin_model)
     write_json(out_dir / "report.json", report)
     return report
