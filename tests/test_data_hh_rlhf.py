@@ -81,3 +81,15 @@ def test_without_a_marker_the_prompt_ends_between_words_and_the_marker_keeps_sha
             moved += 1
             assert twin["chosen"].startswith(shared) and twin["rejected"].startswith(shared)
     assert moved > 100  # common: both answers open with "I", "That's", ...; the marker keeps them in the answers
+
+
+def test_under_error_every_empty_final_turn_is_named_with_the_part_that_is_empty(tmp_path):
+    from pipeline.errors import PipelineError
+
+    params = check_params({"data": {"train": str(HH), "prompt_marker": MARKER, "on_invalid": "error"}})
+    with pytest.raises(PipelineError) as caught:
+        normalize_stage.run(params, tmp_path / "out")
+    message = str(caught.value)
+    assert "rows 86, 516, 925, 1103:" in message and "after the prompt" in message and "[rule empty_completion]" in message
+    assert "4 invalid rows. Fix them, or set data.on_invalid: drop" in message
+    assert not (tmp_path / "out").exists()  # nothing written

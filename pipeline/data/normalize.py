@@ -37,7 +37,7 @@ from ..artifacts import write_json
 from ..dvc_deps import require_dvc_deps
 from ..errors import PipelineError
 from .dropped import DROPPED_FILE, DroppedLog
-from .formats import InvalidRow, canonical_pair
+from .formats import InvalidRow, canonical_pair, invalid_row_message
 from .schema import NORMALIZED_SCHEMA, encode_field, encode_optional, prompt_id_for, raw_row_id, row_id_for
 from .sources import builtin_rows, hook_record, is_builtin, iter_rows, load_hook, local_reads, source_record
 
@@ -166,7 +166,9 @@ class Normalizer:
         self.formats: dict[str, str] = {}
 
     def run(self, rows: Iterable, split_of: Callable[[dict], str], prepare: Callable[[dict], dict], desc: str) -> None:
-        """Validate and write `rows` ((source, index, raw) triples); `split_of(pair)` picks the split."""
+        """Validate and write `rows` ((source, index, raw) triples); `split_of(pair)` picks the split. Under
+        `data.on_invalid: error` the rows are all checked first and every invalid one named (`refuse_invalid`)."""
+        invalid: list[tuple[str, int, InvalidRow]] = []
         for source, index, raw in tqdm(rows, desc=desc, unit=" rows", mininterval=2, disable=None):
             self.rows_read += 1
             row_id = None
@@ -180,8 +182,8 @@ class Normalizer:
                     raise InvalidRow("duplicate_pair", "same prompt, chosen, rejected and tools as an earlier row")
             except InvalidRow as bad:
                 if self.data["on_invalid"] == "error" and bad.rule != "preprocess_skipped":
-                    raise PipelineError(f"{source}: row {index}: {bad.detail} [rule {bad.rule}]. Fix the row, or set "
-                                        "data.on_invalid: drop to skip such rows (they are listed in the report).") from None
+                    invalid.append((source, index, bad))  # every one is named: the scan goes on, nothing is written
+                    continue
                 self.dropped.add({"source": source, "row": index,
                                   "row_id": row_id or (raw_row_id(raw) if isinstance(raw, dict) else None),
                                   "rule": bad.rule, "detail": bad.detail})
@@ -190,6 +192,24 @@ class Normalizer:
             split = split_of(pair)
             self.formats.setdefault(split, "conversational" if pair["conversational"] else "standard")
             self.writers[split].add(record)
+        if invalid:
+            refuse_invalid(invalid)
+
+
+NAMED_ROWS = 20  # invalid rows named in full in an error; the rest are counted
+
+
+def refuse_invalid(invalid: list) -> None:
+    """The error for invalid rows ((source, index, InvalidRow) in reading order): the first NAMED_ROWS, grouped by
+    source, rule and detail, then how many more, and the fix."""
+    groups: dict[tuple, list[int]] = {}
+    for source, index, bad in invalid[:NAMED_ROWS]:
+        groups.setdefault((source, bad.rule, bad.detail), []).append(index)
+    lines = [invalid_row_message(source, rows, rule, detail) for (source, rule, detail), rows in groups.items()]
+    more = f"; ... and {len(invalid) - NAMED_ROWS} more invalid rows" if len(invalid) > NAMED_ROWS else ""
+    fix = "Fix the row" if len(invalid) == 1 else f"{len(invalid)} invalid rows. Fix them"
+    raise PipelineError("; ".join(lines) + more + f". {fix}, or set data.on_invalid: drop to skip such rows (they "
+                        "are listed in the report).")
 
 
 def data_sources(data: dict) -> dict:
