@@ -35,8 +35,9 @@ RESERVED_TEMPLATE_KWARGS = ("conversation", "tools", "documents", "chat_template
 
 RULES = {
     # normalize: reading the source
-    "malformed_row": "the source cannot be parsed at this row (invalid JSON line, CSV row with extra fields, "
-                     "a row that is not an object)",
+    "malformed_row": "the source cannot be read or parsed at this row (invalid JSON line, a non-UTF-8 byte, a lone "
+                     "surrogate escape, JSON nested too deep, NaN/Infinity, a CSV row with more or fewer fields than "
+                     "the header, a row that is not an object)",
     "preprocess_failed": "the data.preprocess hook raised on this row, or returned something other than a mapping or None",
     "preprocess_skipped": "the data.preprocess hook returned None for this row (always dropped, under either policy)",
     # normalize: one row
