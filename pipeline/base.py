@@ -14,7 +14,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .artifacts import file_digest, read_manifest
-from .builtin import BUILTIN_MODEL
+from .builtin import BUILTIN_MODELS
 from .builtin.warm_start import MODEL_SUBDIR
 from .dvc_deps import require_dvc_deps
 from .errors import PipelineError
@@ -69,7 +69,7 @@ def load_revision(entry: dict) -> str | None:
 def base_source(base_dir: Path) -> tuple[str, str | None]:
     """(name or path, revision) to load the base model and tokenizer from; for a Hub id, the recorded commit."""
     manifest = read_manifest(base_dir, "base")
-    if manifest["source"] == BUILTIN_MODEL:
+    if manifest["source"] in BUILTIN_MODELS:
         return str(Path(base_dir) / MODEL_SUBDIR), None
     return manifest["source"], load_revision(manifest)
 

@@ -18,15 +18,26 @@ longest segment's length, so no row is longer than in a batch of one segment per
 the per-sequence layout: `packed_index[i, t]` is the flat position (row · width + column) whose output predicts
 token t+1 of sequence i, `label_ids[i, t]` that token, `packed_valid[i, t]` whether it exists, and
 `num_tokens` the tokens of the per-sequence layout (the count a padded batch reports).
+
+`DataCollatorForVisionPreference` collates pairs with images (a `images` feature of stored images,
+`pipeline.data.images`) in the padded layout and adds the pixel inputs its image processor makes from them, at
+batch time: the images of sequence 0, 1, ..., 2N-1 in that order (each pair's images twice, for its chosen and its
+rejected sequence), the order in which a model meets their image tokens in the batch. Every key of a batch that is
+not one of `PAIR_BATCH_KEYS` is a model input, passed to the model's forward as it is (`pipeline.head.forward`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # part_ids of a prefix-shared segment
+# what the collators put in a batch besides the model's extra inputs (pixel values and the like)
+PAIR_BATCH_KEYS = frozenset({"input_ids", "attention_mask", "position_ids", "completion_mask", "packed_index",
+                             "packed_valid", "label_ids", "num_tokens", "segment_ids", "part_ids", "ref_chosen_logps",
+                             "ref_rejected_logps", "ref_token_logps"})
 
 
 def _pad(rows: list[list], value, multiple: int | None, dtype) -> torch.Tensor:
@@ -143,4 +154,30 @@ class DataCollatorForPreference:
                  "label_ids": labels, "num_tokens": torch.tensor(sum(len(s) for s in sequences))}
         if self.prefix_sharing:
             batch.update(segment_ids=segment_ids, part_ids=part_ids)
+        return batch
+
+
+@dataclass
+class DataCollatorForVisionPreference(DataCollatorForPreference):
+    """Collates tokenized pairs with their images (see the module docstring): the padded layout, plus what the
+    processor's image processor makes of the images (`pixel_values`, and e.g. `image_sizes` or `image_grid_thw`
+    for the model families that take them)."""
+
+    processor: Any = None
+
+    def __post_init__(self):
+        if self.processor is None or getattr(self.processor, "image_processor", None) is None:
+            raise ValueError("DataCollatorForVisionPreference needs the model's processor (with an image processor)")
+        # pixel inputs come in sequence order, which only the one-sequence-per-row layout keeps
+        self.prefix_sharing = self.packing = self.padding_free = False
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        from .data.images import open_image
+
+        batch = super().__call__(features)
+        per_pair = [[open_image(image) for image in f.get("images") or []] for f in features]
+        images = [image for _side in ("chosen", "rejected") for pair in per_pair for image in pair]
+        if images:
+            pixels = self.processor.image_processor(images=images, return_tensors="pt")
+            batch.update({key: value for key, value in pixels.items() if isinstance(value, torch.Tensor)})
         return batch

@@ -1,4 +1,8 @@
-"""Held-out evaluation: the DPO metrics on eval pairs, and a judged win rate from greedy generations."""
+"""Held-out evaluation: the DPO metrics on eval pairs, and a judged win rate from greedy generations.
+
+On a built-in task a program judges the answers: `builtin:sentiment` by the review's adjectives
+(`builtin.task.judge`), `builtin:vision-colors` by whether the answer names the picture's dominant colour
+(`builtin.vision_task.judge`, which reads the colour off the picture itself)."""
 
 from __future__ import annotations
 
@@ -13,28 +17,37 @@ import pyarrow.parquet as pq
 import torch
 
 from .builtin import task
+from .data.images import image_digests, open_image
 from .data.schema import decoded_row
 from .data.sources import is_builtin
 from .data.tables import load_pairs
 from .distributed import barrier, gather_shares, is_main, my_share
 from .models import load_base_tokenizer, load_trained_policy
 from .params import dpo_config
+from .processing import chat_renderer, tokenizer_of
 from .reference import Reference, stage_reference
 from .trainer import DPOTrainer
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions of conversational prompts, decoded without special tokens."""
+def greedy_answers(model, processing_class, prompts: list[dict], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy completions of conversational prompts (`{"prompt": messages, "images": stored images or None}`),
+    decoded without special tokens; prompts with images go through the processor with their images."""
     model.eval()
     device = next(model.parameters()).device
+    tokenizer = tokenizer_of(processing_class)
+    render = chat_renderer(processing_class).apply_chat_template
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     answers = []
     try:
         for start in range(0, len(prompts), batch_size):
-            texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts[start:start + batch_size]]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            chunk = prompts[start:start + batch_size]
+            texts = [render(p["prompt"], add_generation_prompt=True, tokenize=False) for p in chunk]
+            images = [open_image(image) for p in chunk for image in p.get("images") or []]
+            encode = processing_class if images else tokenizer
+            batch = encode(text=texts, **({"images": images} if images else {}), return_tensors="pt", padding=True,
+                           add_special_tokens=False).to(device)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -43,32 +56,54 @@ def greedy_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: 
     return [a.strip() for a in answers]
 
 
-def judged_win_rate(policy, reference: Reference, tokenizer, prompts: list[list[dict]], max_new_tokens: int,
+def judge_answer(prompt: dict, answer: str) -> float:
+    """The built-in judge of an answer to a held-out prompt: the picture task's for a prompt with images."""
+    if prompt.get("images"):
+        from .builtin import vision_task
+        return vision_task.judge(open_image(prompt["images"][0]), answer)
+    return task.judge(prompt["prompt"], answer)
+
+
+def prompt_text(messages: list[dict]) -> str:
+    """The last turn of a prompt as text (an image part as "[image]")."""
+    content = messages[-1]["content"]
+    if isinstance(content, list):
+        return " ".join("[image]" if part.get("type") == "image" else part.get("text", "") for part in content)
+    return content
+
+
+def judged_win_rate(policy, reference: Reference, processing_class, prompts: list[dict], max_new_tokens: int,
                     batch_size: int) -> dict:
     """Win rate of the policy over the reference under the built-in task's judge (ties count half).
 
     The reference generates inside its context (for "adapter_off": the policy with its adapter switched off)."""
     share = my_share(prompts)  # under several processes each answers its share of the prompts
-    mine = gather_shares(greedy_answers(policy, tokenizer, share, max_new_tokens, batch_size), len(prompts))
+    mine = gather_shares(greedy_answers(policy, processing_class, share, max_new_tokens, batch_size), len(prompts))
     with reference.context():
-        theirs = greedy_answers(reference.model, tokenizer, share, max_new_tokens, batch_size)
+        theirs = greedy_answers(reference.model, processing_class, share, max_new_tokens, batch_size)
     theirs = gather_shares(theirs, len(prompts))
-    rate, outcomes = task.win_rate(prompts, mine, theirs)
-    examples = [{"prompt": p[-1]["content"], "policy": a, "reference": b, "policy_score": task.judge(p, a),
-                 "reference_score": task.judge(p, b), "outcome": o} for p, a, b, o in zip(prompts, mine, theirs, outcomes)]
+    scores = [(judge_answer(p, a), judge_answer(p, b)) for p, a, b in zip(prompts, mine, theirs)]
+    outcomes = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in scores]
+    rate = sum(outcomes) / max(1, len(outcomes))
+    examples = [{"prompt": prompt_text(p["prompt"]), "policy": a, "reference": b, "policy_score": sa,
+                 "reference_score": sb, "outcome": o}
+                for p, a, b, (sa, sb), o in zip(prompts, mine, theirs, scores, outcomes)]
     return {"win_rate": rate,
             "policy_mean_score": sum(e["policy_score"] for e in examples) / max(1, len(examples)),
             "reference_mean_score": sum(e["reference_score"] for e in examples) / max(1, len(examples)),
             "examples": examples}
 
 
-def held_out_prompts(normalized: Path, limit: int) -> list[list[dict]]:
-    """Distinct conversational prompts of the eval split, in file order, at most `limit`."""
+def held_out_prompts(normalized: Path, limit: int) -> list[dict]:
+    """Distinct conversational prompts of the eval split (with their images: `{"prompt", "images"}`), in file
+    order, at most `limit`."""
     seen, prompts = set(), []
     for record in pq.read_table(Path(normalized) / "eval.parquet").to_pylist():
-        if record["conversational"] and record["prompt"] not in seen and len(prompts) < limit:
-            seen.add(record["prompt"])
-            prompts.append(decoded_row(record)["prompt"])
+        row = decoded_row(record)
+        key = (record["prompt"], tuple(image_digests(row["images"])))
+        if record["conversational"] and key not in seen and len(prompts) < limit:
+            seen.add(key)
+            prompts.append({"prompt": row["prompt"], "images": row["images"]})
     return prompts
 
 
@@ -76,8 +111,15 @@ def as_text(value) -> str:
     """A prompt or completion as plain text: a string as is, messages as `role: content` lines."""
     if isinstance(value, str):
         return value
-    return "\n".join(f"{m.get('role', '?')}: {m.get('content') if isinstance(m.get('content'), str) else json.dumps(m.get('content'))}"
-                     for m in value or [])
+    return "\n".join(f"{m.get('role', '?')}: {_content(m.get('content'))}" for m in value or [])
+
+
+def _content(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") in ("text", "image") for p in content):
+        return " ".join("[image]" if p["type"] == "image" else p.get("text", "") for p in content)
+    return json.dumps(content)
 
 
 def pair_texts(normalized: Path, row_ids: list[str]) -> dict[str, dict[str, str]]:

@@ -2,7 +2,8 @@
 
 For an adapter the export holds both the adapter alone (`adapter/`, loadable with peft on the base
 model) and, by default, the full model with the adapter merged into the full-precision base (the
-directory itself, loadable with `AutoModelForCausalLM.from_pretrained`). The Hub token is read from
+directory itself, loadable with `AutoModelForCausalLM.from_pretrained`, or for a vision-language model with
+`AutoModelForImageTextToText` and its processor with `AutoProcessor`). The Hub token is read from
 the environment (HF_TOKEN) or the huggingface_hub login, passed only to `HfApi`, and never written
 to a message, a log or an artifact.
 """
@@ -93,18 +94,16 @@ def export_model(model_dir: Path, out_dir: Path, merge_adapter: bool = True,
     `base_name`/`base_revision` when given) and, if `merge_adapter`, is merged into the base from
     `load_base()` (default: the base its adapter_config names) and saved at the top of `out_dir`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .models import is_adapter_dir, load_trained_model
+    from .models import is_adapter_dir, load_causal_lm, load_tokenizer, load_trained_model
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if not is_adapter_dir(model_dir):
-        AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(out_dir, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
+        load_causal_lm(str(model_dir)).save_pretrained(out_dir, safe_serialization=True)
+        load_tokenizer(str(model_dir)).save_pretrained(out_dir)  # a vision-language model's processor, whole
         return {"adapter": False, "merged": False}
 
     model = load_trained_model(model_dir, base_model=load_base() if load_base is not None else None)
+    tokenizer = processing_class_for_adapter(model_dir, model)
     adapter_dir = out_dir / ADAPTER_SUBDIR
     model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
@@ -121,6 +120,18 @@ def export_model(model_dir: Path, out_dir: Path, merge_adapter: bool = True,
         merged.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
     return {"adapter": adapter, "merged": merge_adapter}
+
+
+def processing_class_for_adapter(model_dir: Path, model):
+    """The processing class saved with an adapter: its own directory's, or for a vision-language model whose
+    adapter directory holds only the tokenizer, the base's processor."""
+    from .models import is_vision_model, load_tokenizer
+    from .processing import is_processor
+
+    processing_class = load_tokenizer(str(model_dir))
+    if is_vision_model(model) and not is_processor(processing_class):
+        processing_class = load_tokenizer(model.peft_config[model.active_adapter].base_model_name_or_path)
+    return processing_class
 
 
 # ---- the Hub -----------------------------------------------------------------------------------

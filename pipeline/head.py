@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import prefix_shared_mask
+from .collator import PAIR_BATCH_KEYS
 from .logps import label_logps, label_logps_backward, token_diagnostics, token_logps, vocab_diagnostics
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,9 @@ def full_logits_values(model: torch.nn.Module, inputs: dict, diagnostics: bool =
 
 def forward(model: torch.nn.Module, inputs: dict, **kwargs):
     """The model on a collated batch (`pipeline.collator`): a padded one with its attention mask, a packed one with
-    restarting position_ids alone, a prefix-shared one with position_ids and the mask `pipeline.attention` builds."""
+    restarting position_ids alone, a prefix-shared one with position_ids and the mask `pipeline.attention` builds;
+    the batch's other model inputs (a vision batch's pixel values) go along as they are."""
+    kwargs.update(extra_model_inputs(inputs))
     if "segment_ids" in inputs:
         mask = prefix_shared_mask(model, inputs)
         return model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], attention_mask=mask,
@@ -100,6 +103,11 @@ def forward(model: torch.nn.Module, inputs: dict, **kwargs):
     if "position_ids" in inputs:
         return model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False, **kwargs)
     return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False, **kwargs)
+
+
+def extra_model_inputs(inputs: dict) -> dict:
+    """What a batch holds for the model beyond the token layout (`collator.PAIR_BATCH_KEYS`): e.g. pixel values."""
+    return {key: value for key, value in inputs.items() if key not in PAIR_BATCH_KEYS}
 
 
 def completion_positions(inputs: dict, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

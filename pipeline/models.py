@@ -56,11 +56,42 @@ def is_quantized(model: torch.nn.Module) -> bool:
     return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
 
 
+def is_vision_config(config) -> bool:
+    """Whether a model config is a vision-language model's (it nests a vision encoder's config)."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def is_vision_model(model) -> bool:
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return is_vision_config(getattr(inner, "config", None))
+
+
+def is_vision_source(name_or_path: str, kwargs: dict[str, Any]) -> bool:
+    """Whether the model at `name_or_path` is a vision-language model, by its config (False without a config,
+    e.g. a tokenizer-only directory: the loader then says what is missing)."""
+    from transformers import AutoConfig
+
+    keys = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only", "subfolder")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k in keys})
+    except (OSError, ValueError):
+        return False
+    return is_vision_config(config)
+
+
 def load_causal_lm(name_or_path: str, kwargs: dict[str, Any] | None = None) -> PreTrainedModel:
-    """`AutoModelForCausalLM.from_pretrained` with any of its keywords; remote code stays off unless asked."""
+    """The model at `name_or_path` with any `from_pretrained` keyword: `AutoModelForCausalLM`, or
+    `AutoModelForImageTextToText` for a vision-language model (its config nests a vision config); remote code
+    stays off unless asked."""
     kwargs = init_kwargs(kwargs)
     kwargs.setdefault("trust_remote_code", False)
     try:
+        if is_vision_source(name_or_path, kwargs):
+            from transformers import AutoModelForImageTextToText
+            return AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         raise PipelineError(f"model {name_or_path!r}: could not be loaded ({err}). Give a local directory or a Hub "
@@ -69,22 +100,33 @@ def load_causal_lm(name_or_path: str, kwargs: dict[str, Any] | None = None) -> P
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
                    pad_token: str | None = None):
+    """The processing class of the model at `name_or_path`: its tokenizer, or for a vision-language model its
+    processor (`AutoProcessor`: the tokenizer and the image processor)."""
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        if is_vision_source(name_or_path, kwargs):
+            from transformers import AutoProcessor
+            processing_class = AutoProcessor.from_pretrained(name_or_path, **kwargs)
+        else:
+            processing_class = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         raise PipelineError(f"tokenizer {name_or_path!r}: could not be loaded ({err}).") from None
-    return with_pad_token(tokenizer, pad_token)
+    return with_pad_token(processing_class, pad_token)
 
 
-def with_pad_token(tokenizer, pad_token: str | None = None):
-    """Set the pad token: the one asked for, else the tokenizer's own, else its EOS token."""
+def with_pad_token(processing_class, pad_token: str | None = None):
+    """Set the pad token (of a processor's tokenizer): the one asked for, else the tokenizer's own, else its EOS
+    token. Returns `processing_class`."""
+    from .processing import tokenizer_of
+
+    tokenizer = tokenizer_of(processing_class)
     if pad_token is not None:
         tokenizer.pad_token = pad_token
     elif tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise PipelineError("the tokenizer has neither a pad token nor an EOS token; set pad_token in DPOConfig.")
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return processing_class
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -139,8 +181,9 @@ def load_trained_model(model_dir, kwargs: dict[str, Any] | None = None, base_mod
     if is_adapter_dir(model_dir):
         if base_model is not None:
             return load_adapter(base_model, model_dir, trainable=False)
-        from peft import AutoPeftModelForCausalLM
-        return AutoPeftModelForCausalLM.from_pretrained(str(model_dir), **init_kwargs(kwargs))
+        from peft import PeftConfig
+        base = PeftConfig.from_pretrained(str(model_dir)).base_model_name_or_path
+        return load_adapter(load_causal_lm(base, kwargs), model_dir, trainable=False)
     return load_causal_lm(str(model_dir), kwargs)
 
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import yaml
 
-from .builtin import BUILTIN_DATA, BUILTIN_MODEL
+from .builtin import BUILTIN_DATA, BUILTIN_DATASETS, BUILTIN_MODEL, BUILTIN_MODELS
 from .config import DPO_OPTION_NAMES, OPTION_RULES, DPOConfig, check_dpo_options, dpo_default
 from .errors import PipelineError
-from .redaction import credential_keys
+from .redaction import credential_keys, looks_like_token
 from .rules import at_least, check, dtype_name, greater_than, one_of, within
 
 
@@ -85,7 +85,8 @@ class BuiltinModelParams:
 
 @dataclass
 class ModelParams:
-    name_or_path: str = knob(BUILTIN_MODEL, "The base model: builtin:tiny-llama, a Hub id or a local directory.")
+    name_or_path: str = knob(BUILTIN_MODEL, "The base model: builtin:tiny-llama (builtin:tiny-llava, the "
+                             "vision-language one), a Hub id or a local directory.")
     revision: str | None = knob(None, "Hub revision (branch, tag or commit) of the base model.")
     trust_remote_code: bool = owned("trust_remote_code")
     attn_implementation: str | None = knob(None, "Attention kernel: sdpa, eager, flash_attention_2, ...; "
@@ -111,8 +112,8 @@ class BuiltinDataParams:
 
 @dataclass
 class DataParams:
-    train: str = knob(BUILTIN_DATA, "Training data: builtin:sentiment, a local file/glob/directory or a Hub "
-                                    "dataset id.")
+    train: str = knob(BUILTIN_DATA, "Training data: builtin:sentiment (builtin:vision-colors, the picture "
+                                    "task), a local file/glob/directory or a Hub dataset id.")
     eval: str | None = knob(None, "Eval data with its own source; null: carve eval_fraction of train's prompts.")
     eval_fraction: float = knob(0.1, "Share of train's prompts carved out for eval (seeded).",
                                 within(0, 1, low_open=True, high_open=True))
@@ -346,6 +347,24 @@ def _refuse_credentials(keys, where: str) -> None:
                             f"(the Hub token is read from there, or from `hf auth login`).")
 
 
+def _refuse_tokens(value: Any, where: str) -> None:
+    """A Hub token pasted into any other field (e.g. train.run_name) would be recorded like a credential field, and
+    reach the Trainer's pickled training_args.bin: refused, naming the key (never the value)."""
+    if isinstance(value, str):
+        if looks_like_token(value):
+            raise PipelineError(f"params: {where} holds what looks like a Hugging Face token (hf_...), and params.yaml "
+                                f"is recorded in manifests, the model card and git; remove it and set the HF_TOKEN "
+                                f"environment variable instead (the Hub token is read from there, or from "
+                                f"`hf auth login`).")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_tokens(key, f"a key of {where}")
+            _refuse_tokens(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _refuse_tokens(item, f"{where}[{index}]")
+
+
 # `report_to` integration → the package that provides it, where the names differ
 REPORT_TO_PACKAGES = {"azure_ml": "azureml-core", "flyte": "flytekit", "kubeflow": "kubeflow-training",
                       "tensorboard": "tensorboard"}
@@ -434,7 +453,10 @@ def _check_models(params: dict) -> None:
         raise PipelineError("params: train.sync_ref_model is not supported when training with PEFT models that do "
                             "not keep a standalone ref_model; set model.ref_name_or_path or turn sync_ref_model off.")
     builtin = model["builtin"]
-    if model["name_or_path"] == BUILTIN_MODEL and builtin["hidden_size"] % builtin["num_heads"]:
+    if model["name_or_path"].startswith("builtin:") and model["name_or_path"] not in BUILTIN_MODELS:
+        raise PipelineError(f"params: model.name_or_path {model['name_or_path']!r} is not a built-in model; the built-in "
+                            f"ones are {list(BUILTIN_MODELS)}.")
+    if model["name_or_path"] in BUILTIN_MODELS and builtin["hidden_size"] % builtin["num_heads"]:
         raise PipelineError(f"params: model.builtin.hidden_size ({builtin['hidden_size']}) must be a multiple of "
                             f"model.builtin.num_heads ({builtin['num_heads']}); e.g. hidden_size: "
                             f"{builtin['num_heads'] * max(1, builtin['hidden_size'] // builtin['num_heads'])}.")
@@ -442,7 +464,10 @@ def _check_models(params: dict) -> None:
 
 def _check_builtin_data(data: dict) -> None:
     """The built-in task makes a bounded number of distinct pairs: asking for more is refused before generating."""
-    if data["train"] != BUILTIN_DATA:
+    if str(data["train"]).startswith("builtin:") and data["train"] not in BUILTIN_DATASETS:
+        raise PipelineError(f"params: data.train {data['train']!r} is not a built-in task; the built-in ones are "
+                            f"{list(BUILTIN_DATASETS)}.")
+    if data["train"] != BUILTIN_DATA:  # the picture task draws a new picture per pair: no bound to check
         return
     from .builtin.task import split_capacities
 
@@ -467,6 +492,8 @@ def check_params(raw: dict | None) -> dict:
     if push["enabled"] and not push["repo_id"]:
         raise PipelineError("params: export.push.enabled is true but export.push.repo_id is not set; set it to "
                             "'user/name' or turn the push off.")
+    for section, value in params.items():
+        _refuse_tokens(value, section)
     return params
 
 

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from .artifacts import read_manifest
 from .attention import batch_layout
 from .distributed import gather, gather_to_main, rank_and_size
-from .collator import DataCollatorForPreference
+from .collator import DataCollatorForPreference, DataCollatorForVisionPreference
+from .processing import tokenizer_of
 from .data.schema import REF_LOGPS_SCHEMA, SPLITS
 from .errors import PipelineError
 from .head import evaluating, token_values
@@ -130,6 +131,11 @@ def stage_reference(base_dir: Path, params: dict, policy: Model, when: When, pre
 REF_BLOCK_ROWS = 1024  # pairs read, scored and written at a time
 REF_BATCH_TOKENS = 2**14  # padded tokens of one forward pass (chosen and rejected rows together), at most
 ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def pair_columns(names) -> list[str]:
+    """The columns a pair is scored from: its ids, and its images when the data has them."""
+    return [*ID_COLUMNS, *(["images"] if "images" in names else [])]
 REF_VALUE_SCHEMA = pa.schema([f for f in REF_LOGPS_SCHEMA if f.name != "row_id"])
 
 
@@ -154,7 +160,7 @@ def score_block(reference: Reference, block: pa.Table, collator: DataCollatorFor
     float32 lists, built from the tensors without Python floats)."""
     model = reference.model
     device = next(model.parameters()).device
-    ids = block.select(list(ID_COLUMNS))
+    ids = block.select(pair_columns(block.column_names))
     lengths = (np.asarray(pc.list_value_length(ids["prompt_ids"]).fill_null(0))
                + np.maximum(np.asarray(pc.list_value_length(ids["chosen_ids"]).fill_null(0)),
                             np.asarray(pc.list_value_length(ids["rejected_ids"]).fill_null(0))))
@@ -212,14 +218,19 @@ def write_reference_logps(reference: Reference, tokenized_dir: Path, tokenizer, 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     reference.model.to(device)
     read_manifest(tokenized_dir, "tokenized")
-    collator = DataCollatorForPreference(tokenizer.pad_token_id,
-                                         **batch_layout([reference.model], prefix_sharing, packing, padding_free=False))
+    pad_token_id = tokenizer_of(tokenizer).pad_token_id
     rows = {}
     for split in SPLITS:
         source = pq.ParquetFile(Path(tokenized_dir) / f"{split}.parquet")
+        columns = pair_columns(source.schema_arrow.names)
+        if "images" in columns:  # a vision split: padded batches with pixel inputs (as the trainer collates)
+            collator = DataCollatorForVisionPreference(pad_token_id, processor=tokenizer)
+        else:
+            collator = DataCollatorForPreference(pad_token_id, **batch_layout([reference.model], prefix_sharing, packing,
+                                                                              padding_free=False))
         total = source.metadata.num_rows
         block_rows = max(1, min(REF_BLOCK_ROWS, -(-total // size)))
-        blocks = source.iter_batches(batch_size=block_rows, columns=["row_id", *ID_COLUMNS])
+        blocks = source.iter_batches(batch_size=block_rows, columns=["row_id", *columns])
         mine = 0
         writer = pq.ParquetWriter(Path(out_dir) / f"{split}.parquet", REF_LOGPS_SCHEMA) if rank == 0 else None
         with tqdm(total=total, desc=f"reference log-probs ({split})", unit="pairs", disable=rank != 0) as progress:
@@ -256,13 +267,14 @@ def add_reference_logps(dataset, reference: Reference, collator: DataCollatorFor
 
     name = f"ref_logps-{uuid.uuid4().hex}"  # never a cached result: the values depend on the reference model
     rank, size = rank_and_size()
-    ids = dataset.select_columns(list(ID_COLUMNS))
+    columns = pair_columns(dataset.column_names)
+    ids = dataset.select_columns(columns)
     if size > 1:  # each rank scores a contiguous shard; the shards are gathered back in order
         ids = ids.shard(num_shards=size, index=rank, contiguous=True)
         name += f"-rank{rank}"
     scored = ids.with_format("arrow").map(
         lambda block: score_block(reference, block, collator, batch_size, max_tokens, chunk_tokens),
-        batched=True, batch_size=REF_BLOCK_ROWS, remove_columns=list(ID_COLUMNS), new_fingerprint=name,
+        batched=True, batch_size=REF_BLOCK_ROWS, remove_columns=columns, new_fingerprint=name,
         cache_file_name=os.path.join(get_temporary_cache_files_directory(), f"{name}.arrow"),
         load_from_cache_file=False, desc="reference log-probs")
     if size > 1:

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import json
+import logging
 import os
 import warnings
 from collections import defaultdict
@@ -16,15 +17,19 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from . import losses
 from .attention import batch_layout
-from .collator import DataCollatorForPreference
+from .collator import DataCollatorForPreference, DataCollatorForVisionPreference
+from .data.prepare import as_dataset, input_vocab_size
 from .config import DPOConfig
 from .data.prepare import prepare_dataset
 from .errors import PipelineError
 from .head import token_values
 from .logps import sequence_logps, wpo_log_weights
-from .models import (disable_dropout, effective_weights, is_peft_model, is_quantized, load_causal_lm, load_tokenizer,
-                     with_pad_token)
+from .models import (disable_dropout, effective_weights, is_peft_model, is_quantized, is_vision_model, load_causal_lm,
+                     load_tokenizer, with_pad_token)
+from .processing import is_processor, tokenizer_of
 from .reference import PRECOMPUTED, Reference, add_reference_logps, resolve_reference
+
+logger = logging.getLogger(__name__)
 
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
 TOKEN_METRICS = ("logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy")
@@ -46,20 +51,35 @@ def term_metric_values(terms: dict[str, torch.Tensor]) -> dict[str, tuple]:
     return {(name if name == "aux_loss" else f"loss/{name}"): (value.detach(), 1) for name, value in terms.items()}
 
 
-def refuse_vision_dataset(dataset, args: DPOConfig, model) -> None:
-    """Image columns: refused with keep_end truncation or a text-only model (the only kind supported here)."""
-    columns = set(getattr(dataset, "column_names", None) or [])
-    if not {"image", "images"} & columns:
-        return
+def has_image_column(dataset) -> bool:
+    return bool({"image", "images"} & set(getattr(dataset, "column_names", None) or []))
+
+
+def check_vision_inputs(datasets_: list, args: DPOConfig, model, processing_class) -> bool:
+    """Whether the data has images (an `image`/`images` column); such data is refused with keep_end truncation
+    (it cuts the prompt's start, where the images are), a text-only model, or a processing class that is not
+    the model's processor."""
+    if not any(has_image_column(d) for d in datasets_):
+        return False
     if args.truncation_mode == "keep_end":
         raise PipelineError("truncation_mode='keep_end' is not supported with a vision dataset (it would cut the image "
                             "tokens at the start); use truncation_mode='keep_start' or max_length=None.")
-    config = getattr(model, "config", None)
-    if getattr(config, "vision_config", None) is None:
-        raise PipelineError("the dataset has an 'image'/'images' column but the model is text-only; use a text dataset "
-                            "or remove the image columns.")
-    raise PipelineError("vision-language preference training is not implemented in this pipeline yet; "
-                        "remove the image columns to train on the text alone.")
+    if not is_vision_model(model):
+        raise PipelineError("the dataset has an 'image'/'images' column but the model is text-only; use a "
+                            "vision-language model, or a text dataset without image columns.")
+    if not is_processor(processing_class):
+        raise PipelineError(f"the dataset has images but processing_class is a {type(processing_class).__name__}, not "
+                            "the model's processor; pass processing_class=AutoProcessor.from_pretrained(<model>) or "
+                            "leave it None (it is then loaded with the model).")
+    return True
+
+
+def language_model_targets(model) -> list[str]:
+    """The names of a vision-language model's linear layers inside its language model (not its output layer): what
+    LoRA's `all-linear` means for such a model, so the vision encoder and the projector stay as they are."""
+    body = model.get_decoder()
+    prefix = next(name for name, module in model.named_modules() if module is body)
+    return sorted(f"{prefix}.{name}" for name, module in body.named_modules() if isinstance(module, torch.nn.Linear))
 
 
 REF_CHECKPOINT_NAME = "ref_model.safetensors"
@@ -151,6 +171,10 @@ class DPOTrainer(Trainer):
             processing_class = load_tokenizer(model_id, revision=(args.model_init_kwargs or {}).get("revision"),
                                               trust_remote_code=args.trust_remote_code)
         with_pad_token(processing_class, args.pad_token)
+        train_dataset = as_dataset(train_dataset, "train_dataset")
+        eval_dataset = {k: as_dataset(v, f"eval_dataset[{k}]") for k, v in eval_dataset.items()} \
+            if isinstance(eval_dataset, dict) else as_dataset(eval_dataset, "eval_dataset")
+        vision = check_vision_inputs([train_dataset, *_datasets(eval_dataset)], args, model, processing_class)
 
         new_adapter = peft_config is not None
         if new_adapter:
@@ -163,6 +187,8 @@ class DPOTrainer(Trainer):
             from peft import get_peft_model, prepare_model_for_kbit_training
             if is_quantized(model):  # QLoRA: norms in fp32, input grads for checkpointing (idempotent)
                 model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(args.gradient_checkpointing))
+            if is_vision_model(model) and getattr(peft_config, "target_modules", None) in ("all-linear", "all_linear"):
+                peft_config = dataclasses.replace(peft_config, target_modules=language_model_targets(model))
             model = get_peft_model(model, peft_config)
         if is_quantized(model) and not is_peft_model(model):
             raise PipelineError("a 4-bit/8-bit quantized model cannot be fine-tuned directly; pass peft_config "
@@ -171,12 +197,6 @@ class DPOTrainer(Trainer):
             # the frozen embeddings give no grad to the checkpointed blocks' inputs; the adapters need one
             model.enable_input_require_grads()
 
-        from .data.prepare import as_dataset, input_vocab_size
-        train_dataset = as_dataset(train_dataset, "train_dataset")
-        eval_dataset = {k: as_dataset(v, f"eval_dataset[{k}]") for k, v in eval_dataset.items()} \
-            if isinstance(eval_dataset, dict) else as_dataset(eval_dataset, "eval_dataset")
-        for dataset in (train_dataset, *_datasets(eval_dataset)):
-            refuse_vision_dataset(dataset, args, model)
         vocab_size = input_vocab_size(model)
 
         def prepare(dataset, name: str):  # tokenized, invalid rows refused or dropped (args.on_invalid), non-empty
@@ -214,11 +234,18 @@ class DPOTrainer(Trainer):
             from .liger import check_liger_route, model_kernel_config
             check_liger_route(args, model, reference, (train_dataset, *_datasets(eval_dataset)))
             args.liger_kernel_config = model_kernel_config(args)
-        # the batch layout every model that runs on the batches takes (prefix-shared, packed, else padded)
-        self.layout = batch_layout([m for m in (model, reference.model) if m is not None],
-                                   args.prefix_sharing, args.packing, args.padding_free)
+        # the batch layout every model that runs on the batches takes (prefix-shared, packed, else padded); with
+        # images, padded: a model meets the pixel inputs in sequence order, and vision models compute their own
+        # position ids (multimodal rotary positions) that packed rows would contradict
+        self.vision = vision
+        if vision and (args.prefix_sharing or args.packing or args.padding_free):
+            logger.info("vision data: padded batches (the prefix-shared and packed layouts are for text)")
+        self.layout = {"prefix_sharing": False, "packing": False, "padding_free": False} if vision else \
+            batch_layout([m for m in (model, reference.model) if m is not None], args.prefix_sharing, args.packing,
+                         args.padding_free)
+        self._pad_token_id = tokenizer_of(processing_class).pad_token_id
         if data_collator is None:
-            data_collator = DataCollatorForPreference(processing_class.pad_token_id, args.pad_to_multiple_of, **self.layout)
+            data_collator = self._collator(processing_class, args.pad_to_multiple_of)
 
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
@@ -253,6 +280,12 @@ class DPOTrainer(Trainer):
             return dataclasses.replace(reference, model=self.accelerator.prepare_model(model, evaluation_mode=True))
         model.to(self.args.device)
         return reference
+
+    def _collator(self, processing_class, pad_to_multiple_of: int | None = None):
+        """The default collator: for text in the layout chosen, for images the vision collator."""
+        if self.vision:
+            return DataCollatorForVisionPreference(self._pad_token_id, pad_to_multiple_of, processor=processing_class)
+        return DataCollatorForPreference(self._pad_token_id, pad_to_multiple_of, **self.layout)
 
     @staticmethod
     def _require_liger() -> None:
@@ -298,12 +331,34 @@ class DPOTrainer(Trainer):
             with open(os.path.join(folder, COUNTS_CHECKPOINT_NAME), "w") as f:
                 json.dump({"num_tokens": self._num_tokens}, f)
 
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """The Trainer pickles its args next to the model (training_args.bin): that file is re-written from a copy
+        whose credential fields are None and whose text is redacted, so no Hub token reaches a checkpoint or the
+        output; `self.args` is left as it is (pushing to the Hub reads hub_token from it)."""
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            import copy
+
+            from transformers.trainer import TRAINING_ARGS_NAME
+
+            from .redaction import credential_fields, redact
+
+            recorded = copy.copy(self.args)
+            for f in dataclasses.fields(recorded):
+                value = getattr(recorded, f.name, None)
+                clean = None if f.name in credential_fields() else redact(value)
+                if clean is not value and clean != value:  # an enum stays an enum
+                    setattr(recorded, f.name, clean)
+            torch.save(recorded, os.path.join(output_dir or self.args.output_dir, TRAINING_ARGS_NAME))
+
     def with_reference_logps(self, dataset):
         """Add precomputed reference log-prob columns to a tokenized dataset that lacks them."""
         if dataset is None or _has_reference_logps(dataset):
             return dataset
         batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
-        collator = DataCollatorForPreference(self.processing_class.pad_token_id, **{**self.layout, "padding_free": False})
+        collator = self._collator(self.processing_class)
+        if not self.vision:
+            collator.padding_free = False  # rows of at most one length, as the layout would pack them
         return add_reference_logps(dataset, self.reference, collator,
                                    batch_size, chunk_tokens=self.logits_chunk_tokens)
 

@@ -1,7 +1,8 @@
 """Rewrite the project-code deps of every stage in dvc.yaml from the stages' imports.
 
 `tests/test_dvc_deps.py` fails when dvc.yaml misses a file a stage executes; this script writes the
-lists it expects, leaving every other line of dvc.yaml as it is:
+lists it expects, leaving every other line of dvc.yaml as it is, then writes vision/dvc.yaml again
+from it (`scripts/dvc_yaml_vision.py`):
 
     python scripts/dvc_yaml_deps.py
 """
@@ -44,3 +45,7 @@ if __name__ == "__main__":
     path = ROOT / "dvc.yaml"
     path.write_text(rewrite(path.read_text()))
     print(f"rewrote the code deps of {path}")
+    import dvc_yaml_vision
+
+    (ROOT / "vision" / "dvc.yaml").write_text(dvc_yaml_vision.render())
+    print("wrote vision/dvc.yaml")

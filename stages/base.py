@@ -8,7 +8,7 @@ import click
 
 from pipeline.artifacts import stage_output
 from pipeline.base import describe_external_base, describe_reference_and_adapter
-from pipeline.builtin import BUILTIN_MODEL
+from pipeline.builtin import BUILTIN_MODEL, BUILTIN_VLM
 from pipeline.builtin.warm_start import build_builtin_base
 
 from . import paths
@@ -23,8 +23,14 @@ def run(params: dict, out: Path = paths.BASE) -> dict:
     used = {"seed": params["seed"], "eval_fraction": params["data"]["eval_fraction"],
             "model": {k: params["model"][k] for k in BASE_MODEL_KEYS}}
     with stage_output("base", out, {}, used) as output:
-        builtin = params["model"]["name_or_path"] == BUILTIN_MODEL
-        output.extra = build_builtin_base(params, output.dir) if builtin else describe_external_base(params)
+        name = params["model"]["name_or_path"]
+        if name == BUILTIN_MODEL:
+            output.extra = build_builtin_base(params, output.dir)
+        elif name == BUILTIN_VLM:
+            from pipeline.builtin.vision_model import build_builtin_vision_base
+            output.extra = build_builtin_vision_base(params, output.dir)
+        else:
+            output.extra = describe_external_base(params)
         output.extra.update(describe_reference_and_adapter(params))
     return output.manifest
 

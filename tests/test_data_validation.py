@@ -7,6 +7,7 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 import stages.normalize as normalize_stage
 from pipeline.data.formats import RULES
@@ -20,6 +21,10 @@ CONV = [{"prompt": [{"role": "user", "content": f"Fact {i}?"}],
          "rejected": [{"role": "assistant", "content": f"False {i}."}]} for i in range(5)]
 ASK = [{"role": "user", "content": "Fact?"}]
 YES, NO = [{"role": "assistant", "content": "Yes."}], [{"role": "assistant", "content": "No."}]
+# vision rows: an image part in the prompt, the image a path relative to the data file (write_source writes pic.png)
+PICTURED = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
+VISION = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Colour {i}?"}]}],
+           "chosen": YES, "rejected": NO, "images": ["pic.png"]} for i in range(5)]
 
 # rule -> (the good rows around it, the bad row as a JSON line, the bad row's index)
 CASES = {
@@ -42,6 +47,9 @@ CASES = {
     "duplicate_pair": (TEXT, {"chosen": TEXT[0]["prompt"] + TEXT[0]["chosen"],  # the first pair, with an implicit prompt
                               "rejected": TEXT[0]["prompt"] + TEXT[0]["rejected"]}, 2),
     "preprocess_failed": (TEXT, {"prompt": "Q", "chosen": " a", "rejected": " b", "explode": True}, 2),
+    "bad_image": (VISION, {"prompt": PICTURED, "chosen": YES, "rejected": NO, "images": ["missing.png"]}, 2),
+    "image_count_mismatch": (VISION, {"prompt": PICTURED, "chosen": YES, "rejected": NO, "images": ["pic.png"] * 2}, 2),
+    "images_on_text": (TEXT, {"prompt": "Q", "chosen": " a", "rejected": " b", "images": ["pic.png"]}, 2),
 }
 HOOK = "def hook(row):\n    if row.get('explode'):\n        raise RuntimeError('boom')\n    return {}\n"
 
@@ -52,6 +60,7 @@ def write_source(tmp_path, rule):
     lines.insert(at, bad if isinstance(bad, str) else json.dumps(bad))
     path = tmp_path / f"{rule}.jsonl"
     path.write_text("\n".join(lines) + "\n")
+    Image.new("RGB", (4, 4), (255, 0, 0)).save(tmp_path / "pic.png")
     return path, at, len(good)
 
 
@@ -66,7 +75,7 @@ def params_for(tmp_path, rule, policy):
 
 def test_every_normalize_rule_is_covered():
     assert set(CASES) | {"preprocess_skipped", "template_error", "template_changes_prompt",
-                         "emptied_by_truncation"} == set(RULES)
+                         "emptied_by_truncation", "image_truncated"} == set(RULES)  # the tokenize rules elsewhere
 
 
 @pytest.mark.parametrize("rule", sorted(CASES))

@@ -127,6 +127,21 @@ def test_the_walker_follows_lazy_and_relative_imports():
     assert "pipeline/trainer.py" not in executed_files("stages.normalize")
 
 
+def test_the_vision_pipeline_is_dvc_yaml_on_params_vision_yaml():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import dvc_yaml_vision
+
+    assert (ROOT / "vision" / "dvc.yaml").read_text() == dvc_yaml_vision.render(), \
+        "vision/dvc.yaml is stale: run python scripts/dvc_yaml_deps.py"
+    vision = yaml.safe_load((ROOT / "vision" / "dvc.yaml").read_text())["stages"]
+    assert list(vision) == list(dvc_stages())
+    for name, spec in vision.items():
+        assert spec["wdir"] == ".." and "--params params-vision.yaml" in spec["cmd"]
+        paths = [p for key in ("deps", "outs", "metrics") for e in spec.get(key, []) for p in ([e] if isinstance(e, str) else e)]
+        assert not [p for p in paths if p.split("/")[0] in ("artifacts", "results") and "/vision" not in p], name
+        assert not [p for p in paths if p.split("/")[0] == "dvclive"], name
+
+
 if __name__ == "__main__":
     for name in dvc_stages():
         print(f"{name}:")

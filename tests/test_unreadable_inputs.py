@@ -83,6 +83,11 @@ BAD_LINES = {  # what is on line 3 -> what the message says is wrong there (and 
     "bad_json": (b'{"prompt": "Q", "chosen": ', r"line 3 is not valid JSON \(Expecting value at column 27\)"),
     "nan": (b'{"prompt": "Q", "chosen": " a", "rejected": " b", "score": NaN}',
             r"line 3 holds NaN, which is not JSON \(write null, or the number as a string\)"),
+    "duplicate_key": (b'{"prompt": "Q", "chosen": " a", "rejected": " b", "chosen": " c"}',
+                      r"line 3 has the key 'chosen' twice in one object \(JSON would keep only the last value; "
+                      r"remove one of them\)"),
+    "nested_duplicate_key": (b'{"prompt": [{"role": "user", "content": "Q", "role": "system"}], "chosen": " a", '
+                             b'"rejected": " b"}', r"line 3 has the key 'role' twice in one object .*remove one of them"),
 }
 
 
@@ -102,6 +107,22 @@ def test_an_unreadable_json_line_is_named_under_error_and_dropped_under_drop(tmp
     [entry] = dropped(tmp_path, report)
     assert (entry["source"], entry["row"], entry["rule"]) == (str(path), AT, "malformed_row")
     assert entry["detail"].startswith("line 3"), entry
+    assert re.search(what, entry["detail"]), entry
+
+
+def test_a_duplicate_key_is_never_read_as_its_last_value(tmp_path):
+    """Python's json keeps the last of two equal keys: the row is refused instead, the file's rows still add up."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(jsonl(b'{"prompt": "Q", "chosen": " a", "rejected": " b", "rejected": " a"}', at=0)
+                     + b'{"prompt": "Q2", "chosen": " a", "rejected": " b", "meta": {"k": 1, "k": 2}}\n')
+    message = raises(tmp_path, path)
+    assert message.startswith(f"{path}: row 0: line 1 has the key 'rejected' twice in one object"), message
+    assert "remove one of them" in message and "data.on_invalid: drop" in message, message
+    report = run(tmp_path, path, "drop")
+    assert report["rows_read"] == 7 == sum(report["rows_written"].values()) + report["rows_dropped"]
+    assert report["dropped_by_reason"] == {"malformed_row": 2}
+    assert [(e["row"], e["detail"].split(" (")[0]) for e in dropped(tmp_path, report)] == [
+        (0, "line 1 has the key 'rejected' twice in one object"), (6, "line 7 has the key 'k' twice in one object")]
 
 
 def test_non_utf8_byte_offset_is_the_offset_in_the_file(tmp_path):
@@ -139,6 +160,49 @@ def test_a_gz_that_is_not_gzip_or_is_truncated_is_an_error_even_under_drop(tmp_p
     message = raises(tmp_path, truncated, "drop")
     assert message.startswith(f"{truncated}: cannot read it after line "), message
     assert "EOFError" in message and "truncated or corrupt" in message and "re-download" in message
+
+
+def _zstd(data: bytes) -> bytes:
+    zstandard = pytest.importorskip("zstandard")
+    return zstandard.ZstdCompressor().compress(data)
+
+
+def _splits(directory) -> dict:
+    return {f.name: pq.read_table(f).to_pylist() for f in sorted(directory.glob("*.parquet"))}
+
+
+@pytest.mark.parametrize("layout", ["one_frame", "two_frames", "array"])
+def test_a_zst_file_reads_like_the_plain_file(tmp_path, layout):
+    data = MANY_LINES if layout != "array" else json_array(",\n")
+    plain = tmp_path / ("pairs.jsonl" if layout != "array" else "pairs.json")
+    plain.write_bytes(data)
+    packed = tmp_path / (plain.name + ".zst")
+    half = len(data) // 2 if layout == "two_frames" else len(data)
+    packed.write_bytes(_zstd(data[:half]) + (_zstd(data[half:]) if data[half:] else b""))
+    reports = [run(tmp_path / name, path) for name, path in (("plain", plain), ("packed", packed))]
+    assert reports[0]["rows_read"] == reports[1]["rows_read"] == (3000 if layout != "array" else len(GOOD))
+    assert reports[0]["rows_written"] == reports[1]["rows_written"] and reports[1]["rows_dropped"] == 0
+    assert _splits(tmp_path / "plain" / "out-error") == _splits(tmp_path / "packed" / "out-error") != {}
+
+
+def test_a_zst_that_is_not_zstd_or_is_truncated_is_an_error_even_under_drop(tmp_path):
+    fake = tmp_path / "pairs.jsonl.zst"
+    fake.write_bytes(jsonl(GOOD_LINES[0]))
+    for policy in ("error", "drop"):
+        message = raises(tmp_path, fake, policy)
+        assert message.startswith(f"{fake}: cannot read it at its start (ZstdError:"), message
+        assert "`zstd -t pairs.jsonl.zst`" in message and "not zstd data" in message, message
+
+    packed = _zstd(MANY_LINES)
+    for name, content in (("cut.jsonl.zst", packed[:-50]), ("cut_early.jsonl.zst", packed[:len(packed) // 3]),
+                          ("garbage_after.jsonl.zst", packed + b"garbage")):
+        path = tmp_path / name
+        path.write_bytes(content)
+        for policy in ("error", "drop"):  # zstandard's stream_reader would end a cut file silently: rows lost
+            message = raises(tmp_path, path, policy)
+            assert message.startswith(f"{path}: cannot read it "), message
+            assert "truncated or corrupt" in message and "re-download" in message and f"`zstd -t {name}`" in message
+            assert ("EOFError" if name.startswith("cut") else "ZstdError") in message, message
 
 
 def test_a_csv_quote_that_is_never_closed_is_refused_where_it_opens(tmp_path):
@@ -180,6 +244,11 @@ ITEMS = [json.dumps(row) for row in GOOD]
 @pytest.mark.parametrize("text, problem", [
     ("[" + ",\n".join(ITEMS) + ",\n]", "row 5: a trailing comma before ']' (strict JSON has none; remove it) at line 6"),
     ("[" + "\n".join(ITEMS) + "]", "row 1: expected ',' or ']' after the item, found '{' at line 2"),
+    ("[" + ITEMS[0] + ',\n{"prompt": "Q", "chosen": "a", "rejected": "b", "prompt": "R"}]',
+     "row 1: an object has the key 'prompt' twice (JSON would keep only the last value; remove one of them) at line 2"),
+    ("[" + ",\n".join(ITEMS[:3]) + ',\n{"prompt": "Q", "chosen": [{"role": "assistant", "content": "a",\n'
+     '"content": "b"}], "rejected": "b"}]',
+     "row 3: an object has the key 'content' twice (JSON would keep only the last value; remove one of them) at line 4"),
 ])
 def test_a_json_array_must_be_strict(tmp_path, text, problem):
     path = tmp_path / "pairs.json"
@@ -232,6 +301,9 @@ CORPUS = {
     "jsonl_extra_data": ("a.jsonl", jsonl(GOOD_LINES[0][:-1] + b' 3"} x'), 6),
     "jsonl_array_line": ("a.jsonl", jsonl(b"[1, 2]"), 6),
     "jsonl_string_line": ("a.jsonl", jsonl(b'"just text"'), 6),
+    "jsonl_duplicate_key": ("a.jsonl", jsonl(b'{"prompt": "Q", "prompt": "R", "chosen": "a", "rejected": "b"}'), 6),
+    "jsonl_nested_duplicate_key": ("a.jsonl", jsonl(b'{"prompt": "Q", "chosen": "a", "rejected": "b", "m": [{"x": 1, '
+                                                    b'"y": {"z": 1, "z": 1}}]}'), 6),
     "jsonl_utf16_file": ("a.jsonl", "\n".join(json.dumps(r) for r in GOOD).encode("utf-16"), None),
     "array_trailing_comma": ("a.json", json_array(",\n")[:-2] + b",\n]\n", None),
     "array_double_comma": ("a.json", json_array(",,\n"), None),
@@ -240,6 +312,8 @@ CORPUS = {
     "array_text_after": ("a.json", json_array(",\n") + b"[]", None),
     "array_unclosed": ("a.json", json_array(",\n")[:-3], None),
     "array_nan": ("a.json", json_array(', {"x": NaN},\n'), None),
+    "array_duplicate_key": ("a.json", json_array(',\n{"prompt": "Q", "chosen": "a", "rejected": "b", "chosen": "c"},\n'),
+                            None),
     "array_non_utf8": ("a.json", json_array(",\n").replace(b"fact 3", b"fact \xff"), None),
     "array_deep": ("a.json", json_array(",\n" + "[" * 100_000 + "]" * 100_000 + ",\n"), None),
     "array_surrogate_item": ("a.json", json_array(',\n{"prompt": "\\udfff", "chosen": "a", "rejected": "b"},\n'), 6),

@@ -36,8 +36,8 @@ RESERVED_TEMPLATE_KWARGS = ("conversation", "tools", "documents", "chat_template
 RULES = {
     # normalize: reading the source
     "malformed_row": "the source cannot be read or parsed at this row (invalid JSON line, a non-UTF-8 byte, a lone "
-                     "surrogate escape, JSON nested too deep, NaN/Infinity, a CSV row with more or fewer fields than "
-                     "the header, a row that is not an object)",
+                     "surrogate escape, JSON nested too deep, NaN/Infinity, an object with the same key twice, a CSV "
+                     "row with more or fewer fields than the header, a row that is not an object)",
     "preprocess_failed": "the data.preprocess hook raised on this row, or returned something other than a mapping or None",
     "preprocess_skipped": "the data.preprocess hook returned None for this row (always dropped, under either policy)",
     # normalize: one row
@@ -48,7 +48,8 @@ RULES = {
                     "first row of its dataset",
     "bad_message": "a message is not an object with a 'role'",
     "unknown_role": f"a message's role is not one of {list(ROLES)}",
-    "non_string_content": "a message's content is not a string (only an assistant turn with tool_calls may omit it)",
+    "non_string_content": "a message's content is neither a string nor a list of content parts ({'type': 'text', "
+                          "'text': ...} or {'type': 'image'}) (only an assistant turn with tool_calls may omit it)",
     "bad_tool_call": "an assistant message's tool_calls is not a list of {'function': {'name': ...}} objects",
     "no_prompt": "the prompt is empty, or chosen and rejected share no prompt to extract",
     "empty_completion": "a completion is empty: no text after the prompt (e.g. an empty last assistant turn of an "
@@ -61,12 +62,20 @@ RULES = {
                                 "argument the pipeline sets itself",
     "template_fields_on_text": "tools or chat_template_kwargs on a standard (text) row: only the chat template "
                                "uses them, and text rows are not templated",
+    "bad_image": "an image of the row does not decode, its file cannot be read, or the row gives both 'image' and "
+                 "'images'",
+    "image_count_mismatch": "the number of {'type': 'image'} parts in the prompt differs from the number of images, "
+                            "or a completion holds an image part (images belong to the prompt)",
+    "images_on_text": "images on a standard (text) row: image placeholders need the conversational format, "
+                      "with {'type': 'image'} content parts",
     "duplicate_pair": "the same prompt, chosen, rejected and tools as an earlier row (the first one is kept)",
     # tokenize
     "template_error": "the tokenizer's chat template fails on the row (e.g. roles that do not alternate)",
     "template_changes_prompt": "the chat template renders the prompt differently once a completion follows, so "
                                "the completion cannot be located in the rendered text",
     "emptied_by_truncation": "max_length leaves no completion tokens (always dropped, under either policy)",
+    "image_truncated": "max_length would cut some of the row's image tokens (set tokenize.max_length: null, or "
+                       "DPOConfig(max_length=None), as the reference documentation advises for vision models)",
 }
 
 
@@ -129,12 +138,32 @@ def _check_messages(field: str, messages: list) -> None:
         content = message.get("content")
         if content is None and "tool_calls" in message:
             continue  # an assistant turn that only calls tools
-        if not isinstance(content, str):
-            raise InvalidRow("non_string_content", f"{where}.content is {type(content).__name__}, expected text")
+        if isinstance(content, list):
+            _check_parts(where, content)
+        elif not isinstance(content, str):
+            raise InvalidRow("non_string_content", f"{where}.content is {type(content).__name__}, expected text or a "
+                                                   "list of content parts")
+
+
+def _check_parts(where: str, parts: list) -> None:
+    """A multimodal content: a list of {'type': 'text', 'text': str} and {'type': 'image'} parts."""
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image" or (kind == "text" and isinstance(part.get("text"), str)):
+            continue
+        raise InvalidRow("non_string_content", f"{where}.content[{j}] is not a content part {{'type': 'text', 'text': "
+                                               f"...}} or {{'type': 'image'}} (got {json.dumps(part, default=repr)[:80]})")
+
+
+def _content_text(content) -> str:
+    """The text of a message's content: the string, or its text parts joined."""
+    if isinstance(content, list):
+        return "".join(part.get("text") or "" for part in content if part.get("type") == "text")
+    return content or ""
 
 
 def _has_text(messages: list) -> bool:
-    return any((m.get("content") or "").strip() or m.get("tool_calls") for m in messages)
+    return any(_content_text(m.get("content")).strip() or m.get("tool_calls") for m in messages)
 
 
 def extract_text_prompt(chosen: str, rejected: str, marker: str | None = None) -> tuple[str, str, str]:
@@ -225,11 +254,12 @@ def invalid_row_message(where: str | None, rows: int | list[int], rule: str, det
     return f"{where + ': ' if where else ''}{numbered}: {detail} [rule {rule}]"
 
 
-def canonical_pair(raw: dict, prompt_marker: str | None = None) -> dict:
+def canonical_pair(raw: dict, prompt_marker: str | None = None, image_root=None) -> dict:
     """Validate one raw row and return it in explicit-prompt form (still Python objects).
 
-    Returns {"conversational", "prompt", "chosen", "rejected", "tools", "chat_template_kwargs",
-    "implicit_prompt"}.
+    Returns {"conversational", "prompt", "chosen", "rejected", "tools", "chat_template_kwargs", "images",
+    "implicit_prompt"}; `images` is None, or the row's images stored as `pipeline.data.images` says (relative
+    paths read from `image_root`).
     """
     for column in ("chosen", "rejected"):
         if column not in raw:
@@ -280,5 +310,32 @@ def canonical_pair(raw: dict, prompt_marker: str | None = None) -> dict:
                 raise InvalidRow("empty_completion", empty_text_completion(name, implicit))
     if chosen == rejected:
         raise InvalidRow("identical_pair", "chosen and rejected are identical")
+    images = _checked_images(raw, conversational, prompt, chosen, rejected, image_root)
     return {"conversational": conversational, "prompt": prompt, "chosen": chosen, "rejected": rejected,
-            "tools": tools, "chat_template_kwargs": template_kwargs, "implicit_prompt": implicit}
+            "tools": tools, "chat_template_kwargs": template_kwargs, "images": images, "implicit_prompt": implicit}
+
+
+def _checked_images(raw: dict, conversational: bool, prompt, chosen, rejected, image_root) -> list[dict] | None:
+    """The row's stored images, checked against its `{"type": "image"}` parts: as many as the prompt has, none in
+    the completions, none on a standard (text) row."""
+    from .images import IMAGE_COLUMNS, placeholders, row_images
+
+    if all(raw.get(column) is None or (isinstance(raw.get(column), list) and not raw[column]) for column in IMAGE_COLUMNS):
+        images = None
+    elif not conversational:
+        raise InvalidRow("images_on_text", "the row has images but is in the standard (text) format; write it as "
+                                           "conversational messages with {'type': 'image'} content parts")
+    else:
+        images = row_images(raw, image_root)
+    if not conversational:
+        return None
+    for name, messages in (("chosen", chosen), ("rejected", rejected)):
+        if placeholders(messages):
+            raise InvalidRow("image_count_mismatch", f"the {name} completion holds an image part; images belong to "
+                                                     "the prompt")
+    wanted, given = placeholders(prompt), len(images or [])
+    if wanted != given:
+        raise InvalidRow("image_count_mismatch", f"the prompt has {wanted} image part{'s' * (wanted != 1)} "
+                                                 f"({{'type': 'image'}}) but the row gives {given} image"
+                                                 f"{'s' * (given != 1)}; give one image per image part, in order")
+    return images

@@ -42,7 +42,7 @@ from .schema import NORMALIZED_SCHEMA, encode_field, encode_optional, prompt_id_
 from .sources import builtin_rows, hook_record, is_builtin, iter_rows, load_hook, local_reads, source_record
 
 CHUNK_ROWS = 1000
-CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "tools", "chat_template_kwargs")
+CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "tools", "chat_template_kwargs", "images", "image")
 
 
 class SplitWriter:
@@ -91,11 +91,11 @@ class SeenPairs:
 def canonical_record(pair: dict) -> dict:
     conv = pair["conversational"]
     return {"row_id": row_id_for(pair["prompt"], pair["chosen"], pair["rejected"], pair["tools"],
-                                 pair["chat_template_kwargs"]),
+                                 pair["chat_template_kwargs"], pair["images"]),
             "conversational": conv,
             "prompt": encode_field(pair["prompt"], conv), "chosen": encode_field(pair["chosen"], conv),
             "rejected": encode_field(pair["rejected"], conv), "tools": encode_optional(pair["tools"]),
-            "chat_template_kwargs": encode_optional(pair["chat_template_kwargs"])}
+            "chat_template_kwargs": encode_optional(pair["chat_template_kwargs"]), "images": pair["images"]}
 
 
 def check_column_mapping(columns: dict) -> dict:
@@ -112,8 +112,9 @@ def check_column_mapping(columns: dict) -> dict:
 class RowPreparer:
     """Raw row → canonical record: column mapping, the user's hook, validation (one dataset at a time)."""
 
-    def __init__(self, data: dict, hook: Callable | None):
+    def __init__(self, data: dict, hook: Callable | None, image_root: Path | None = None):
         self.columns, self.hook, self.marker = check_column_mapping(data["columns"]), hook, data["prompt_marker"]
+        self.image_root = image_root  # where relative image paths are read from: the data file's directory
         self.known_columns: set = set()
         self.first_format: bool | None = None
 
@@ -141,7 +142,7 @@ class RowPreparer:
                 raise InvalidRow("preprocess_failed", f"the data.preprocess hook returned {type(out).__name__}, "
                                                       "expected a mapping of canonical columns (or None to skip)")
             raw = {**raw, **out}
-        pair = canonical_pair(raw, self.marker)
+        pair = canonical_pair(raw, self.marker, self.image_root)
         if self.first_format is None:
             self.first_format = pair["conversational"]
         elif pair["conversational"] != self.first_format:
@@ -149,6 +150,16 @@ class RowPreparer:
             raise InvalidRow("mixed_format", f"this row is {kinds[pair['conversational']]} but the dataset's first row "
                                              f"is {kinds[self.first_format]}; one dataset holds one format")
         return pair
+
+
+def image_root(source: str) -> Path | None:
+    """The directory relative image paths of a local data file (or glob, or directory) are read from."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    if path.parent.is_dir():
+        return path.parent
+    return None
 
 
 def _in_eval(prompt_id: str, seed: int, fraction: float) -> bool:
@@ -260,15 +271,15 @@ def normalize_dataset(params: dict, out_dir: Path) -> dict:
                                    columns=needed)
             if data["eval"] is None:
                 def carve(pair: dict) -> str:
-                    prompt_id = prompt_id_for(pair["prompt"], pair["tools"])
+                    prompt_id = prompt_id_for(pair["prompt"], pair["tools"], pair["images"])
                     return "eval" if _in_eval(prompt_id, params["seed"], data["eval_fraction"]) else "train"
-                run.run(train_rows, carve, RowPreparer(data, hook), "normalize")
+                run.run(train_rows, carve, RowPreparer(data, hook, image_root(data["train"])), "normalize")
                 eval_from = f"carved from train: eval_fraction {data['eval_fraction']} of the prompts, seed {params['seed']}"
             else:
-                run.run(train_rows, lambda pair: "train", RowPreparer(data, hook), "normalize train")
+                run.run(train_rows, lambda pair: "train", RowPreparer(data, hook, image_root(data["train"])), "normalize train")
                 eval_rows = iter_rows(data["eval"], data["eval_split"] or data["split"], data["name"],
                                       revision_to_read(sources["eval"], data), columns=needed)
-                run.run(eval_rows, lambda pair: "eval", RowPreparer(data, hook), "normalize eval")
+                run.run(eval_rows, lambda pair: "eval", RowPreparer(data, hook, image_root(data["eval"])), "normalize eval")
                 eval_from = f"{data['eval']} (split {data['eval_split'] or data['split']})"
         for writer in writers.values():
             writer.close()

@@ -23,7 +23,8 @@ import pyarrow.compute as pc
 from ..errors import PipelineError
 from .formats import InvalidRow, canonical_pair, invalid_row_message
 from .schema import row_id_for
-from .tokenize import PairTokenizer, truncate_pair, warn_keep_end
+from .images import IMAGE_COLUMNS
+from .tokenize import PairTokenizer, image_tokens_cut, truncate_pair, warn_keep_end
 
 logger = logging.getLogger(__name__)
 
@@ -136,18 +137,22 @@ def _tokenize(dataset, tokenizer, max_length: int | None, truncation_mode: str, 
     """Raw rows → tokenized rows; an invalid row becomes a row with empty ids marked with its rule and detail."""
     warn_keep_end(truncation_mode)
     pair_tokenizer = PairTokenizer(tokenizer)
+    vision = bool(set(IMAGE_COLUMNS) & set(dataset.column_names or []))
 
     def convert(batch: dict, indices: list[int]) -> dict:
         columns = list(batch)
         rows = [{column: batch[column][k] for column in columns} for k in range(len(indices))]
-        out = {"row_id": [], **{column: [] for column in TOKENIZED_COLUMNS}, _RULE: [], _DETAIL: []}
+        out = {"row_id": [], **{column: [] for column in TOKENIZED_COLUMNS}, _RULE: [], _DETAIL: [],
+               **({"images": []} if vision else {})}
 
-        def add(row_id, ids: dict | None, bad: InvalidRow | None) -> None:
+        def add(row_id, ids: dict | None, bad: InvalidRow | None, images: list | None = None) -> None:
             out["row_id"].append(row_id)
             for column in TOKENIZED_COLUMNS:
                 out[column].append(ids[column] if ids else [])
             out[_RULE].append(bad.rule if bad else None)
             out[_DETAIL].append(bad.detail if bad else None)
+            if vision:
+                out["images"].append(images)
 
         valid = []
         for index, row in zip(indices, rows):
@@ -166,8 +171,12 @@ def _tokenize(dataset, tokenizer, max_length: int | None, truncation_mode: str, 
                 add(None, None, result)
                 continue
             ids = truncate_pair(result[0], max_length, truncation_mode, pair_tokenizer.bos_id)
+            cut = image_tokens_cut(result[0], ids, pair_tokenizer.image_token_id, max_length)
+            if cut is not None:
+                add(None, None, cut)
+                continue
             add(row_id_for(pair["prompt"], pair["chosen"], pair["rejected"], pair["tools"],
-                           pair["chat_template_kwargs"]), ids, None)
+                           pair["chat_template_kwargs"], pair["images"]), ids, None, pair["images"])
         return out
 
     import datasets

@@ -16,8 +16,10 @@ swallowed lines: refused, naming the line where the quote opens. A one-line CSV 
 fields than the header is a malformed row (not padded with nulls).
 
 JSON is strict: `NaN`, `Infinity` and `-Infinity` (which Python's `json` accepts by default) are refused,
-as are a trailing comma or anything after the closing `]` of an array, a lone UTF-16 surrogate escape
-(`"\\ud800"`: not a character, it cannot be written as UTF-8) and nesting deeper than `MAX_DEPTH`.
+as are an object with the same key twice, at any depth (Python's `json` would keep the last value and lose
+the other silently), a trailing comma or anything after the closing `]` of an array, a lone UTF-16
+surrogate escape (`"\\ud800"`: not a character, it cannot be written as UTF-8) and nesting deeper than
+`MAX_DEPTH`.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import sys
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from ..errors import PipelineError
 from .formats import InvalidRow
@@ -61,7 +63,22 @@ def _refuse_constant(name: str):
     raise _NotJSON(name)
 
 
-STRICT_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+class _DuplicateKey(ValueError):
+    """An object with the same key twice: Python's json keeps the last value, silently losing the other."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    row = dict(pairs)
+    if len(row) < len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return row
+
+
+STRICT_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
 
 
 def open_binary(path: Path) -> io.BufferedIOBase:
@@ -79,8 +96,47 @@ def open_binary(path: Path) -> io.BufferedIOBase:
         except ImportError:
             raise PipelineError(f"{path}: reading .zst needs the zstandard package (pip install zstandard), "
                                 "or decompress the file.") from None
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
+        return io.BufferedReader(_ZstdStream(zstandard, path))
     return open(path, "rb")
+
+
+class _ZstdStream(io.RawIOBase):
+    """The decompressed bytes of a .zst file (one or more frames), frame by frame; a file that ends inside a
+    frame raises EOFError like gzip's (zstandard's `stream_reader` ends such a file silently, losing the rest)."""
+
+    CHUNK = 1 << 14  # compressed bytes fed at a time (the output of one feed is what they decompress to)
+
+    def __init__(self, zstandard, path: Path):
+        self.decompressor, self.file = zstandard.ZstdDecompressor(), open(path, "rb")
+        self.frame = None  # the decompressor of the frame being read; None between frames
+        self.pending, self.at = memoryview(b""), 0  # decompressed bytes not yet returned
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self.at == len(self.pending):
+            data = self.file.read(self.CHUNK)
+            if not data:
+                if self.frame is not None:
+                    raise EOFError("Compressed file ended before the end of its last zstd frame")
+                return 0
+            out = []
+            while data:  # a chunk may end one frame and start the next
+                self.frame = self.frame or self.decompressor.decompressobj()
+                out.append(self.frame.decompress(data))
+                data = self.frame.unused_data if self.frame.eof else b""
+                if self.frame.eof:
+                    self.frame = None
+            self.pending, self.at = memoryview(b"".join(out)), 0
+        n = min(len(buffer), len(self.pending) - self.at)
+        buffer[:n] = self.pending[self.at:self.at + n]
+        self.at += n
+        return n
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
 
 
 def _decompress_errors() -> tuple:
@@ -163,6 +219,7 @@ SURROGATE_FIX = ("is not a character and cannot be written as UTF-8; fix the esc
                  "encodes one character) or remove it")
 CONSTANT_FIX = "which is not JSON (write null, or the number as a string)"
 DEPTH_FIX = f"nests arrays or objects more than {MAX_DEPTH} levels deep; flatten the row"
+DUPLICATE_FIX = "JSON would keep only the last value; remove one of them"
 
 
 def parse_json_line(raw: bytes, line_number: int, offset: int) -> dict | InvalidRow:
@@ -178,6 +235,8 @@ def parse_json_line(raw: bytes, line_number: int, offset: int) -> dict | Invalid
         return InvalidRow("malformed_row", f"{where} is not valid JSON ({err.msg} at column {err.colno})")
     except _NotJSON as err:
         return InvalidRow("malformed_row", f"{where} holds {err}, {CONSTANT_FIX}")
+    except _DuplicateKey as err:
+        return InvalidRow("malformed_row", f"{where} has the key {err.args[0]!r} twice in one object ({DUPLICATE_FIX})")
     except RecursionError:
         return InvalidRow("malformed_row", f"{where} {DEPTH_FIX}")
     if _too_deep(text, row):
@@ -271,6 +330,8 @@ def read_json_array(path: Path, handle, label: str, chunk: int) -> RowStream:
                         raise broken(f"invalid JSON ({err.msg})") from None
                 except _NotJSON as err:
                     raise broken(f"{err} literal, {CONSTANT_FIX},") from None
+                except _DuplicateKey as err:
+                    raise broken(f"an object has the key {err.args[0]!r} twice ({DUPLICATE_FIX})") from None
                 except RecursionError:
                     raise broken(f"the item {DEPTH_FIX},") from None
             start, item_text = text.pos, text.buffer[text.pos:end]

@@ -2,7 +2,9 @@
 
 Conversational fields (lists of messages, tool calls included) and `tools` /
 `chat_template_kwargs` are stored as JSON text, so a Parquet round trip is lossless whatever keys
-the messages carry.
+the messages carry. `images` (null on text rows) holds a vision row's images as encoded bytes with
+their format (`pipeline.data.images`); the tokenized artifact of a split with images carries them on
+(`TOKENIZED_VISION_SCHEMA`), so pixel inputs are made when a batch is collated.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from .images import IMAGE_TYPE, image_digests
+
 NORMALIZED_SCHEMA = pa.schema([
     ("row_id", pa.string()),
     ("conversational", pa.bool_()),
@@ -21,6 +25,7 @@ NORMALIZED_SCHEMA = pa.schema([
     ("rejected", pa.string()),
     ("tools", pa.string()),
     ("chat_template_kwargs", pa.string()),
+    ("images", pa.list_(IMAGE_TYPE)),
 ])
 
 TOKENIZED_SCHEMA = pa.schema([
@@ -29,6 +34,7 @@ TOKENIZED_SCHEMA = pa.schema([
     ("chosen_ids", pa.list_(pa.int32())),
     ("rejected_ids", pa.list_(pa.int32())),
 ])
+TOKENIZED_VISION_SCHEMA = TOKENIZED_SCHEMA.append(pa.field("images", pa.list_(IMAGE_TYPE)))
 
 REF_LOGPS_SCHEMA = pa.schema([
     ("row_id", pa.string()),
@@ -58,18 +64,22 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
 
 
-def row_id_for(prompt: Any, chosen: Any, rejected: Any, tools: Any = None, chat_template_kwargs: Any = None) -> str:
+def row_id_for(prompt: Any, chosen: Any, rejected: Any, tools: Any = None, chat_template_kwargs: Any = None,
+               images: list[dict] | None = None) -> str:
     """A content digest of the canonical pair: stable across re-runs, reorderings and source formats
-    (an implicit-prompt row and its explicit form get the same id); equal for duplicated pairs."""
+    (an implicit-prompt row and its explicit form get the same id); equal for duplicated pairs. It covers
+    the images' bytes: the same question about another picture is another pair."""
     payload = [prompt, chosen, rejected, tools]
     if chat_template_kwargs:  # rendered differently, so a different pair
         payload.append(chat_template_kwargs)
+    if images:
+        payload.append({"images": image_digests(images)})
     return _digest(payload)
 
 
-def prompt_id_for(prompt: Any, tools: Any = None) -> str:
-    """A digest of what the model is conditioned on: pairs that share it go to the same split."""
-    return _digest([prompt, tools])
+def prompt_id_for(prompt: Any, tools: Any = None, images: list[dict] | None = None) -> str:
+    """A digest of what the model is conditioned on (its images included): pairs that share it go to the same split."""
+    return _digest([prompt, tools] + ([image_digests(images)] if images else []))
 
 
 def raw_row_id(raw: Any) -> str:
@@ -88,4 +98,5 @@ def decoded_row(record: dict) -> dict:
         "rejected": decode_field(record["rejected"], conv),
         "tools": json.loads(record["tools"]) if record.get("tools") else None,
         "chat_template_kwargs": json.loads(record["chat_template_kwargs"]) if record.get("chat_template_kwargs") else None,
+        "images": record.get("images") or None,
     }

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..artifacts import file_digest
-from ..builtin import BUILTIN_DATA, task
+from ..builtin import BUILTIN_DATASETS, BUILTIN_VISION_DATA, task
 from ..errors import PipelineError
 from ..hub import resolve_commit
 from . import readers
@@ -233,16 +233,20 @@ def load_hook(spec: str | None) -> Callable[[dict], dict | None] | None:
 
 
 def builtin_rows(params: dict, split: str) -> list[dict]:
-    """The built-in task's pairs; train and eval use disjoint prompts."""
-    train_prompts, eval_prompts = task.split_prompts(params["seed"], params["data"]["eval_fraction"])
+    """The built-in task's pairs; train and eval use disjoint prompts (vision-colors: pictures of other seeds)."""
     cfg = params["data"]["builtin"]
+    if params["data"]["train"] == BUILTIN_VISION_DATA:
+        from ..builtin import vision_task
+        seed = params["seed"] + (1 if split == "train" else 2)
+        return vision_task.preference_pairs(cfg["num_pairs" if split == "train" else "num_eval_pairs"], seed=seed)
+    train_prompts, eval_prompts = task.split_prompts(params["seed"], params["data"]["eval_fraction"])
     if split == "train":
         return task.preference_pairs(train_prompts, cfg["num_pairs"], seed=params["seed"] + 1)
     return task.preference_pairs(eval_prompts, cfg["num_eval_pairs"], seed=params["seed"] + 2)
 
 
 def is_builtin(source: str | None) -> bool:
-    return source == BUILTIN_DATA
+    return source in BUILTIN_DATASETS
 
 
 # ---- what a source is, for the normalized manifest and the DVC check ---------------------------------

@@ -51,11 +51,13 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from ..artifacts import write_json
-from ..builtin import BUILTIN_MODEL
+from ..builtin import BUILTIN_MODELS
 from ..errors import PipelineError
 from .dropped import DROPPED_FILE, DroppedLog
+from ..processing import chat_renderer, image_token_id, is_processor, tokenizer_of
 from .formats import InvalidRow
-from .schema import SPLITS, TOKENIZED_SCHEMA, decoded_row
+from .images import open_image
+from .schema import SPLITS, TOKENIZED_SCHEMA, TOKENIZED_VISION_SCHEMA, decoded_row
 
 
 
@@ -93,10 +95,15 @@ def _common_prefix_length(*sequences: list[int]) -> int:
 
 
 class PairTokenizer:
-    """Tokenizes decoded canonical rows by the policy of the module docstring."""
+    """Tokenizes decoded canonical rows by the policy of the module docstring. Given a vision-language model's
+    processor, conversations render with its chat template and a row's texts are tokenized by the processor with
+    the row's images, so each image placeholder expands into exactly the image tokens the processor makes."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, processing_class):
+        self.processor = processing_class if is_processor(processing_class) else None
+        self.tokenizer = tokenizer = tokenizer_of(processing_class)
+        self.render = chat_renderer(processing_class).apply_chat_template
+        self.image_token_id = image_token_id(processing_class)
         self.bos_id, self.eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
         self.prefix = special_prefix(tokenizer)
 
@@ -107,7 +114,7 @@ class PairTokenizer:
         kwargs = dict(row.get("chat_template_kwargs") or {})
         if row.get("tools"):
             kwargs["tools"] = row["tools"]
-        render = self.tokenizer.apply_chat_template
+        render = self.render
         try:
             prompt = render(row["prompt"], add_generation_prompt=True, tokenize=False, **kwargs)
             fulls = [render(row["prompt"] + row[name], tokenize=False, **kwargs) for name in ("chosen", "rejected")]
@@ -147,20 +154,37 @@ class PairTokenizer:
     def encode(self, rows: list[dict]) -> list[tuple[dict, int] | InvalidRow]:
         """Untruncated ids and moved-token counts of decoded rows (an InvalidRow where a row fails)."""
         outcomes: list = [None] * len(rows)
-        texts, owners = [], []
+        texts, owners, pictured = [], [], []
         for i, row in enumerate(rows):
             try:
-                texts.extend(self.texts(row))
-                owners.append(i)
+                if row.get("images"):
+                    pictured.append((i, self.with_images(row, self.texts(row))))
+                else:
+                    texts.extend(self.texts(row))
+                    owners.append(i)
             except InvalidRow as bad:
                 outcomes[i] = bad
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-        for k, i in enumerate(owners):
+        triples = [(i, encoded[3 * k:3 * k + 3]) for k, i in enumerate(owners)] + pictured
+        for i, triple in triples:
             try:
-                outcomes[i] = self.split(rows[i], *(list(ids) for ids in encoded[3 * k:3 * k + 3]))
+                outcomes[i] = self.split(rows[i], *(list(ids) for ids in triple))
             except InvalidRow as bad:
                 outcomes[i] = bad
         return outcomes
+
+    def with_images(self, row: dict, texts: tuple[str, str, str]) -> list[list[int]]:
+        """The ids of a row's three texts as its processor makes them with the row's images."""
+        if self.processor is None:
+            raise InvalidRow("images_on_text", "the row has images but the model's processing class is a tokenizer "
+                                               "(a text-only model); use a vision-language model and its processor")
+        images = [open_image(image) for image in row["images"]]
+        try:
+            return [list(self.processor(text=[text], images=images, add_special_tokens=False)["input_ids"][0])
+                    for text in texts]
+        except Exception as err:  # the processor's own check of placeholders against images, a bad image mode, ...
+            raise InvalidRow("template_error", f"the processor fails on this row with its {len(images)} image"
+                                               f"{'s' * (len(images) != 1)} ({type(err).__name__}: {err})") from None
 
 
 def tokenize_pair(tokenizer, row: dict) -> dict:
@@ -188,6 +212,22 @@ def truncate_pair(ids: dict, max_length: int | None, mode: str, bos_id: int | No
     return {"prompt_ids": prompt, "chosen_ids": chosen[:room], "rejected_ids": rejected[:room]}
 
 
+def image_tokens_cut(full: dict, ids: dict, image_token: int | None, max_length: int | None) -> InvalidRow | None:
+    """The `image_truncated` error when truncation (`full` → `ids`) removed any image token, else None: a model
+    cannot take an image with part of its tokens (the reference documentation's advice: max_length None)."""
+    if image_token is None:
+        return None
+    count = lambda pair: sum(token == image_token for name in ("prompt_ids", "chosen_ids", "rejected_ids")  # noqa: E731
+                             for token in pair[name])
+    before, after = count(full), count(ids)
+    if after == before:
+        return None
+    return InvalidRow("image_truncated", f"max_length={max_length} would cut {before - after} of the row's {before} image "
+                                         "tokens; set max_length to null (tokenize.max_length: null, or "
+                                         "DPOConfig(max_length=None)) or raise it above the row's length "
+                                         f"({len(full['prompt_ids']) + max(len(full['chosen_ids']), len(full['rejected_ids']))} tokens)")
+
+
 def tokenize_records(pair_tokenizer: PairTokenizer, records: list[dict], max_length: int | None, mode: str) -> list[dict]:
     """Normalized Parquet records → one outcome per record: ids, or the rule that dropped it, + counts."""
     rows = [decoded_row(record) for record in records]
@@ -198,8 +238,12 @@ def tokenize_records(pair_tokenizer: PairTokenizer, records: list[dict], max_len
             continue
         full, moved = encoded
         ids = truncate_pair(full, max_length, mode, pair_tokenizer.bos_id)
+        bad = image_tokens_cut(full, ids, pair_tokenizer.image_token_id, max_length)
+        if bad is not None:
+            outcomes.append({"row_id": row["row_id"], "invalid": bad})
+            continue
         cut = {name: len(full[f"{name}_ids"]) - len(ids[f"{name}_ids"]) for name in ("prompt", "chosen", "rejected")}
-        outcomes.append({"row_id": row["row_id"], "ids": ids, "moved": moved, "cut": cut,
+        outcomes.append({"row_id": row["row_id"], "ids": ids, "moved": moved, "cut": cut, "images": row["images"],
                          "emptied": [name for name in ("chosen", "rejected") if not ids[f"{name}_ids"]]})
     return outcomes
 
@@ -266,11 +310,18 @@ def tokenize_split(tokenizer, in_path: Path, out_path: Path, max_length: int | N
     counts = Counter()
     reasons = Counter()
     lengths = {name: LengthStats() for name in ("prompt", "chosen", "rejected", "total")}
-    unk_id = getattr(tokenizer, "unk_token_id", None)
+    text_tokenizer = tokenizer_of(tokenizer)
+    unk_id = getattr(text_tokenizer, "unk_token_id", None)
     parquet = pq.ParquetFile(in_path)
+    vision = split_has_images(parquet)
+    if vision and not is_processor(tokenizer):
+        raise PipelineError(f"{in_path}: the rows have images but the model's processing class is a tokenizer (a "
+                            "text-only model); use a vision-language model (model.name_or_path) whose processor has "
+                            "an image processor, or data without images.")
+    schema = TOKENIZED_VISION_SCHEMA if vision else TOKENIZED_SCHEMA
     progress = tqdm(total=parquet.metadata.num_rows, desc=f"tokenize {split}".strip(), unit=" rows", mininterval=2,
                     disable=None)
-    with pq.ParquetWriter(out_path, TOKENIZED_SCHEMA) as writer, progress:
+    with pq.ParquetWriter(out_path, schema) as writer, progress:
         batches = parquet.iter_batches(batch_size=batch_size)
         for outcomes in _outcome_batches(tokenizer, batches, max_length, mode, num_proc):
             records = []
@@ -309,8 +360,8 @@ def tokenize_split(tokenizer, in_path: Path, out_path: Path, max_length: int | N
                         counts["tokens"] += len(ids[f"{name}_ids"])
                         counts["unknown_tokens"] += ids[f"{name}_ids"].count(unk_id)
                 lengths["total"].add(len(ids["prompt_ids"]) + max(len(ids["chosen_ids"]), len(ids["rejected_ids"])))
-                records.append({"row_id": outcome["row_id"], **ids})
-            writer.write_table(pa.Table.from_pylist(records, schema=TOKENIZED_SCHEMA))
+                records.append({"row_id": outcome["row_id"], **ids, **({"images": outcome["images"]} if vision else {})})
+            writer.write_table(pa.Table.from_pylist(records, schema=schema))
             counts["rows_written"] += len(records)
             progress.update(len(outcomes))
     counts["rows_dropped"] = sum(reasons.values())
@@ -321,8 +372,15 @@ def tokenize_split(tokenizer, in_path: Path, out_path: Path, max_length: int | N
     return {**{key: int(counts[key]) for key in keys}, "dropped_by_reason": dict(sorted(reasons.items())),
             "dropped_rows_file": DROPPED_FILE, "lengths": {name: s.summary() for name, s in lengths.items()},
             "unknown_tokens": None if unk_id is None else {
-                "token": tokenizer.unk_token, "count": int(counts["unknown_tokens"]), "of": int(counts["tokens"]),
+                "token": text_tokenizer.unk_token, "count": int(counts["unknown_tokens"]), "of": int(counts["tokens"]),
                 "rate": round(counts["unknown_tokens"] / counts["tokens"], 6) if counts["tokens"] else 0.0}}
+
+
+def split_has_images(parquet: pq.ParquetFile) -> bool:
+    """Whether any row of a normalized split holds images (read a batch of that column at a time, up to the first)."""
+    if "images" not in parquet.schema_arrow.names:
+        return False
+    return any(batch.column(0).null_count < batch.num_rows for batch in parquet.iter_batches(columns=["images"]))
 
 
 def check_unknown_rate(report: dict, in_path: Path, max_rate: float, builtin_model: bool = False) -> None:
@@ -351,7 +409,7 @@ def tokenize_dataset(tokenizer, normalized_dir: Path, out_dir: Path, params: dic
     cfg = params["tokenize"]
     warn_keep_end(cfg["truncation_mode"])
     on_invalid = params["data"]["on_invalid"]
-    builtin_model = params["model"]["name_or_path"] == BUILTIN_MODEL
+    builtin_model = params["model"]["name_or_path"] in BUILTIN_MODELS
     report = {}
     with DroppedLog(out_dir / DROPPED_FILE) as dropped_log:
         for split in SPLITS:

@@ -1,0 +1,132 @@
+"""Images of vision preference rows: what a row may give, how it is stored, and how it is opened again.
+
+A row gives its images in an `images` column (a list) or an `image` column (one image). Each image may be a
+PIL image, a `datasets` Image feature value (`{"bytes": ..., "path": ...}`), encoded bytes (PNG, JPEG, ...),
+or a path, relative to the data file's directory when it is not absolute. Every image is stored the same
+way, as its encoded bytes and their format (`{"bytes", "format"}`, `IMAGE_TYPE`): files and bytes as they
+are (no re-encoding, so the stored bytes are the source's), a PIL image without its source file encoded as
+PNG (lossless). Each one is decoded once when stored, so an image that does not decode is the row's
+`bad_image`, not a failure at training time. Pixel inputs are made from the stored bytes when a batch is
+collated (`pipeline.collator.DataCollatorForVisionPreference`), never stored per row.
+
+Messages mark where an image goes with a content part `{"type": "image"}`; `placeholders` counts them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from .formats import InvalidRow
+
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("format", pa.string())])
+IMAGE_COLUMNS = ("images", "image")  # a list of images, or one image
+
+
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError:
+        from ..errors import PipelineError
+        raise PipelineError("vision data needs pillow: pip install 'dpo-pipeline[vision]' (or pip install pillow).") from None
+    return Image
+
+
+def _decoded_format(data: bytes, where: str) -> str:
+    """The format of encoded image bytes, after checking they decode; InvalidRow `bad_image` otherwise."""
+    Image = _pil()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return (image.format or "unknown").lower()
+    except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError, ...
+        raise InvalidRow("bad_image", f"{where} does not decode as an image ({type(err).__name__}: {err}); "
+                                      "re-export it as PNG or JPEG") from None
+
+
+def stored_image(value: Any, where: str, root: Path | None = None) -> dict:
+    """One image value of a row as `{"bytes", "format"}` (see the module docstring); `where` names it in
+    messages (e.g. "images[1]"), `root` is the directory relative paths are read from."""
+    Image = _pil()
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):  # a datasets Image value, or stored
+        if value.get("bytes") is not None:
+            value = value["bytes"]
+        elif value.get("path"):
+            value = value["path"]
+        else:
+            raise InvalidRow("bad_image", f"{where} has neither bytes nor a path")
+    if isinstance(value, Image.Image):
+        buffer = io.BytesIO()
+        image = value if value.mode in ("RGB", "RGBA", "L", "LA", "P", "I", "I;16", "1") else value.convert("RGB")
+        image.save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "format": "png"}
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        return {"bytes": data, "format": _decoded_format(data, where)}
+    if isinstance(value, str) and value:
+        path = Path(value)
+        if not path.is_absolute() and root is not None:
+            path = root / path
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise InvalidRow("bad_image", f"{where}: the image file {str(path)!r} cannot be read ({err.strerror or err}); "
+                                          "paths are relative to the data file's directory") from None
+        return {"bytes": data, "format": _decoded_format(data, f"{where} ({path})")}
+    raise InvalidRow("bad_image", f"{where} is {type(value).__name__}; expected a PIL image, encoded image bytes, "
+                                  "a path, or a datasets Image value")
+
+
+def row_images(raw: dict, root: Path | None = None) -> list[dict] | None:
+    """The stored images of a raw row (its `images` list or its `image`), None when it has none."""
+    given = {column: raw.get(column) for column in IMAGE_COLUMNS if raw.get(column) is not None}
+    if len(given) > 1:
+        raise InvalidRow("bad_image", "the row has both an 'images' and an 'image' column; give one")
+    if not given:
+        return None
+    column, value = next(iter(given.items()))
+    if column == "image":
+        return [stored_image(value, "image", root)]
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise InvalidRow("bad_image", f"'images' is {type(value).__name__}; expected a list of images "
+                                      "(one image: an 'image' column)")
+    images = [stored_image(item, f"images[{i}]", root) for i, item in enumerate(value)]
+    return images or None
+
+
+def open_image(value: Any):
+    """An image as a PIL image, decoded: a stored one, or any value `stored_image` takes (a `datasets` Image
+    feature hands over PIL images)."""
+    Image = _pil()
+    if isinstance(value, Image.Image):
+        return value
+    if not (isinstance(value, dict) and value.get("bytes") is not None):
+        value = stored_image(value, "image")
+    image = Image.open(io.BytesIO(value["bytes"]))
+    image.load()
+    return image
+
+
+def image_digests(images: list[dict] | None) -> list[str]:
+    return [hashlib.sha256(image["bytes"]).hexdigest()[:20] for image in images or []]
+
+
+def placeholders(messages: Any) -> int:
+    """The `{"type": "image"}` content parts of a list of messages."""
+    if not isinstance(messages, list):
+        return 0
+    return sum(1 for message in messages if isinstance(message, dict) and isinstance(message.get("content"), list)
+               for part in message["content"] if isinstance(part, dict) and part.get("type") == "image")
+
+
+def has_images(table_or_rows) -> bool:
+    """Whether any row of a normalized/tokenized table (or an iterable of row dicts) holds images."""
+    if isinstance(table_or_rows, pa.Table):
+        if "images" not in table_or_rows.column_names:
+            return False
+        return table_or_rows.column("images").null_count < table_or_rows.num_rows
+    return any(row.get("images") for row in table_or_rows)
