@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -181,6 +183,25 @@ class DPOConfig(TrainingArguments):
         check_dpo_options({name: getattr(self, name) for name in (*DPO_OPTION_NAMES, *TRAINING_RULES, "num_train_epochs",
                                                                   "max_steps")})
         super().__post_init__()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What pickling records (the Trainer's `torch.save(args)`: training_args.bin in every checkpoint, the output
+        and a Hub push): credential fields (`hub_token`) None and every value with credentials masked
+        (`pipeline.redaction`). The live object keeps its token, and a deep copy keeps it too (`__deepcopy__`)."""
+        from .redaction import credential_fields, redact
+
+        state = dict(self.__dict__)
+        for name, value in state.items():
+            clean = None if name in credential_fields() else redact(value)
+            if clean is not value and clean != value:  # only what changed: an enum stays an enum
+                state[name] = clean
+        return state
+
+    def __deepcopy__(self, memo: dict) -> "DPOConfig":
+        copied = self.__class__.__new__(self.__class__)
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return copied
 
     def policy_init_kwargs(self) -> dict[str, Any]:
         """from_pretrained() keywords of a policy loaded by name."""

@@ -174,7 +174,10 @@ class DPOTrainer(Trainer):
         train_dataset = as_dataset(train_dataset, "train_dataset")
         eval_dataset = {k: as_dataset(v, f"eval_dataset[{k}]") for k, v in eval_dataset.items()} \
             if isinstance(eval_dataset, dict) else as_dataset(eval_dataset, "eval_dataset")
-        vision = check_vision_inputs([train_dataset, *_datasets(eval_dataset)], args, model, processing_class)
+        # a vision-language model with its processor collates with pixels whatever the data at hand: evaluate and
+        # predict may bring images later
+        vision = check_vision_inputs([train_dataset, *_datasets(eval_dataset)], args, model, processing_class) or \
+            (is_vision_model(model) and is_processor(processing_class))
 
         new_adapter = peft_config is not None
         if new_adapter:
@@ -330,26 +333,6 @@ class DPOTrainer(Trainer):
                                   f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             with open(os.path.join(folder, COUNTS_CHECKPOINT_NAME), "w") as f:
                 json.dump({"num_tokens": self._num_tokens}, f)
-
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """The Trainer pickles its args next to the model (training_args.bin): that file is re-written from a copy
-        whose credential fields are None and whose text is redacted, so no Hub token reaches a checkpoint or the
-        output; `self.args` is left as it is (pushing to the Hub reads hub_token from it)."""
-        super()._save(output_dir, state_dict)
-        if self.args.should_save:
-            import copy
-
-            from transformers.trainer import TRAINING_ARGS_NAME
-
-            from .redaction import credential_fields, redact
-
-            recorded = copy.copy(self.args)
-            for f in dataclasses.fields(recorded):
-                value = getattr(recorded, f.name, None)
-                clean = None if f.name in credential_fields() else redact(value)
-                if clean is not value and clean != value:  # an enum stays an enum
-                    setattr(recorded, f.name, clean)
-            torch.save(recorded, os.path.join(output_dir or self.args.output_dir, TRAINING_ARGS_NAME))
 
     def with_reference_logps(self, dataset):
         """Add precomputed reference log-prob columns to a tokenized dataset that lacks them."""

@@ -124,3 +124,18 @@ def test_no_artifact_holds_the_hub_token(tmp_path, monkeypatch, capfd):
     assert leaks == []
     printed = capfd.readouterr()
     assert FAKE_TOKEN not in printed.out + printed.err and LEGACY_TOKEN not in printed.out + printed.err
+
+
+def test_pickled_args_hold_no_token_while_the_live_and_deep_copied_ones_keep_it(tmp_path):
+    """Every torch.save(args) of the Trainer (checkpoints, the output, a push during training) pickles the args."""
+    import copy
+    import pickle
+
+    from pipeline import DPOConfig
+
+    token = "hf_" + "q" * 34
+    args = DPOConfig(output_dir=str(tmp_path), hub_token=token, run_name=f"run-{token}", report_to="none")
+    restored = pickle.loads(pickle.dumps(args))
+    assert restored.hub_token is None and token not in restored.run_name and token.encode() not in pickle.dumps(args)
+    assert args.hub_token == token and copy.deepcopy(args).hub_token == token
+    assert restored.lr_scheduler_type == args.lr_scheduler_type  # an enum stays an enum

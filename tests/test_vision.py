@@ -251,3 +251,17 @@ def test_drop_skips_invalid_vision_rows_and_logs_them(tmp_path, processor, caplo
                              processing_class=processor)
     assert len(trainer.train_dataset) == 4
     assert "row 4: " in caplog.text and "row 5: " in caplog.text and "image_count_mismatch" in caplog.text
+
+
+def test_a_trainer_built_without_data_evaluates_images_as_the_training_one(tmp_path, processor):
+    """The evaluate stage builds its trainer with no dataset and predicts later: the batches still carry pixels."""
+    model = vlm(processor).eval()
+    data = datasets.Dataset.from_list(rows(6, seed=4))
+    with_data = DPOTrainer(model=model, args=config(tmp_path), train_dataset=data, eval_dataset=data,
+                           processing_class=processor)
+    want = with_data.evaluate()
+    without = DPOTrainer(model=model, args=config(tmp_path), processing_class=processor)
+    assert isinstance(without.data_collator, DataCollatorForVisionPreference)
+    got = without.evaluate(with_data.eval_dataset)
+    for name in ("eval_loss", "eval_logps/chosen", "eval_logps/rejected", "eval_rewards/accuracies"):
+        assert got[name] == pytest.approx(want[name], abs=1e-5), name
