@@ -19,7 +19,7 @@ the per-sequence layout: `packed_index[i, t]` is the flat position (row · width
 token t+1 of sequence i, `label_ids[i, t]` that token, `packed_valid[i, t]` whether it exists, and
 `num_tokens` the tokens of the per-sequence layout (the count a padded batch reports).
 
-`DataCollatorForVisionPreference` collates pairs with images (a `images` feature of stored images,
+`DataCollatorForVisionPreference` collates pairs with images (an `images` feature of stored images,
 `pipeline.data.images`) in the padded layout and adds the pixel inputs its image processor makes from them, at
 batch time: the images of sequence 0, 1, ..., 2N-1 in that order (each pair's images twice, for its chosen and its
 rejected sequence), the order in which a model meets their image tokens in the batch. Every key of a batch that is

@@ -18,9 +18,8 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from . import losses
 from .attention import batch_layout
 from .collator import DataCollatorForPreference, DataCollatorForVisionPreference
-from .data.prepare import as_dataset, input_vocab_size
 from .config import DPOConfig
-from .data.prepare import prepare_dataset
+from .data.prepare import as_dataset, input_vocab_size, prepare_dataset
 from .errors import PipelineError
 from .head import token_values
 from .logps import sequence_logps, wpo_log_weights
@@ -242,7 +241,7 @@ class DPOTrainer(Trainer):
         # position ids (multimodal rotary positions) that packed rows would contradict
         self.vision = vision
         if vision and (args.prefix_sharing or args.packing or args.padding_free):
-            logger.info("vision data: padded batches (the prefix-shared and packed layouts are for text)")
+            logger.info("a vision-language model: padded batches (the prefix-shared and packed layouts are for text)")
         self.layout = {"prefix_sharing": False, "packing": False, "padding_free": False} if vision else \
             batch_layout([m for m in (model, reference.model) if m is not None], args.prefix_sharing, args.packing,
                          args.padding_free)

@@ -265,3 +265,27 @@ def test_a_trainer_built_without_data_evaluates_images_as_the_training_one(tmp_p
     got = without.evaluate(with_data.eval_dataset)
     for name in ("eval_loss", "eval_logps/chosen", "eval_logps/rejected", "eval_rewards/accuracies"):
         assert got[name] == pytest.approx(want[name], abs=1e-5), name
+
+
+def test_normalize_reads_datasets_image_features_and_parquet_image_structs(tmp_path):
+    """A save_to_disk dataset with an Image feature (one `image` per row) and a Parquet file of {bytes, path}
+    structs normalize to the same stored images, and the row ids cover them."""
+    import pyarrow.parquet as pq
+
+    import stages.normalize as normalize_stage
+    from pipeline.params import check_params
+
+    pairs = rows(6, seed=7)
+    single = [{**{k: v for k, v in r.items() if k != "images"}, "image": r["images"][0]} for r in pairs]
+    datasets.Dataset.from_list(single).cast_column("image", datasets.Image()).save_to_disk(tmp_path / "disk")
+    datasets.Dataset.from_list(single).cast_column("image", datasets.Image()).to_parquet(tmp_path / "pairs.parquet")
+    stored = []
+    for source in (tmp_path / "disk", tmp_path / "pairs.parquet"):
+        params = check_params({"data": {"train": str(source), "eval_fraction": 0.5}})
+        out = tmp_path / f"normalized-{source.name}"
+        report = normalize_stage.run(params, out)
+        assert sum(report["rows_written"].values()) == 6 and report["rows_dropped"] == 0
+        records = [r for split in ("train", "eval") for r in pq.read_table(out / f"{split}.parquet").to_pylist()]
+        stored.append(sorted((r["row_id"], r["images"][0]["bytes"]) for r in records))
+    assert stored[0] == stored[1]
+    assert all(data.startswith(b"\x89PNG") for _, data in stored[0])

@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -24,12 +23,15 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from . import BUILTIN_VLM, vision_task
+from .tokenizer import SPECIAL_TOKENS as TEXT_SPECIAL_TOKENS
+from .tokenizer import word_level_tokenizer
+from .warm_start import supervised_pass
 
 MODEL_SUBDIR = "model"
 IMAGE_TOKEN = "<image>"
 PATCH_SIZE = 8  # IMAGE_SIZE 32 / 8: a 4×4 grid, 16 image tokens per picture
 FEATURE_STRATEGY = "default"  # drop the vision tower's CLS position: features = patches only
-SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", IMAGE_TOKEN)
+SPECIAL_TOKENS = (*TEXT_SPECIAL_TOKENS, IMAGE_TOKEN)
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}<|{{ message['role'] }}|> "
@@ -49,16 +51,7 @@ def num_image_tokens(image_size: int = vision_task.IMAGE_SIZE, patch_size: int =
 
 def build_vision_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level over the task's vocabulary; `<image>` is a special token, so runs of it split apart."""
-    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *vision_task.vocabulary()])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="<|end|>", pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=list(SPECIAL_TOKENS[4:]),
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return word_level_tokenizer(vision_task.vocabulary(), SPECIAL_TOKENS, CHAT_TEMPLATE)
 
 
 def build_vision_processor(image_size: int = vision_task.IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> LlavaProcessor:
@@ -129,28 +122,16 @@ def collate(rows: list[dict], pad_token_id: int) -> dict:
 def warm_start_vision(model, processor, examples: list[dict], steps: int, batch_size: int, learning_rate: float,
                       seed: int) -> list[float]:
     """A short supervised pass on image+prompt→completion examples (loss on completion tokens only)."""
-    torch.manual_seed(seed)
     rows = [encode_example(processor, ex) for ex in examples]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / max(1, steps))
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    history = []
-    for _ in range(steps):
-        index = torch.randint(len(rows), (batch_size,), generator=generator).tolist()
+
+    def completion_nll(index: list[int]) -> torch.Tensor:
         batch = collate([rows[i] for i in index], processor.tokenizer.pad_token_id)
         ids, mask = batch["input_ids"], batch["completion_mask"][:, 1:]
         logits = model(input_ids=ids, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
                        use_cache=False).logits[:, :-1]
         logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        loss = -(logps * mask).sum() / mask.sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        history.append(loss.item())
-    model.eval()
-    return history
+        return -(logps * mask).sum() / mask.sum()
+    return supervised_pass(model, len(rows), completion_nll, steps, batch_size, learning_rate, seed)
 
 
 def build_builtin_vision_base(params: dict, out_dir: Path) -> dict:

@@ -7,6 +7,7 @@ produce both behaviours but prefers the dispreferred one: the room DPO has to im
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -20,27 +21,19 @@ from .tokenizer import build_tokenizer
 MODEL_SUBDIR = "model"
 
 
-def warm_start(model, tokenizer, examples: list[dict], steps: int, batch_size: int, learning_rate: float, seed: int) -> list[float]:
-    """A short supervised pass on prompt→completion examples (loss on completion tokens only)."""
+def supervised_pass(model, num_rows: int, completion_nll: Callable[[list[int]], torch.Tensor], steps: int,
+                    batch_size: int, learning_rate: float, seed: int) -> list[float]:
+    """`steps` AdamW steps (learning rate decaying linearly to 0) on batches of `batch_size` row indices drawn with
+    replacement from `num_rows`; `completion_nll(indices)` is the batch's mean negative log-likelihood of the
+    completion tokens. Returns the loss of each step; the model is left in eval mode."""
     torch.manual_seed(seed)
-    rows = []
-    for ex in examples:
-        ids = tokenize_pair(tokenizer, {"conversational": True, "prompt": ex["prompt"], "chosen": ex["completion"],
-                                        "rejected": ex["completion"], "tools": None, "chat_template_kwargs": None})
-        rows.append(ids)
-    collate = DataCollatorForPreference(tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / max(1, steps))
     generator = torch.Generator().manual_seed(seed)
     model.train()
     history = []
     for _ in range(steps):
-        index = torch.randint(len(rows), (batch_size,), generator=generator).tolist()
-        batch = collate([rows[i] for i in index])
-        n = len(index)  # the collator stacks chosen and rejected: here both are the completion
-        ids, attention, mask = batch["input_ids"][:n], batch["attention_mask"][:n], batch["completion_mask"][:n, 1:].bool()
-        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1]
-        loss = -(token_logps(logits, ids[:, 1:]) * mask).sum() / mask.sum()
+        loss = completion_nll(torch.randint(num_rows, (batch_size,), generator=generator).tolist())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -48,6 +41,24 @@ def warm_start(model, tokenizer, examples: list[dict], steps: int, batch_size: i
         history.append(loss.item())
     model.eval()
     return history
+
+
+def warm_start(model, tokenizer, examples: list[dict], steps: int, batch_size: int, learning_rate: float, seed: int) -> list[float]:
+    """A short supervised pass on prompt→completion examples (loss on completion tokens only)."""
+    rows = []
+    for ex in examples:
+        ids = tokenize_pair(tokenizer, {"conversational": True, "prompt": ex["prompt"], "chosen": ex["completion"],
+                                        "rejected": ex["completion"], "tools": None, "chat_template_kwargs": None})
+        rows.append(ids)
+    collate = DataCollatorForPreference(tokenizer.pad_token_id)
+
+    def completion_nll(index: list[int]) -> torch.Tensor:
+        batch = collate([rows[i] for i in index])
+        n = len(index)  # the collator stacks chosen and rejected: here both are the completion
+        ids, attention, mask = batch["input_ids"][:n], batch["attention_mask"][:n], batch["completion_mask"][:n, 1:].bool()
+        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1]
+        return -(token_logps(logits, ids[:, 1:]) * mask).sum() / mask.sum()
+    return supervised_pass(model, len(rows), completion_nll, steps, batch_size, learning_rate, seed)
 
 
 def build_builtin_base(params: dict, out_dir: Path) -> dict:

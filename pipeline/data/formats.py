@@ -68,7 +68,7 @@ RULES = {
                             "or a completion holds an image part (images belong to the prompt)",
     "images_on_text": "images on a standard (text) row: image placeholders need the conversational format, "
                       "with {'type': 'image'} content parts",
-    "duplicate_pair": "the same prompt, chosen, rejected and tools as an earlier row (the first one is kept)",
+    "duplicate_pair": "the same prompt, chosen, rejected, tools (and images) as an earlier row (the first one is kept)",
     # tokenize
     "template_error": "the tokenizer's chat template fails on the row (e.g. roles that do not alternate)",
     "template_changes_prompt": "the chat template renders the prompt differently once a completion follows, so "
