@@ -289,3 +289,16 @@ def test_normalize_reads_datasets_image_features_and_parquet_image_structs(tmp_p
         stored.append(sorted((r["row_id"], r["images"][0]["bytes"]) for r in records))
     assert stored[0] == stored[1]
     assert all(data.startswith(b"\x89PNG") for _, data in stored[0])
+
+
+def test_the_reference_example_runs_from_a_model_path_alone(tmp_path, processor):
+    """DPOTrainer(model=<VLM directory>, args=DPOConfig(max_length=None), train_dataset=<images>): the model loads
+    with AutoModelForImageTextToText and its processor with AutoProcessor."""
+    vlm(processor).save_pretrained(tmp_path / "vlm")
+    processor.save_pretrained(tmp_path / "vlm")
+    trainer = DPOTrainer(model=str(tmp_path / "vlm"), args=config(tmp_path),
+                         train_dataset=datasets.Dataset.from_list(rows()))
+    assert type(trainer.processing_class).__name__ == "LlavaProcessor"
+    assert type(trainer.model).__name__ == "LlavaForConditionalGeneration"
+    trainer.train()
+    assert "rewards/accuracies" in trainer.state.log_history[0]
