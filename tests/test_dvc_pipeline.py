@@ -49,8 +49,10 @@ def would_run(repo: Path, env: dict) -> list[str]:
 def project_files() -> list[str]:
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                             capture_output=True, text=True, check=True).stdout.split()
+    # the text pipeline alone: the vision one (vision/dvc.yaml and its outputs) would show in `dvc status`
     return [rel for rel in listed if (ROOT / rel).is_file() and not rel.startswith(("tests/", "benchmarks/"))
-            and rel not in ("dvc.lock", "params.yaml") and not rel.startswith(("dvclive/", "results/"))]
+            and rel not in ("dvc.lock", "params.yaml", "params-vision.yaml")
+            and not rel.startswith(("dvclive/", "results/", "vision/", "dvclive-vision/"))]
 
 
 def write_local_data(repo: Path, params: dict) -> None:
