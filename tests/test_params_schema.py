@@ -25,6 +25,17 @@ def test_the_committed_params_yaml_is_valid_and_sets_every_key_dvc_tracks_one_by
                     node = node[part]
 
 
+def test_params_vision_yaml_is_valid_has_every_key_of_params_yaml_and_selects_the_vision_default():
+    text, vision = (yaml.safe_load((ROOT / name).read_text()) for name in ("params.yaml", "params-vision.yaml"))
+    checked = check_params(vision)
+    assert (checked["model"]["name_or_path"], checked["data"]["train"]) == ("builtin:tiny-llava", "builtin:vision-colors")
+    assert checked["tokenize"]["max_length"] is None  # no image token is ever cut
+
+    def keys(node: dict) -> set[str]:
+        return {k for k in node} | {f"{k}.{sub}" for k, v in node.items() if isinstance(v, dict) for sub in keys(v)}
+    assert keys(vision) == keys(text)  # vision/dvc.yaml tracks the same keys, one by one
+
+
 def test_every_schema_key_has_help_and_the_readme_table_is_generated_from_the_schema():
     rows = reference_rows()
     assert all(help_text for _, _, help_text in rows), [key for key, _, h in rows if not h]
