@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .builtin import task
-from .data.images import image_digests, open_image
+from .data.images import data_uri, image_digests, open_image
 from .data.schema import decoded_row
 from .data.sources import is_builtin
 from .data.tables import load_pairs
@@ -86,7 +86,7 @@ def judged_win_rate(policy, reference: Reference, processing_class, prompts: lis
     outcomes = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in scores]
     rate = sum(outcomes) / max(1, len(outcomes))
     examples = [{"prompt": prompt_text(p["prompt"]), "policy": a, "reference": b, "policy_score": sa,
-                 "reference_score": sb, "outcome": o}
+                 "reference_score": sb, "outcome": o, **({"images": [data_uri(i) for i in p["images"]]} if p.get("images") else {})}
                 for p, a, b, (sa, sb), o in zip(prompts, mine, theirs, scores, outcomes)]
     return {"win_rate": rate,
             "policy_mean_score": sum(e["policy_score"] for e in examples) / max(1, len(examples)),

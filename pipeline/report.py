@@ -171,6 +171,12 @@ def _text(value) -> str:
     return html.escape(text)
 
 
+def _pictures(uris: list | None) -> str:
+    """A prompt's images, inline (`data:image/...` URIs only: the page stays self-contained)."""
+    return "".join(f'<img class="picture" alt="prompt image" src="{html.escape(uri, quote=True)}">'
+                   for uri in uris or [] if isinstance(uri, str) and uri.startswith("data:image/"))
+
+
 def format_number(value) -> str:
     """4 significant digits; integers and large values as whole numbers; anything else as text."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -223,7 +229,7 @@ def _judged_section(judged: dict | None) -> str:
     win_rate = judged["win_rate"]
     examples = judged.get("examples", [])[:MAX_EXAMPLES]
     rows = "".join(
-        f'<tr><td class="text">{_text(ex["prompt"])}</td><td class="text">{_text(ex["policy"])}</td>'
+        f'<tr><td class="text">{_pictures(ex.get("images"))}{_text(ex["prompt"])}</td><td class="text">{_text(ex["policy"])}</td>'
         f'<td class="text">{_text(ex["reference"])}</td><td>{_e(OUTCOMES.get(ex["outcome"], ex["outcome"]))}</td></tr>'
         for ex in examples)
     table = ('<table id="judged-examples" class="texts"><colgroup><col><col><col><col class="narrow"></colgroup>'
@@ -309,6 +315,7 @@ thead th{background:#f4f4f4}
 table.numbers td,td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 table.texts{width:100%;table-layout:fixed}col.narrow{width:7em}
 td.text{white-space:pre-wrap;overflow-wrap:anywhere;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
+img.picture{display:block;width:64px;height:64px;image-rendering:pixelated;margin-bottom:4px;border:1px solid #ccc}
 .win-rate{display:flex;align-items:baseline;gap:12px;background:#f3f8f3;border:1px solid #cfe3cf;border-radius:6px;
 padding:10px 16px}
 .win-rate .big{font-size:36px;font-weight:700;color:#2a7a3e}

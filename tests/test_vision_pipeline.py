@@ -109,3 +109,18 @@ def test_lora_through_the_stages_trains_the_language_model_and_exports_merged(vi
     vision_same = all(torch.equal(a, b) for (n, a), (_, b) in zip(model.named_parameters(), base.named_parameters())
                       if "vision_tower" in n)
     assert vision_same
+
+
+def test_tokenize_with_worker_processes_writes_the_same_vision_artifact(vision_run, tmp_path):
+    params, p = vision_run
+    params = copy.deepcopy(params)
+    params["tokenize"].update({"dataset_num_proc": 2, "batch_size": 8})
+    tokenize_stage.run(check_params(params), p["normalized"], p["base"], tmp_path / "tokenized")
+    for split in ("train", "eval"):
+        assert pq.read_table(tmp_path / "tokenized" / f"{split}.parquet").equals(pq.read_table(p["tokenized"] / f"{split}.parquet"))
+
+
+def test_the_report_shows_the_judged_prompts_pictures_inline(vision_run):
+    _, p = vision_run
+    report = p["report"].read_text()
+    assert report.count('<img class="picture" alt="prompt image" src="data:image/png;base64,') == 4  # num_generations

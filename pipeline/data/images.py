@@ -14,6 +14,7 @@ Messages mark where an image goes with a content part `{"type": "image"}`; `plac
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 from pathlib import Path
@@ -109,6 +110,18 @@ def open_image(value: Any):
     image = Image.open(io.BytesIO(value["bytes"]))
     image.load()
     return image
+
+
+# formats a browser shows inline, by their MIME subtype
+WEB_FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "gif": "gif", "webp": "webp", "bmp": "bmp"}
+
+
+def data_uri(stored: dict) -> str | None:
+    """A stored image as a `data:` URI a report can show inline (None for a format browsers do not show)."""
+    subtype = WEB_FORMATS.get(str(stored.get("format")).lower())
+    if subtype is None:
+        return None
+    return f"data:image/{subtype};base64,{base64.b64encode(stored['bytes']).decode('ascii')}"
 
 
 def image_digests(images: list[dict] | None) -> list[str]:
