@@ -16,8 +16,9 @@ from .losses import check_loss_options
 from .rules import at_least, check, greater_than, one_of, within
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
-# transformers 5 renamed gradient_checkpointing* to activation_checkpointing*, warning on the old names; DPOConfig
-# takes the reference documentation's names and passes them on under the new ones
+# transformers 5.2x renamed gradient_checkpointing* to activation_checkpointing*, warning on the old names; DPOConfig
+# takes the reference documentation's names and passes them on under the new ones where the installed transformers
+# has them (an older one reads the old names itself)
 CHECKPOINTING_NAMES = (("gradient_checkpointing", "activation_checkpointing"),
                        ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"))
 ON_INVALID_POLICIES = ("error", "drop")
@@ -169,8 +170,8 @@ class DPOConfig(TrainingArguments):
         self.loss_type = list(self.loss_type)
         if self.loss_weights is not None:
             self.loss_weights = [float(w) for w in _as_list(self.loss_weights)]
-        for old, new in CHECKPOINTING_NAMES:  # the reference docs' names, under transformers 5's (which would warn)
-            if getattr(self, new) is None and getattr(self, old) is not None:
+        for old, new in CHECKPOINTING_NAMES:  # the reference docs' names, under the new ones where they exist
+            if hasattr(self, new) and getattr(self, new) is None and getattr(self, old) is not None:
                 setattr(self, new, getattr(self, old))
         if self.bf16 is None:
             self.bf16 = not self.fp16 and bf16_supported()

@@ -12,6 +12,7 @@ after every rank has finished writing it (`pipeline.artifacts.staged_dir`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -166,3 +167,30 @@ def gather_shares(mine: list, total: int) -> list:
     shares = gather(mine)
     size = len(shares)
     return [shares[i % size][i // size] for i in range(total)]
+
+
+# ---- a model before the Trainer has prepared it ----------------------------------------------------------------
+
+@contextlib.contextmanager
+def ready_for_forward(model, device):
+    """`model` able to run forward passes on `device` before the Trainer prepares it (the layout probe, the reference
+    pass): parameters that DeepSpeed ZeRO-3 partitioned at load are gathered (read-only) for the duration, and a
+    model still on the CPU while training runs on CUDA (DeepSpeed and FSDP place it only when they wrap it) is moved
+    to `device` and back. Anything else (a placed model, a 4-bit one, the CPU) is used as it is."""
+    params = list(model.parameters())
+    with contextlib.ExitStack() as stack:
+        if any(hasattr(p, "ds_id") for p in params):
+            import deepspeed
+
+            stack.enter_context(deepspeed.zero.GatheredParameters(params, modifier_rank=None))
+        where = params[0].device if params else None
+        move = (where is not None and where.type == "cpu" and getattr(device, "type", device) == "cuda"
+                and not any(hasattr(p, "ds_id") for p in params) and not getattr(model, "is_loaded_in_4bit", False)
+                and not getattr(model, "is_loaded_in_8bit", False) and not getattr(model, "hf_device_map", None))
+        if move:
+            model.to(device)
+        try:
+            yield model
+        finally:
+            if move:
+                model.to(where)

@@ -20,6 +20,7 @@ from .attention import batch_layout
 from .collator import DataCollatorForPreference, DataCollatorForVisionPreference
 from .config import DPOConfig
 from .data.prepare import as_dataset, input_vocab_size, prepare_dataset
+from .distributed import ready_for_forward
 from .errors import PipelineError
 from .head import token_values
 from .logps import sequence_logps, wpo_log_weights
@@ -236,23 +237,30 @@ class DPOTrainer(Trainer):
             from .liger import check_liger_route, model_kernel_config
             check_liger_route(args, model, reference, (train_dataset, *_datasets(eval_dataset)))
             args.liger_kernel_config = model_kernel_config(args)
-        # the batch layout every model that runs on the batches takes (prefix-shared, packed, else padded); with
-        # images, padded: a model meets the pixel inputs in sequence order, and vision models compute their own
-        # position ids (multimodal rotary positions) that packed rows would contradict
         self.vision = vision
+        self._pad_token_id = tokenizer_of(processing_class).pad_token_id
+        self.layout = {"prefix_sharing": False, "packing": False, "padding_free": False}
+        default_collator = data_collator is None
+
+        super().__init__(model=model, args=args,
+                         data_collator=self._collator(processing_class) if default_collator else data_collator,
+                         train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
+                         compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers)
+        self.reference = self._placed_reference(reference)
+        # the batch layout every model that runs on the batches takes (prefix-shared, packed, else padded), probed
+        # where the Trainer placed the models (a FlexAttention model probed on the CPU would fall back); with images,
+        # padded: a model meets the pixel inputs in sequence order, and vision models compute their own position ids
+        # (multimodal rotary positions) that packed rows would contradict
         if vision and (args.prefix_sharing or args.packing or args.padding_free):
             logger.info("a vision-language model: padded batches (the prefix-shared and packed layouts are for text)")
-        self.layout = {"prefix_sharing": False, "packing": False, "padding_free": False} if vision else \
-            batch_layout([m for m in (model, reference.model) if m is not None], args.prefix_sharing, args.packing,
-                         args.padding_free)
-        self._pad_token_id = tokenizer_of(processing_class).pad_token_id
-        if data_collator is None:
-            data_collator = self._collator(processing_class, args.pad_to_multiple_of)
-
-        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
-                         callbacks=callbacks, optimizers=optimizers)
-        self.reference = self._placed_reference(reference)
+        if not vision:
+            models = list({id(m): m for m in (self.model, self.reference.model) if m is not None}.values())
+            with contextlib.ExitStack() as ready:
+                for m in models:
+                    ready.enter_context(ready_for_forward(m, args.device))
+                self.layout = batch_layout(models, args.prefix_sharing, args.packing, args.padding_free)
+        if default_collator:
+            self.data_collator = self._collator(processing_class, args.pad_to_multiple_of)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(lambda: [0.0, 0.0]),
                                                              "eval": defaultdict(lambda: [0.0, 0.0])}
         self._num_tokens = 0
@@ -341,8 +349,9 @@ class DPOTrainer(Trainer):
         collator = self._collator(self.processing_class)
         if not self.vision:
             collator.padding_free = False  # rows of at most one length, as the layout would pack them
-        return add_reference_logps(dataset, self.reference, collator,
-                                   batch_size, chunk_tokens=self.logits_chunk_tokens)
+        with ready_for_forward(self.reference.model, self.args.device):
+            return add_reference_logps(dataset, self.reference, collator,
+                                       batch_size, chunk_tokens=self.logits_chunk_tokens)
 
     # ---- the objective --------------------------------------------------------------------------
 

@@ -67,9 +67,11 @@ def as_dataset(dataset, name: str = "train_dataset"):
 
 
 def input_vocab_size(model) -> int | None:
-    """The number of token ids the model can embed (its input embedding rows), None when unknown."""
+    """The number of token ids the model can embed (its input embedding rows), None when unknown. A weight that
+    DeepSpeed ZeRO-3 partitioned keeps its real shape as `ds_shape`."""
     try:
-        return int(model.get_input_embeddings().weight.shape[0])
+        weight = model.get_input_embeddings().weight
+        return int(getattr(weight, "ds_shape", weight.shape)[0])
     except (AttributeError, NotImplementedError, TypeError):
         return getattr(getattr(model, "config", None), "vocab_size", None)
 
