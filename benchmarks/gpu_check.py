@@ -184,7 +184,7 @@ def compare_grads(got: torch.Tensor, want: torch.Tensor) -> dict:
     diff = got - want
     return {"max_abs_diff": float(diff.abs().max()), "max_abs": float(want.abs().max()),
             "rel_l2": float(diff.norm() / want.norm().clamp(min=1e-30)),
-            "cosine": float(torch.nn.functional.cosine_similarity(got, want, dim=0))}
+            "cosine": float(torch.nn.functional.cosine_similarity(got.double(), want.double(), dim=0))}
 
 
 def fresh_accelerate_state() -> None:

@@ -276,9 +276,10 @@ class DPOTrainer(Trainer):
                 self.reference = PRECOMPUTED  # computed: the policy may now change, the values stay
 
     def _placed_reference(self, reference: Reference) -> Reference:
-        """A standalone reference where it runs: on this process's device; under FSDP sharded like the policy and
-        prepared for evaluation (`Accelerator.prepare_model(..., evaluation_mode=True)`). Under DeepSpeed ZeRO-3 a
-        standalone reference is refused: precompute its log-probs, or use an adapter (its reference is the base)."""
+        """A standalone reference where it runs: on this process's device; under FSDP then sharded like the policy
+        and prepared for evaluation (`Accelerator.prepare_model(..., evaluation_mode=True)`; FSDP2 shards a module
+        on the device it finds it on). Under DeepSpeed ZeRO-3 a standalone reference is refused: precompute its
+        log-probs, or use an adapter (its reference is the base)."""
         model = reference.standalone
         if model is None:
             return reference
@@ -286,9 +287,9 @@ class DPOTrainer(Trainer):
             raise PipelineError("DeepSpeed ZeRO-3 with a reference model of its own (an online reference) is not "
                                 "supported; set precompute_ref_log_probs=True (the pipeline's default) or train a "
                                 "LoRA adapter (its reference is the base with the adapter off).")
+        model.to(self.args.device)
         if self.is_fsdp_enabled:
             return dataclasses.replace(reference, model=self.accelerator.prepare_model(model, evaluation_mode=True))
-        model.to(self.args.device)
         return reference
 
     def _collator(self, processing_class, pad_to_multiple_of: int | None = None):
