@@ -550,6 +550,7 @@ def part_qlora(s: Settings) -> dict:
 # ---- FSDP and DeepSpeed: `accelerate launch` with the shipped configs, against plain training --------------
 
 ENGINE_STEPS = 3
+ENGINE_TIMEOUT_S = 100  # one engine run (a launch, a model of a few million parameters, 3 steps)
 
 
 def engine_spec(s: Settings, folder: Path) -> None:
@@ -564,10 +565,13 @@ def engine_spec(s: Settings, folder: Path) -> None:
 def engine_worker(spec: dict) -> None:
     """One engine run (plain, or inside `accelerate launch`): ENGINE_STEPS SGD steps of all the pairs, then the
     per-step losses, the time and the peak memory to `spec["result"]`, the weights to `spec["weights"]`."""
+    import faulthandler
+
     import datasets
 
     from pipeline import DPOConfig, DPOTrainer
 
+    faulthandler.dump_traceback_later(ENGINE_TIMEOUT_S - 15)  # a hang shows where it hangs, in the part's error
     rows = json.loads(Path(spec["rows"]).read_text())
     args = DPOConfig(output_dir=spec["output"], report_to="none", save_strategy="no", logging_steps=1,
                      disable_tqdm=True, bf16=spec["cuda"], use_cpu=not spec["cuda"], max_steps=ENGINE_STEPS,
@@ -575,6 +579,7 @@ def engine_worker(spec: dict) -> None:
                      lr_scheduler_type="constant", max_grad_norm=0.0, seed=0,
                      precompute_ref_log_probs=spec.get("precompute", True))
     trainer = DPOTrainer(spec["model"], args=args, train_dataset=datasets.Dataset.from_list(rows))
+    print(f"engine worker: trainer built, layout {trainer.layout}, reference {trainer.reference.kind}", file=sys.stderr)
     release()
     start = time.perf_counter()
     trainer.train()
@@ -647,15 +652,15 @@ def part_engine(s: Settings, name: str) -> dict:
 
     def plain(variant: str, spec: dict) -> dict:  # plain single-device training, run once for every engine part
         if not (work_dir / f"{variant}.json").is_file():
-            return run_engine(spec, None, work_dir, variant, timeout=300)
+            return run_engine(spec, None, work_dir, variant, timeout=ENGINE_TIMEOUT_S)
         return {**json.loads((work_dir / f"{variant}.json").read_text()), "weights": str(work_dir / f"{variant}-weights")}
 
     with tempfile.TemporaryDirectory() as tmp:
-        out = compare_engine(run_engine(spec, config, Path(tmp), name, timeout=300), plain("plain", spec), initial)
+        out = compare_engine(run_engine(spec, config, Path(tmp), name, timeout=ENGINE_TIMEOUT_S), plain("plain", spec), initial)
         out["config"] = config if s.cuda else "accelerate launch --cpu"
         if name == "fsdp":  # the online reference: a frozen copy of the initial policy, prepared by FSDP
             online = {**spec, "precompute": False}
-            ref = compare_engine(run_engine(online, config, Path(tmp), f"{name}-online", timeout=300),
+            ref = compare_engine(run_engine(online, config, Path(tmp), f"{name}-online", timeout=ENGINE_TIMEOUT_S),
                                  plain("plain-online", online), initial)
             out["online_reference"] = ref
             out["ok"] = out["ok"] and ref["ok"] and ref["reference"] == "initial_copy"

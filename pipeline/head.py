@@ -133,9 +133,32 @@ def head_logps(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module
                diagnostics: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """log p(label) of each row of `hidden` ([K, H]) under `head`, and the diagnostics when asked for, with at
     most `chunk_tokens` rows of logits alive at once, in the forward pass and in the backward pass."""
+    if any(hasattr(p, "ds_id") for p in head.parameters()):
+        return checkpointed_head_logps(hidden, labels, head, chunk_tokens, diagnostics)
     params = [p for p in head.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
     logps, *diag = ChunkedHeadLogps.apply(hidden, labels, head, chunk_tokens, diagnostics, *params)
     return logps, dict(zip(DIAGNOSTICS, diag))
+
+
+def checkpointed_head_logps(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_tokens: int,
+                            diagnostics: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`head_logps` through ordinary autograd, each chunk under activation checkpointing (its logits recomputed in
+    the backward pass, none kept): for a head whose parameters DeepSpeed ZeRO-3 partitions. Those are gathered by
+    its hooks only while the head itself runs, and their gradients go through DeepSpeed's own hooks, so they
+    cannot be inputs of `ChunkedHeadLogps`. The same values, and the same memory bound per chunk."""
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = head(h)
+        logp, _ = label_logps(logits, y)
+        diag = vocab_diagnostics(logits.detach(), y) if diagnostics else {}
+        return (logp, *(diag[name] for name in DIAGNOSTICS if diag))
+
+    parts = [checkpoint(chunk, h, y, use_reentrant=False) if torch.is_grad_enabled() else chunk(h, y)
+             for h, y in zip(hidden.split(chunk_tokens), labels.split(chunk_tokens))]
+    logps = torch.cat([p[0] for p in parts])
+    diag = {name: torch.cat([p[1 + i] for p in parts]) for i, name in enumerate(DIAGNOSTICS)} if diagnostics else {}
+    return logps, diag
 
 
 class ChunkedHeadLogps(torch.autograd.Function):

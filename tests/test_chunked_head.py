@@ -289,3 +289,32 @@ def test_a_replaced_output_layer_is_looked_at_again(tiny_tokenizer):
     get_peft_model(model, LoraConfig(r=2, target_modules=["lm_head"], task_type="CAUSAL_LM"))  # wraps it in place
     assert type(model.lm_head) is not torch.nn.Linear
     assert pipeline.head.output_layer(model).head is model.lm_head
+
+
+@pytest.mark.parametrize("diagnostics", [False, True])
+def test_a_zero3_partitioned_head_takes_the_checkpointed_route_with_the_same_values_and_gradients(diagnostics):
+    """DeepSpeed ZeRO-3 marks its partitioned parameters with `ds_id`; such a head cannot be an input of the
+    autograd Function (its weights exist only inside its own call), so it runs through checkpointed autograd."""
+    from pipeline.head import head_logps
+
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, dtype=torch.float64)
+    labels = torch.randint(0, 50, (37,))
+    results = []
+    for partitioned in (False, True):
+        torch.manual_seed(1)
+        head = torch.nn.Linear(16, 50, dtype=torch.float64)
+        torch.nn.init.normal_(head.weight)
+        if partitioned:
+            head.weight.ds_id = 0  # what ZeRO-3 sets on the parameters it partitions
+        h = hidden.clone().requires_grad_(True)
+        logps, diag = head_logps(h, labels, head, chunk_tokens=8, diagnostics=diagnostics)
+        (logps * torch.linspace(0.5, 1.5, 37, dtype=torch.float64)).sum().backward()
+        results.append((logps.detach(), {k: v.detach() for k, v in diag.items()}, h.grad, head.weight.grad, head.bias.grad))
+    (want, want_diag, *want_grads), (got, got_diag, *got_grads) = results
+    torch.testing.assert_close(got, want)
+    assert set(got_diag) == set(want_diag) == (set(pipeline.head.DIAGNOSTICS) if diagnostics else set())
+    for name in got_diag:
+        torch.testing.assert_close(got_diag[name], want_diag[name])
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w)
