@@ -89,8 +89,9 @@ class ModelParams:
                              "vision-language one), a Hub id or a local directory.")
     revision: str | None = knob(None, "Hub revision (branch, tag or commit) of the base model.")
     trust_remote_code: bool = owned("trust_remote_code")
-    attn_implementation: str | None = knob(None, "Attention kernel: sdpa, eager, flash_attention_2, ...; "
-                                                 "null: the transformers default.")
+    attn_implementation: str | None = knob(None, "Attention kernel: sdpa, eager, flex_attention (on a GPU the "
+                                                 "fastest with prefix sharing), flash_attention_2, ...; null: the "
+                                                 "transformers default.")
     model_init_kwargs: dict | None = owned("model_init_kwargs")
     ref_name_or_path: str | None = knob(None, "An explicit reference model; null: the initial policy (for a new "
                                               "adapter: the base with the adapter off).")
