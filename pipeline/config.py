@@ -184,6 +184,11 @@ class DPOConfig(TrainingArguments):
         check_dpo_options({name: getattr(self, name) for name in (*DPO_OPTION_NAMES, *TRAINING_RULES, "num_train_epochs",
                                                                   "max_steps")})
         super().__post_init__()
+        if self.accelerator_config.dispatch_batches is None:
+            # an IterableDataset's batches would be fetched by the main process and concatenated across processes
+            # (accelerate's default for one), which the packed layouts' batches of varying rows cannot be; each process
+            # reads its own shard of batches instead
+            self.accelerator_config.dispatch_batches = False
 
     def __getstate__(self) -> dict[str, Any]:
         """What pickling records (the Trainer's `torch.save(args)`: training_args.bin in every checkpoint, the output

@@ -171,11 +171,11 @@ def push_to_hub(folder: Path, repo_id: str | None, private: bool = True, api=Non
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                           allow_patterns=paths, commit_message="Upload DPO model")
     except Exception as err:
-        raise PipelineError(f"push to the Hub repo {repo_id!r} failed: {_push_failure(err, token)} {intact}") from None
+        raise PipelineError(f"push to the Hub repo {repo_id!r} failed: {push_failure(err, token)} {intact}") from None
     return paths
 
 
-def _push_failure(err: Exception, token: str | None) -> str:
+def push_failure(err: Exception, token: str | None) -> str:
     """What went wrong, in a sentence, without the token."""
     from huggingface_hub.errors import OfflineModeIsEnabled
 

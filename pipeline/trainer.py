@@ -82,6 +82,7 @@ def language_model_targets(model) -> list[str]:
     return sorted(f"{prefix}.{name}" for name, module in body.named_modules() if isinstance(module, torch.nn.Linear))
 
 
+MODEL_TAGS = ["dpo", "pipeline"]  # added to the trained model's tags (its Hub card's)
 REF_CHECKPOINT_NAME = "ref_model.safetensors"
 COUNTS_CHECKPOINT_NAME = "dpo_counts.json"  # the running counts a resumed run continues (num_tokens)
 
@@ -147,6 +148,7 @@ class DPOTrainer(Trainer):
     """
 
     logits_chunk_tokens: int | None = None
+    requires_data: bool = True  # a trainer built with neither train_dataset nor eval_dataset is refused
 
     def __init__(self, model: str | PreTrainedModel | torch.nn.Module,
                  ref_model: str | PreTrainedModel | Reference | None = None,
@@ -171,6 +173,9 @@ class DPOTrainer(Trainer):
             processing_class = load_tokenizer(model_id, revision=(args.model_init_kwargs or {}).get("revision"),
                                               trust_remote_code=args.trust_remote_code)
         with_pad_token(processing_class, args.pad_token)
+        if train_dataset is None and eval_dataset is None and self.requires_data:
+            raise PipelineError("train_dataset is required: pass train_dataset=<a preference dataset> (to evaluate "
+                                "only, pass eval_dataset=... instead).")
         train_dataset = as_dataset(train_dataset, "train_dataset")
         eval_dataset = {k: as_dataset(v, f"eval_dataset[{k}]") for k, v in eval_dataset.items()} \
             if isinstance(eval_dataset, dict) else as_dataset(eval_dataset, "eval_dataset")
@@ -188,11 +193,13 @@ class DPOTrainer(Trainer):
                 raise PipelineError("model and ref_model are the same object; pass ref_model=None to use the base "
                                     "with the adapter off, or a separate model instance.")
             from peft import get_peft_model, prepare_model_for_kbit_training
-            if is_quantized(model):  # QLoRA: norms in fp32, input grads for checkpointing (idempotent)
-                model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(args.gradient_checkpointing))
-            if is_vision_model(model) and getattr(peft_config, "target_modules", None) in ("all-linear", "all_linear"):
-                peft_config = dataclasses.replace(peft_config, target_modules=language_model_targets(model))
-            model = get_peft_model(model, peft_config)
+            with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                if is_quantized(model):  # QLoRA: norms in fp32, input grads for checkpointing (idempotent)
+                    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(args.gradient_checkpointing))
+                if is_vision_model(model) and getattr(peft_config, "target_modules", None) in ("all-linear", "all_linear"):
+                    peft_config = dataclasses.replace(peft_config, target_modules=language_model_targets(model))
+                model = get_peft_model(model, peft_config)
         if is_quantized(model) and not is_peft_model(model):
             raise PipelineError("a 4-bit/8-bit quantized model cannot be fine-tuned directly; pass peft_config "
                                 "(QLoRA: train a LoRA adapter on the frozen quantized base).")
@@ -200,22 +207,17 @@ class DPOTrainer(Trainer):
             # the frozen embeddings give no grad to the checkpointed blocks' inputs; the adapters need one
             model.enable_input_require_grads()
 
-        vocab_size = input_vocab_size(model)
+        tagged = model.get_base_model() if is_peft_model(model) else model
+        if hasattr(tagged, "add_model_tags"):  # the Hub card and push_to_hub read them
+            tagged.add_model_tags(MODEL_TAGS)
 
-        def prepare(dataset, name: str):  # tokenized, invalid rows refused or dropped (args.on_invalid), non-empty
-            return prepare_dataset(dataset, processing_class, args.max_length, args.truncation_mode,
-                                   args.dataset_num_proc, name, args.on_invalid, vocab_size)
-        train_dataset = prepare(train_dataset, "train_dataset")
+        self._vocab_size = vocab_size = input_vocab_size(model)
+        self._prepare_args = (processing_class, args)
+        train_dataset = self._prepared(train_dataset, "train_dataset")
         if isinstance(eval_dataset, dict):
-            eval_dataset = {k: prepare(v, f"eval_dataset[{k}]") for k, v in eval_dataset.items()}
+            eval_dataset = {k: self._prepared(v, f"eval_dataset[{k}]") for k, v in eval_dataset.items()}
         else:
-            eval_dataset = prepare(eval_dataset, "eval_dataset")
-        if args.precompute_ref_log_probs:
-            import datasets
-            for name, ds in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-                if isinstance(ds, datasets.IterableDataset):
-                    raise PipelineError(f"precompute_ref_log_probs=True is not supported with an IterableDataset ({name}); "
-                                        "pass a map-style Dataset or set precompute_ref_log_probs=False.")
+            eval_dataset = self._prepared(eval_dataset, "eval_dataset")
 
         # The reference. With precomputed log-probs it only runs here, before the first step, on the data
         # that lacks them; nothing is kept for training.
@@ -273,7 +275,10 @@ class DPOTrainer(Trainer):
             else:
                 self.eval_dataset = self.with_reference_logps(self.eval_dataset)
             if not isinstance(ref_model, Reference):
-                self.reference = PRECOMPUTED  # computed: the policy may now change, the values stay
+                # computed: the policy may now change, the values stay; a reference that stays valid after training
+                # (a model of its own, the base with the adapter off) still scores data given to evaluate/predict
+                self._later_reference = self.reference if self.reference.kind in ("explicit", "adapter_off") else None
+                self.reference = PRECOMPUTED
 
     def _placed_reference(self, reference: Reference) -> Reference:
         """A standalone reference where it runs: on this process's device; under FSDP then sharded like the policy
@@ -342,17 +347,85 @@ class DPOTrainer(Trainer):
             with open(os.path.join(folder, COUNTS_CHECKPOINT_NAME), "w") as f:
                 json.dump({"num_tokens": self._num_tokens}, f)
 
-    def with_reference_logps(self, dataset):
-        """Add precomputed reference log-prob columns to a tokenized dataset that lacks them."""
+    def with_reference_logps(self, dataset, reference: Reference | None = None):
+        """Add precomputed reference log-prob columns (of `reference`, default the trainer's) to a tokenized dataset
+        that lacks them."""
         if dataset is None or _has_reference_logps(dataset):
             return dataset
+        reference = reference or self.reference
         batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
         collator = self._collator(self.processing_class)
         if not self.vision:
             collator.padding_free = False  # rows of at most one length, as the layout would pack them
-        with ready_for_forward(self.reference.model, self.args.device):
-            return add_reference_logps(dataset, self.reference, collator,
+        with ready_for_forward(reference.model, self.args.device):
+            return add_reference_logps(dataset, reference, collator,
                                        batch_size, chunk_tokens=self.logits_chunk_tokens)
+
+    # ---- data given later: evaluate, predict ------------------------------------------------------
+
+    def _prepared(self, dataset, name: str):
+        """`dataset` as the constructor takes data: a list made a dataset, tokenized, invalid rows refused or dropped
+        (args.on_invalid), non-empty; with precompute_ref_log_probs, an IterableDataset is refused."""
+        import datasets
+
+        processing_class, args = self._prepare_args
+        dataset = prepare_dataset(as_dataset(dataset, name), processing_class, args.max_length, args.truncation_mode,
+                                  args.dataset_num_proc, name, args.on_invalid, self._vocab_size)
+        if args.precompute_ref_log_probs and isinstance(dataset, datasets.IterableDataset):
+            raise PipelineError(f"precompute_ref_log_probs=True is not supported with an IterableDataset ({name}); "
+                                "pass a map-style Dataset or set precompute_ref_log_probs=False.")
+        return dataset
+
+    def _prepared_later(self, dataset, name: str):
+        """A dataset handed to evaluate/predict, prepared as the constructor's are, with reference log-probs when they
+        are precomputed: from the reference if the trainer still has one that is valid (a model of its own, the base
+        with the adapter off, or the policy before any training step), else refused with the ways out."""
+        dataset = self._prepared(dataset, name)
+        if not self.args.precompute_ref_log_probs or _has_reference_logps(dataset):
+            return dataset
+        reference = self.reference if self.reference.model is not None else getattr(self, "_later_reference", None)
+        if reference is None and self.state.global_step == 0:
+            reference = Reference("policy", self.model, "the initial policy (no step taken yet)")
+        if reference is None:
+            raise PipelineError(f"{name} has no reference log-probs, and with precompute_ref_log_probs=True the initial "
+                                "policy (the reference) is not kept once training has changed it: pass this dataset as "
+                                "the trainer's eval_dataset (its log-probs are precomputed then), add ref_chosen_logps/"
+                                "ref_rejected_logps columns (the ref-logps stage), or pass ref_model=... .")
+        return self.with_reference_logps(dataset, reference)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """`Trainer.evaluate`; a dataset given here (raw or tokenized, or a dict of them) is prepared as the
+        constructor's are."""
+        if eval_dataset is not None and not isinstance(eval_dataset, (str, dict)):
+            eval_dataset = self._prepared_later(eval_dataset, "eval_dataset")
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        """`Trainer.predict` on a dataset prepared as the constructor's are; predictions are `[pairs, 2]`: the chosen
+        and rejected rewards."""
+        return super().predict(self._prepared_later(test_dataset, "test_dataset"), ignore_keys, metric_key_prefix)
+
+    def push_to_hub(self, *args, **kwargs):
+        """`Trainer.push_to_hub`, failing in a sentence: offline (HF_HUB_OFFLINE=1) at once, and any Hub or network
+        error named with its fix; the model saved in output_dir is kept."""
+        from huggingface_hub import constants
+
+        from .export import hub_token, push_failure
+
+        repo = self.args.hub_model_id or os.path.basename(os.path.normpath(self.args.output_dir))
+        intact = f"The model saved in {self.args.output_dir} is intact."
+        if constants.HF_HUB_OFFLINE:
+            raise PipelineError(f"push_to_hub: the Hub repo {repo!r} cannot be reached: offline mode is on "
+                                f"(HF_HUB_OFFLINE=1); unset it, with network access, to push. {intact}")
+        logger.info("pushing to the Hub repo %s (without a network this waits for the connection to time out; "
+                    "HF_HUB_OFFLINE=1 fails at once)", repo)
+        try:
+            return super().push_to_hub(*args, **kwargs)
+        except PipelineError:
+            raise
+        except Exception as err:
+            raise PipelineError(f"push_to_hub to the Hub repo {repo!r} failed: {push_failure(err, hub_token())} "
+                                f"{intact}") from None
 
     # ---- the objective --------------------------------------------------------------------------
 
@@ -501,3 +574,10 @@ class DPOTrainer(Trainer):
             return loss.detach(), None, None
         logits = torch.stack([outputs["chosen_rewards"], outputs["rejected_rewards"]], dim=1)
         return loss.detach(), logits, torch.zeros(logits.shape[0], device=logits.device)
+
+
+class DPOScorer(DPOTrainer):
+    """A `DPOTrainer` that only scores: built without data, given its pairs by `evaluate`/`predict` (the evaluate
+    stage's)."""
+
+    requires_data = False
