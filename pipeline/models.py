@@ -8,6 +8,7 @@ place, `pipeline.reference.resolve_reference`.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from .config import from_pretrained_kwargs
 from .base import adapter_source, base_source, reference_source
 from .errors import PipelineError
+
+logger = logging.getLogger(__name__)
 
 
 def init_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
@@ -88,6 +91,7 @@ def load_causal_lm(name_or_path: str, kwargs: dict[str, Any] | None = None) -> P
     stays off unless asked."""
     kwargs = init_kwargs(kwargs)
     kwargs.setdefault("trust_remote_code", False)
+    announce_hub(name_or_path, "model")
     try:
         if is_vision_source(name_or_path, kwargs):
             from transformers import AutoModelForImageTextToText
@@ -98,11 +102,22 @@ def load_causal_lm(name_or_path: str, kwargs: dict[str, Any] | None = None) -> P
                             "id that is reachable (check HF_HUB_OFFLINE and the network).") from None
 
 
+def announce_hub(name_or_path: str, what: str) -> None:
+    """One line before a load that asks the Hub (a Hub id, not a local directory, with HF_HUB_OFFLINE unset): without
+    a network it waits for the connection to time out, which would otherwise pass in silence."""
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE and not Path(str(name_or_path)).expanduser().exists():
+        logger.warning("%s %r: asking the Hub (without a network this waits for the connection to time out, about a "
+                       "minute; HF_HUB_OFFLINE=1 uses the local cache alone and fails at once)", what, name_or_path)
+
+
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
                    pad_token: str | None = None):
     """The processing class of the model at `name_or_path`: its tokenizer, or for a vision-language model its
     processor (`AutoProcessor`: the tokenizer and the image processor)."""
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    announce_hub(name_or_path, "tokenizer")
     try:
         if is_vision_source(name_or_path, kwargs):
             from transformers import AutoProcessor

@@ -130,3 +130,21 @@ def test_after_training_a_raw_eval_set_is_scored_by_a_kept_reference_or_refused_
                           train_dataset=datasets.Dataset.from_list(RAW), processing_class=tiny_tokenizer)
     explicit.train()
     assert explicit.evaluate(eval_dataset=raw)["eval_rewards/chosen"] != 0  # the policy moved from its reference
+
+
+def test_a_hub_load_says_it_asks_the_hub_before_waiting(monkeypatch, caplog):
+    import transformers
+    from huggingface_hub import constants
+
+    from pipeline.models import load_causal_lm
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    seen = []
+
+    def unreachable(name, **kwargs):  # the network's time-out, without the minute
+        seen.extend(r.getMessage() for r in caplog.records)
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", unreachable)
+    with caplog.at_level(logging.WARNING, logger="pipeline.models"), pytest.raises(PipelineError, match="HF_HUB_OFFLINE"):
+        load_causal_lm("someone/unreachable-model")
+    assert any("asking the Hub" in m and "HF_HUB_OFFLINE=1" in m for m in seen)
