@@ -1,7 +1,7 @@
 """Artifact directories: atomic writes, manifests written last, and checks of what a stage reads.
 
 Every stage writes into a temporary sibling directory and renames it into place only after its
-`manifest.json` (schema version, stage, its inputs' identities and paths, params, row counts, file
+`manifest.json` (schema version, stage, its inputs' identities and paths, params, row counts, where it ran, file
 digests) is written, so a killed stage never leaves something that looks complete. Before a stage
 reads its inputs it checks them (`check_inputs`):
 
@@ -27,11 +27,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .distributed import barrier, broadcast, is_main
+from .environment import environment
 from .errors import PipelineError
 from .redaction import redact
 
 SCHEMA_VERSION = 2  # 2: inputs record {digest, path}; file digests and lineage are checked on read
 MANIFEST = "manifest.json"
+MANIFEST_KEYS = ("schema_version", "stage", "inputs", "params", "files")  # what every reader of a manifest may use
 
 # which stage produces which artifact, for "re-run X" messages
 PRODUCER = {"base": "base", "normalized": "normalize", "tokenized": "tokenize", "ref_logps": "ref-logps",
@@ -120,15 +122,15 @@ def staged_dir(final: Path) -> Iterator[Path]:
 
 def write_manifest(directory: Path, stage: str, inputs: dict[str, str], params: Any,
                    rows: dict[str, int] | None = None, extra: dict | None = None) -> dict:
-    """Write `manifest.json` last: it lists every other file in `directory` with its digest. Credentials in
-    `params` are recorded as "<redacted>" (`pipeline.redaction`)."""
+    """Write `manifest.json` last: it lists every other file in `directory` with its digest, and where the stage
+    ran (`pipeline.environment`). Credentials in `params` are recorded as "<redacted>" (`pipeline.redaction`)."""
     directory = Path(directory)
     params = redact(params)
     files = {str(p.relative_to(directory)): file_digest(p)
              for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
     manifest = {"schema_version": SCHEMA_VERSION, "stage": stage, "inputs": inputs,
                 "params": params, "params_digest": params_digest(params), "rows": rows or {},
-                "files": files, **(extra or {})}
+                "files": files, "environment": environment(), **(extra or {})}
     write_json(directory / MANIFEST, manifest)
     return manifest
 
@@ -145,7 +147,15 @@ def read_manifest(directory: Path, kind: str) -> dict:
     path = directory / MANIFEST
     if not path.exists():
         raise PipelineError(f"{directory}: no {MANIFEST}, so this {kind} artifact is missing or incomplete; {rerun}.")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:  # a truncated or overwritten file, an unreadable one
+        raise PipelineError(f"{path}: this {kind} artifact is damaged: its manifest cannot be read ({type(err).__name__}: "
+                            f"{err}); {rerun} to write it again.") from None
+    missing = [key for key in MANIFEST_KEYS if key not in manifest] if isinstance(manifest, dict) else ["every key"]
+    if missing:
+        raise PipelineError(f"{path}: this {kind} artifact is damaged: its manifest lacks {', '.join(missing)}; "
+                            f"{rerun} to write it again.")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise PipelineError(f"{path}: schema version {manifest.get('schema_version')} but this pipeline reads "
                             f"version {SCHEMA_VERSION}; {rerun}.")

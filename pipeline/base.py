@@ -74,6 +74,14 @@ def base_source(base_dir: Path) -> tuple[str, str | None]:
     return manifest["source"], load_revision(manifest)
 
 
+def source_kind(entry: dict) -> str:
+    """What a recorded model source is: 'builtin' (built in code), 'local' (a directory: its record holds the file
+    digests) or 'hub' (a Hub id)."""
+    if entry["source"] in BUILTIN_MODELS:
+        return "builtin"
+    return "local" if "source_files" in entry else "hub"
+
+
 def _recorded_source(base_dir: Path, key: str) -> tuple[str, str | None] | None:
     entry = read_manifest(base_dir, "base").get(key)
     return None if entry is None else (entry["source"], load_revision(entry))

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
-
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -59,10 +59,21 @@ def field_rules() -> dict[str, tuple]:
     return {**TRAINING_RULES, **OPTION_RULES}
 
 
+def check_finite(options: dict[str, Any], name=lambda key: key) -> None:
+    """Refuse an infinite or NaN number (or one inside a list, as loss_weights) in any option: no setting means
+    .inf or .nan, and one would train to NaN and publish it."""
+    for key, value in options.items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise PipelineError(f"{name(key)} must be a finite number (got {value!r}); .inf and .nan are no setting "
+                                    "of any option: give a number, or leave the option out for its default.")
+
+
 def check_dpo_options(options: dict[str, Any], name=lambda key: key) -> None:
     """Every validation rule of DPOConfig: the value rule of each option present, then the rules that
     combine options (losses.md, the reference documentation's constraints). Shared by `DPOConfig` and the
     params.yaml check, which names options as it spells them (`name("beta")` → "train.beta")."""
+    check_finite(options, name)
     for key, (rule, fix) in field_rules().items():
         if key in options:
             try:
@@ -164,6 +175,11 @@ class DPOConfig(TrainingArguments):
     # speed and memory
     activation_offloading: bool = option(False, "Offload activations to the CPU during the forward pass.")
 
+    # faults
+    max_nonfinite_steps: int = option(
+        3, "Stop training when the loss or the gradient norm is NaN or infinite for this many optimizer steps in a "
+        "row (no checkpoint is saved at such a step, nothing is published).")
+
     def __post_init__(self):
         if isinstance(self.loss_type, str):
             self.loss_type = [self.loss_type]
@@ -181,6 +197,7 @@ class DPOConfig(TrainingArguments):
                 # launched as several processes on a machine without GPUs: data parallelism over gloo (accelerate's
                 # MULTI_CPU); without use_cpu the Trainer would run each process alone, silently
                 self.use_cpu = True
+        check_finite({f.name: getattr(self, f.name) for f in fields(self)})
         check_dpo_options({name: getattr(self, name) for name in (*DPO_OPTION_NAMES, *TRAINING_RULES, "num_train_epochs",
                                                                   "max_steps")})
         super().__post_init__()
@@ -231,6 +248,7 @@ def from_pretrained_kwargs(options: Any, reference: bool) -> dict[str, Any]:
 # The value rule of each DPOConfig option that has one: (rule, the fix to suggest). params.yaml's check
 # uses the same table, so the API and the pipeline refuse the same values with the same words.
 OPTION_RULES = {
+    "max_nonfinite_steps": (at_least(1), ""),
     "dataset_num_proc": (at_least(1), "or null"),
     "on_invalid": (one_of(*ON_INVALID_POLICIES), ""),
     "pad_to_multiple_of": (at_least(1), "or null"),

@@ -28,7 +28,7 @@ CARD_TEMPLATE = """
 Trained with Direct Preference Optimization ([Rafailov et al., 2023](https://arxiv.org/abs/2305.18290))
 by the dpo-pipeline project.
 
-- Base model: `{base_model}`{base_revision}
+- Base model: {base_description}
 - Weights: {weights}
 - Loss types: {loss_types} (weights {loss_weights}), beta = {beta}
 - Training data: `{data_source}`
@@ -55,9 +55,40 @@ def _table(header: tuple[str, str], rows: dict) -> str:
     return "\n".join(lines) if rows else "(none recorded)"
 
 
+def base_model_kind(name: str) -> str:
+    """Where a base model named `name` comes from: 'builtin' (built in code), 'local' (a directory, or a name that is
+    no valid Hub repo id) or 'hub' (a Hub repo id, with no local directory of that name shadowing it)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if name.startswith("builtin:"):
+        return "builtin"
+    if Path(name).is_dir():
+        return "local"
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return "local"
+    return "hub"
+
+
+def _base_description(base_model: str, kind: str, base_revision: str | None) -> str:
+    if kind == "hub":
+        return f"`{base_model}`" + (f" (revision `{base_revision}`)" if base_revision else "")
+    if kind == "builtin":
+        return (f"dpo-pipeline's built-in model `{base_model}` (a tiny model built in code, warm-started by the "
+                f"`base` stage; not on the Hugging Face Hub)")
+    return f"a local directory, `{base_model}` (not on the Hugging Face Hub)"
+
+
 def model_card(title: str, base_model: str, params: dict, metrics: dict, data_digests: dict[str, str] | str,
-               base_revision: str | None = None, adapter: dict | None = None, merged: bool = False) -> str:
-    """The model card: base model, weights kind (adapter/merged/full), loss types, data digests, eval metrics, params."""
+               base_revision: str | None = None, adapter: dict | None = None, merged: bool = False,
+               base_kind: str | None = None) -> str:
+    """The model card: base model, weights kind (adapter/merged/full), loss types, data digests, eval metrics, params.
+
+    The metadata's `base_model` (which the Hub links to a model page) is written only for a Hub base; a built-in or
+    local base is named in the card's text instead. `base_kind` ('hub', 'local', 'builtin'; the base artifact knows)
+    defaults to `base_model_kind(base_model)`."""
     from .params import train_option
 
     loss_types = train_option(params, "loss_type")
@@ -67,7 +98,9 @@ def model_card(title: str, base_model: str, params: dict, metrics: dict, data_di
     from huggingface_hub import ModelCard, ModelCardData
 
     tags = ["dpo", "preference-optimization"] + (["peft", "lora"] if adapter else [])
-    card_data = ModelCardData(tags=tags, library_name="transformers", base_model=base_model)
+    base_kind = base_kind or base_model_kind(base_model)
+    card_data = ModelCardData(tags=tags, library_name="transformers",
+                              base_model=base_model if base_kind == "hub" else None)
     if adapter:
         lora = ", ".join(f"{k}={adapter[k]}" for k in ("r", "lora_alpha", "lora_dropout", "target_modules") if k in adapter)
         weights = (f"LoRA adapter ({lora}) in `{ADAPTER_SUBDIR}/`"
@@ -75,8 +108,7 @@ def model_card(title: str, base_model: str, params: dict, metrics: dict, data_di
     else:
         weights = "full fine-tuned model"
     body = CARD_TEMPLATE.format(
-        title=title, base_model=base_model,
-        base_revision=f" (revision `{base_revision}`)" if base_revision else "", weights=weights,
+        title=title, base_description=_base_description(base_model, base_kind, base_revision), weights=weights,
         loss_types=", ".join(loss_types), loss_weights=train_option(params, "loss_weights") or "all 1.0",
         beta=train_option(params, "beta"),
         data_source=params["data"]["train"], data_table=_table(("artifact", "digest"), data_digests),

@@ -2,7 +2,9 @@
 
 Training logs `train/rewards/accuracies` into `dvclive/metrics.json` as {"train": {"rewards": {"accuracies": …}}};
 evaluate writes {"rewards": {"accuracies": …}}, so `dvc metrics show` and `dvc exp show` name the same
-metric the same way in both files. In code, metrics stay flat (`rewards/accuracies`).
+metric the same way in both files. In code, metrics stay flat (`rewards/accuracies`). Beside the metrics, the file
+records where the run ran under `environment` (`pipeline.environment`): `dvc metrics diff` then names a machine
+change next to the numbers it moved.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 from pathlib import Path
 
 from .artifacts import write_json
+
+ENVIRONMENT = "environment"  # the record of where the run ran: beside the metrics, not one of them
 
 
 def nest(flat: dict) -> dict:
@@ -35,10 +39,20 @@ def flatten(nested: dict, prefix: str = "") -> dict:
     return flat
 
 
-def write_metrics(path: Path, flat: dict) -> None:
-    write_json(Path(path), nest(flat))
+def write_metrics(path: Path, flat: dict, environment: dict | None = None) -> None:
+    """Write the metrics, nested, with the `environment` record beside them when one is given."""
+    write_json(Path(path), {**nest(flat), **({ENVIRONMENT: environment} if environment is not None else {})})
+
+
+def _read(path: Path) -> dict:
+    return json.loads(Path(path).read_text()) if Path(path).exists() else {}
 
 
 def read_metrics(path: Path) -> dict:
-    """The flat metrics of a metrics file; {} when there is none."""
-    return flatten(json.loads(Path(path).read_text())) if Path(path).exists() else {}
+    """The flat metrics of a metrics file (its environment record left out); {} when there is none."""
+    return flatten({k: v for k, v in _read(path).items() if k != ENVIRONMENT})
+
+
+def read_environment(path: Path) -> dict:
+    """The environment record of a metrics file; {} when there is none."""
+    return _read(path).get(ENVIRONMENT) or {}

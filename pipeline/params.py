@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import functools
 import types
 import typing
@@ -149,7 +150,8 @@ class RefLogpsParams:
 @dataclass
 class EvaluateParams:
     batch_size: int = knob(32, "Pairs per forward pass and prompts per generation batch.", at_least(1))
-    num_generations: int = knob(120, "Held-out prompts answered greedily by policy and reference (built-in task).",
+    num_generations: int = knob(120, "Held-out prompts answered greedily by policy and reference, on any data "
+                                "(judged on the built-in tasks; 0: none).",
                                 at_least(0))
     max_new_tokens: int = knob(24, "Tokens generated per answer.", at_least(1))
 
@@ -218,6 +220,19 @@ TRAIN_KEYS = set(DPOConfig.__dataclass_fields__) - {"output_dir"}
 
 # ---- checking a section against its dataclass -------------------------------------------------------
 
+# where an unknown-key message sends the reader: the README's generated table of every key (reference_markdown)
+KEYS_DOCUMENTED = 'every key is listed, with its default and meaning, in README.md\'s "Every params.yaml key" table'
+
+
+def did_you_mean(name: str, valid) -> str:
+    """` (did you mean `beta`?)` for a near-miss of a valid key (difflib), else ''."""
+    close = difflib.get_close_matches(str(name), sorted(map(str, valid)), n=3)
+    if not close:
+        return ""
+    names = [f"`{c}`" for c in close]
+    return f" (did you mean {' or '.join([', '.join(names[:-1]), names[-1]] if len(names) > 1 else names)}?)"
+
+
 @functools.cache
 def _hints(schema: type) -> dict[str, Any]:
     return typing.get_type_hints(schema)
@@ -280,8 +295,8 @@ def check_section(raw: Any, schema: type, key: str) -> dict:
     unknown = sorted(set(raw) - set(known))
     if unknown:
         where = f"{key}." if key else ""
-        raise PipelineError(f"params: unknown key {where}{unknown[0]}; known keys of {key or 'the top level'}: "
-                            f"{sorted(known)}.")
+        raise PipelineError(f"params: unknown key {where}{unknown[0]}{did_you_mean(unknown[0], known)}; known keys of "
+                            f"{key or 'the top level'}: {sorted(known)}; {KEYS_DOCUMENTED}.")
     out = {}
     for name, f in known.items():
         dotted = f"{key}.{name}" if key else name
@@ -392,9 +407,10 @@ def check_train(train: dict, params: dict) -> dict:
     _refuse_credentials(train, "train")
     unknown = sorted(set(train) - TRAIN_KEYS - set(TRAIN_STAGE_KEYS))
     if unknown:
-        raise PipelineError(f"params: unknown key train.{unknown[0]}; train takes DPOConfig options "
-                            f"(e.g. beta, loss_type, learning_rate); see `dpo params --help-keys` or "
-                            f"`python -c 'import pipeline; help(pipeline.DPOConfig)'`.")
+        raise PipelineError(f"params: unknown key train.{unknown[0]}"
+                            f"{did_you_mean(unknown[0], TRAIN_KEYS | set(TRAIN_STAGE_KEYS))}; train takes DPOConfig "
+                            f"options (e.g. beta, loss_type, learning_rate); {KEYS_DOCUMENTED}, and "
+                            f"`python -c 'import pipeline; help(pipeline.DPOConfig)'` documents every DPOConfig option.")
     for key in sorted(set(train) & set(OWNED_ELSEWHERE)):
         raise PipelineError(f"params: train.{key} belongs in {OWNED_ELSEWHERE[key]} in the pipeline (that stage applies "
                             f"it for every later one); move it there.")

@@ -17,9 +17,11 @@ from pathlib import Path
 import yaml
 
 TEXT_LIMIT = 600  # characters of prompt/completion text shown before an ellipsis
-MAX_EXAMPLES = 8  # judged generations shown
+MAX_EXAMPLES = 8  # generations shown
 PAIRS_SHOWN = 5  # pairs in each of the largest/smallest margin tables
 OUTCOMES = {1.0: "policy wins", 0.5: "tie", 0.0: "reference wins"}  # the judge's outcome of one prompt
+COUNTS = {"num_pairs": "eval pairs", "num_generations": "generations"}  # sizes of the evaluation, not metrics
+JUDGE_ROWS = ("judge score (mean)", "win rate (ties half)")  # the judge's numbers, one column per side
 
 _SPLITS = ("train", "eval")
 _SIDES = ("chosen", "rejected", "margins")  # series sharing one plot, in legend order
@@ -209,38 +211,93 @@ def _curves_section(curves: Curves) -> str:
             f'<div class="plots">{"".join(figures)}</div></section>')
 
 
+def metric_rows(eval_metrics: dict, reference_metrics: dict) -> list[tuple[str, object, object]]:
+    """(name, policy value, reference value) rows of the policy-vs-reference table, None where a side has no value.
+
+    Counts (COUNTS) are no rows; the judge's numbers of eval.json (`policy_mean_score`, `reference_mean_score`,
+    `win_rate`) become JUDGE_ROWS, each side in its column: the reference's win rate over the policy is 1 − win_rate
+    (ties count half to each)."""
+    judge = {"policy_mean_score", "reference_mean_score", "win_rate"}
+    names = sorted((set(eval_metrics) | set(reference_metrics)) - set(COUNTS) - judge,
+                   key=lambda n: (_group_order(plot_group(n)), _series_order(n)))
+    rows = [(name, eval_metrics.get(name), reference_metrics.get(name)) for name in names]
+    if "policy_mean_score" in eval_metrics or "reference_mean_score" in eval_metrics:
+        rows.append((JUDGE_ROWS[0], eval_metrics.get("policy_mean_score"), eval_metrics.get("reference_mean_score")))
+    if "win_rate" in eval_metrics:
+        rows.append((JUDGE_ROWS[1], eval_metrics["win_rate"], 1.0 - eval_metrics["win_rate"]))
+    return rows
+
+
+def _counts(eval_metrics: dict) -> str:
+    parts = [f"{format_number(eval_metrics[key])} {label}" for key, label in COUNTS.items() if key in eval_metrics]
+    return f'<p class="counts">On {", ".join(parts)}.</p>' if parts else ""
+
+
 def _metrics_section(eval_metrics: dict[str, float], reference_metrics: dict[str, float]) -> str:
-    names = sorted(set(eval_metrics) | set(reference_metrics), key=lambda n: (_group_order(plot_group(n)), _series_order(n)))
-    if not names:
+    rows = metric_rows(eval_metrics, reference_metrics)
+    if not rows:
         return '<section id="eval"><h2>Evaluation</h2><p class="empty">No evaluation metrics.</p></section>'
-    rows = "".join(
-        f"<tr><th>{_e(name)}</th>"
-        f"<td>{format_number(eval_metrics[name]) if name in eval_metrics else '–'}</td>"
-        f"<td>{format_number(reference_metrics[name]) if name in reference_metrics else '–'}</td></tr>"
-        for name in names)
-    return ('<section id="eval"><h2>Evaluation: policy vs reference</h2>'
+    cells = "".join(
+        f"<tr><th>{_e(name)}</th><td>{'–' if mine is None else format_number(mine)}</td>"
+        f"<td>{'–' if theirs is None else format_number(theirs)}</td></tr>"
+        for name, mine, theirs in rows)
+    return ('<section id="eval"><h2>Evaluation: policy vs reference</h2>' + _counts(eval_metrics) +
             '<table id="metrics" class="numbers"><thead><tr><th>metric</th><th>policy</th><th>reference</th></tr>'
-            f"</thead><tbody>{rows}</tbody></table></section>")
+            f"</thead><tbody>{cells}</tbody></table>"
+            '<p class="note">The reference is scored like the policy, against itself: its implicit rewards '
+            "β·log(π_ref/π_ref) are 0 by definition, so its rewards/accuracies (chosen reward strictly above "
+            "rejected) is 0 and its loss is the objective at zero rewards.</p></section>")
 
 
-def _judged_section(judged: dict | None) -> str:
-    if judged is None:
-        return ""
-    win_rate = judged["win_rate"]
-    examples = judged.get("examples", [])[:MAX_EXAMPLES]
+def pick_examples(examples: list[dict], limit: int = MAX_EXAMPLES) -> list[dict]:
+    """At most `limit` examples covering every outcome there is: taken in turn from policy wins, ties and reference
+    wins (each in file order; examples without an outcome after them), shown grouped in that order."""
+    groups = [[e for e in examples if e.get("outcome") == outcome] for outcome in OUTCOMES]
+    groups.append([e for e in examples if e.get("outcome") not in OUTCOMES])
+    taken = [0] * len(groups)
+    while sum(taken) < min(limit, len(examples)):
+        for i, group in enumerate(groups):
+            if taken[i] < len(group) and sum(taken) < limit:
+                taken[i] += 1
+    return [e for group, n in zip(groups, taken) for e in group[:n]]
+
+
+def _outcome_counts(examples: list[dict]) -> str:
+    """"6 policy wins, 1 tie, 1 reference win" of the examples shown."""
+    names = {1.0: ("policy win", "policy wins"), 0.5: ("tie", "ties"), 0.0: ("reference win", "reference wins")}
+    counts = [(sum(e.get("outcome") == o for e in examples), names[o]) for o in OUTCOMES]
+    return ", ".join(f"{n} {one if n == 1 else many}" for n, (one, many) in counts if n)
+
+
+def _generations_section(generations: dict | None) -> str:
+    if generations is None:
+        return ('<section id="generations"><h2>Generations</h2>'
+                '<p class="empty">No generations (evaluate.num_generations is 0).</p></section>')
+    every = generations.get("examples", [])
+    examples = pick_examples(every)
+    judged = "win_rate" in generations
     rows = "".join(
         f'<tr><td class="text">{_pictures(ex.get("images"))}{_text(ex["prompt"])}</td><td class="text">{_text(ex["policy"])}</td>'
-        f'<td class="text">{_text(ex["reference"])}</td><td>{_e(OUTCOMES.get(ex["outcome"], ex["outcome"]))}</td></tr>'
+        f'<td class="text">{_text(ex["reference"])}</td>'
+        + (f'<td>{_e(OUTCOMES.get(ex.get("outcome"), ex.get("outcome")))}</td>' if judged else "") + "</tr>"
         for ex in examples)
-    table = ('<table id="judged-examples" class="texts"><colgroup><col><col><col><col class="narrow"></colgroup>'
-             '<thead><tr><th>prompt</th><th>policy</th><th>reference</th><th>outcome</th></tr></thead>'
+    outcome_col, outcome_head = ('<col class="narrow">', "<th>outcome</th>") if judged else ("", "")
+    table = (f'<table id="generation-examples" class="texts"><colgroup><col><col><col>{outcome_col}</colgroup>'
+             f"<thead><tr><th>prompt</th><th>policy</th><th>reference</th>{outcome_head}</tr></thead>"
              f"<tbody>{rows}</tbody></table>") if rows else '<p class="empty">No examples.</p>'
-    return ('<section id="judged"><h2>Judged generations</h2>'
-            f'<div class="win-rate"><span class="big">{100 * win_rate:.1f}%</span> '
-            f'<span>win rate of the policy over the reference on {_e(judged.get("num_generations", "?"))} '
-            f'generations (mean judge score: policy {format_number(judged.get("policy_mean_score", "–"))}, '
-            f'reference {format_number(judged.get("reference_mean_score", "–"))})</span></div>'
-            f"<h3>Examples (first {len(examples)})</h3>{table}</section>")
+    count = generations.get("num_generations", len(every))
+    if judged:
+        verdict = (f'<div class="win-rate"><span class="big">{100 * generations["win_rate"]:.1f}%</span> '
+                   f'<span>win rate of the policy over the reference on {_e(count)} held-out prompts (mean judge '
+                   f'score: policy {format_number(generations.get("policy_mean_score", "–"))}, '
+                   f'reference {format_number(generations.get("reference_mean_score", "–"))})</span></div>')
+        shown = f"{len(examples)} of {len(every)}: {_outcome_counts(examples)}"
+    else:
+        verdict = (f'<p class="note" id="no-judge">no judge: the greedy answers of both to {_e(count)} held-out '
+                   "prompts, unscored (a program judges the answers of the built-in tasks only).</p>")
+        shown = f"{len(examples)} of {len(every)}"
+    return ('<section id="generations"><h2>Generations: policy vs reference</h2>'
+            f"{verdict}<h3>Examples ({shown})</h3>{table}</section>")
 
 
 def _pairs_section(pairs: list[dict]) -> str:
@@ -274,6 +331,7 @@ def _params_section(params: dict) -> str:
                ("split", data.get("split"))]
     source_rows = "".join(f"<tr><th>{_e(label)}</th><td>{_e(value)}</td></tr>"
                           for label, value in sources if value is not None)
+    params = whole_numbers(params)
     train = _flatten(params.get("train") or {})
     train_rows = "".join(f"<tr><th>{_e(key)}</th><td>{_e(_yaml_scalar(value))}</td></tr>" for key, value in train)
     full = yaml.safe_dump(params, sort_keys=True, default_flow_style=False, allow_unicode=True)
@@ -292,6 +350,18 @@ def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
         else:
             items.append((f"{prefix}{key}", value))
     return items
+
+
+def whole_numbers(value):
+    """`value` with every whole float made an int, through dicts and lists: params.yaml's `eval_steps: 50` is read
+    into a float field (50.0) and reads as 50 again."""
+    if isinstance(value, dict):
+        return {key: whole_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [whole_numbers(item) for item in value]
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
 
 
 def _yaml_scalar(value) -> str:
@@ -322,14 +392,14 @@ padding:10px 16px}
 .param-tables{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
 table.kv caption{text-align:left;font-weight:600;padding:2px 0}table.kv th{font-weight:normal;color:#555}
 table.kv td{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
-pre{white-space:pre-wrap;background:#f8f8f8;padding:8px;font-size:12px}.empty,.note{color:#666}
+pre{white-space:pre-wrap;background:#f8f8f8;padding:8px;font-size:12px}.empty,.note,.counts{color:#666}
 """
 
 
 def render_report(*, title: str, curves: dict[str, list[tuple[int, float]]], eval_metrics: dict[str, float],
-                  reference_metrics: dict[str, float], judged: dict | None, pairs: list[dict], params: dict) -> str:
+                  reference_metrics: dict[str, float], generations: dict | None, pairs: list[dict], params: dict) -> str:
     """The run report as one self-contained HTML page (inline CSS and SVG, no scripts, nothing fetched)."""
-    sections = [_judged_section(judged), _metrics_section(eval_metrics, reference_metrics), _curves_section(curves),
+    sections = [_generations_section(generations), _metrics_section(eval_metrics, reference_metrics), _curves_section(curves),
                 _pairs_section(pairs), _params_section(params)]
     return ("<!DOCTYPE html>\n"
             '<html lang="en"><head><meta charset="utf-8">'
@@ -346,6 +416,6 @@ def write_report(path: Path, evaluation, live_dir: Path, params: dict) -> None:
     params = redact(params)  # the page records params: credentials masked, as in manifests
     title = f"DPO run: {params['model']['name_or_path']} on {params['data']['train']}"
     page = render_report(title=title, curves=read_curves(Path(live_dir)), eval_metrics=evaluation.metrics,
-                         reference_metrics=evaluation.reference_metrics, judged=evaluation.judged,
+                         reference_metrics=evaluation.reference_metrics, generations=evaluation.generations,
                          pairs=evaluation.pairs, params=params)
     write_text(Path(path), page)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import zipfile
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -30,7 +31,7 @@ INCOMPLETE = "no fingerprint.json or trainer_state.json: killed while saving?"
 # (train.resume is the stage's own key, never a DPOConfig option.)
 UNFINGERPRINTED_TRAIN_KEYS = frozenset({
     "output_dir", "local_rank", "resume_from_checkpoint",
-    "logging_strategy", "logging_steps", "logging_first_step", "logging_nan_inf_filter", "log_level",
+    "max_nonfinite_steps", "logging_strategy", "logging_steps", "logging_first_step", "logging_nan_inf_filter", "log_level",
     "log_level_replica", "log_on_each_node", "disable_tqdm", "report_to", "run_name", "project",
     "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id", "skip_memory_metrics",
     "save_strategy", "save_steps", "save_total_limit", "save_on_each_node",
@@ -167,6 +168,34 @@ def read_fingerprint(checkpoint: Path) -> dict | None:
     return recorded if intact and (checkpoint / TRAINER_STATE_NAME).is_file() else None
 
 
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a checkpoint's files cannot be loaded (None: they can), checked as cheaply as resuming reads them: every
+    pickled torch file with `weights_only=True` (no code in it runs) and memory-mapped (tensor data not read),
+    every safetensors file's header against its size, every JSON file parsed (`training_args.bin`, which resuming
+    never reads, is left alone)."""
+    import torch
+    from safetensors import safe_open
+    from transformers.trainer_pt_utils import safe_globals  # the numpy types the Trainer's own RNG-state load allows
+
+    for path in sorted(Path(checkpoint).rglob("*")):
+        if not path.is_file() or path.name == "training_args.bin":  # a record for people: resuming never loads it
+            continue
+        try:
+            if path.suffix in (".pt", ".pth", ".bin"):
+                # torch.save's zip format maps lazily; anything else (never written by torch.save) is unpickled
+                with safe_globals():
+                    torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            elif path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as f:
+                    f.keys()
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except Exception as err:  # noqa: BLE001 - any failure means: do not resume from it
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            return f"{path.name} cannot be loaded ({type(err).__name__}: {first[:200]})"
+    return None
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     run_dir = Path(run_dir)
     found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and _step(p) >= 0] if run_dir.is_dir() else []
@@ -216,15 +245,29 @@ def plan_resume(mode: str | bool, checkpoints: Path, fingerprint: Fingerprint) -
     if mode not in (True, "auto"):
         return _plan_from_path(Path(mode), run_dir, existing, fingerprint)
 
-    complete = [p for p in existing if (read_fingerprint(p) or {}).get("fingerprint") == fingerprint.digest]
-    incomplete = [p for p in existing if p not in complete]
+    matching = [p for p in existing if (read_fingerprint(p) or {}).get("fingerprint") == fingerprint.digest]
+    damaged: dict[Path, str] = {}
+    for candidate in reversed(matching):  # the newest whose files load; older ones are checked only when needed
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            break
+        damaged[candidate] = problem
+    complete = [p for p in matching if p not in damaged]
+    incomplete = [p for p in existing if p not in matching]
     names = ", ".join(p.name for p in incomplete)
+    broken = "; ".join(f"{p.name}: {problem}" for p, problem in damaged.items())
     if complete:
         chosen = complete[-1]
         skipped = f"; skipping incomplete checkpoint(s) {names} ({INCOMPLETE}; removed)" if incomplete else ""
+        skipped += f"; skipping damaged checkpoint(s) ({broken}; removed)" if damaged else ""
         return ResumePlan(chosen, f"train.resume={_mode_name(mode)}: resuming from {fingerprint.short}/{chosen.name}"
                           f"{skipped}", [p for p in existing if p not in complete or _step(p) > _step(chosen)])
-    if incomplete:
+    if damaged:
+        reason = f"every checkpoint of this run's fingerprint {fingerprint.short} is damaged or incomplete ({broken}" + \
+            (f"; incomplete: {names}" if names else "") + ")"
+        if mode == "auto":
+            reason += "; they are removed"
+    elif incomplete:
         reason = f"only incomplete checkpoints of this run's fingerprint {fingerprint.short}: {names} ({INCOMPLETE})"
         if mode == "auto":
             reason += "; they are removed"
@@ -257,6 +300,10 @@ def _plan_from_path(checkpoint: Path, run_dir: Path, existing: list[Path], finge
         raise PipelineError(f"{where}: that checkpoint was made for other params or inputs ({'; '.join(differences)}); "
                             f"resuming it would not give this run. Restore those values, or set train.resume: auto "
                             f"to start this run fresh.")
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        raise PipelineError(f"{where}: that checkpoint is damaged: {problem}; give another checkpoint-N or set "
+                            f"train.resume: auto (it resumes from the newest checkpoint that loads, or starts fresh).")
     resolved = checkpoint.resolve()
     discard = [p for p in existing
                if p.resolve() != resolved and (_step(p) > _step(checkpoint) or not read_fingerprint(p))]

@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import math
 import os
 import warnings
 from collections import defaultdict
@@ -316,6 +317,41 @@ class DPOTrainer(Trainer):
         """The reference as a model of its own (explicit, or a frozen copy of the initial policy); None when it is
         the policy with its adapter off, or when the log-probs are precomputed."""
         return self.reference.standalone
+
+    # ---- the non-finite guard ----------------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            self._nonfinite_loss = float(loss.detach().float().sum())
+        return loss
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+        """After each optimizer step: a NaN or infinite loss or gradient norm saves no checkpoint, and
+        `max_nonfinite_steps` such steps in a row stop training with the step and the likely causes."""
+        if getattr(self, "_nonfinite_checked", None) == self.state.global_step:  # the epoch's end: this step again
+            return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+        self._nonfinite_checked = self.state.global_step
+        loss = getattr(self, "_nonfinite_loss", None)
+        norm = float(grad_norm) if grad_norm is not None else None
+        self._nonfinite_loss = None
+        bad = loss is not None or (norm is not None and not math.isfinite(norm))
+        if self.args.world_size > 1:  # every rank decides alike (a loss can be NaN on one rank only)
+            bad = bool(self.accelerator.reduce(torch.tensor(float(bad), device=self.args.device), "max").item())
+        if not bad:
+            self._nonfinite_steps = 0
+            return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+        self._nonfinite_steps = getattr(self, "_nonfinite_steps", 0) + 1
+        self.control.should_save = False  # never a checkpoint of weights a non-finite step may have made
+        if self._nonfinite_steps >= self.args.max_nonfinite_steps:
+            what = f"the loss was {loss}" if loss is not None else f"the gradient norm was {norm}" \
+                if norm is not None and not math.isfinite(norm) else "another process's loss was not finite"
+            raise PipelineError(
+                f"training stopped at step {self.state.global_step}: {what}, the {self._nonfinite_steps}. step in a row "
+                f"with a NaN or infinite loss or gradient norm (max_nonfinite_steps={self.args.max_nonfinite_steps}). "
+                "Likely causes: a learning_rate or beta too large, fp16 overflow (use bf16), or pairs whose log-probs "
+                "overflow; lower them and re-run. Nothing was published; the last complete checkpoint is kept.")
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
 
     def train(self, *args, **kwargs):
         if not any(p.requires_grad for p in self.model.parameters()):

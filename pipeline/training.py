@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -37,6 +38,12 @@ def train_inputs(params: dict, tokenized: Path, ref_logps: Path, base: Path) -> 
     if params["train"].get("precompute_ref_log_probs"):
         inputs["ref_logps"] = Path(ref_logps)
     return inputs
+
+
+def finite_entry(entry: dict) -> dict:
+    """A log entry as valid JSON: a NaN or infinite value becomes null, its key listed under `nonfinite`."""
+    bad = sorted(k for k, v in entry.items() if isinstance(v, float) and not math.isfinite(v))
+    return {**{k: (None if k in bad else v) for k, v in entry.items()}, **({"nonfinite": bad} if bad else {})}
 
 
 def train_policy(params: dict, tokenized: Path, ref_logps: Path, base: Path, out_dir: Path, checkpoints: Path,
@@ -74,7 +81,9 @@ def train_policy(params: dict, tokenized: Path, ref_logps: Path, base: Path, out
     history = [run_log(entry, trainer.state.log_history) for entry in trainer.state.log_history]
     if trainer.is_world_process_zero():
         (model_dir / TRAINING_ARGS_NAME).unlink(missing_ok=True)  # the params are in the manifest
-        (Path(out_dir) / "log_history.json").write_text(json.dumps(history, indent=1, sort_keys=True) + "\n")
+        history = [finite_entry(entry) for entry in history]
+        (Path(out_dir) / "log_history.json").write_text(json.dumps(history, indent=1, sort_keys=True,
+                                                                   allow_nan=False) + "\n")
     return {"train_metrics": run_log(without_timings(result.metrics), trainer.state.log_history),
             "timings": timings(result.metrics), "fingerprint": fingerprint.digest,
             "resumed_from": resumed_name(plan.checkpoint, checkpoints), "adapter": is_peft_model(trainer.model),

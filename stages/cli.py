@@ -1,4 +1,4 @@
-"""The `dpo` command: one subcommand per pipeline stage.
+"""The `dpo` command: one subcommand per pipeline stage, and `dpo compare` (runs side by side; not a stage).
 
 Each subcommand's module is imported only when that subcommand runs, so `dpo train` executes the
 files `dvc.yaml` lists for the train stage and nothing of the other stages.
@@ -13,18 +13,21 @@ import click
 # subcommand -> module under stages/, in pipeline order
 STAGE_MODULES = {"base": "base", "normalize": "normalize", "tokenize": "tokenize", "ref-logps": "ref_logps",
                  "train": "train", "evaluate": "evaluate", "export": "export"}
+# commands that are not pipeline stages (dvc.yaml runs none of them)
+TOOL_MODULES = {"compare": "compare"}
 
 
 class StageGroup(click.Group):
     """A click group that imports a stage's module when the stage is asked for."""
 
     def list_commands(self, ctx) -> list[str]:
-        return list(STAGE_MODULES)
+        return [*STAGE_MODULES, *TOOL_MODULES]
 
     def get_command(self, ctx, name: str):
-        if name not in STAGE_MODULES:
+        module = STAGE_MODULES.get(name) or TOOL_MODULES.get(name)
+        if module is None:
             return None
-        return importlib.import_module(f"stages.{STAGE_MODULES[name]}").command
+        return importlib.import_module(f"stages.{module}").command
 
 
 @click.group(cls=StageGroup)
@@ -33,7 +36,7 @@ def main() -> None:
     """Staged DPO training: base → normalize → tokenize → ref-logps → train → evaluate → export.
 
     Each stage reads params.yaml and the artifacts of the stages before it under artifacts/;
-    `dvc repro` runs them in order and re-runs only what a change invalidates.
+    `dvc repro` runs them in order and re-runs only what a change invalidates; `dpo compare` puts runs side by side.
     """
 
 

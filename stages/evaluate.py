@@ -9,6 +9,7 @@ import click
 
 from pipeline.artifacts import stage_output
 from pipeline.distributed import is_main
+from pipeline.environment import environment
 from pipeline.evaluation import evaluate_policy
 from pipeline.metrics_file import write_metrics
 from pipeline.report import write_report
@@ -28,7 +29,7 @@ def run(params: dict, train: Path = paths.TRAIN, tokenized: Path = paths.TOKENIZ
         result = evaluate_policy(params, train, tokenized, ref_logps, normalized, base, output.dir)
         output.rows = {"eval": result.metrics["num_pairs"]}
     if is_main():
-        write_metrics(metrics_path, result.metrics)
+        write_metrics(metrics_path, result.metrics, environment())  # where it ran, beside the metrics
         write_report(report or Path(metrics_path).with_name("report.html"), result, live, params)
     return result.metrics
 

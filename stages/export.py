@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from pipeline.artifacts import stage_output
-from pipeline.base import base_source
+from pipeline.base import base_source, source_kind
 from pipeline.export import data_digests, export_model, model_card, push_to_hub
 from pipeline.metrics_file import read_metrics
 from pipeline.models import load_base_model
@@ -28,7 +28,8 @@ def run(params: dict, train: Path = paths.TRAIN, normalized: Path = paths.NORMAL
                             load_base=lambda: load_base_model(base, params, quantized=False),
                             base_name=source, base_revision=revision)
         card = model_card(title=cfg["push"]["repo_id"] or "DPO model", base_model=params["model"]["name_or_path"],
-                          base_revision=revision, params=params, metrics=read_metrics(metrics_path),
+                          base_kind=source_kind(output.manifests["base"]), base_revision=revision, params=params,
+                          metrics=read_metrics(metrics_path),
                           data_digests=data_digests(normalized, output.manifests["normalized"]),
                           adapter=kind["adapter"] or None, merged=kind["merged"])
         (output.dir / "README.md").write_text(card)

@@ -142,6 +142,7 @@ def test_two_processes_give_one_process_artifacts(tmp_path, prepared):
 
     # evaluate: the same metrics, the generations shared out across the ranks
     m1, m2 = (json.loads((outputs[n] / "eval.json").read_text()) for n in ("one", "two"))
+    assert (m1.pop("environment")["processes"], m2.pop("environment")["processes"]) == (1, 2)  # where each ran
     flat = lambda d, p="": {f"{p}{k}": v for k0, v0 in d.items() for k, v in (flat(v0, f"{k0}/").items() if isinstance(v0, dict) else [(k0, v0)])}  # noqa: E731
     f1, f2 = flat(m1), flat(m2)
     assert f1.keys() == f2.keys()

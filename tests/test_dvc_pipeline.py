@@ -5,7 +5,8 @@
 - editing a file a stage executes, or the local data file, makes exactly that stage and the stages
   after it run; a params edit re-runs what reads it;
 - `dvc exp run -S train.beta=0.2`: `dvc exp show`, `dvc metrics diff`, `dvc plots diff` have numbers
-  for both runs, with the same metric names for train and eval;
+  for both runs, with the same metric names for train and eval; the README's comparison recipe (`dpo compare`,
+  its offline curves page, a machine change named) runs;
 - a queued 2×1 grid (`dvc exp run --queue`, `dvc queue start -j 2`) reuses the cached tokens and
   reference log-probs;
 - `dvc push` to the local remote, and `dvc pull` in a fresh clone, leave nothing to run.
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -211,6 +213,62 @@ def test_an_experiment_is_compared_with_numbers(project):
     steps = sorted({int(v["step"]) for v in rewards if v["filename::field"].startswith("train/rewards/chosen.tsv")
                     and v["rev"] == "main"})
     assert steps[0] > 0 and steps == sorted(set(steps))  # points sit at the optimizer step they describe
+
+
+def test_the_readmes_comparison_recipe_runs_offline_and_names_the_machine(project, tmp_path):
+    """The baseline made here (the fixture's `dvc repro`, committed) and an experiment: both record where they ran
+    (results/eval.json, every manifest); `dpo compare` shows the changed param and the metrics that matter, whole;
+    `--html` writes every run's curves on a page that fetches nothing; a machine change shows in `dvc metrics diff`
+    and makes `dpo compare` warn; `dvc plots diff`'s page (dvc_plots/) is git-ignored."""
+    from pipeline.environment import environment
+
+    repo, env = project
+    experiments = exp_show(repo, env)[1]
+    if not experiments:  # run alone: make the experiment the test before makes
+        sh(["dvc", "exp", "run", "-S", "train.beta=0.2"], repo, env)
+        experiments = exp_show(repo, env)[1]
+    here = environment()
+    machine = ("cpu", "cpu_flags", "torch", "transformers", "cuda")
+    recorded = json.loads((repo / "results" / "eval.json").read_text())["environment"]
+    assert {k: recorded[k] for k in machine} == {k: here[k] for k in machine}
+    for artifact in ("base", "normalized", "tokenized", "ref_logps", "train", "eval", "export"):
+        manifest = json.loads((repo / "artifacts" / artifact / "manifest.json").read_text())
+        assert {k: manifest["environment"][k] for k in machine} == {k: here[k] for k in machine}, artifact
+
+    compare = [sys.executable, "-m", "stages.cli", "compare"]
+    page = tmp_path / "compare.html"
+    out = sh([*compare, "--html", str(page)], repo, env)
+    header, _, *rows = out.split("\n\n")[0].splitlines()
+    assert header.split()[:2] == ["run", "rev"] and "train.beta" in header.split()
+    assert header.split()[-3:] == ["rewards/accuracies", "rewards/margins", "win_rate"]
+    beta = header.split().index("train.beta")
+    table = {row.split()[0]: row.split() for row in rows}
+    assert table["main"][beta] == "0.1" and table[experiments[0]["name"]][beta] == "0.2"
+    print(out)
+    assert all(math.isfinite(float(cell)) for row in table.values() for cell in row[-3:-1])
+    assert {row[-1] for row in table.values()} == {"-"}  # local data: no judge, no win rate
+    assert "warning" not in out and "curves: " in out
+
+    html = page.read_text()
+    assert not re.search(r"(?:src|href)\s*=\s*[\"']?\s*(?:https?:)?//", html, re.I) and "<script" not in html
+    loss = re.search(r'data-group="train/loss">(.*?)</figure>', html, re.S).group(1)
+    assert loss.count("<polyline") == len(table)  # one line per run
+
+    metrics = repo / "results" / "eval.json"  # the workspace's results, as if made on another machine
+    original = metrics.read_bytes()
+    moved = json.loads(original)
+    moved["environment"]["cpu"] = "Another CPU"
+    metrics.write_text(json.dumps(moved))
+    try:
+        diff = json.loads(sh(["dvc", "metrics", "diff", "main", "--json"], repo, env).strip().splitlines()[-1])
+        assert diff["results/eval.json"]["environment.cpu"] == {"old": here["cpu"], "new": "Another CPU"}
+        assert "warning: These runs were not all made on one machine" in sh([*compare, "workspace"], repo, env)
+    finally:
+        metrics.write_bytes(original)
+
+    sh(["dvc", "plots", "diff", "main", experiments[0]["name"]], repo, env)
+    assert (repo / "dvc_plots" / "index.html").exists()
+    assert "dvc_plots" not in sh(["git", "status", "--porcelain"], repo, env)
 
 
 def test_a_queued_grid_reuses_tokens_and_reference_logps(project):

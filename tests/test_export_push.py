@@ -96,6 +96,38 @@ def test_model_card_records_base_data_params_losses_and_metrics():
         assert text in card, text
 
 
+def _card_metadata(card: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+@pytest.mark.parametrize("base, kind, described", [
+    ("builtin:tiny-llama", None, "dpo-pipeline's built-in model `builtin:tiny-llama`"),
+    ("builtin:tiny-llama", "builtin", "dpo-pipeline's built-in model `builtin:tiny-llama`"),
+    ("models/base", "local", "a local directory, `models/base`"),  # looks like a Hub id, but the manifest says local
+    ("/data/models/base", None, "a local directory, `/data/models/base`"),
+])
+def test_the_model_card_names_a_builtin_or_local_base_in_its_text_not_as_a_hub_base_model(base, kind, described):
+    from pipeline.params import check_params
+
+    card = model_card("DPO model", base, check_params({}), {}, "ab" * 32, base_kind=kind)
+    metadata = _card_metadata(card)
+    assert "base_model" not in metadata and "dpo" in metadata["tags"], metadata
+    assert f"- Base model: {described}" in card and "not on the Hugging Face Hub" in card, card
+
+
+def test_the_model_card_names_a_hub_base_as_base_model(tmp_path, monkeypatch):
+    from pipeline.params import check_params
+
+    monkeypatch.chdir(tmp_path)  # no local directory of that name
+    card = model_card("DPO model", "org/base-model", check_params({}), {}, "ab" * 32, base_revision="abc123")
+    assert _card_metadata(card)["base_model"] == "org/base-model"
+    assert "- Base model: `org/base-model` (revision `abc123`)" in card
+    (tmp_path / "org" / "base-model").mkdir(parents=True)  # a local directory shadows the Hub id, as when loading
+    assert "base_model" not in _card_metadata(model_card("DPO model", "org/base-model", check_params({}), {}, "ab" * 32))
+
+
 # ---- the Hub push -------------------------------------------------------------------------------------
 
 class LocalHub:

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from pipeline.trainer import DPOScorer  # a trainer built without data (it only scores)
 from pipeline import DPOConfig, DPOTrainer
 from pipeline.errors import PipelineError
 from pipeline.models import init_kwargs, load_causal_lm
@@ -40,14 +41,14 @@ def test_from_pretrained_keywords_reach_the_model(model_dir):
 def test_trainer_loads_policy_and_reference_by_path_with_their_own_init_kwargs(tmp_path, model_dir):
     args = DPOConfig(output_dir=str(tmp_path / "out"), report_to="none", model_init_kwargs={"dtype": "bfloat16"},
                      ref_model_init_kwargs={"dtype": "float32"})
-    trainer = DPOTrainer(str(model_dir), ref_model=str(model_dir), args=args)
+    trainer = DPOScorer(str(model_dir), ref_model=str(model_dir), args=args)
     assert trainer.model.dtype == torch.bfloat16 and trainer.ref_model.dtype == torch.float32
     assert trainer.processing_class.pad_token is not None
     inherit = DPOConfig(output_dir=str(tmp_path / "out"), report_to="none", model_init_kwargs={"dtype": "bfloat16"})
-    trainer = DPOTrainer(str(model_dir), ref_model=str(model_dir), args=inherit)
+    trainer = DPOScorer(str(model_dir), ref_model=str(model_dir), args=inherit)
     assert trainer.ref_model.dtype == torch.bfloat16  # no ref_model_init_kwargs: the policy's
     # no ref_model: the reference is a frozen copy of the initial policy
-    trainer = DPOTrainer(str(model_dir), args=DPOConfig(output_dir=str(tmp_path / "out"), report_to="none"))
+    trainer = DPOScorer(str(model_dir), args=DPOConfig(output_dir=str(tmp_path / "out"), report_to="none"))
     assert trainer.ref_model is not trainer.model
     assert not any(p.requires_grad for p in trainer.ref_model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(trainer.ref_model.parameters(), trainer.model.parameters()))

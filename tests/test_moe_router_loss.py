@@ -6,6 +6,7 @@ import datasets
 import pytest
 import torch
 
+from pipeline.trainer import DPOScorer  # a trainer built without data (it only scores)
 from pipeline import DPOConfig, DPOTrainer
 
 PAIRS = [{"prompt_ids": [2, 5, 9 + i], "chosen_ids": [20 + i, 21, 3], "rejected_ids": [30, 31 + i, 3]} for i in range(4)]
@@ -61,7 +62,7 @@ def test_trust_remote_code_reaches_from_pretrained_and_is_off_by_default(tmp_pat
     path = tmp_path / "model"
     tiny_model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
-    trainer = DPOTrainer(str(path), args=DPOConfig(output_dir=str(tmp_path / "o"), report_to="none", trust_remote_code=True))
+    trainer = DPOScorer(str(path), args=DPOConfig(output_dir=str(tmp_path / "o"), report_to="none", trust_remote_code=True))
     assert trainer.model.config.vocab_size == tiny_model.config.vocab_size
-    DPOTrainer(str(path), args=DPOConfig(output_dir=str(tmp_path / "o"), report_to="none"))
+    DPOScorer(str(path), args=DPOConfig(output_dir=str(tmp_path / "o"), report_to="none"))
     assert seen == [True, False]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
+from pipeline.errors import PipelineError
 from pipeline.params import OWNED_ELSEWHERE, check_params, reference_markdown, reference_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,3 +102,35 @@ def test_the_builtin_task_makes_as_many_distinct_pairs_as_asked_or_refuses_up_fr
     with pytest.raises(PipelineError, match=rf"data\.builtin\.num_pairs is {most + 1}, but the built-in task can "
                                             rf"make only {most} distinct pairs .* at most {most}"):
         check_params({"data": {"builtin": {"num_pairs": most + 1}}})
+
+
+@pytest.mark.parametrize("raw, key, suggestion", [
+    ({"train": {"betta": 0.1}}, "train.betta", "beta"),
+    ({"modle": {}}, "modle", "model"),
+    ({"model": {"name_or_pth": "x"}}, "model.name_or_pth", "name_or_path"),
+    ({"model": {"peft": {"enabled": True, "rr": 8}}}, "model.peft.rr", "r"),
+    ({"data": {"on_invalidd": "drop"}}, "data.on_invalidd", "on_invalid"),
+    ({"tokenize": {"max_lenght": 64}}, "tokenize.max_lenght", "max_length"),
+    ({"export": {"push": {"repoid": "a/b"}}}, "export.push.repoid", "repo_id"),
+])
+def test_an_unknown_key_suggests_the_near_miss_and_points_to_documentation_that_exists(raw, key, suggestion):
+    with pytest.raises(PipelineError) as err:
+        check_params(raw)
+    message = str(err.value)
+    assert f"unknown key {key}" in message and f"did you mean `{suggestion}`" in message, message
+    assert "--help-keys" not in message, message
+    assert '"Every params.yaml key"' in message, message  # the README section the message names
+    assert "## Every params.yaml key" in (ROOT / "README.md").read_text()
+
+
+def test_a_misspelt_train_option_names_the_one_meant_and_where_every_option_is_documented():
+    with pytest.raises(PipelineError) as err:
+        check_params({"train": {"betta": 0.1}})
+    assert "unknown key train.betta (did you mean `beta`?)" in str(err.value)
+    assert "help(pipeline.DPOConfig)" in str(err.value) and "--help-keys" not in str(err.value)
+
+
+def test_an_unknown_key_far_from_every_valid_key_suggests_nothing():
+    with pytest.raises(PipelineError) as err:
+        check_params({"train": {"zzzzqqq": 1}})
+    assert "did you mean" not in str(err.value) and "help(pipeline.DPOConfig)" in str(err.value)

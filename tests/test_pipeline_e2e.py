@@ -6,6 +6,7 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 import stages.base as base_stage
 import stages.evaluate as evaluate_stage
@@ -106,6 +107,8 @@ def test_export_loads_with_transformers_and_has_a_model_card(pipeline_run):
     assert list(p["export"].glob("*.safetensors"))
     card = (p["export"] / "README.md").read_text()
     assert "sigmoid" in card and "rewards/accuracies" in card and "builtin:tiny-llama" in card
+    metadata = yaml.safe_load(card.split("---\n")[1])  # the built-in base is no Hub id: no base_model there
+    assert "base_model" not in metadata and "- Base model: dpo-pipeline's built-in model `builtin:tiny-llama`" in card
 
 
 def test_stale_reference_logps_are_refused(pipeline_run, tmp_path):

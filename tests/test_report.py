@@ -42,7 +42,7 @@ def fake_inputs(steps: int = 30, num_pairs: int = 20) -> dict:
     pairs[3]["margin"] = 10.0
     judged = {"win_rate": 0.8125, "policy_mean_score": 0.71, "reference_mean_score": 0.32, "num_generations": 16,
               "examples": [{"prompt": f"Review film {i}", "policy": "Loved it.\nTruly great.",
-                            "reference": "It was bad.", "outcome": "win" if i % 3 else "tie"} for i in range(10)]}
+                            "reference": "It was bad.", "outcome": 1.0 if i % 3 else 0.5} for i in range(10)]}
     eval_metrics = {"loss": 0.41, "rewards/accuracies": 0.9, "rewards/chosen": 0.55, "rewards/rejected": -0.8,
                     "rewards/margins": 1.35, "logps/chosen": -38.123456, "num_tokens": 123456}
     reference_metrics = {"loss": 0.6931471805599453, "rewards/accuracies": 0.5, "logps/chosen": -40.0}
@@ -50,7 +50,7 @@ def fake_inputs(steps: int = 30, num_pairs: int = 20) -> dict:
               "data": {"train": "builtin:sentiment", "eval": None},
               "train": {"beta": 0.1, "loss_type": ["sigmoid"], "learning_rate": 5e-6, "num_train_epochs": 1}}
     return {"title": "DPO run: builtin:tiny-llama on builtin:sentiment", "curves": curves, "eval_metrics": eval_metrics,
-            "reference_metrics": reference_metrics, "judged": judged, "pairs": pairs, "params": params}
+            "reference_metrics": reference_metrics, "generations": judged, "pairs": pairs, "params": params}
 
 
 @pytest.fixture(scope="module")
@@ -124,10 +124,69 @@ def test_text_is_escaped_and_truncated(page):
 
 
 def test_win_rate_section(page, inputs):
-    assert "81.2%" in page and 'id="judged"' in page
+    assert "81.2%" in page and 'id="generations"' in page
     assert page.count("Review film") == 8  # at most 8 examples
-    without = render_report(**{**inputs, "judged": None, "curves": {}})  # no plots: a fast render
-    assert 'id="judged"' not in without and "win rate" not in without.lower()
+    without = render_report(**{**inputs, "generations": None, "curves": {}})  # no plots: a fast render
+    section = re.search(r'<section id="generations">.*?</section>', without, re.S).group(0)
+    assert "No generations" in section and "win rate" not in without.lower()
+
+
+def _rows(table: str) -> dict[str, list[str]]:
+    """A table's body rows: first cell -> the other cells."""
+    rows = {}
+    for row in re.findall(r"<tr>(.*?)</tr>", table.split("<tbody>")[1], re.S):
+        cells = re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row, re.S)
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_counts_are_shown_as_counts_not_metrics(inputs):
+    metrics = {**inputs["eval_metrics"], "num_pairs": 200, "num_generations": 120}
+    page = render_report(**{**inputs, "eval_metrics": metrics, "curves": {}})
+    rows = _rows(_table(page, "metrics"))
+    assert "num_pairs" not in rows and "num_generations" not in rows
+    assert re.search(r'<p class="counts">[^<]*200 eval pairs', page)
+    assert re.search(r'<p class="counts">[^<]*120 generations', page)
+
+
+def test_judge_scores_sit_in_their_columns(inputs):
+    metrics = {**inputs["eval_metrics"], "win_rate": 0.75, "policy_mean_score": 2.5, "reference_mean_score": -1.5}
+    rows = _rows(_table(render_report(**{**inputs, "eval_metrics": metrics, "curves": {}}), "metrics"))
+    assert "reference_mean_score" not in rows and "policy_mean_score" not in rows
+    assert rows["judge score (mean)"] == ["2.5", "-1.5"]
+    assert rows["win rate (ties half)"] == ["0.75", "0.25"]
+
+
+def test_integer_params_print_as_integers(inputs):
+    params = {**inputs["params"], "train": {**inputs["params"]["train"], "eval_steps": 50.0, "num_train_epochs": 2.0,
+                                             "learning_rate": 3e-5, "beta": 0.1}}
+    page = render_report(**{**inputs, "params": params, "curves": {}})
+    train = _table(page, "train-params")
+    assert "<th>eval_steps</th><td>50</td>" in train and "<th>num_train_epochs</th><td>2</td>" in train
+    assert "<th>beta</th><td>0.1</td>" in train and "<th>learning_rate</th><td>3.0e-05</td>" in train
+    assert "eval_steps: 50\n" in page and "50.0" not in page
+
+
+def test_examples_show_wins_ties_and_losses(inputs):
+    examples = [{"prompt": f"Review film {i}", "policy": f"policy {i}", "reference": f"reference {i}",
+                 "outcome": 1.0 if i < 20 else 0.5 if i < 22 else 0.0} for i in range(24)]
+    generations = {"win_rate": 0.875, "policy_mean_score": 1.0, "reference_mean_score": 0.0, "num_generations": 24,
+                   "examples": examples}
+    page = render_report(**{**inputs, "generations": generations, "curves": {}})
+    table = _table(page, "generation-examples")
+    outcomes = re.findall(r"<td>(policy wins|tie|reference wins)</td>", table)
+    assert len(outcomes) == 8 and {"policy wins", "tie", "reference wins"} == set(outcomes)
+    assert outcomes.count("tie") == 2 and outcomes.count("reference wins") == 2  # every tie and loss there is
+    assert "8 of 24" in page
+
+
+def test_generations_without_a_judge_say_so(inputs):
+    examples = [{"prompt": f"Question {i}", "policy": f"policy answer {i}", "reference": f"reference answer {i}"}
+                for i in range(12)]
+    page = render_report(**{**inputs, "generations": {"num_generations": 12, "examples": examples}, "curves": {}})
+    section = re.search(r'<section id="generations">.*?</section>', page, re.S).group(0)
+    assert "no judge" in section and "win rate" not in section
+    assert section.count("policy answer") == 8 and "<th>outcome</th>" not in section
 
 
 def test_params_shown(page):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.trainer import DPOScorer  # a trainer built without data (it only scores)
 from pipeline import DPOConfig, DPOTrainer
 from pipeline.builtin import vision_task
 from pipeline.builtin.vision_model import build_vision_model, build_vision_processor
@@ -260,7 +261,7 @@ def test_a_trainer_built_without_data_evaluates_images_as_the_training_one(tmp_p
     with_data = DPOTrainer(model=model, args=config(tmp_path), train_dataset=data, eval_dataset=data,
                            processing_class=processor)
     want = with_data.evaluate()
-    without = DPOTrainer(model=model, args=config(tmp_path), processing_class=processor)
+    without = DPOScorer(model=model, args=config(tmp_path), processing_class=processor)
     assert isinstance(without.data_collator, DataCollatorForVisionPreference)
     got = without.evaluate(with_data.eval_dataset)
     for name in ("eval_loss", "eval_logps/chosen", "eval_logps/rejected", "eval_rewards/accuracies"):
