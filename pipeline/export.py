@@ -11,14 +11,14 @@ to a message, a log or an artifact.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
 import yaml
 
 from .errors import PipelineError
-from .redaction import redact, redact_text
+from .hub import hub_token, push_failure
+from .redaction import redact
 
 ADAPTER_SUBDIR = "adapter"
 
@@ -168,17 +168,6 @@ def processing_class_for_adapter(model_dir: Path, model):
 
 # ---- the Hub -----------------------------------------------------------------------------------
 
-def hub_token() -> str | None:
-    """The Hub token: HF_TOKEN from the environment, else the huggingface_hub login; None if neither."""
-    from huggingface_hub import get_token
-
-    return os.environ.get("HF_TOKEN") or get_token()
-
-
-def _redact(text: str, token: str | None) -> str:
-    return redact_text(text.replace(token, "***") if token else text)
-
-
 def push_to_hub(folder: Path, repo_id: str | None, private: bool = True, api=None) -> list[str]:
     """Upload `folder` (all but its manifest) to the Hub model repo `repo_id`, private by default.
 
@@ -205,23 +194,6 @@ def push_to_hub(folder: Path, repo_id: str | None, private: bool = True, api=Non
     except Exception as err:
         raise PipelineError(f"push to the Hub repo {repo_id!r} failed: {push_failure(err, token)} {intact}") from None
     return paths
-
-
-def push_failure(err: Exception, token: str | None) -> str:
-    """What went wrong, in a sentence, without the token."""
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
-    detail = _redact(f"{type(err).__name__}: {err}", token)
-    status = getattr(getattr(err, "response", None), "status_code", None)
-    if isinstance(err, OfflineModeIsEnabled):
-        return f"offline mode is on (HF_HUB_OFFLINE=1); unset it, with network access, to push ({detail})."
-    if status in (401, 403):
-        return (f"the Hub refused the credentials (HTTP {status}); set HF_TOKEN to a token with write access "
-                f"to this repo ({detail}).")
-    if isinstance(err, (ConnectionError, TimeoutError)) or "connect" in type(err).__name__.lower() \
-            or "network" in type(err).__name__.lower() or "timeout" in type(err).__name__.lower():
-        return f"the Hub could not be reached; check the network or HF_ENDPOINT ({detail})."
-    return f"{detail}. Check the network and that HF_TOKEN holds a token with write access."
 
 
 def data_digests(normalized: Path, manifest: dict) -> dict[str, str]:

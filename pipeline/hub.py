@@ -7,6 +7,7 @@ branch moves; the commit it resolves to does not. The stages that first meet a H
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from pathlib import Path
@@ -16,6 +17,7 @@ from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, Revi
 from huggingface_hub.file_download import repo_folder_name
 
 from .errors import PipelineError
+from .redaction import redact_text
 
 COMMIT = re.compile(r"[0-9a-f]{40}")
 
@@ -67,3 +69,33 @@ def resolve_commit(repo_id: str, revision: str | None, repo_type: str = "model",
                       f"{revision or 'main'}, so the commit is unresolved: later stages load the revision as asked, "
                       "which can move.", stacklevel=2)
     return commit
+
+
+# ---- pushing: the token, and a failure in a sentence (the export stage and DPOTrainer.push_to_hub) ----
+
+def hub_token() -> str | None:
+    """The Hub token: HF_TOKEN from the environment, else the huggingface_hub login; None if neither."""
+    from huggingface_hub import get_token
+
+    return os.environ.get("HF_TOKEN") or get_token()
+
+
+def _redact(text: str, token: str | None) -> str:
+    return redact_text(text.replace(token, "***") if token else text)
+
+
+def push_failure(err: Exception, token: str | None) -> str:
+    """What went wrong, in a sentence, without the token."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    detail = _redact(f"{type(err).__name__}: {err}", token)
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if isinstance(err, OfflineModeIsEnabled):
+        return f"offline mode is on (HF_HUB_OFFLINE=1); unset it, with network access, to push ({detail})."
+    if status in (401, 403):
+        return (f"the Hub refused the credentials (HTTP {status}); set HF_TOKEN to a token with write access "
+                f"to this repo ({detail}).")
+    if isinstance(err, (ConnectionError, TimeoutError)) or "connect" in type(err).__name__.lower() \
+            or "network" in type(err).__name__.lower() or "timeout" in type(err).__name__.lower():
+        return f"the Hub could not be reached; check the network or HF_ENDPOINT ({detail})."
+    return f"{detail}. Check the network and that HF_TOKEN holds a token with write access."

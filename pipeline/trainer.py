@@ -446,7 +446,7 @@ class DPOTrainer(Trainer):
         error named with its fix; the model saved in output_dir is kept."""
         from huggingface_hub import constants
 
-        from .export import hub_token, push_failure
+        from .hub import hub_token, push_failure
 
         repo = self.args.hub_model_id or os.path.basename(os.path.normpath(self.args.output_dir))
         intact = f"The model saved in {self.args.output_dir} is intact."
