@@ -65,6 +65,17 @@ def write_json(path: Path, payload: Any) -> None:
     write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def read_json(path: Path, what: str, fix: str) -> Any:
+    """The JSON in `path`; a file that cannot be read or parsed (truncated, overwritten, not UTF-8) is a
+    PipelineError naming it as `what` and saying `fix`."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise PipelineError(f"{path}: {what} is damaged: it cannot be read as JSON ({type(err).__name__}: {err}); "
+                            f"{fix}.") from None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -95,6 +106,9 @@ def staged_dir(final: Path) -> Iterator[Path]:
     main = is_main()
     tmp = None
     if main:
+        if final.exists() and not final.is_dir():
+            raise PipelineError(f"{final}: a file is there, not an artifact folder, and a stage never replaces a file; "
+                                "move it away, or pass another output path (--out).")
         final.parent.mkdir(parents=True, exist_ok=True)
         remove_orphans(final)
         tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
@@ -112,12 +126,26 @@ def staged_dir(final: Path) -> Iterator[Path]:
         if not (tmp / MANIFEST).exists():
             shutil.rmtree(tmp, ignore_errors=True)
             raise RuntimeError(f"internal error: {final} was staged without a manifest")
-        old = final.with_name(final.name + f".old-{os.getpid()}")
+        publish(tmp, final)
+    barrier()
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename the staged `tmp` to `final` (the previous `final` is set aside, then removed). If a rename fails (a
+    read-only or forbidden folder), the previous `final` is put back and `tmp` removed before the error goes on."""
+    old = final.with_name(final.name + f".old-{os.getpid()}")
+    moved = False
+    try:
         if final.exists():
             os.replace(final, old)
+            moved = True
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    barrier()
+    except BaseException:
+        if moved and not final.exists():
+            os.replace(old, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_manifest(directory: Path, stage: str, inputs: dict[str, str], params: Any,
@@ -147,11 +175,7 @@ def read_manifest(directory: Path, kind: str) -> dict:
     path = directory / MANIFEST
     if not path.exists():
         raise PipelineError(f"{directory}: no {MANIFEST}, so this {kind} artifact is missing or incomplete; {rerun}.")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as err:  # a truncated or overwritten file, an unreadable one
-        raise PipelineError(f"{path}: this {kind} artifact is damaged: its manifest cannot be read ({type(err).__name__}: "
-                            f"{err}); {rerun} to write it again.") from None
+    manifest = read_json(path, f"the manifest of this {kind} artifact", f"{rerun} to write it again")
     missing = [key for key in MANIFEST_KEYS if key not in manifest] if isinstance(manifest, dict) else ["every key"]
     if missing:
         raise PipelineError(f"{path}: this {kind} artifact is damaged: its manifest lacks {', '.join(missing)}; "

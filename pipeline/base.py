@@ -19,6 +19,7 @@ from .builtin.warm_start import MODEL_SUBDIR
 from .dvc_deps import require_dvc_deps
 from .errors import PipelineError
 from .hub import resolve_commit
+from .integrity import files_problem
 
 
 def describe_source(name: str, revision: str | None, key: str, revision_key: str | None = None) -> dict:
@@ -30,7 +31,12 @@ def describe_source(name: str, revision: str | None, key: str, revision_key: str
         files = {str(p.relative_to(path)): file_digest(p) for p in sorted(path.rglob("*")) if p.is_file()}
         if not any(f.endswith((".safetensors", ".bin")) for f in files):
             raise PipelineError(f"{key}={name}: the directory holds no weights (*.safetensors / *.bin).")
-        return {"source": str(path.resolve()), "revision": None, "source_files": files}
+        problem = files_problem(path)
+        if problem:
+            raise PipelineError(f"{key}={name}: {problem}: the file is damaged or incomplete (a cut download or copy); "
+                                "copy or download the model again.")
+        # as given: a relative path reads the same folder of a clone made elsewhere
+        return {"source": path.as_posix(), "revision": None, "source_files": files}
     try:
         validate_repo_id(name)
     except HFValidationError:
@@ -66,11 +72,25 @@ def load_revision(entry: dict) -> str | None:
     return entry.get("commit") or entry["revision"]
 
 
+def require_local_files(entry: dict, base_dir: Path) -> None:
+    """A local model the base artifact recorded still has every file it recorded (names only: digesting the weights
+    again at every stage would cost as much as loading them)."""
+    if source_kind(entry) != "local":
+        return
+    folder = Path(entry["source"])
+    missing = [name for name in entry["source_files"] if not (folder / name).is_file()]
+    if missing:
+        gone = "the folder is gone" if not folder.is_dir() else f"{', '.join(sorted(missing)[:3])} missing"
+        raise PipelineError(f"{folder}: the local model {base_dir} recorded has changed since ({gone}); restore it, "
+                            "or run `dvc repro base` (or `dpo base`) to record what is there now.")
+
+
 def base_source(base_dir: Path) -> tuple[str, str | None]:
     """(name or path, revision) to load the base model and tokenizer from; for a Hub id, the recorded commit."""
     manifest = read_manifest(base_dir, "base")
     if manifest["source"] in BUILTIN_MODELS:
         return str(Path(base_dir) / MODEL_SUBDIR), None
+    require_local_files(manifest, base_dir)
     return manifest["source"], load_revision(manifest)
 
 
@@ -84,6 +104,8 @@ def source_kind(entry: dict) -> str:
 
 def _recorded_source(base_dir: Path, key: str) -> tuple[str, str | None] | None:
     entry = read_manifest(base_dir, "base").get(key)
+    if entry is not None:
+        require_local_files(entry, base_dir)
     return None if entry is None else (entry["source"], load_revision(entry))
 
 

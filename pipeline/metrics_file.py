@@ -9,10 +9,10 @@ change next to the numbers it moved.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .artifacts import write_json
+from .artifacts import read_json, write_json
+from .errors import PipelineError
 
 ENVIRONMENT = "environment"  # the record of where the run ran: beside the metrics, not one of them
 
@@ -45,7 +45,14 @@ def write_metrics(path: Path, flat: dict, environment: dict | None = None) -> No
 
 
 def _read(path: Path) -> dict:
-    return json.loads(Path(path).read_text()) if Path(path).exists() else {}
+    if not Path(path).exists():
+        return {}
+    data = read_json(path, "this metrics file", "run `dvc repro evaluate` (or `dpo evaluate`) to write it again, or "
+                                                 "`git checkout` it")
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path}: this metrics file is damaged: it holds a JSON {type(data).__name__}, not an "
+                            "object; run `dvc repro evaluate` (or `dpo evaluate`) to write it again, or `git checkout` it.")
+    return data
 
 
 def read_metrics(path: Path) -> dict:

@@ -514,14 +514,32 @@ def check_params(raw: dict | None) -> dict:
     return params
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (YAML would silently keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in lines:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is written twice (lines {lines[key]} and {key_node.start_mark.line + 1}); "
+                    "YAML would keep the second silently: remove one", key_node.start_mark)
+            lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def load_params(path: str | Path = "params.yaml") -> dict:
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"{path}: no such params file; run from the project root or pass --params.")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as err:
         raise PipelineError(f"{path}: not valid YAML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise PipelineError(f"{path}: the params file cannot be read as text ({type(err).__name__}: {err}); it must be "
+                            "a UTF-8 YAML file (restore it with `git checkout`).") from None
     try:
         return check_params(raw)
     except PipelineError as err:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import zipfile
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from .artifacts import manifest_digest, write_json
 from .errors import PipelineError
+from .integrity import files_problem
 from .params import OWNED_ELSEWHERE, TRAIN_STAGE_DEFAULTS, dpo_config
 
 FINGERPRINT_NAME = "fingerprint.json"
@@ -169,31 +169,9 @@ def read_fingerprint(checkpoint: Path) -> dict | None:
 
 
 def checkpoint_problem(checkpoint: Path) -> str | None:
-    """Why a checkpoint's files cannot be loaded (None: they can), checked as cheaply as resuming reads them: every
-    pickled torch file with `weights_only=True` (no code in it runs) and memory-mapped (tensor data not read),
-    every safetensors file's header against its size, every JSON file parsed (`training_args.bin`, which resuming
-    never reads, is left alone)."""
-    import torch
-    from safetensors import safe_open
-    from transformers.trainer_pt_utils import safe_globals  # the numpy types the Trainer's own RNG-state load allows
-
-    for path in sorted(Path(checkpoint).rglob("*")):
-        if not path.is_file() or path.name == "training_args.bin":  # a record for people: resuming never loads it
-            continue
-        try:
-            if path.suffix in (".pt", ".pth", ".bin"):
-                # torch.save's zip format maps lazily; anything else (never written by torch.save) is unpickled
-                with safe_globals():
-                    torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-            elif path.suffix == ".safetensors":
-                with safe_open(str(path), framework="pt") as f:
-                    f.keys()
-            elif path.suffix == ".json":
-                json.loads(path.read_text())
-        except Exception as err:  # noqa: BLE001 - any failure means: do not resume from it
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            return f"{path.name} cannot be loaded ({type(err).__name__}: {first[:200]})"
-    return None
+    """Why a checkpoint's files cannot be loaded (None: they can), checked as cheaply as resuming reads them
+    (`pipeline.integrity.files_problem`); `training_args.bin`, which resuming never reads, is left alone."""
+    return files_problem(checkpoint, skip=("training_args.bin",))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -318,3 +296,27 @@ def resumed_name(checkpoint: Path | None, checkpoints: Path) -> str | None:
         return Path(checkpoint).resolve().relative_to(Path(checkpoints).resolve()).as_posix()
     except ValueError:
         return str(checkpoint)
+
+
+# ---- how a run got its result: outside the cached artifact ------------------------------------------------
+
+RUNS_NAME = "runs.jsonl"  # under the checkpoints directory: one line per finished train run
+
+
+def record_run(checkpoints: Path, record: dict) -> None:
+    """Append how a finished run got its result (the checkpoint it resumed from, its timings, when it finished) to
+    `<checkpoints>/runs.jsonl`. Not in the train artifact: a resumed run's artifact is the uninterrupted one's bytes,
+    so DVC sees no change downstream."""
+    path = Path(checkpoints) / RUNS_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+
+
+def last_run(checkpoints: Path) -> dict | None:
+    """The newest record of `record_run` (None when no run finished here, or the file is damaged)."""
+    try:
+        lines = (Path(checkpoints) / RUNS_NAME).read_text().splitlines()
+        return json.loads(lines[-1]) if lines else None
+    except (OSError, ValueError):
+        return None

@@ -11,6 +11,7 @@ from typing import Callable
 from transformers import set_seed
 
 from .data.tables import load_pairs
+from .faults import require_free_space, same_file_system
 from .models import is_peft_model, load_base_tokenizer, load_explicit_reference, load_policy, peft_config
 from .params import dpo_config
 from .resume import (CheckpointFingerprintCallback, plan_resume, resume_mode, resumed_name, run_checkpoints,
@@ -32,6 +33,30 @@ def sort_peft_sets(model) -> None:
                 setattr(config, key, sorted(value))
 
 
+def saved_bytes(model) -> tuple[int, int]:
+    """(bytes the trained model takes saved, bytes of its trainable weights): an adapter saves only what trains.
+    Partitioned weights (DeepSpeed ZeRO-3) count whole."""
+    whole = trainable = 0
+    for param in model.parameters():
+        size = getattr(param, "ds_numel", param.numel()) * param.element_size()
+        whole += size
+        trainable += size if param.requires_grad else 0
+    return (trainable if is_peft_model(model) else whole), trainable
+
+
+def require_room(model, args, out_dir: Path, checkpoints: Path) -> None:
+    """Refuse before the first step when the trained model, and one checkpoint (the model saved, two optimizer
+    moments per trainable weight), cannot fit on the file systems they go to (`pipeline.faults`)."""
+    model_bytes, trainable = saved_bytes(model)
+    checkpoint = model_bytes + 2 * trainable if args.save_strategy != "no" else 0
+    if checkpoint and not same_file_system(out_dir, checkpoints):
+        require_free_space(checkpoints, checkpoint, "one training checkpoint")
+        require_free_space(out_dir, model_bytes, "the trained model")
+    else:
+        what = "the trained model and one training checkpoint" if checkpoint else "the trained model"
+        require_free_space(out_dir, model_bytes + checkpoint, what)
+
+
 def train_inputs(params: dict, tokenized: Path, ref_logps: Path, base: Path) -> dict[str, Path]:
     """The input artifacts of the train stage, by kind: ref_logps only when the reference log-probs are precomputed."""
     inputs = {"tokenized": Path(tokenized), "base": Path(base)}
@@ -51,7 +76,8 @@ def train_policy(params: dict, tokenized: Path, ref_logps: Path, base: Path, out
     """Train the policy the base artifact names on the tokenized pairs; saves it to out_dir/model and the Trainer's
     log history (timings dropped) to out_dir/log_history.json. Checkpoints go under
     `run_checkpoints(checkpoints, fingerprint)`; a run resumes there according to `resume` (see `resume_mode`).
-    Returns what the train manifest records, plus `timings` (run-to-run noise, for stdout) and `rows`."""
+    Returns what the train manifest records, plus `rows` and how the run went (`run`: the checkpoint it resumed
+    from, its timings: run-to-run facts kept out of the artifact, `pipeline.resume.record_run`)."""
     inputs = train_inputs(params, tokenized, ref_logps, base)
     fingerprint = run_fingerprint(params, inputs)
     run_dir = run_checkpoints(checkpoints, fingerprint)
@@ -73,6 +99,7 @@ def train_policy(params: dict, tokenized: Path, ref_logps: Path, base: Path, out
     if trainer.is_world_process_zero():  # checkpoints this run writes again: never mixed with their new files
         for stale in plan.discard:
             shutil.rmtree(stale, ignore_errors=True)
+        require_room(trainer.model, args, out_dir, checkpoints)
     result = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
 
     model_dir = Path(out_dir) / "model"
@@ -85,6 +112,7 @@ def train_policy(params: dict, tokenized: Path, ref_logps: Path, base: Path, out
         (Path(out_dir) / "log_history.json").write_text(json.dumps(history, indent=1, sort_keys=True,
                                                                    allow_nan=False) + "\n")
     return {"train_metrics": run_log(without_timings(result.metrics), trainer.state.log_history),
-            "timings": timings(result.metrics), "fingerprint": fingerprint.digest,
-            "resumed_from": resumed_name(plan.checkpoint, checkpoints), "adapter": is_peft_model(trainer.model),
-            "rows": {"train": len(train_set)}}
+            "fingerprint": fingerprint.digest, "adapter": is_peft_model(trainer.model),
+            "rows": {"train": len(train_set)},
+            "run": {"fingerprint": fingerprint.digest, "resumed_from": resumed_name(plan.checkpoint, checkpoints),
+                    "timings": timings(result.metrics)}}

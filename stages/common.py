@@ -9,6 +9,7 @@ import click
 
 from pipeline.distributed import init_process_group, relaunch
 from pipeline.errors import PipelineError
+from pipeline.faults import machine_fault
 from pipeline.params import load_params
 
 
@@ -22,13 +23,20 @@ def path_option(name: str, default: Path, help: str):
 
 
 def user_errors(func):
-    """Report PipelineError as a one-line message and exit status 1."""
+    """Report PipelineError, and the machine's faults (a full disk, a read-only or forbidden folder: `pipeline.faults`),
+    as a one-line message and exit status 1."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except PipelineError as err:
             raise click.ClickException(str(err)) from None
+        except Exception as err:
+            folders = sorted((v for v in kwargs.values() if isinstance(v, Path)), key=lambda v: v != kwargs.get("out"))
+            sentence = machine_fault(err, click.get_current_context().info_name, folders)
+            if sentence is None:
+                raise
+            raise click.ClickException(sentence) from None
     return wrapper
 
 

@@ -1,14 +1,17 @@
-"""dpo train: DPO on the tokenized pairs → artifacts/train (model, log history) + DVCLive curves in dvclive/."""
+"""dpo train: DPO on the tokenized pairs → artifacts/train (model, log history) + DVCLive curves in dvclive/; how
+the run went (the checkpoint it resumed from, timings) is appended to artifacts/checkpoints/runs.jsonl."""
 
 from __future__ import annotations
 
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 
 import click
 
 from pipeline.artifacts import stage_output
 from pipeline.distributed import is_main
+from pipeline.resume import record_run
 from pipeline.tracking import LiveMetricsCallback
 from pipeline.training import run_checkpoints, train_inputs, train_policy
 
@@ -23,13 +26,14 @@ def run(params: dict, tokenized: Path = paths.TOKENIZED, ref_logps: Path = paths
         info = train_policy(params, tokenized, ref_logps, base, output.dir, checkpoints,
                             callbacks=[LiveMetricsCallback(live)], resume=resume, say=say)
         output.rows = info.pop("rows")
-        timings = info.pop("timings")
+        how = info.pop("run")
         output.extra = info
-    say(f"train: timings (not recorded): {timings}")
+    say(f"train: timings: {how['timings']}")
     # the artifact is in place: this run's checkpoints have served (they exist to survive interruptions)
     if is_main():
         shutil.rmtree(run_checkpoints(checkpoints, info["fingerprint"]), ignore_errors=True)
-        Path(checkpoints).mkdir(parents=True, exist_ok=True)
+        record_run(checkpoints, {**how, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                 "artifact": str(out)})
     return output.manifest
 
 

@@ -74,3 +74,13 @@ def tiny_model(tiny_tokenizer):
     from pipeline.builtin.model import build_model
 
     return build_model(tiny_tokenizer, seed=0, hidden_size=32, num_layers=1, num_heads=2)
+
+
+def write_builtin_model(path) -> None:
+    """The tiny built-in model and its tokenizer saved as a local model directory (as a user's own model is)."""
+    from pipeline.builtin.model import build_model
+    from pipeline.builtin.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    build_model(tokenizer, seed=0, hidden_size=32, num_layers=1, num_heads=2).save_pretrained(path)
+    tokenizer.save_pretrained(path)

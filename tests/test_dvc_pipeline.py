@@ -40,6 +40,14 @@ def sh(cmd, cwd, env, check=True):
     return result.stdout + result.stderr
 
 
+def restore(repo: Path, env: dict, *paths: str) -> None:
+    """HEAD's `paths` (all: ".") in the workspace, trusting no cached stat: after the `dvc exp` commands git's index
+    can hold HEAD's blob of dvc.lock with the stat of an experiment's dvc.lock (same size, same time), and then
+    `git status` and `git checkout` take the experiment's file for HEAD's. `git read-tree` drops the stat cache."""
+    sh(["git", "read-tree", "HEAD"], repo, env)
+    sh(["git", "checkout", "-q", "--", *(paths or ["."])], repo, env)
+
+
 def ran(output: str) -> list[str]:
     return re.findall(r"Running stage '([\w-]+)'", output)
 
@@ -163,7 +171,7 @@ def test_editing_code_or_data_reruns_exactly_that_stage_and_the_ones_after(proje
         assert ran(sh(["dvc", "repro"], repo, env)) == after("normalize")
     finally:
         data.write_bytes(original)
-        sh(["git", "checkout", "-q", "--", "dvc.lock", "dvclive", "results"], repo, env)
+        restore(repo, env, "dvc.lock", "dvclive", "results")
         sh(["dvc", "checkout", "-q"], repo, env)
     assert would_run(repo, env) == []
     # params: each edit re-runs the stages that read the key (dvc status names those whose own deps changed)
@@ -295,7 +303,9 @@ def test_a_queued_grid_reuses_tokens_and_reference_logps(project):
 
 def test_push_then_pull_in_a_fresh_clone_leaves_nothing_to_run(project, tmp_path):
     repo, env = project
-    sh(["git", "checkout", "-q", "--", "."], repo, env)
+    restore(repo, env)
+    assert (repo / "dvc.lock").read_bytes() == subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=repo,
+                                                             capture_output=True, check=True).stdout
     sh(["dvc", "checkout", "-q"], repo, env, check=False)
     sh(["dvc", "push"], repo, env)
     clone = tmp_path / "clone"

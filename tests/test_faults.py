@@ -74,8 +74,8 @@ def test_a_damaged_manifest_says_damaged_and_the_stage_to_re_run(tmp_path):
     artifact = tmp_path / "tokenized"
     artifact.mkdir()
     (artifact / "manifest.json").write_text('{"schema_version": 2, "stage": "toke')  # cut off mid-write
-    with pytest.raises(PipelineError, match=r"tokenized artifact is damaged: its manifest cannot be read .*"
-                                            r"`dvc repro tokenize`"):
+    with pytest.raises(PipelineError, match=r"manifest of this tokenized artifact is damaged: it cannot be read as "
+                                            r"JSON .*`dvc repro tokenize`"):
         check_inputs({"tokenized": artifact})
     (artifact / "manifest.json").write_text('{"schema_version": 2, "stage": "tokenize"}')
     with pytest.raises(PipelineError, match=r"damaged: its manifest lacks inputs, params, files"):

@@ -12,6 +12,7 @@ import torch
 
 from pipeline import DPOConfig, DPOTrainer
 from pipeline.errors import PipelineError
+from pipeline.resume import last_run
 from test_peft_trainer import dataset, lora, make_rows
 
 ROWS = make_rows(24, seed=3)
@@ -137,10 +138,10 @@ def final_weights(out) -> dict[str, torch.Tensor]:
 
 def test_train_stage_resume_true_and_a_checkpoint_path(prepared, tmp_path, monkeypatch):
     whole = tmp_path / "whole"
-    manifest = train_stage_run(prepared, whole)
+    train_stage_run(prepared, whole)
     expected = final_weights(whole)
-    assert manifest["resumed_from"] is None
-    assert list((whole / "ck").iterdir()) == []  # a finished run's checkpoints are removed
+    assert last_run(whole / "ck")["resumed_from"] is None
+    assert [p.name for p in (whole / "ck").iterdir()] == ["runs.jsonl"]  # a finished run's checkpoints are removed
 
     interrupted = tmp_path / "interrupted"  # stopped at step 3: checkpoint-2 is the last complete one
     run_dir = interrupted_run(monkeypatch, prepared, interrupted, at_step=3)
@@ -148,8 +149,8 @@ def test_train_stage_resume_true_and_a_checkpoint_path(prepared, tmp_path, monke
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     state["log_history"][-1]["marker"] = "from the checkpoint"  # to see that steps 1-2 are not trained again
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
-    manifest = train_stage_run(prepared, interrupted, resume=True)
-    assert manifest["resumed_from"] == f"{run_dir.name}/checkpoint-2"
+    train_stage_run(prepared, interrupted, resume=True)
+    assert last_run(interrupted / "ck")["resumed_from"] == f"{run_dir.name}/checkpoint-2"
     history = json.loads((interrupted / "train" / "log_history.json").read_text())
     assert [e["step"] for e in history if "loss" in e] == [2, 4] and history[0]["marker"] == "from the checkpoint"
     for name, value in final_weights(interrupted).items():
@@ -158,8 +159,8 @@ def test_train_stage_resume_true_and_a_checkpoint_path(prepared, tmp_path, monke
 
     by_path = tmp_path / "by_path"
     run_dir = interrupted_run(monkeypatch, prepared, by_path, at_step=3)
-    manifest = train_stage_run(prepared, by_path, resume=str(run_dir / "checkpoint-2"))
-    assert manifest["resumed_from"] == f"{run_dir.name}/checkpoint-2"
+    train_stage_run(prepared, by_path, resume=str(run_dir / "checkpoint-2"))
+    assert last_run(by_path / "ck")["resumed_from"] == f"{run_dir.name}/checkpoint-2"
     for name, value in final_weights(by_path).items():
         assert torch.equal(value, expected[name]), name
 

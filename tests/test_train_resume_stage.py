@@ -16,6 +16,7 @@ import torch
 
 from conftest import prepare_stages, tiny_params
 from pipeline.errors import PipelineError
+from pipeline.resume import last_run
 
 TESTS = Path(__file__).resolve().parent
 TRAIN = {"save_strategy": "steps", "save_steps": 3, "max_steps": 8, "logging_steps": 1, "learning_rate": 3e-3}
@@ -115,7 +116,7 @@ def resume_copy(killed: Path, dest: Path) -> Path:
 def test_two_fresh_runs_give_the_same_bytes(root, whole, tmp_path):
     out, manifest = whole
     again = train(root, tmp_path)
-    assert manifest["resumed_from"] is None and again == manifest
+    assert last_run(tmp_path / "ck")["resumed_from"] is None and again == manifest
     assert files(tmp_path / "train") == files(out / "train")
     assert files(tmp_path / "live") == files(out / "live")
     assert "training_args.bin" not in files(out / "train")["manifest.json"].decode()
@@ -134,9 +135,10 @@ def test_two_fresh_runs_give_the_same_bytes(root, whole, tmp_path):
 def test_a_killed_run_resumes_to_the_uninterrupted_bytes(root, whole, killed, tmp_path, capsys):
     run_dir = resume_copy(killed, tmp_path)
     manifest = train(root, tmp_path)  # resume: auto, the default
-    assert manifest["resumed_from"] == f"{run_dir.name}/checkpoint-6"
+    assert last_run(tmp_path / "ck")["resumed_from"] == f"{run_dir.name}/checkpoint-6"  # recorded outside the artifact
     assert "resuming from" in capsys.readouterr().out
     out, expected = whole
+    assert files(tmp_path / "train") == files(out / "train")  # the artifact, manifest included: DVC sees no change
     assert_same_weights(tmp_path, out)
     assert (tmp_path / "train" / "log_history.json").read_bytes() == (out / "train" / "log_history.json").read_bytes()
     assert files(tmp_path / "live") == files(out / "live")  # continuous curves: step 7 not kept twice
@@ -148,8 +150,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_bytes(root, whole, killed, tm
 def test_an_incomplete_checkpoint_is_skipped_by_name(root, whole, killed, tmp_path, capsys):
     run_dir = resume_copy(killed, tmp_path)
     (run_dir / "checkpoint-6" / "fingerprint.json").unlink()  # as if killed while saving it
-    manifest = train(root, tmp_path)
-    assert manifest["resumed_from"] == f"{run_dir.name}/checkpoint-3"
+    train(root, tmp_path)
+    assert last_run(tmp_path / "ck")["resumed_from"] == f"{run_dir.name}/checkpoint-3"
     assert "skipping incomplete checkpoint(s) checkpoint-6" in capsys.readouterr().out
     assert_same_weights(tmp_path, whole[0])
     assert files(tmp_path / "live") == files(whole[0] / "live")
@@ -163,8 +165,8 @@ def test_a_changed_beta_does_not_reuse_the_checkpoint(root, killed, tmp_path, ca
     with pytest.raises(PipelineError, match=r"made for other params or inputs \(train\.beta: 0\.1 → 0\.2\)"):
         train(root, tmp_path, resume=str(run_dir / "checkpoint-6"), beta=0.2)
 
-    manifest = train(root, tmp_path, beta=0.2)  # auto: starts fresh, and says why
-    assert manifest["resumed_from"] is None
+    train(root, tmp_path, beta=0.2)  # auto: starts fresh, and says why
+    assert last_run(tmp_path / "ck")["resumed_from"] is None
     assert "starting fresh" in capsys.readouterr().out
     assert run_dir.exists()  # another fingerprint's checkpoints are left alone
     fresh = tmp_path / "fresh"

@@ -165,11 +165,15 @@ def glob_files(pattern: str) -> list[Path]:
     return [Path(file) for file in files]
 
 
-def _require_existing_path(source: str) -> None:
+MISSING_FIX = ("check the path in params.yaml (a relative path starts where the command runs: the project root), "
+               "or restore the file (`dvc pull` / `git checkout` when it is tracked)")
+
+
+def _require_existing_path(source: str, key: str | None = None) -> None:
     """A source spelled like a path (a suffix, or ./ / ~) must exist: it is not a Hub id."""
     path = Path(source)
     if not path.exists() and (path.suffix or source.startswith((".", "/", "~"))):
-        raise PipelineError(f"{source}: no such file or directory.")
+        raise PipelineError(f"{f'{key}=' if key else ''}{source}: no such file or directory; {MISSING_FIX}.")
 
 
 def iter_rows(source: str, split: str = "train", name: str | None = None, revision: str | None = None,
@@ -277,7 +281,7 @@ def _glob_root(pattern: str) -> Path:
     return Path(*fixed)
 
 
-def source_digest(source: str) -> str:
+def source_digest(source: str, key: str | None = None) -> str:
     """sha256 of a local source: of the file itself; of a directory or a glob, one digest over the sorted
     relative paths and digests of every file it reads, so adding, removing, renaming or editing one changes it."""
     path = Path(source)
@@ -288,7 +292,7 @@ def source_digest(source: str) -> str:
     elif path.is_dir():
         root, files = path, _visible_files(path)
     else:
-        raise PipelineError(f"{source}: no such file or directory.")
+        raise PipelineError(f"{f'{key}=' if key else ''}{source}: no such file or directory; {MISSING_FIX}.")
     digest = hashlib.sha256()
     for file in files:
         digest.update(f"{file.relative_to(root).as_posix()}\0{file_digest(file)}\n".encode())
@@ -301,8 +305,8 @@ def source_record(source: str, split: str, name: str | None, revision: str | Non
     if is_builtin(source):
         return {"kind": "builtin", "name": source}
     if local_paths(source):
-        return {"kind": "local", "path": source, "sha256": source_digest(source)}
-    _require_existing_path(source)
+        return {"kind": "local", "path": source, "sha256": source_digest(source, key)}
+    _require_existing_path(source, key)
     commit = resolve_commit(source, revision, "dataset", key=key, revision_key="data.revision")
     return {"kind": "hub", "repo_id": source, "name": name, "split": split, "revision": revision, "commit": commit}
 
