@@ -17,7 +17,7 @@ from typing import Callable
 import yaml
 
 from .errors import PipelineError
-from .hub import hub_token, push_failure
+from .hub import hub_token, push_failure, with_tries
 from .redaction import redact
 
 ADAPTER_SUBDIR = "adapter"
@@ -188,9 +188,13 @@ def push_to_hub(folder: Path, repo_id: str | None, private: bool = True, api=Non
         api = HfApi(token=token)
     paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json")
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                          allow_patterns=paths, commit_message="Upload DPO model")
+        with_tries(f"creating the Hub repo {repo_id!r}",
+                   lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
+        with_tries(f"uploading {folder} to the Hub repo {repo_id!r}",
+                   lambda: api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                                             allow_patterns=paths, commit_message="Upload DPO model"))
+    except PipelineError as err:  # no answer within the tries
+        raise PipelineError(f"push to the Hub repo {repo_id!r} failed: {err} {intact}") from None
     except Exception as err:
         raise PipelineError(f"push to the Hub repo {repo_id!r} failed: {push_failure(err, token)} {intact}") from None
     return paths

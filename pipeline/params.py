@@ -25,6 +25,7 @@ import yaml
 from .builtin import BUILTIN_DATA, BUILTIN_DATASETS, BUILTIN_MODEL, BUILTIN_MODELS
 from .config import DPO_OPTION_NAMES, OPTION_RULES, DPOConfig, check_dpo_options, dpo_default
 from .errors import PipelineError
+from .hub import DEFAULT_TIMEOUT_S, DEFAULT_TRIES
 from .redaction import credential_keys, looks_like_token
 from .rules import at_least, check, dtype_name, greater_than, one_of, within
 
@@ -186,6 +187,15 @@ class DistributedParams:
 
 
 @dataclass
+class HubParams:
+    timeout_s: float = knob(DEFAULT_TIMEOUT_S, "Seconds any Hub request (revision lookup, model or dataset download, "
+                                               "the push) waits for a connection or an answer.", at_least(0.1))
+    tries: int = knob(DEFAULT_TRIES, "Tries of the pipeline's own Hub requests (revision lookup, the push) on a "
+                                     "time-out or a dropped connection, with a short growing pause; downloads are "
+                                     "retried by huggingface_hub.", at_least(1))
+
+
+@dataclass
 class Params:
     seed: int = knob(0, "Seed of data generation, carving, initialisation and training.")
     model: ModelParams = knob(help="The base model, reference, adapters and loading options.", factory=ModelParams)
@@ -198,6 +208,8 @@ class Params:
     export: ExportParams = knob(help="Export and push.", factory=ExportParams)
     distributed: DistributedParams = knob(help="Processes and machines for ref-logps, train and evaluate.",
                                           factory=DistributedParams)
+    hub: HubParams = knob(help="The network: time-out and tries of Hub requests (no stage's result depends on it).",
+                          factory=HubParams)
 
 
 # DPOConfig options whose one home in params.yaml is another section: the stage that owns them applies

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+from pathlib import Path
 import warnings
 from collections import defaultdict
 from typing import Any, Callable
@@ -443,25 +444,29 @@ class DPOTrainer(Trainer):
 
     def push_to_hub(self, *args, **kwargs):
         """`Trainer.push_to_hub`, failing in a sentence: offline (HF_HUB_OFFLINE=1) at once, and any Hub or network
-        error named with its fix; the model saved in output_dir is kept."""
+        error named with its fix (tried `hub.tries` times on a time-out); what output_dir holds is kept."""
         from huggingface_hub import constants
 
-        from .hub import hub_token, push_failure
+        from .hub import hub_token, push_failure, with_tries
 
         repo = self.args.hub_model_id or os.path.basename(os.path.normpath(self.args.output_dir))
-        intact = f"The model saved in {self.args.output_dir} is intact."
         if constants.HF_HUB_OFFLINE:
             raise PipelineError(f"push_to_hub: the Hub repo {repo!r} cannot be reached: offline mode is on "
-                                f"(HF_HUB_OFFLINE=1); unset it, with network access, to push. {intact}")
-        logger.info("pushing to the Hub repo %s (without a network this waits for the connection to time out; "
-                    "HF_HUB_OFFLINE=1 fails at once)", repo)
+                                f"(HF_HUB_OFFLINE=1); unset it, with network access, to push. {self._kept()}")
         try:
-            return super().push_to_hub(*args, **kwargs)
-        except PipelineError:
-            raise
+            return with_tries(f"pushing to the Hub repo {repo!r}", lambda: super(DPOTrainer, self).push_to_hub(*args, **kwargs))
+        except PipelineError as err:
+            raise PipelineError(f"push_to_hub to the Hub repo {repo!r} failed: {err} {self._kept()}") from None
         except Exception as err:
             raise PipelineError(f"push_to_hub to the Hub repo {repo!r} failed: {push_failure(err, hub_token())} "
-                                f"{intact}") from None
+                                f"{self._kept()}") from None
+
+    def _kept(self) -> str:
+        """What a failed push leaves: the model saved in output_dir, or nothing yet (the repo is made before the save)."""
+        out = self.args.output_dir
+        if any(Path(out).glob("*.safetensors")) or any(Path(out).glob("*.bin")):
+            return f"The model saved in {out} is intact."
+        return f"No model was saved in {out} yet; trainer.save_model() keeps it locally."
 
     # ---- the objective --------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import click
 from pipeline.distributed import init_process_group, relaunch
 from pipeline.errors import PipelineError
 from pipeline.faults import machine_fault
+from pipeline.hub import configure_network
 from pipeline.params import load_params
 
 
@@ -41,7 +42,10 @@ def user_errors(func):
 
 
 def load(params_path: Path) -> dict:
-    return load_params(params_path)
+    """The checked params; every Hub request of the stage is bounded by their `hub` section from here on."""
+    params = load_params(params_path)
+    configure_network(params["hub"]["timeout_s"], params["hub"]["tries"])
+    return params
 
 
 def command_argv(ctx: click.Context) -> list[str]:

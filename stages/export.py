@@ -9,6 +9,7 @@ import click
 from pipeline.artifacts import stage_output
 from pipeline.base import base_source, source_kind
 from pipeline.export import data_digests, export_model, model_card, push_to_hub
+from pipeline.faults import require_free_space
 from pipeline.metrics_file import read_metrics
 from pipeline.models import load_base_model
 
@@ -22,6 +23,9 @@ def run(params: dict, train: Path = paths.TRAIN, normalized: Path = paths.NORMAL
     source, revision = base_source(base)
     if Path(source).is_dir():
         source = str(Path(source).resolve())
+    # at least the trained model's files again (a merged adapter adds the base's): refused up front when they cannot fit
+    require_free_space(out, sum(f.stat().st_size for f in (train / "model").rglob("*") if f.is_file()),
+                       "the exported model")
     with stage_output("export", out, {"train": train, "normalized": normalized, "base": base}, cfg) as output:
         # an adapter is merged into the full-precision base (not a 4-bit one), as the base stage resolved it
         kind = export_model(train / "model", output.dir, merge_adapter=cfg["merge_adapter"],
