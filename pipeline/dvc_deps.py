@@ -38,6 +38,12 @@ def stage_deps(dvc_yaml: Path, stage: str) -> list[Path]:
     return [(wdir / dep).resolve() for dep in definition.get("deps") or [] if isinstance(dep, str) and "://" not in dep]
 
 
+def dvc_dep_paths() -> list[Path] | None:
+    """The resolved deps of the DVC stage running this process; None outside DVC."""
+    running = running_stage()
+    return None if running is None else stage_deps(running[1], running[0])
+
+
 def covers(dep: Path, path: Path) -> bool:
     return path == dep or dep in path.parents
 

@@ -128,6 +128,9 @@ class DataParams:
                                            "occurrence, e.g. \"\\n\\nAssistant:\" for HH-RLHF.")
     columns: dict = knob(help="Canonical name → the source's column, e.g. {chosen: accepted}.", factory=dict)
     preprocess: str | None = knob(None, "module:function or path/to/file.py:function: raw row → canonical columns.")
+    image_root: str | None = knob(None, "A directory image paths may also point into (absolute, or relative to the "
+                                         "data file's directory), e.g. a shared image folder; null: the data file's "
+                                         "directory only.")
     on_invalid: str = owned("on_invalid")
     builtin: BuiltinDataParams = knob(help="The built-in task only.", factory=BuiltinDataParams)
 
@@ -583,7 +586,8 @@ def reference_rows() -> list[tuple[str, Any, str]]:
     for name in DPO_OPTION_NAMES:
         if name in OWNED_ELSEWHERE or name not in DPOConfig.__dataclass_fields__:
             continue
-        rows.append((f"train.{name}", dpo_default(name), DPOConfig.__dataclass_fields__[name].metadata.get("help", "")))
+        help_text = DPOConfig.__dataclass_fields__[name].metadata.get("help", "")
+        rows.append((f"train.{name}", dpo_default(name), help_text.replace("%%", "%")))  # argparse's escape in transformers'
     return rows
 
 

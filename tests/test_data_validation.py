@@ -49,6 +49,7 @@ CASES = {
     "preprocess_failed": (TEXT, {"prompt": "Q", "chosen": " a", "rejected": " b", "explode": True}, 2),
     "bad_image": (VISION, {"prompt": PICTURED, "chosen": YES, "rejected": NO, "images": ["missing.png"]}, 2),
     "image_count_mismatch": (VISION, {"prompt": PICTURED, "chosen": YES, "rejected": NO, "images": ["pic.png"] * 2}, 2),
+    "image_outside_source": (VISION, {"prompt": PICTURED, "chosen": YES, "rejected": NO, "images": ["../pic.png"]}, 2),
     "images_on_text": (TEXT, {"prompt": "Q", "chosen": " a", "rejected": " b", "images": ["pic.png"]}, 2),
 }
 HOOK = "def hook(row):\n    if row.get('explode'):\n        raise RuntimeError('boom')\n    return {}\n"

@@ -66,6 +66,8 @@ RULES = {
                  "'images'",
     "image_count_mismatch": "the number of {'type': 'image'} parts in the prompt differs from the number of images, "
                             "or a completion holds an image part (images belong to the prompt)",
+    "image_outside_source": "an image path resolves (symlinks followed) outside the data file's directory and "
+                            "data.image_root: only files there are read",
     "images_on_text": "images on a standard (text) row: image placeholders need the conversational format, "
                       "with {'type': 'image'} content parts",
     "duplicate_pair": "the same prompt, chosen, rejected, tools (and images) as an earlier row (the first one is kept)",
@@ -254,12 +256,12 @@ def invalid_row_message(where: str | None, rows: int | list[int], rule: str, det
     return f"{where + ': ' if where else ''}{numbered}: {detail} [rule {rule}]"
 
 
-def canonical_pair(raw: dict, prompt_marker: str | None = None, image_root=None) -> dict:
+def canonical_pair(raw: dict, prompt_marker: str | None = None, image_files=None) -> dict:
     """Validate one raw row and return it in explicit-prompt form (still Python objects).
 
     Returns {"conversational", "prompt", "chosen", "rejected", "tools", "chat_template_kwargs", "images",
     "implicit_prompt"}; `images` is None, or the row's images stored as `pipeline.data.images` says (relative
-    paths read from `image_root`).
+    paths read through `image_files`, an `images.ImageFiles`; None: anywhere, from the working directory).
     """
     for column in ("chosen", "rejected"):
         if column not in raw:
@@ -310,12 +312,12 @@ def canonical_pair(raw: dict, prompt_marker: str | None = None, image_root=None)
                 raise InvalidRow("empty_completion", empty_text_completion(name, implicit))
     if chosen == rejected:
         raise InvalidRow("identical_pair", "chosen and rejected are identical")
-    images = _checked_images(raw, conversational, prompt, chosen, rejected, image_root)
+    images = _checked_images(raw, conversational, prompt, chosen, rejected, image_files)
     return {"conversational": conversational, "prompt": prompt, "chosen": chosen, "rejected": rejected,
             "tools": tools, "chat_template_kwargs": template_kwargs, "images": images, "implicit_prompt": implicit}
 
 
-def _checked_images(raw: dict, conversational: bool, prompt, chosen, rejected, image_root) -> list[dict] | None:
+def _checked_images(raw: dict, conversational: bool, prompt, chosen, rejected, image_files) -> list[dict] | None:
     """The row's stored images, checked against its `{"type": "image"}` parts: as many as the prompt has, none in
     the completions, none on a standard (text) row."""
     from .images import IMAGE_COLUMNS, placeholders, row_images
@@ -326,7 +328,7 @@ def _checked_images(raw: dict, conversational: bool, prompt, chosen, rejected, i
         raise InvalidRow("images_on_text", "the row has images but is in the standard (text) format; write it as "
                                            "conversational messages with {'type': 'image'} content parts")
     else:
-        images = row_images(raw, image_root)
+        images = row_images(raw, image_files)
     if not conversational:
         return None
     for name, messages in (("chosen", chosen), ("rejected", rejected)):

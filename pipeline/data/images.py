@@ -2,7 +2,10 @@
 
 A row gives its images in an `images` column (a list) or an `image` column (one image). Each image may be a
 PIL image, a `datasets` Image feature value (`{"bytes": ..., "path": ...}`), encoded bytes (PNG, JPEG, ...),
-or a path, relative to the data file's directory when it is not absolute. Every image is stored the same
+or a path. The stages read paths through `ImageFiles`: a relative path from the data file's directory, and
+every path, symlinks followed, must land inside it or `data.image_root`
+(`image_outside_source` otherwise), so a row cannot copy an arbitrary file of the machine into the artifact;
+under DVC each file read must also be covered by the normalize stage's deps. Every image is stored the same
 way, as its encoded bytes and their format (`{"bytes", "format"}`, `IMAGE_TYPE`): files and bytes as they
 are (no re-encoding, so the stored bytes are the source's), a PIL image without its source file encoded as
 PNG (lossless). Each one is decoded once when stored, so an image that does not decode is the row's
@@ -17,11 +20,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from ..errors import PipelineError
 from .formats import InvalidRow
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("format", pa.string())])
@@ -32,7 +37,6 @@ def _pil():
     try:
         from PIL import Image
     except ImportError:
-        from ..errors import PipelineError
         raise PipelineError("vision data needs pillow: pip install 'dpo-pipeline[vision]' (or pip install pillow).") from None
     return Image
 
@@ -49,9 +53,45 @@ def _decoded_format(data: bytes, where: str) -> str:
                                       "re-export it as PNG or JPEG") from None
 
 
-def stored_image(value: Any, where: str, root: Path | None = None) -> dict:
+@dataclass(frozen=True)
+class ImageFiles:
+    """Where a row's image paths may be read. `base`: the directory a relative path is read from (None: the
+    working directory); `inside`: resolved directories every file must resolve into, symlinks followed (None:
+    anywhere, the Python API's in-process datasets); `covered`: under DVC, the running stage's resolved deps,
+    one of which must cover each file (None outside DVC)."""
+
+    base: Path | None = None
+    inside: tuple[Path, ...] | None = None
+    covered: tuple[Path, ...] | None = None
+
+    def read(self, value: str, where: str) -> tuple[bytes, Path]:
+        """The bytes of the image file a row names, and its path; InvalidRow when it is outside or unreadable."""
+        path = Path(value)
+        if not path.is_absolute() and self.base is not None:
+            path = self.base / path
+        if self.inside is not None:
+            real = path.resolve()
+            if not any(real == root or root in real.parents for root in self.inside):
+                roots = " or ".join(repr(str(root)) for root in self.inside) or "no directory (a Hub dataset)"
+                raise InvalidRow("image_outside_source",
+                                 f"{where}: the image file {value!r} resolves to {str(real)!r}, outside {roots}; "
+                                 "images are read only from the data file's directory, so move it there or name "
+                                 "its directory in data.image_root")
+            if self.covered is not None and not any(real == dep or dep in real.parents for dep in self.covered):
+                raise PipelineError(f"{where}: the image file {str(path)!r} is not a dependency of the normalize "
+                                    "stage in dvc.yaml, so DVC would not re-run normalize when it changes; move it "
+                                    "under data/ or add its directory to stages.normalize.deps in dvc.yaml.")
+        try:
+            return path.read_bytes(), path
+        except OSError as err:
+            raise InvalidRow("bad_image", f"{where}: the image file {str(path)!r} cannot be read ({err.strerror or err}); "
+                                          "paths are relative to the data file's directory") from None
+
+
+def stored_image(value: Any, where: str, files: ImageFiles | None = None) -> dict:
     """One image value of a row as `{"bytes", "format"}` (see the module docstring); `where` names it in
-    messages (e.g. "images[1]"), `root` is the directory relative paths are read from."""
+    messages (e.g. "images[1]"), `files` says where a path may be read (None: anywhere, relative to the working
+    directory)."""
     Image = _pil()
     if isinstance(value, dict) and ("bytes" in value or "path" in value):  # a datasets Image value, or stored
         if value.get("bytes") is not None:
@@ -69,20 +109,13 @@ def stored_image(value: Any, where: str, root: Path | None = None) -> dict:
         data = bytes(value)
         return {"bytes": data, "format": _decoded_format(data, where)}
     if isinstance(value, str) and value:
-        path = Path(value)
-        if not path.is_absolute() and root is not None:
-            path = root / path
-        try:
-            data = path.read_bytes()
-        except OSError as err:
-            raise InvalidRow("bad_image", f"{where}: the image file {str(path)!r} cannot be read ({err.strerror or err}); "
-                                          "paths are relative to the data file's directory") from None
+        data, path = (files or ImageFiles()).read(value, where)
         return {"bytes": data, "format": _decoded_format(data, f"{where} ({path})")}
     raise InvalidRow("bad_image", f"{where} is {type(value).__name__}; expected a PIL image, encoded image bytes, "
                                   "a path, or a datasets Image value")
 
 
-def row_images(raw: dict, root: Path | None = None) -> list[dict] | None:
+def row_images(raw: dict, files: ImageFiles | None = None) -> list[dict] | None:
     """The stored images of a raw row (its `images` list or its `image`), None when it has none."""
     given = {column: raw.get(column) for column in IMAGE_COLUMNS if raw.get(column) is not None}
     if len(given) > 1:
@@ -91,11 +124,11 @@ def row_images(raw: dict, root: Path | None = None) -> list[dict] | None:
         return None
     column, value = next(iter(given.items()))
     if column == "image":
-        return [stored_image(value, "image", root)]
+        return [stored_image(value, "image", files)]
     if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
         raise InvalidRow("bad_image", f"'images' is {type(value).__name__}; expected a list of images "
                                       "(one image: an 'image' column)")
-    images = [stored_image(item, f"images[{i}]", root) for i, item in enumerate(value)]
+    images = [stored_image(item, f"images[{i}]", files) for i, item in enumerate(value)]
     return images or None
 
 

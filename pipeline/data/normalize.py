@@ -34,12 +34,14 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from ..artifacts import write_json
-from ..dvc_deps import require_dvc_deps
+from ..dvc_deps import dvc_dep_paths, require_dvc_deps
 from ..errors import PipelineError
 from .dropped import DROPPED_FILE, DroppedLog
 from .formats import InvalidRow, canonical_pair, invalid_row_message
+from .images import ImageFiles
 from .schema import NORMALIZED_SCHEMA, encode_field, encode_optional, prompt_id_for, raw_row_id, row_id_for
-from .sources import builtin_rows, hook_record, is_builtin, iter_rows, load_hook, local_reads, source_record
+from .sources import (builtin_rows, glob_root, hook_record, is_builtin, is_glob, iter_rows, load_hook, local_paths,
+                      local_reads, source_record)
 
 CHUNK_ROWS = 1000
 CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "tools", "chat_template_kwargs", "images", "image")
@@ -112,9 +114,9 @@ def check_column_mapping(columns: dict) -> dict:
 class RowPreparer:
     """Raw row → canonical record: column mapping, the user's hook, validation (one dataset at a time)."""
 
-    def __init__(self, data: dict, hook: Callable | None, image_root: Path | None = None):
+    def __init__(self, data: dict, hook: Callable | None, image_files: ImageFiles | None = None):
         self.columns, self.hook, self.marker = check_column_mapping(data["columns"]), hook, data["prompt_marker"]
-        self.image_root = image_root  # where relative image paths are read from: the data file's directory
+        self.image_files = image_files  # where the rows' image paths may be read
         self.known_columns: set = set()
         self.first_format: bool | None = None
 
@@ -142,7 +144,7 @@ class RowPreparer:
                 raise InvalidRow("preprocess_failed", f"the data.preprocess hook returned {type(out).__name__}, "
                                                       "expected a mapping of canonical columns (or None to skip)")
             raw = {**raw, **out}
-        pair = canonical_pair(raw, self.marker, self.image_root)
+        pair = canonical_pair(raw, self.marker, self.image_files)
         if self.first_format is None:
             self.first_format = pair["conversational"]
         elif pair["conversational"] != self.first_format:
@@ -152,14 +154,17 @@ class RowPreparer:
         return pair
 
 
-def image_root(source: str) -> Path | None:
-    """The directory relative image paths of a local data file (or glob, or directory) are read from."""
+def image_files(source: str, data: dict) -> ImageFiles:
+    """Where the image paths of a source's rows may be read: a relative path from the data file's directory (a
+    glob's, or the directory itself; `data.image_root` for a Hub dataset, which has none); any file must lie in
+    that directory or in `data.image_root`, and under DVC in a dep of the normalize stage too."""
     path = Path(source)
-    if path.is_dir():
-        return path
-    if path.parent.is_dir():
-        return path.parent
-    return None
+    own = (glob_root(source) if is_glob(source) else path if path.is_dir() else path.parent
+           if local_paths(source) else None)
+    named = Path(data["image_root"]) if data["image_root"] else None
+    inside = tuple(root.resolve() for root in (own, named) if root is not None)
+    deps = dvc_dep_paths()
+    return ImageFiles(base=own or named, inside=inside, covered=None if deps is None else tuple(deps))
 
 
 def _in_eval(prompt_id: str, seed: int, fraction: float) -> bool:
@@ -250,6 +255,9 @@ def normalize_dataset(params: dict, out_dir: Path) -> dict:
         raise PipelineError(f"params: data.prompt_marker must be a non-empty string or null, got {data['prompt_marker']!r}.")
     hook = load_hook(data["preprocess"])
     check_column_mapping(data["columns"])
+    if data["image_root"] and not Path(data["image_root"]).is_dir():
+        raise PipelineError(f"params: data.image_root={data['image_root']} is not a directory; name the directory the "
+                            "data's image paths are read from (relative to the project), or null.")
     require_dvc_deps(local_reads(data))
     sources = data_sources(data)
     needed = None if hook else set(data["columns"].values()) | set(CANONICAL_COLUMNS)
@@ -273,13 +281,13 @@ def normalize_dataset(params: dict, out_dir: Path) -> dict:
                 def carve(pair: dict) -> str:
                     prompt_id = prompt_id_for(pair["prompt"], pair["tools"], pair["images"])
                     return "eval" if _in_eval(prompt_id, params["seed"], data["eval_fraction"]) else "train"
-                run.run(train_rows, carve, RowPreparer(data, hook, image_root(data["train"])), "normalize")
+                run.run(train_rows, carve, RowPreparer(data, hook, image_files(data["train"], data)), "normalize")
                 eval_from = f"carved from train: eval_fraction {data['eval_fraction']} of the prompts, seed {params['seed']}"
             else:
-                run.run(train_rows, lambda pair: "train", RowPreparer(data, hook, image_root(data["train"])), "normalize train")
+                run.run(train_rows, lambda pair: "train", RowPreparer(data, hook, image_files(data["train"], data)), "normalize train")
                 eval_rows = iter_rows(data["eval"], data["eval_split"] or data["split"], data["name"],
                                       revision_to_read(sources["eval"], data), columns=needed)
-                run.run(eval_rows, lambda pair: "eval", RowPreparer(data, hook, image_root(data["eval"])), "normalize eval")
+                run.run(eval_rows, lambda pair: "eval", RowPreparer(data, hook, image_files(data["eval"], data)), "normalize eval")
                 eval_from = f"{data['eval']} (split {data['eval_split'] or data['split']})"
         for writer in writers.values():
             writer.close()

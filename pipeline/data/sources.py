@@ -271,7 +271,7 @@ def _visible_files(directory: Path) -> list[Path]:
                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts))
 
 
-def _glob_root(pattern: str) -> Path:
+def glob_root(pattern: str) -> Path:
     """The directory part of a glob before its first wildcard: matched files are named relative to it."""
     fixed = []
     for part in Path(pattern).parts[:-1]:
@@ -288,7 +288,7 @@ def source_digest(source: str, key: str | None = None) -> str:
     if path.is_file():
         return file_digest(path)
     if is_glob(source):
-        root, files = _glob_root(source), glob_files(source)
+        root, files = glob_root(source), glob_files(source)
     elif path.is_dir():
         root, files = path, _visible_files(path)
     else:
@@ -341,10 +341,12 @@ def _installed(path: Path) -> bool:
 
 
 def local_reads(data: dict) -> list[tuple[str, str, list[Path]]]:
-    """(params key, value as given, local paths) of every local input of normalize: the train and eval sources and
-    the preprocess hook's file (a module's too, unless it is installed)."""
+    """(params key, value as given, local paths) of every local input of normalize: the train and eval sources,
+    data.image_root, and the preprocess hook's file (a module's too, unless it is installed)."""
     reads = [(key, data[field], local_paths(data[field])) for key, field in (("data.train", "train"), ("data.eval", "eval"))
              if data[field]]
+    if data.get("image_root"):
+        reads.append(("data.image_root", data["image_root"], [Path(data["image_root"])]))
     hook = hook_file(data["preprocess"])
     if hook is not None and not _installed(hook):
         reads.append(("data.preprocess", data["preprocess"].rpartition(":")[0], [hook]))
