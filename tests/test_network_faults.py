@@ -112,7 +112,10 @@ def test_trainer_push_to_hub_to_a_silent_hub_is_one_sentence(silent_hub, tmp_pat
     with pytest.raises(PipelineError) as caught:
         trainer.push_to_hub()
     assert time.monotonic() - started < 30
-    assert_one_sentence(caught.value, silent_hub)
+    # under a loaded machine the loopback may refuse one connection: either way, tried hub.tries times, one sentence
+    text = str(caught.value)
+    assert any(f"127.0.0.1:{silent_hub.port} {said}, 2 times" in text
+               for said in ("did not answer within 0.5 s", "could not be reached")), text
     assert "push_to_hub to the Hub repo 'me/model' failed" in str(caught.value)
     assert "No model was saved" in str(caught.value)  # the repo is made before the save: said, not claimed kept
 

@@ -18,6 +18,7 @@ from pipeline.builtin import vision_task
 from pipeline.builtin.vision_model import build_vision_model, build_vision_processor
 from pipeline.collator import DataCollatorForVisionPreference
 from pipeline.data.formats import InvalidRow, canonical_pair
+from pipeline.data.images import ImageFiles
 from pipeline.errors import PipelineError
 from pipeline.losses import LOSS_TYPES
 
@@ -217,7 +218,7 @@ def image_row(images=None, prompt_parts=1, **extra) -> dict:
         "image_in_completion", "text_row", "unknown_part"])
 def test_every_vision_rule_refuses_its_row(tmp_path, row, rule):
     with pytest.raises(InvalidRow) as err:
-        canonical_pair(row, image_root=tmp_path)
+        canonical_pair(row, image_files=ImageFiles(base=tmp_path))
     assert err.value.rule == rule
 
 
@@ -229,7 +230,7 @@ def test_images_are_stored_as_bytes_from_every_kind_of_value(tmp_path):
     (tmp_path / "pics" / "a.png").write_bytes(data)
     values = [data, "pics/a.png", {"bytes": data, "path": None}, {"bytes": None, "path": str(tmp_path / "pics/a.png")},
               Image.open(io.BytesIO(data))]
-    stored = row_images({"images": values}, tmp_path)
+    stored = row_images({"images": values}, ImageFiles(base=tmp_path, inside=(tmp_path.resolve(),)))
     assert [s["format"] for s in stored] == ["png"] * 5
     assert all(s["bytes"] == data for s in stored[:4])  # files and bytes are kept as they are
     assert all(open_image(s).getpixel((0, 0))[:3] == (0, 255, 0) for s in stored)
