@@ -341,7 +341,7 @@ def layout_name(layout: dict) -> str:
 
 
 def part_bf16_layouts(s: Settings) -> dict:
-    from pipeline.attention import batch_layout
+    from pipeline.model.layout import batch_layout
 
     shape = s.sizes["check_shape"]
     rows = pairs(8, 512 if not s.tiny else 64, shape["vocab_size"], seed=2)
@@ -444,8 +444,9 @@ def _reference_speed(s: Settings, shape: dict) -> dict:
     of at most 16,384 tokens, prefix-shared and packed, the chunked head), in pairs/s."""
     import datasets
 
-    from pipeline.collator import DataCollatorForPreference
-    from pipeline.reference import Reference, add_reference_logps
+    from pipeline.model.collator import DataCollatorForPreference
+    from pipeline.objective.reference import Reference
+    from pipeline.run.reference_pass import add_reference_logps
 
     z = s.sizes
     rows = without_reference(pairs(z["ref_pairs"], z["max_length"], shape["vocab_size"], seed=4))
@@ -514,7 +515,7 @@ def part_liger(s: Settings) -> dict:
 def part_qlora(s: Settings) -> dict:
     from peft import LoraConfig
 
-    from pipeline.models import is_quantized, load_causal_lm
+    from pipeline.model.loading import is_quantized, load_causal_lm
 
     shape = s.sizes["qlora_shape"]
     quantize = s.cuda

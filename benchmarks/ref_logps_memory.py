@@ -3,7 +3,7 @@ the whole split as Python lists and writes once at the end, measured side by sid
 
 For each size, a tokenized artifact of long pairs (~750 tokens: prompts, chosen and rejected completions of
 ~250 tokens each, random ids) is written first; then each path computes the reference log-probs of both splits
-(`pipeline.reference.write_reference_logps`, the library call of `dpo ref-logps`) in a fresh Python process and
+(`pipeline.run.reference_pass.write_reference_logps`, the library call of `dpo ref-logps`) in a fresh Python process and
 reports its peak resident set size (`ru_maxrss`) and throughput. The model is a small Llama-style one built in
 code (the figures are about what grows with the number of pairs; the per-batch memory is the same at every size).
 The baseline is the `pipeline` package of commit 65b108f (`benchmarks/_baseline.py`). The script checks that
@@ -35,7 +35,7 @@ def write_tokenized(directory: Path, pairs: int, vocab: int, length: int, seed: 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.artifacts import write_manifest
+    from pipeline.store.artifacts import write_manifest
     from pipeline.data.schema import TOKENIZED_SCHEMA
 
     rng = random.Random(seed)
@@ -59,7 +59,8 @@ def worker(opts: dict) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.reference import Reference, write_reference_logps
+    from pipeline.objective.reference import Reference
+    from pipeline.run.reference_pass import write_reference_logps
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=opts["vocab"], hidden_size=opts["hidden"], intermediate_size=2 * opts["hidden"],

@@ -35,8 +35,9 @@ def worker(opts: dict) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.distributed import init_process_group, is_main
-    from pipeline.reference import Reference, write_reference_logps
+    from pipeline.core.distributed import init_process_group, is_main
+    from pipeline.objective.reference import Reference
+    from pipeline.run.reference_pass import write_reference_logps
 
     init_process_group()
     torch.set_num_threads(opts["threads"])

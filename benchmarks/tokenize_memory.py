@@ -62,8 +62,8 @@ def write_pairs(path: Path, n: int, fmt: str, seed: int = 0) -> None:
 
 def child(args) -> None:
     """One measured run in this fresh process; prints one JSON line."""
-    from pipeline.artifacts import staged_dir
-    from pipeline.params import check_params
+    from pipeline.store.artifacts import staged_dir
+    from pipeline.config.params import check_params
 
     work = Path(args.workdir)
     params = check_params({"data": {"train": str(work / "pairs.jsonl"), "eval_fraction": 0.05},

@@ -1,6 +1,6 @@
 """A staged, cached DPO training pipeline. In-process API: `from pipeline import DPOConfig, DPOTrainer`.
 
-The names below are imported on first use, so a stage that needs only `pipeline.artifacts` does not
+The names below are imported on first use, so a stage that needs only `pipeline.store.artifacts` does not
 execute the trainer: `dvc.yaml` can then list exactly the files each stage runs.
 """
 
@@ -9,7 +9,7 @@ import importlib
 __all__ = ["DPOConfig", "DPOTrainer", "PipelineError"]
 __version__ = "0.1.0"
 
-_HOMES = {"DPOConfig": ".config", "DPOTrainer": ".trainer", "PipelineError": ".errors"}
+_HOMES = {"DPOConfig": ".config.dpo_config", "DPOTrainer": ".run.trainer", "PipelineError": ".core.errors"}
 
 
 def __getattr__(name: str):

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from pipeline.artifacts import stage_output
-from pipeline.base import describe_external_base, describe_reference_and_adapter
+from pipeline.store.artifacts import stage_output
+from pipeline.store.base_record import describe_external_base, describe_reference_and_adapter
 from pipeline.builtin import BUILTIN_MODEL, BUILTIN_VLM
-from pipeline.builtin.warm_start import build_builtin_base
+from pipeline.run.warm_start import build_builtin_base
 
 from . import paths
 from .common import load, params_option, path_option, user_errors
@@ -27,7 +27,7 @@ def run(params: dict, out: Path = paths.BASE) -> dict:
         if name == BUILTIN_MODEL:
             output.extra = build_builtin_base(params, output.dir)
         elif name == BUILTIN_VLM:
-            from pipeline.builtin.vision_model import build_builtin_vision_base
+            from pipeline.run.warm_start_vision import build_builtin_vision_base
             output.extra = build_builtin_vision_base(params, output.dir)
         else:
             output.extra = describe_external_base(params)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import click
 
-from pipeline.distributed import init_process_group, relaunch
-from pipeline.errors import PipelineError
-from pipeline.faults import machine_fault
-from pipeline.hub import configure_network
-from pipeline.params import load_params
+from pipeline.core.distributed import init_process_group, relaunch
+from pipeline.core.errors import PipelineError
+from pipeline.core.faults import machine_fault
+from pipeline.store.hub import configure_network
+from pipeline.config.params import load_params
 
 
 def params_option(func):
@@ -24,7 +24,7 @@ def path_option(name: str, default: Path, help: str):
 
 
 def user_errors(func):
-    """Report PipelineError, and the machine's faults (a full disk, a read-only or forbidden folder: `pipeline.faults`),
+    """Report PipelineError, and the machine's faults (a full disk, a read-only or forbidden folder: `pipeline.core.faults`),
     as a one-line message and exit status 1."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -41,9 +41,10 @@ def user_errors(func):
     return wrapper
 
 
-def load(params_path: Path) -> dict:
-    """The checked params; every Hub request of the stage is bounded by their `hub` section from here on."""
-    params = load_params(params_path)
+def load(params_path: Path, *checks) -> dict:
+    """The checked params (and through a stage's own `checks`, e.g. the train section against DPOConfig); every
+    Hub request of the stage is bounded by their `hub` section from here on."""
+    params = load_params(params_path, *checks)
     configure_network(params["hub"]["timeout_s"], params["hub"]["tries"])
     return params
 
@@ -60,7 +61,7 @@ def command_argv(ctx: click.Context) -> list[str]:
 
 def launches(func):
     """A heavy stage's command: with `distributed.num_processes` x `num_machines` > 1, re-run under the launcher
-    (`pipeline.distributed`) and exit with its status; inside a launched process, join the process group first."""
+    (`pipeline.core.distributed`) and exit with its status; inside a launched process, join the process group first."""
     @functools.wraps(func)
     def wrapper(**kwargs):
         ctx = click.get_current_context()

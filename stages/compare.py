@@ -13,10 +13,10 @@ from pathlib import Path
 
 import click
 
-from pipeline.artifacts import write_text
-from pipeline.comparison import Run, comparison_text, dedupe_workspace, flat_params, render_comparison
-from pipeline.metrics_file import ENVIRONMENT, flatten
-from pipeline.report import read_curves
+from pipeline.store.artifacts import write_text
+from pipeline.publish.comparison import Run, comparison_text, dedupe_workspace, flat_params, render_comparison
+from pipeline.publish.metrics_file import ENVIRONMENT, flatten
+from pipeline.publish.report import read_curves
 
 from . import paths
 

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import click
 
-from pipeline.artifacts import stage_output
-from pipeline.distributed import is_main
-from pipeline.environment import environment
-from pipeline.evaluation import evaluate_policy
-from pipeline.metrics_file import write_metrics
-from pipeline.report import write_report
+from pipeline.store.artifacts import stage_output
+from pipeline.core.distributed import is_main
+from pipeline.core.environment import environment
+from pipeline.run.evaluation import evaluate_policy
+from pipeline.publish.metrics_file import write_metrics
+from pipeline.publish.report import write_report
+from pipeline.config.train_params import check_train
 
 from . import paths
 from .common import launches, load, params_option, path_option, user_errors
@@ -51,6 +52,6 @@ def command(params_path: Path, train: Path, tokenized: Path, ref_logps: Path, no
             metrics: Path, live: Path, report: Path) -> None:
     """Evaluate the trained policy on the eval split: DPO metrics, the judged win rate on the built-in task, and a
     self-contained HTML report of the run."""
-    result = run(load(params_path), train, tokenized, ref_logps, normalized, base, out, metrics, live, report)
+    result = run(load(params_path, check_train), train, tokenized, ref_logps, normalized, base, out, metrics, live, report)
     click.echo(json.dumps(result, indent=1))
     click.echo(f"report: {report}")

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import click
 
-from pipeline.artifacts import stage_output
-from pipeline.base import base_source, source_kind
-from pipeline.export import data_digests, export_model, model_card, push_to_hub
-from pipeline.faults import require_free_space
-from pipeline.metrics_file import read_metrics
-from pipeline.models import load_base_model
+from pipeline.store.artifacts import stage_output
+from pipeline.store.base_record import base_source, source_kind
+from pipeline.publish.export import data_digests, export_model, model_card, push_to_hub
+from pipeline.core.faults import require_free_space
+from pipeline.publish.metrics_file import read_metrics
+from pipeline.model.loading import load_base_model
+from pipeline.config.train_params import check_train
 
 from . import paths
 from .common import load, params_option, path_option, user_errors
@@ -55,5 +56,5 @@ def run(params: dict, train: Path = paths.TRAIN, normalized: Path = paths.NORMAL
 def command(params_path: Path, train: Path, normalized: Path, base: Path, metrics: Path, out: Path) -> None:
     """Export the trained model (for an adapter: the adapter and, by default, the merged model) with tokenizer and
     model card; push to export.push.repo_id if export.push.enabled (token from HF_TOKEN)."""
-    manifest = run(load(params_path), train, normalized, base, metrics, out)
+    manifest = run(load(params_path, check_train), train, normalized, base, metrics, out)
     click.echo(f"export: -> {out}" + (f", pushed {len(manifest['pushed'])} files" if "pushed" in manifest else ""))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.artifacts import stage_output
+from pipeline.store.artifacts import stage_output
 from pipeline.data.normalize import normalize_dataset
 
 from . import paths

@@ -1,10 +1,10 @@
 """dpo ref-logps: reference log-probs of every tokenized pair, by row_id, in artifacts/ref_logps.
 
-The reference is the one online training would use (`pipeline.reference.resolve_reference`):
+The reference is the one online training would use (`pipeline.objective.reference.resolve_reference`):
 model.ref_name_or_path if set; else the initial policy: the base model, carrying the starting adapter
 when one is continued (model.adapter); a new adapter's reference is the base itself.
 
-The pass streams (`pipeline.reference.write_reference_logps`): blocks of pairs are read, scored and written as
+The pass streams (`pipeline.run.reference_pass.write_reference_logps`): blocks of pairs are read, scored and written as
 Parquet row groups one after another, so memory stays flat in the number of pairs.
 """
 
@@ -14,10 +14,11 @@ from pathlib import Path
 
 import click
 
-from pipeline.artifacts import stage_output
-from pipeline.models import load_base_tokenizer, load_policy
-from pipeline.params import train_option
-from pipeline.reference import stage_reference, write_reference_logps
+from pipeline.store.artifacts import stage_output
+from pipeline.model.loading import load_base_tokenizer, load_policy
+from pipeline.config.params import train_option
+from pipeline.objective.reference import stage_reference
+from pipeline.run.reference_pass import write_reference_logps
 
 from . import paths
 from .common import launches, load, params_option, path_option, user_errors

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from pipeline.artifacts import stage_output
+from pipeline.store.artifacts import stage_output
 from pipeline.data.tokenize import tokenize_dataset
-from pipeline.models import load_base_tokenizer
+from pipeline.model.loading import load_base_tokenizer
 
 from . import paths
 from .common import load, params_option, path_option, user_errors

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import click
 
-from pipeline.artifacts import stage_output
-from pipeline.distributed import is_main
-from pipeline.resume import record_run
-from pipeline.tracking import LiveMetricsCallback
-from pipeline.training import run_checkpoints, train_inputs, train_policy
+from pipeline.store.artifacts import stage_output
+from pipeline.core.distributed import is_main
+from pipeline.run.resume import record_run
+from pipeline.run.tracking import LiveMetricsCallback
+from pipeline.run.training import run_checkpoints, train_inputs, train_policy
+from pipeline.config.train_params import check_train
 
 from . import paths
 from .common import launches, load, params_option, path_option, user_errors
@@ -54,5 +55,5 @@ def run(params: dict, tokenized: Path = paths.TOKENIZED, ref_logps: Path = paths
 def command(params_path: Path, tokenized: Path, ref_logps: Path, base: Path, out: Path, checkpoints: Path, live: Path,
             resume) -> None:
     """Train the policy with DPO (train.* params: any DPOConfig option)."""
-    manifest = run(load(params_path), tokenized, ref_logps, base, out, checkpoints, live, resume=resume)
+    manifest = run(load(params_path, check_train), tokenized, ref_logps, base, out, checkpoints, live, resume=resume)
     click.echo(f"train: {manifest['train_metrics']} -> {out}")

@@ -26,7 +26,7 @@ def random_pairs(n: int = 4, seed: int = 0, prompt=(2, 6), chosen=(2, 7), reject
 
 def tiny_params(**train_overrides) -> dict:
     """params for the built-in task at test size: a few seconds per stage on 2 CPU cores."""
-    from pipeline.params import check_params
+    from pipeline.config.params import check_params
 
     train = {"precompute_ref_log_probs": True, "learning_rate": 1e-4, "num_train_epochs": 1,
              "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16, "gradient_checkpointing": False,
@@ -84,3 +84,14 @@ def write_builtin_model(path) -> None:
     tokenizer = build_tokenizer()
     build_model(tokenizer, seed=0, hidden_size=32, num_layers=1, num_heads=2).save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+def reference_logps(reference, rows: list[dict], collator, batch_size: int) -> dict[str, list]:
+    """Summed and per-token completion log-probs of chosen and rejected for a few in-memory `rows` (`row_id`,
+    `prompt_ids`, `chosen_ids`, `rejected_ids`), as Python lists in their order: one block of the reference pass."""
+    import pyarrow as pa
+
+    from pipeline.run.reference_pass import ID_COLUMNS, score_block
+
+    block = pa.Table.from_pydict({name: [list(r[name]) for r in rows] for name in ID_COLUMNS})
+    return {"row_id": [r["row_id"] for r in rows], **score_block(reference, block, collator, batch_size).to_pydict()}

@@ -15,7 +15,7 @@ import pytest
 
 from pipeline import DPOConfig, DPOTrainer
 from pipeline.data.prepare import prepare_dataset
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 HH = Path(__file__).parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 HH_EMPTY_LAST_TURN = [86, 516, 925, 1103]  # rows whose chosen ends with an empty "Assistant:" turn

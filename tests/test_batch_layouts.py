@@ -1,4 +1,4 @@
-"""Prefix-shared and packed batches (pipeline.collator, pipeline.attention) give the padded batch's numbers, values
+"""Prefix-shared and packed batches (pipeline.model.collator, pipeline.model.attention) give the padded batch's numbers, values
 and gradients (fp32, ≤ 1e-5), for every loss type and option, train and eval, plain and PEFT models, in the
 reference pass too; the fastest layout is the default; a model that cannot take a layout falls back, with a log."""
 
@@ -12,13 +12,15 @@ import pyarrow as pa
 import pytest
 import torch
 
-import pipeline.attention
+import pipeline.model.layout
 from conftest import random_pairs
 from pipeline import DPOConfig, DPOTrainer
-from pipeline.attention import allowed, batch_layout, layout_problem
-from pipeline.collator import CHOSEN, PROMPT, REJECTED, DataCollatorForPreference, first_fit
-from pipeline.losses import LOSS_TYPES
-from pipeline.reference import Reference, score_block
+from pipeline.model.attention import allowed
+from pipeline.model.layout import batch_layout, layout_problem
+from pipeline.model.collator import CHOSEN, PROMPT, REJECTED, DataCollatorForPreference, first_fit
+from pipeline.objective.losses import LOSS_TYPES
+from pipeline.objective.reference import Reference
+from pipeline.run.reference_pass import score_block
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 PADDED = {"prefix_sharing": False, "packing": False}
@@ -197,10 +199,10 @@ def test_a_model_that_cannot_take_the_mask_falls_back_with_one_log_line(tmp_path
     # without the mask, the restarting positions split the rejected completion from its prompt
     assert layout_problem(model, "prefix_shared").startswith("its log-probs differ from the padded batch's by")
     assert layout_problem(model, "packed") is None
-    with caplog.at_level(logging.WARNING, logger="pipeline.attention"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.model.layout"):
         trainer = make_trainer(tmp_path, model, tiny_tokenizer, ref_model=build(tiny_tokenizer, seed=1))
     assert trainer.layout == {"prefix_sharing": False, "packing": True, "padding_free": False}
-    [line] = [r.getMessage() for r in caplog.records if r.name == "pipeline.attention"]
+    [line] = [r.getMessage() for r in caplog.records if r.name == "pipeline.model.layout"]
     assert line.startswith("DropsTheMask cannot take prefix-shared batches (its log-probs differ")
     assert line.endswith("); using packed batches")
     assert step(trainer)[0] == pytest.approx(step(make_trainer(tmp_path, model, tiny_tokenizer, ref_model=build(
@@ -220,8 +222,8 @@ def test_an_attention_implementation_without_custom_masks_is_not_given_one(tiny_
 def test_a_layout_problem_is_decided_once_per_model(tiny_tokenizer, monkeypatch):
     model = build(tiny_tokenizer)
     calls = []
-    real = pipeline.attention._probe
-    monkeypatch.setattr(pipeline.attention, "_probe", lambda m, layout: calls.append(layout) or real(m, layout))
+    real = pipeline.model.layout._probe
+    monkeypatch.setattr(pipeline.model.layout, "_probe", lambda m, layout: calls.append(layout) or real(m, layout))
     for _ in range(3):
         assert layout_problem(model, "prefix_shared") is None
     assert calls == ["prefix_shared"]

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from pipeline.builtin import BUILTIN_VLM, vision_model, vision_task
+from pipeline.run import warm_start_vision
+from pipeline.store.base_record import MODEL_SUBDIR
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "warmup_steps": 3, "warmup_batch_size": 4,
         "warmup_learning_rate": 3e-3, "warmup_positive_fraction": 0.3}
@@ -100,10 +102,10 @@ def test_processor_expands_image_to_model_features():
 def test_builtin_vision_base_saves_and_reloads_offline(tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    info = vision_model.build_builtin_vision_base({"seed": 0, "model": {"builtin": TINY}}, tmp_path)
+    info = warm_start_vision.build_builtin_vision_base({"seed": 0, "model": {"builtin": TINY}}, tmp_path)
     assert info["source"] == BUILTIN_VLM and info["revision"] is None and info["num_parameters"] > 0
     assert info["warmup_loss_first"] > 0 and info["warmup_loss_last"] > 0
-    saved = tmp_path / vision_model.MODEL_SUBDIR
+    saved = tmp_path / MODEL_SUBDIR
     processor = AutoProcessor.from_pretrained(saved, local_files_only=True)
     model = AutoModelForImageTextToText.from_pretrained(saved, local_files_only=True).eval()
     fresh = vision_model.build_vision_processor()
@@ -128,11 +130,11 @@ def test_builtin_vision_base_saves_and_reloads_offline(tmp_path):
 def test_warm_start_masks_the_prompt_and_lowers_the_loss():
     processor = vision_model.build_vision_processor()
     example = vision_task.warmup_examples(1, 1.0, seed=6)[0]
-    encoded = vision_model.encode_example(processor, example)
+    encoded = warm_start_vision.encode_example(processor, example)
     completion = processor.tokenizer.decode(encoded["input_ids"][encoded["completion_mask"]], skip_special_tokens=True)
     assert completion.split() == example["completion"][0]["content"][0]["text"].split()
     model = vision_model.build_vision_model(processor, seed=0, hidden_size=32, num_layers=1, num_heads=2,
                                             vision_hidden_size=16, vision_layers=1)
-    history = vision_model.warm_start_vision(model, processor, vision_task.warmup_examples(16, 0.3, seed=7),
+    history = warm_start_vision.warm_start_vision(model, processor, vision_task.warmup_examples(16, 0.3, seed=7),
                                              steps=15, batch_size=8, learning_rate=3e-3, seed=0)
     assert len(history) == 15 and history[-1] < history[0]

@@ -1,4 +1,4 @@
-"""The chunked output layer (pipeline.head) gives the plain full-logits computation's numbers, values and
+"""The chunked output layer (pipeline.model.head) gives the plain full-logits computation's numbers, values and
 gradients (fp32, ≤ 1e-5), for every loss type and option, train and eval, plain and PEFT models, tied and
 untied output layers; it never holds more than a chunk of logits; models it cannot split take the plain path."""
 
@@ -11,11 +11,11 @@ import datasets
 import pytest
 import torch
 
-import pipeline.head
+import pipeline.model.head
 from pipeline import DPOConfig, DPOTrainer
-from pipeline.head import OutputLayer, head_logps, token_values
-from pipeline.logps import label_logps, vocab_diagnostics
-from pipeline.losses import LOSS_TYPES
+from pipeline.model.head import OutputLayer, head_logps, token_values
+from pipeline.model.logps import label_logps, vocab_diagnostics
+from pipeline.objective.losses import LOSS_TYPES
 from conftest import random_pairs
 
 CHUNK = 3  # positions per chunk: every batch below spans several chunks, and one chunk crosses rows
@@ -49,7 +49,7 @@ def plain_path(chunked: bool):
     """The full-logits path (what `output_layer` falls back to) unless `chunked`."""
     with pytest.MonkeyPatch.context() as patch:
         if not chunked:
-            patch.setattr(pipeline.head, "output_layer", lambda model: None)
+            patch.setattr(pipeline.model.head, "output_layer", lambda model: None)
         yield
 
 
@@ -157,7 +157,7 @@ def test_reference_pass_streams_the_plain_values(tmp_path, tiny_tokenizer):
     trainer = make_trainer(tmp_path, build(tiny_tokenizer), tiny_tokenizer, precompute_ref_log_probs=True)
     chunked = trainer.train_dataset
     trainer.train_dataset = trainer.train_dataset.remove_columns([c for c in chunked.column_names if c.startswith("ref_")])
-    from pipeline.reference import resolve_reference
+    from pipeline.objective.reference import resolve_reference
     trainer.reference = resolve_reference(trainer.model, when="before_training")
     with plain_path(False):
         plain = trainer.with_reference_logps(trainer.train_dataset)
@@ -256,19 +256,19 @@ def test_a_model_that_transforms_its_logits_takes_the_plain_path(tiny_tokenizer,
     model = build(tiny_tokenizer)
     scaled = ScaledLogits(model.config)
     scaled.load_state_dict(model.state_dict())
-    from pipeline.collator import DataCollatorForPreference
+    from pipeline.model.collator import DataCollatorForPreference
     batch = DataCollatorForPreference(tiny_tokenizer.pad_token_id)(PAIRS)
     mask = batch["completion_mask"][:, 1:].bool()
-    with caplog.at_level(logging.WARNING, logger="pipeline.head"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.model.head"):
         values = token_values(scaled, batch, mask, diagnostics=True)
-    assert "full-vocabulary logits" in caplog.text and pipeline.head.output_layer(scaled) is None
+    assert "full-vocabulary logits" in caplog.text and pipeline.model.head.output_layer(scaled) is None
     logits = scaled(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     want = label_logps(logits, batch["input_ids"][:, 1:])[0]
     torch.testing.assert_close(values.logps * mask, want * mask)
-    assert pipeline.head.output_layer(model) is not None  # the same weights, untransformed: chunked
+    assert pipeline.model.head.output_layer(model) is not None  # the same weights, untransformed: chunked
 
     model.config.final_logit_softcapping = 30.0  # declared in the config: refused without a probe
-    assert pipeline.head._split(model, *pipeline.head._parts(model))[0] is None
+    assert pipeline.model.head._split(model, *pipeline.model.head._parts(model))[0] is None
 
 
 def test_vocab_diagnostics_match_the_log_softmax_formulas():
@@ -285,17 +285,17 @@ def test_a_replaced_output_layer_is_looked_at_again(tiny_tokenizer):
     from peft import LoraConfig, get_peft_model
 
     model = build(tiny_tokenizer, tied=False)
-    assert pipeline.head.output_layer(model).head is model.lm_head
+    assert pipeline.model.head.output_layer(model).head is model.lm_head
     get_peft_model(model, LoraConfig(r=2, target_modules=["lm_head"], task_type="CAUSAL_LM"))  # wraps it in place
     assert type(model.lm_head) is not torch.nn.Linear
-    assert pipeline.head.output_layer(model).head is model.lm_head
+    assert pipeline.model.head.output_layer(model).head is model.lm_head
 
 
 @pytest.mark.parametrize("diagnostics", [False, True])
 def test_a_zero3_partitioned_head_takes_the_checkpointed_route_with_the_same_values_and_gradients(diagnostics):
     """DeepSpeed ZeRO-3 marks its partitioned parameters with `ds_id`; such a head cannot be an input of the
     autograd Function (its weights exist only inside its own call), so it runs through checkpointed autograd."""
-    from pipeline.head import head_logps
+    from pipeline.model.head import head_logps
 
     torch.manual_seed(0)
     hidden = torch.randn(37, 16, dtype=torch.float64)
@@ -313,7 +313,7 @@ def test_a_zero3_partitioned_head_takes_the_checkpointed_route_with_the_same_val
         results.append((logps.detach(), {k: v.detach() for k, v in diag.items()}, h.grad, head.weight.grad, head.bias.grad))
     (want, want_diag, *want_grads), (got, got_diag, *got_grads) = results
     torch.testing.assert_close(got, want)
-    assert set(got_diag) == set(want_diag) == (set(pipeline.head.DIAGNOSTICS) if diagnostics else set())
+    assert set(got_diag) == set(want_diag) == (set(pipeline.model.head.DIAGNOSTICS) if diagnostics else set())
     for name in got_diag:
         torch.testing.assert_close(got_diag[name], want_diag[name])
     for g, w in zip(got_grads, want_grads, strict=True):

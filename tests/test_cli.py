@@ -76,7 +76,6 @@ def test_a_failed_normalize_keeps_the_previous_artifact(tmp_path):
     ({"data": {"on_invalid": "skip"}}, "data.on_invalid must be one of"),
     ({"tokenize": {"max_length": "long"}}, "tokenize.max_length must be int"),
     ({"modle": {}}, "unknown key modle"),
-    ({"train": {"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}}, "loss_weights has 1 entries"),
     ({"train": {"max_length": 512}}, "train.max_length belongs in tokenize.max_length"),
     ({"train": {"precompute_ref_batch_size": 8}}, "belongs in ref_logps.precompute_ref_batch_size"),
     ({"train": {"model_init_kwargs": {"dtype": "bfloat16"}}}, "belongs in model.model_init_kwargs"),
@@ -89,9 +88,23 @@ def test_params_mistakes_fail_fast_with_the_key(tmp_path, params, message):
     assert str(path) in result.output
 
 
+def test_the_train_section_is_checked_against_dpo_config_by_the_stages_that_build_one(tmp_path):
+    """normalize reads no train option and runs; train refuses the loss combination before reading anything."""
+    path = tmp_path / "params.yaml"
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "Q", "chosen": "yes", "rejected": "no"}) + "\n")
+    write_params(path, data, eval_fraction=0.5)
+    raw = yaml.safe_load(path.read_text())
+    raw["train"] = {"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}
+    path.write_text(yaml.safe_dump(raw))
+    assert CliRunner().invoke(main, ["normalize", "--params", str(path), "--out", str(tmp_path / "n")]).exit_code == 0
+    result = CliRunner().invoke(main, ["train", "--params", str(path), "--tokenized", str(tmp_path / "missing")])
+    assert result.exit_code == 1 and "loss_weights has 1 entries" in result.output and str(path) in result.output
+
+
 def test_the_train_config_takes_the_data_options_from_their_stages(tmp_path):
     from conftest import tiny_params
-    from pipeline.params import dpo_config as training_config
+    from pipeline.config.train_params import dpo_config as training_config
 
     params = tiny_params()
     params["tokenize"].update(max_length=77, truncation_mode="keep_end", dataset_num_proc=2)

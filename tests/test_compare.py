@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.artifacts import write_manifest
-from pipeline.comparison import Run, comparison_text, dedupe_workspace, nice_ticks, render_comparison
-from pipeline.environment import cpu_flags, cpu_model, describe, environment
-from pipeline.metrics_file import read_environment, read_metrics, write_metrics
+from pipeline.store.artifacts import write_manifest
+from pipeline.publish.comparison import Run, comparison_text, dedupe_workspace, nice_ticks, render_comparison
+from pipeline.core.environment import cpu_flags, cpu_model, describe, environment
+from pipeline.publish.metrics_file import read_environment, read_metrics, write_metrics
 from stages.cli import STAGE_MODULES, main
 from stages.compare import runs_of
 

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from pipeline.data.formats import RULES, InvalidRow, canonical_pair, drop_nulls, extract_text_prompt
+from pipeline.data.formats import canonical_pair, drop_nulls, extract_text_prompt
+from pipeline.data.invalid import RULES, InvalidRow
 from pipeline.data.schema import row_id_for
 
 USER = {"role": "user", "content": "What color is the sky?"}

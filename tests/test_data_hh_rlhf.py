@@ -14,7 +14,7 @@ import pytest
 
 import stages.normalize as normalize_stage
 from pipeline.data.schema import decoded_row
-from pipeline.params import check_params
+from pipeline.config.params import check_params
 
 HH = Path(__file__).parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 MARKER = "\n\nAssistant:"
@@ -84,7 +84,7 @@ def test_without_a_marker_the_prompt_ends_between_words_and_the_marker_keeps_sha
 
 
 def test_under_error_every_empty_final_turn_is_named_with_the_part_that_is_empty(tmp_path):
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     params = check_params({"data": {"train": str(HH), "prompt_marker": MARKER, "on_invalid": "error"}})
     with pytest.raises(PipelineError) as caught:

@@ -16,8 +16,8 @@ import pytest
 import pipeline.data.sources as sources
 import stages.normalize as normalize_stage
 from pipeline.data.schema import decoded_row
-from pipeline.errors import PipelineError
-from pipeline.params import check_params
+from pipeline.core.errors import PipelineError
+from pipeline.config.params import check_params
 
 STANDARD = [{"prompt": f"Question {i}:", "chosen": f" good answer {i}.", "rejected": f" bad answer {i}."} for i in range(6)]
 TOOL = {"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": {

@@ -15,12 +15,12 @@ from transformers import PreTrainedTokenizerFast
 
 import pipeline.data.normalize as normalize_module
 import stages.normalize as normalize_stage
-from pipeline.artifacts import stage_output
+from pipeline.store.artifacts import stage_output
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.schema import decoded_row
 from pipeline.data.tokenize import tokenize_dataset, truncate_pair
-from pipeline.errors import PipelineError
-from pipeline.params import check_params
+from pipeline.core.errors import PipelineError
+from pipeline.config.params import check_params
 
 SPECIAL = ["<s>", "<|end|>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
 TEMPLATE = (

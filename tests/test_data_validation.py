@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 import stages.normalize as normalize_stage
-from pipeline.data.formats import RULES
+from pipeline.data.invalid import RULES
 from pipeline.data.schema import decoded_row
-from pipeline.errors import PipelineError
-from pipeline.params import check_params
+from pipeline.core.errors import PipelineError
+from pipeline.config.params import check_params
 
 TEXT = [{"prompt": f"Is fact {i} true?", "chosen": f" Yes, fact {i} holds.", "rejected": f" No, fact {i} fails."} for i in range(5)]
 CONV = [{"prompt": [{"role": "user", "content": f"Fact {i}?"}],

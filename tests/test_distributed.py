@@ -1,4 +1,4 @@
-"""Many processes (pipeline.distributed): `dpo <stage>` launches the processes `distributed` asks for; 2 processes
+"""Many processes (pipeline.core.distributed): `dpo <stage>` launches the processes `distributed` asks for; 2 processes
 (gloo, CPU) give one process's artifacts with the same global batch; each rank of ref-logps scores half of the
 rows; two "machines" on the loopback address train to the same weights; a rank that dies fails the launch and
 publishes nothing."""
@@ -17,10 +17,10 @@ import torch
 import yaml
 
 from conftest import prepare_stages, tiny_params
-from pipeline.distributed import launch_command
-from pipeline.errors import PipelineError
-from pipeline.params import check_params
-from pipeline.resume import last_run
+from pipeline.core.distributed import launch_command
+from pipeline.core.errors import PipelineError
+from pipeline.config.params import check_params
+from pipeline.run.resume import last_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = {"max_steps": 4, "logging_steps": 1, "learning_rate": 3e-3}  # 4 full global batches of 8 pairs
@@ -182,7 +182,7 @@ def test_two_machines_on_the_loopback_address_train_to_the_same_weights(tmp_path
 FAIL_ON_RANK_1 = """
 import os
 if os.environ.get("RANK") == "1":
-    import pipeline.reference as reference
+    import pipeline.run.reference_pass as reference
     def broken(*args, **kwargs):
         raise RuntimeError("rank 1 lost its device")
     reference.score_block = broken
@@ -235,7 +235,7 @@ def test_a_new_lora_adapter_with_its_adapter_off_reference_trains_alike_on_two_p
 FAIL_AT_STEP_3_ON_RANK_1 = """
 import os
 if os.environ.get("RANK") == "1":
-    import pipeline.trainer as trainer
+    import pipeline.run.trainer as trainer
     step = trainer.DPOTrainer.training_step
     def failing(self, *args, **kwargs):
         if self.state.global_step == 3:

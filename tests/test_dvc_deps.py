@@ -120,11 +120,11 @@ def test_dvc_yaml_lists_exactly_the_files_each_stage_executes(stage):
 
 
 def test_the_walker_follows_lazy_and_relative_imports():
-    # stages.train imports pipeline.training lazily through pipeline.tracking? No: check known edges directly
+    # stages.train imports pipeline.run.training lazily through pipeline.run.tracking? No: check known edges directly
     files = executed_files("stages.evaluate")
-    assert "pipeline/__init__.py" in files and "pipeline/trainer.py" in files and "pipeline/losses.py" in files
+    assert "pipeline/__init__.py" in files and "pipeline/run/trainer.py" in files and "pipeline/objective/losses.py" in files
     assert "stages/train.py" not in files  # a stage never runs another stage's module
-    assert "pipeline/trainer.py" not in executed_files("stages.normalize")
+    assert "pipeline/run/trainer.py" not in executed_files("stages.normalize")
 
 
 def test_the_vision_pipeline_is_dvc_yaml_on_params_vision_yaml():

@@ -143,9 +143,9 @@ def test_editing_code_or_data_reruns_exactly_that_stage_and_the_ones_after(proje
     # when their outputs change
     from test_dvc_deps import needed_deps
 
-    edits = {"stages/train.py": ["train"], "pipeline/tracking.py": ["train"], "pipeline/report.py": ["evaluate"],
-             "pipeline/data/tables.py": ["train", "evaluate"], "pipeline/evaluation.py": ["evaluate"],
-             "pipeline/export.py": ["export"], "stages/base.py": ["base"],
+    edits = {"stages/train.py": ["train"], "pipeline/run/tracking.py": ["train"], "pipeline/publish/report.py": ["evaluate"],
+             "pipeline/data/tables.py": ["train", "evaluate"], "pipeline/run/evaluation.py": ["evaluate"],
+             "pipeline/publish/export.py": ["export"], "stages/base.py": ["base"],
              "pipeline/data/normalize.py": ["normalize"]}
     for rel, expected in edits.items():
         assert [s for s in STAGES if rel in needed_deps(s)] == expected, rel  # what the imports say
@@ -183,7 +183,7 @@ def test_editing_code_or_data_reruns_exactly_that_stage_and_the_ones_after(proje
 
 def numbers(row: dict, file: str) -> dict:
     """The flat metrics of one `dvc exp show --json` row for one metrics file."""
-    from pipeline.metrics_file import flatten
+    from pipeline.publish.metrics_file import flatten
 
     data = row["data"]["metrics"][file]["data"]
     return {k: v for k, v in flatten(data).items() if isinstance(v, (int, float))}
@@ -228,7 +228,7 @@ def test_the_readmes_comparison_recipe_runs_offline_and_names_the_machine(projec
     (results/eval.json, every manifest); `dpo compare` shows the changed param and the metrics that matter, whole;
     `--html` writes every run's curves on a page that fetches nothing; a machine change shows in `dvc metrics diff`
     and makes `dpo compare` warn; `dvc plots diff`'s page (dvc_plots/) is git-ignored."""
-    from pipeline.environment import environment
+    from pipeline.core.environment import environment
 
     repo, env = project
     experiments = exp_show(repo, env)[1]

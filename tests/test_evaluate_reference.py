@@ -13,8 +13,8 @@ import pytest
 
 import stages.evaluate as evaluate_stage
 import stages.train as train_stage
-from pipeline.evaluation import evaluate_policy
-from pipeline.metrics_file import read_metrics
+from pipeline.run.evaluation import evaluate_policy
+from pipeline.publish.metrics_file import read_metrics
 
 DPO_METRICS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"}

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.collator import DataCollatorForPreference
-from pipeline.errors import PipelineError
-from pipeline.export import export_model, model_card, push_to_hub
-from pipeline.reference import Reference, reference_logps
+from pipeline.model.collator import DataCollatorForPreference
+from pipeline.core.errors import PipelineError
+from pipeline.publish.export import export_model, model_card, push_to_hub
+from conftest import reference_logps
+from pipeline.objective.reference import Reference
 
 SECRET = "hf_dpoPipelineTestSecret0123456789"
 PAIRS = [{"row_id": str(i), "prompt_ids": [2, 5, 10 + i, 11], "chosen_ids": [20 + i, 21, 3], "rejected_ids": [30, 31 + i, 3]}
@@ -43,7 +44,7 @@ def adapter_run(tmp_path, tiny_model, tiny_tokenizer):
 
 
 def load_base(base_dir):
-    from pipeline.models import load_causal_lm
+    from pipeline.model.loading import load_causal_lm
 
     return lambda: load_causal_lm(str(base_dir), {"dtype": "float32"})
 
@@ -83,7 +84,7 @@ def test_adapter_export_without_merging_and_full_model_export(tmp_path, adapter_
 
 
 def test_model_card_records_base_data_params_losses_and_metrics():
-    from pipeline.params import check_params
+    from pipeline.config.params import check_params
 
     params = check_params({"train": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "beta": 0.2}})
     card = model_card("user/dpo-model", "org/base-model", params, {"rewards/accuracies": 0.875, "win_rate": 0.9},
@@ -109,7 +110,7 @@ def _card_metadata(card: str) -> dict:
     ("/data/models/base", None, "a local directory, `/data/models/base`"),
 ])
 def test_the_model_card_names_a_builtin_or_local_base_in_its_text_not_as_a_hub_base_model(base, kind, described):
-    from pipeline.params import check_params
+    from pipeline.config.params import check_params
 
     card = model_card("DPO model", base, check_params({}), {}, "ab" * 32, base_kind=kind)
     metadata = _card_metadata(card)
@@ -118,7 +119,7 @@ def test_the_model_card_names_a_builtin_or_local_base_in_its_text_not_as_a_hub_b
 
 
 def test_the_model_card_names_a_hub_base_as_base_model(tmp_path, monkeypatch):
-    from pipeline.params import check_params
+    from pipeline.config.params import check_params
 
     monkeypatch.chdir(tmp_path)  # no local directory of that name
     card = model_card("DPO model", "org/base-model", check_params({}), {}, "ab" * 32, base_revision="abc123")

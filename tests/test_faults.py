@@ -8,8 +8,8 @@ import math
 import pytest
 
 from pipeline import DPOConfig
-from pipeline.errors import PipelineError
-from pipeline.params import check_params
+from pipeline.core.errors import PipelineError
+from pipeline.config.params import check_params
 
 
 @pytest.mark.parametrize("option, value", [("beta", math.inf), ("beta", -math.inf), ("learning_rate", math.inf),
@@ -60,7 +60,7 @@ def test_max_nonfinite_steps_is_a_checked_option():
 def test_the_log_history_file_is_valid_json_with_nonfinite_values_flagged():
     import json
 
-    from pipeline.training import finite_entry
+    from pipeline.run.training import finite_entry
 
     entry = finite_entry({"loss": math.nan, "grad_norm": math.inf, "step": 3, "learning_rate": 1e-4})
     assert entry == {"loss": None, "grad_norm": None, "step": 3, "learning_rate": 1e-4, "nonfinite": ["grad_norm", "loss"]}
@@ -69,7 +69,7 @@ def test_the_log_history_file_is_valid_json_with_nonfinite_values_flagged():
 
 
 def test_a_damaged_manifest_says_damaged_and_the_stage_to_re_run(tmp_path):
-    from pipeline.artifacts import check_inputs
+    from pipeline.store.artifacts import check_inputs
 
     artifact = tmp_path / "tokenized"
     artifact.mkdir()
@@ -101,7 +101,7 @@ def _checkpoint(run_dir, step, fingerprint, optimizer):
 
     import torch
 
-    from pipeline.resume import FINGERPRINT_NAME, TRAINER_STATE_NAME
+    from pipeline.run.resume import FINGERPRINT_NAME, TRAINER_STATE_NAME
 
     folder = run_dir / f"checkpoint-{step}"
     folder.mkdir(parents=True)
@@ -116,7 +116,7 @@ def test_resume_skips_a_checkpoint_that_fails_to_load_and_never_runs_a_hostile_p
 
     import torch
 
-    from pipeline.resume import Fingerprint, plan_resume, run_checkpoints
+    from pipeline.run.resume import Fingerprint, plan_resume, run_checkpoints
 
     fingerprint = Fingerprint.of({"seed": 0})
     run_dir = run_checkpoints(tmp_path, fingerprint)

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 import stages.normalize as normalize_stage
-from pipeline.errors import PipelineError
-from pipeline.params import check_params
+from pipeline.core.errors import PipelineError
+from pipeline.config.params import check_params
 
 PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
 YES, NO = [{"role": "assistant", "content": "red"}], [{"role": "assistant", "content": "blue"}]

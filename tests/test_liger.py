@@ -1,4 +1,4 @@
-"""`use_liger_kernel=True`: the fused Liger DPO loss (pipeline.liger) trains as the default route does — the same
+"""`use_liger_kernel=True`: the fused Liger DPO loss (pipeline.objective.liger) trains as the default route does — the same
 step-one loss, metrics (less entropy and mean_token_accuracy) and updated weights (fp32, ≤ 1e-5) for every loss type
 Liger has, PEFT with its adapter-off reference, an untied output layer with a bias, a packed batch, a
 mixture-of-experts router loss, and evaluation; what it cannot express is refused when the trainer is built."""
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from pipeline import DPOConfig, DPOTrainer
-from pipeline.collator import DataCollatorForPreference
-from pipeline.errors import PipelineError
-from pipeline.liger import LIGER_LOSS_TYPES
-from pipeline.trainer import PAIR_METRICS
+from pipeline.model.collator import DataCollatorForPreference
+from pipeline.core.errors import PipelineError
+from pipeline.objective.liger import LIGER_LOSS_TYPES
+from pipeline.run.trainer import PAIR_METRICS
 from conftest import random_pairs
 
 pytest.importorskip("liger_kernel")

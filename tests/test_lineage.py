@@ -15,8 +15,8 @@ import stages.ref_logps as ref_stage
 import stages.tokenize as tokenize_stage
 import stages.train as train_stage
 from conftest import prepare_stages, tiny_params
-from pipeline.artifacts import check_inputs
-from pipeline.errors import PipelineError
+from pipeline.store.artifacts import check_inputs
+from pipeline.core.errors import PipelineError
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The machine's faults end in one sentence (`pipeline.faults`): a disk that fills during `train`, a disk too small
+"""The machine's faults end in one sentence (`pipeline.core.faults`): a disk that fills during `train`, a disk too small
 for the model and a checkpoint (refused before the first step), a read-only folder, a forbidden one, an exceeded
 quota. Each: exit status 1, no traceback, the path and the fix named, the previous artifact as it was and no staging
 folder left. A real small tmpfs where this machine lets the test mount one (root), else the error injected at the
@@ -85,7 +85,7 @@ def one_sentence(result, *expected: str) -> str:
 def test_a_disk_that_fills_during_train_is_one_sentence_and_keeps_the_previous_model(prepared, tmp_path,
                                                                                      small_disk, monkeypatch):
     import stages.train as train_stage
-    from pipeline import faults
+    from pipeline.core import faults
 
     disk = small_disk(4 << 20)
     injected = disk is None
@@ -119,7 +119,7 @@ def test_a_disk_that_fills_during_train_is_one_sentence_and_keeps_the_previous_m
 
 def test_a_disk_too_small_for_the_model_and_a_checkpoint_is_refused_before_the_first_step(prepared, tmp_path,
                                                                                          small_disk, monkeypatch):
-    from pipeline import faults
+    from pipeline.core import faults
 
     disk = small_disk(4 << 20)
     real = disk is not None
@@ -150,7 +150,7 @@ def test_a_disk_too_small_for_the_model_and_a_checkpoint_is_refused_before_the_f
 def test_a_refused_rename_into_place_is_one_sentence_and_restores_the_previous_artifact(tmp_path, monkeypatch,
                                                                                       code, what, fix):
     """The last write of every stage, the rename of its staged folder into place, refused by the machine."""
-    import pipeline.artifacts as artifacts
+    import pipeline.store.artifacts as artifacts
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
@@ -192,7 +192,7 @@ def test_a_read_only_artifacts_folder_is_one_sentence(tmp_path, small_disk):
 
 def test_an_error_that_is_not_the_machines_keeps_its_traceback(tmp_path, monkeypatch):
     """Only the machine's faults become a sentence: a bug stays a bug, with its traceback."""
-    from pipeline.faults import machine_fault
+    from pipeline.core.faults import machine_fault
 
     assert machine_fault(KeyError("prompt_ids"), "train", [tmp_path]) is None
     assert machine_fault(RuntimeError("unexpected pos 3008 vs 2900"), "train", [tmp_path]) is None  # room left

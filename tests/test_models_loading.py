@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from pipeline.trainer import DPOScorer  # a trainer built without data (it only scores)
-from pipeline import DPOConfig, DPOTrainer
-from pipeline.errors import PipelineError
-from pipeline.models import init_kwargs, load_causal_lm
+from pipeline.config.train_params import check_train
+from pipeline.run.trainer import DPOScorer  # a trainer built without data (it only scores)
+from pipeline import DPOConfig
+from pipeline.core.errors import PipelineError
+from pipeline.model.loading import init_kwargs, load_causal_lm
 
 
 @pytest.fixture
@@ -22,7 +23,7 @@ def model_dir(tmp_path, tiny_model, tiny_tokenizer):
 
 
 def test_init_kwargs_pass_dtype_names_to_from_pretrained_and_params_refuse_unknown_ones():
-    from pipeline.params import check_params
+    from pipeline.config.params import check_params
 
     assert init_kwargs({"dtype": "bfloat16"}) == {"dtype": "bfloat16"}  # from_pretrained reads the name itself
     assert init_kwargs({"dtype": "auto", "revision": "abc"}) == {"dtype": "auto", "revision": "abc"}
@@ -85,8 +86,8 @@ def test_qlora_is_refused_clearly_without_cuda(model_dir):
 # ---- params ---------------------------------------------------------------------------------------
 
 def test_params_model_section_builds_lora_and_from_pretrained_kwargs():
-    from pipeline.models import model_kwargs, peft_config
-    from pipeline.params import check_params
+    from pipeline.model.loading import model_kwargs, peft_config
+    from pipeline.config.params import check_params
 
     params = check_params({"model": {"attn_implementation": "sdpa", "model_init_kwargs": {"dtype": "bfloat16"},
                                       "ref_model_init_kwargs": {"dtype": "float32"},
@@ -113,20 +114,20 @@ def test_params_model_section_builds_lora_and_from_pretrained_kwargs():
     ({"peft": {"bias": "some"}}, {}, "model.peft.bias must be one of"),
 ])
 def test_params_refuse_model_combinations_that_cannot_work(model, train, message):
-    from pipeline.params import check_params
+    from pipeline.config.params import check_params
 
     with pytest.raises(PipelineError, match=message):
-        check_params({"model": model, "train": train})
+        check_train(check_params({"model": model, "train": train}))
 
 
 def test_params_accept_resume_and_keep_it_out_of_dpo_config(tmp_path):
-    from pipeline.params import check_params
-    from pipeline.params import dpo_config as training_config
+    from pipeline.config.params import check_params
+    from pipeline.config.train_params import dpo_config as training_config
 
     for value in (True, False, "artifacts/checkpoints/checkpoint-50", None):
-        params = check_params({"train": {"resume": value, "report_to": "none"}})
+        params = check_train(check_params({"train": {"resume": value, "report_to": "none"}}))
         assert params["train"]["resume"] == value
         assert not hasattr(training_config(params, tmp_path), "resume")
-    with_sync = check_params({"model": {"peft": {"enabled": True}, "ref_name_or_path": "some/ref"},
-                              "train": {"sync_ref_model": True}})
+    with_sync = check_train(check_params({"model": {"peft": {"enabled": True}, "ref_name_or_path": "some/ref"},
+                              "train": {"sync_ref_model": True}}))
     assert with_sync["train"]["sync_ref_model"] is True  # a standalone reference: TR-DPO with PEFT is fine

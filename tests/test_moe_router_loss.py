@@ -6,7 +6,7 @@ import datasets
 import pytest
 import torch
 
-from pipeline.trainer import DPOScorer  # a trainer built without data (it only scores)
+from pipeline.run.trainer import DPOScorer  # a trainer built without data (it only scores)
 from pipeline import DPOConfig, DPOTrainer
 
 PAIRS = [{"prompt_ids": [2, 5, 9 + i], "chosen_ids": [20 + i, 21, 3], "rejected_ids": [30, 31 + i, 3]} for i in range(4)]
@@ -47,12 +47,12 @@ def test_router_load_balancing_loss_is_added_with_its_weight(tmp_path, tiny_toke
 
 
 def test_trust_remote_code_reaches_from_pretrained_and_is_off_by_default(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
-    import pipeline.models
+    import pipeline.model.loading
     from transformers import AutoModelForCausalLM
 
     seen = []
     real = AutoModelForCausalLM.from_pretrained
-    monkeypatch.setattr(pipeline.models.AutoModelForCausalLM, "from_pretrained",
+    monkeypatch.setattr(pipeline.model.loading.AutoModelForCausalLM, "from_pretrained",
                         lambda *a, **k: seen.append(k["trust_remote_code"]) or real(*a, **k))
     assert DPOConfig(output_dir=str(tmp_path)).policy_init_kwargs() == {"trust_remote_code": False}
     args = DPOConfig(output_dir=str(tmp_path), trust_remote_code=True, model_init_kwargs={"dtype": "float32"},

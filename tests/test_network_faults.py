@@ -1,4 +1,4 @@
-"""Every Hub request is bounded (`pipeline.hub`, params `hub.timeout_s` and `hub.tries`): against an endpoint that
+"""Every Hub request is bounded (`pipeline.store.hub`, params `hub.timeout_s` and `hub.tries`): against an endpoint that
 accepts connections and never answers, the push (export's and `DPOTrainer.push_to_hub`) fails after `hub.tries`
 tries in one sentence naming the host, the time-out and the fix, the local export intact; revision resolution falls
 back to the local cache in bounded time; a model load by Hub id ends in a sentence, not a hang."""
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 
 class SilentHub:
@@ -56,7 +56,7 @@ class SilentHub:
 def silent_hub(monkeypatch):
     from huggingface_hub import constants
 
-    from pipeline import hub
+    from pipeline.store import hub
 
     server = SilentHub()
     endpoint = f"http://127.0.0.1:{server.port}"
@@ -80,7 +80,7 @@ def assert_one_sentence(err: PipelineError, server: SilentHub) -> None:
 
 
 def test_the_export_push_to_a_silent_hub_fails_after_its_tries_and_leaves_the_export(silent_hub, tmp_path, capsys):
-    from pipeline.export import push_to_hub
+    from pipeline.publish.export import push_to_hub
 
     folder = tmp_path / "export"
     folder.mkdir()
@@ -127,7 +127,7 @@ def test_trainer_push_to_hub_to_a_silent_hub_is_one_sentence(silent_hub, tmp_pat
 
 
 def test_resolving_a_revision_against_a_silent_hub_falls_back_to_the_cache_in_bounded_time(silent_hub):
-    from pipeline.hub import resolve_commit
+    from pipeline.store.hub import resolve_commit
 
     started = time.monotonic()
     with pytest.warns(UserWarning) as warned:
@@ -139,7 +139,7 @@ def test_resolving_a_revision_against_a_silent_hub_falls_back_to_the_cache_in_bo
 
 
 def test_a_model_load_by_hub_id_from_a_silent_hub_ends_in_a_sentence(silent_hub):
-    from pipeline.models import load_causal_lm
+    from pipeline.model.loading import load_causal_lm
 
     started = time.monotonic()
     with pytest.raises(PipelineError, match=r"model 'org/model': could not be loaded"):
@@ -148,7 +148,7 @@ def test_a_model_load_by_hub_id_from_a_silent_hub_ends_in_a_sentence(silent_hub)
 
 
 def test_network_params_are_checked_and_documented():
-    from pipeline.params import check_params
+    from pipeline.config.params import check_params
 
     assert check_params({})["hub"] == {"timeout_s": 30.0, "tries": 3}
     with pytest.raises(PipelineError, match=r"hub\.tries must be >= 1"):

@@ -12,7 +12,7 @@ import datasets
 import pytest
 
 from pipeline import DPOConfig, DPOTrainer
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 RAW = [{"prompt": f"Is fact {i} true?", "chosen": f" Yes, fact {i} holds.", "rejected": f" No, fact {i} fails."}
        for i in range(8)]
@@ -136,7 +136,7 @@ def test_a_hub_load_says_it_asks_the_hub_before_waiting(monkeypatch, caplog):
     import transformers
     from huggingface_hub import constants
 
-    from pipeline.models import load_causal_lm
+    from pipeline.model.loading import load_causal_lm
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     seen = []
@@ -145,6 +145,6 @@ def test_a_hub_load_says_it_asks_the_hub_before_waiting(monkeypatch, caplog):
         seen.extend(r.getMessage() for r in caplog.records)
         raise OSError("We couldn't connect to 'https://huggingface.co'")
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", unreachable)
-    with caplog.at_level(logging.WARNING, logger="pipeline.models"), pytest.raises(PipelineError, match="HF_HUB_OFFLINE"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.model.loading"), pytest.raises(PipelineError, match="HF_HUB_OFFLINE"):
         load_causal_lm("someone/unreachable-model")
     assert any("asking the Hub" in m and "HF_HUB_OFFLINE=1" in m for m in seen)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from pipeline import DPOConfig, DPOTrainer
-from pipeline.losses import LOSS_TYPES
-from pipeline.collator import DataCollatorForPreference
-from pipeline.logps import token_diagnostics, wpo_log_weights
+from pipeline.objective.losses import LOSS_TYPES
+from pipeline.model.collator import DataCollatorForPreference
+from pipeline.model.logps import token_diagnostics, wpo_log_weights
 
 PAIRS = [
     {"row_id": "a", "prompt_ids": [2, 5, 40, 41], "chosen_ids": [50, 51, 3], "rejected_ids": [60, 3]},

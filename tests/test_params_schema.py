@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.errors import PipelineError
-from pipeline.params import OWNED_ELSEWHERE, check_params, reference_markdown, reference_rows
+from pipeline.core.errors import PipelineError
+from pipeline.config.train_params import check_train
+from pipeline.config.params import OWNED_ELSEWHERE, check_params, reference_markdown, reference_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +51,7 @@ def test_every_schema_key_has_help_and_the_readme_table_is_generated_from_the_sc
 
 
 def test_an_owned_option_takes_its_default_and_rule_from_dpo_config():
-    from pipeline.config import dpo_default
+    from pipeline.config.params import dpo_default
 
     params = check_params({})
     for option, home in OWNED_ELSEWHERE.items():
@@ -62,36 +63,36 @@ def test_a_report_to_integration_that_is_not_installed_is_refused_with_the_packa
     import pytest
     import transformers.integrations
 
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     monkeypatch.setattr(transformers.integrations, "get_available_reporting_integrations", lambda: ["dvclive"])
     for report_to in ("wandb", ["dvclive", "wandb"]):
         with pytest.raises(PipelineError, match=r"train\.report_to names 'wandb', which is not installed: "
                                                 r"`pip install wandb`"):
-            check_params({"train": {"report_to": report_to}})
-    assert check_params({"train": {"report_to": ["dvclive"]}})["train"]["report_to"] == ["dvclive"]
+            check_train(check_params({"train": {"report_to": report_to}}))
+    assert check_train(check_params({"train": {"report_to": ["dvclive"]}}))["train"]["report_to"] == ["dvclive"]
 
 
 def test_the_stage_config_keeps_gradient_checkpointing_without_a_deprecation_warning():
     import warnings
 
-    from pipeline.params import dpo_config
+    from pipeline.config.train_params import dpo_config
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        params = check_params({})
+        params = check_train(check_params({}))
         assert dpo_config(params, "unused").gradient_checkpointing is True  # DPOConfig's default
-        params = check_params({"train": {"gradient_checkpointing": False}})
+        params = check_train(check_params({"train": {"gradient_checkpointing": False}}))
         args = dpo_config(params, "unused")
         assert args.gradient_checkpointing is False and args.activation_checkpointing is False
-        assert dpo_config(check_params({}), "unused", gradient_checkpointing=False).activation_checkpointing is False
+        assert dpo_config(check_train(check_params({})), "unused", gradient_checkpointing=False).activation_checkpointing is False
 
 
 def test_the_builtin_task_makes_as_many_distinct_pairs_as_asked_or_refuses_up_front():
     import pytest
 
     from pipeline.builtin import task
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     train_prompts, _ = task.split_prompts(0, 0.1)
     rows = task.preference_pairs(train_prompts, 20000, seed=1)  # drew a duplicate at row 9699 before

@@ -15,10 +15,10 @@ import stages.export as export_stage
 import stages.ref_logps as ref_stage
 import stages.tokenize as tokenize_stage
 import stages.train as train_stage
-import pipeline.reference as reference_module
-from pipeline.artifacts import read_manifest
-from pipeline.errors import PipelineError
-from pipeline.params import check_params
+import pipeline.objective.reference as reference_module
+from pipeline.store.artifacts import read_manifest
+from pipeline.core.errors import PipelineError
+from pipeline.config.params import check_params
 
 LORA = {"enabled": True, "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"}
 
@@ -44,7 +44,8 @@ def prepared(tmp_path_factory):
 
 def reseal(directory):
     """Re-digest an artifact a test changed on purpose (the stages refuse files that differ from their manifest)."""
-    from pipeline.artifacts import MANIFEST, file_digest
+    from pipeline.store.artifacts import MANIFEST
+    from pipeline.store.digests import file_digest
 
     manifest = json.loads((directory / MANIFEST).read_text())
     manifest["files"] = {str(p.relative_to(directory)): file_digest(p)
@@ -87,7 +88,7 @@ def saved_adapter(base_dir, out, seed=1):
     """An adapter with non-zero weights on the base model, saved as an earlier run would have."""
     from peft import LoraConfig, get_peft_model
 
-    from pipeline.models import load_causal_lm
+    from pipeline.model.loading import load_causal_lm
 
     model = get_peft_model(load_causal_lm(str(base_dir / "model")),
                            LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -109,7 +110,7 @@ def test_ref_logps_stage_computes_the_reference_of_the_online_path(prepared, tmp
     elif case == "continued_adapter":
         params = with_changes(params, model={"adapter": str(saved_adapter(base, tmp_path / "adapter"))})
     else:
-        from pipeline.models import load_causal_lm
+        from pipeline.model.loading import load_causal_lm
 
         other = load_causal_lm(str(base / "model"))
         with torch.no_grad():
@@ -156,9 +157,9 @@ def test_evaluating_a_new_adapter_generates_the_reference_with_the_adapter_off(p
     the base a second time, and the reference's generations are the base model's (the policy's differ)."""
     import shutil
 
-    from pipeline.evaluation import greedy_answers, held_out_prompts
-    from pipeline.models import load_base_tokenizer
-    from pipeline.models import load_causal_lm
+    from pipeline.run.evaluation import greedy_answers, held_out_prompts
+    from pipeline.model.loading import load_base_tokenizer
+    from pipeline.model.loading import load_causal_lm
 
     params, root = prepared
     params = with_changes(params, model={"peft": LORA})
@@ -200,7 +201,7 @@ def test_adapter_run_evaluates_exports_merged_and_pushes(prepared, tmp_path, mon
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.models import load_causal_lm
+    from pipeline.model.loading import load_causal_lm
     from test_export_push import SECRET, LocalHub, logps
 
     params, root = prepared

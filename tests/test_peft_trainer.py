@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from pipeline import DPOConfig, DPOTrainer
-from pipeline.collator import DataCollatorForPreference
-from pipeline.errors import PipelineError
-from pipeline.reference import Reference, reference_logps
+from pipeline.model.collator import DataCollatorForPreference
+from pipeline.core.errors import PipelineError
+from conftest import reference_logps
+from pipeline.objective.reference import Reference
 
 
 def make_rows(n: int = 16, seed: int = 0, vocab: int = 60) -> list[dict]:

@@ -15,9 +15,9 @@ import stages.normalize as normalize_stage
 import stages.ref_logps as ref_stage
 import stages.tokenize as tokenize_stage
 import stages.train as train_stage
-from pipeline.artifacts import MANIFEST, SCHEMA_VERSION, manifest_digest
-from pipeline.metrics_file import flatten, read_metrics
-from pipeline.errors import PipelineError
+from pipeline.store.artifacts import MANIFEST, SCHEMA_VERSION, manifest_digest
+from pipeline.publish.metrics_file import flatten, read_metrics
+from pipeline.core.errors import PipelineError
 
 METRIC_NAMES = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"}

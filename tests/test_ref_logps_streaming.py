@@ -12,11 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import pipeline.reference as ref
-from pipeline.artifacts import write_manifest
-from pipeline.collator import DataCollatorForPreference
+import pipeline.run.reference_pass as ref
+from pipeline.store.artifacts import write_manifest
+from pipeline.model.collator import DataCollatorForPreference
 from pipeline.data.schema import REF_LOGPS_SCHEMA, SPLITS, TOKENIZED_SCHEMA
-from pipeline.reference import Reference, add_reference_logps, length_batches, reference_logps, write_reference_logps
+from conftest import reference_logps
+from pipeline.objective.reference import Reference
+from pipeline.run.reference_pass import add_reference_logps, length_batches, write_reference_logps
 
 BLOCK = 5
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pipeline import DPOConfig, DPOTrainer
-from pipeline.errors import PipelineError
-from pipeline.resume import last_run
+from pipeline.core.errors import PipelineError
+from pipeline.run.resume import last_run
 from test_peft_trainer import dataset, lora, make_rows
 
 ROWS = make_rows(24, seed=3)
@@ -111,7 +111,7 @@ def interrupted_run(monkeypatch, root, out, at_step: int) -> Path:
     """A train stage run stopped (by an exception) at the end of step `at_step`; returns its checkpoints' dir."""
     from transformers import TrainerCallback
 
-    import pipeline.training as training
+    import pipeline.run.training as training
 
     class StopAt(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):

@@ -10,9 +10,10 @@ import torch
 import stages.evaluate as evaluate_stage
 import stages.export as export_stage
 import stages.train as train_stage
-from pipeline.errors import PipelineError
-from pipeline.params import check_params
-from pipeline.redaction import REDACTED, redact, redact_text
+from pipeline.core.errors import PipelineError
+from pipeline.config.train_params import check_train
+from pipeline.config.params import check_params
+from pipeline.core.redaction import REDACTED, redact, redact_text
 
 FAKE_TOKEN = "hf_FAKEtokenFORtestsONLY0123456789abcd"
 OTHER_TOKEN = "hf_ANOTHERfakeTOKENforTESTSonly987654321"  # never in the environment
@@ -83,9 +84,12 @@ def test_training_args_bin_holds_no_token_while_the_trainer_keeps_it(tmp_path, t
 
 def test_error_messages_never_show_the_environment_token(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    with pytest.raises(PipelineError, match="learning_rate") as err:
-        check_params({"train": {"learning_rate": FAKE_TOKEN}})
+    with pytest.raises(PipelineError, match="on_invalid") as err:  # a message that quotes the value it refuses
+        check_params({"data": {"on_invalid": FAKE_TOKEN}})
     assert FAKE_TOKEN not in str(err.value) and REDACTED in str(err.value)
+    with pytest.raises(PipelineError, match="learning_rate") as err:
+        check_train(check_params({"train": {"learning_rate": FAKE_TOKEN}}))
+    assert FAKE_TOKEN not in str(err.value)
 
 
 def test_redact_masks_credential_fields_and_the_environment_token(monkeypatch):

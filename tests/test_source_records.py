@@ -15,17 +15,16 @@ import torch
 from huggingface_hub import constants
 from huggingface_hub.errors import RepositoryNotFoundError
 
-import pipeline.hub as hub
+import pipeline.store.hub as hub
 import stages.base as base_stage
 import stages.normalize as normalize_stage
 from conftest import tiny_params
-from pipeline.artifacts import file_digest
-from pipeline.base import adapter_source, base_source, describe_reference_and_adapter, reference_source
-from pipeline.data.sources import source_digest
-from pipeline.errors import PipelineError
-from pipeline.hub import resolve_commit
-from pipeline.models import load_base_model, load_base_tokenizer
-from pipeline.params import check_params
+from pipeline.store.base_record import adapter_source, base_source, describe_reference_and_adapter, reference_source
+from pipeline.store.digests import file_digest, source_digest
+from pipeline.core.errors import PipelineError
+from pipeline.store.hub import resolve_commit
+from pipeline.model.loading import load_base_model, load_base_tokenizer
+from pipeline.config.params import check_params
 
 SHA = "1" * 40
 MOVED = "2" * 40
@@ -309,7 +308,7 @@ def test_outside_dvc_nothing_is_checked(dvc_project, monkeypatch):
 
 
 def test_under_dvc_a_local_model_outside_the_base_stage_deps_is_refused(project, monkeypatch, tiny_model, tiny_tokenizer):
-    from pipeline.base import describe_source
+    from pipeline.store.base_record import describe_source
 
     for where in ("models/tiny", "elsewhere/tiny"):
         tiny_model.save_pretrained(project / where)

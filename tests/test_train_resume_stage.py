@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from conftest import prepare_stages, tiny_params
-from pipeline.errors import PipelineError
-from pipeline.resume import last_run
+from pipeline.core.errors import PipelineError
+from pipeline.run.resume import last_run
 
 TESTS = Path(__file__).resolve().parent
 TRAIN = {"save_strategy": "steps", "save_steps": 3, "max_steps": 8, "logging_steps": 1, "learning_rate": 3e-3}
@@ -28,7 +28,7 @@ import json, os, signal, sys
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
 from transformers import TrainerCallback
-import pipeline.training as training
+import pipeline.run.training as training
 import stages.train as train_stage
 from conftest import tiny_params
 

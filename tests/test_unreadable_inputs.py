@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import stages.normalize as normalize_stage
-from pipeline.errors import PipelineError
-from pipeline.params import check_params
+from pipeline.core.errors import PipelineError
+from pipeline.config.params import check_params
 
 GOOD = [{"prompt": f"Is fact {i} true?", "chosen": f" Yes, fact {i} holds.", "rejected": f" No, fact {i} fails."}
         for i in range(5)]

@@ -9,8 +9,9 @@ import datasets
 import pytest
 
 from pipeline import DPOConfig, DPOTrainer
-from pipeline.errors import PipelineError
-from pipeline.params import OWNED_ELSEWHERE, check_params
+from pipeline.core.errors import PipelineError
+from pipeline.config.train_params import check_train
+from pipeline.config.params import OWNED_ELSEWHERE, check_params
 
 PAIRS = [{"prompt_ids": [2, 5, 40], "chosen_ids": [50, 3], "rejected_ids": [60, 3]}]
 
@@ -49,7 +50,7 @@ def test_refused_at_configuration_time_in_the_api_and_in_params(options, message
         section, name = OWNED_ELSEWHERE[key].split(".")
         raw, sections = {section: {name: options[key]}}, {section}
     with pytest.raises(PipelineError) as caught:
-        check_params(raw)
+        check_train(check_params(raw))
     said = str(caught.value)
     # the same rule, in params.yaml's words: each option named with its section
     assert said.startswith("params: ") and any(f"{s}." in said for s in sections), said
@@ -57,14 +58,14 @@ def test_refused_at_configuration_time_in_the_api_and_in_params(options, message
 
 
 def test_a_yaml_string_number_is_read_as_hf_argument_parser_reads_it():
-    params = check_params({"train": {"learning_rate": "3e-5", "num_train_epochs": "2"}})
+    params = check_train(check_params({"train": {"learning_rate": "3e-5", "num_train_epochs": "2"}}))
     assert params["train"]["learning_rate"] == 3e-5 and params["train"]["num_train_epochs"] == 2.0
     with pytest.raises(PipelineError, match=r"train.learning_rate must be float, got 'fast'"):
-        check_params({"train": {"learning_rate": "fast"}})
+        check_train(check_params({"train": {"learning_rate": "fast"}}))
     with pytest.raises(PipelineError, match=r"train.per_device_train_batch_size must be int, got 2.5"):
-        check_params({"train": {"per_device_train_batch_size": 2.5}})
+        check_train(check_params({"train": {"per_device_train_batch_size": 2.5}}))
     with pytest.raises(PipelineError, match=r"train.lr_scheduler_type must be one of \['linear', .*got 'wavy'"):
-        check_params({"train": {"lr_scheduler_type": "wavy"}})
+        check_train(check_params({"train": {"lr_scheduler_type": "wavy"}}))
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -78,11 +79,11 @@ def test_a_yaml_string_number_is_read_as_hf_argument_parser_reads_it():
 ])
 def test_params_sections_refuse_bad_values_with_the_key(raw, message):
     with pytest.raises(PipelineError, match=message):
-        check_params(raw)
+        check_train(check_params(raw))
 
 
 def test_yaml_no_for_a_string_option_reads_as_no():
-    assert check_params({"train": {"save_strategy": False}})["train"]["save_strategy"] == "no"
+    assert check_train(check_params({"train": {"save_strategy": False}}))["train"]["save_strategy"] == "no"
 
 
 def trainer(tmp_path, model, tokenizer, **kwargs):

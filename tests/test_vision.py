@@ -12,15 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.trainer import DPOScorer  # a trainer built without data (it only scores)
+from pipeline.run.trainer import DPOScorer  # a trainer built without data (it only scores)
 from pipeline import DPOConfig, DPOTrainer
 from pipeline.builtin import vision_task
 from pipeline.builtin.vision_model import build_vision_model, build_vision_processor
-from pipeline.collator import DataCollatorForVisionPreference
-from pipeline.data.formats import InvalidRow, canonical_pair
+from pipeline.model.collator import DataCollatorForVisionPreference
+from pipeline.data.formats import canonical_pair
+from pipeline.data.invalid import InvalidRow
 from pipeline.data.images import ImageFiles
-from pipeline.errors import PipelineError
-from pipeline.losses import LOSS_TYPES
+from pipeline.core.errors import PipelineError
+from pipeline.objective.losses import LOSS_TYPES
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -152,7 +153,7 @@ def test_a_custom_data_collator_is_honoured(tmp_path, processor):
 def test_export_reloads_with_the_auto_classes_and_generates(tmp_path, processor):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from pipeline.export import export_model
+    from pipeline.publish.export import export_model
 
     trainer = DPOTrainer(model=vlm(processor), args=config(tmp_path), train_dataset=datasets.Dataset.from_list(rows()),
                          processing_class=processor)
@@ -275,7 +276,7 @@ def test_normalize_reads_datasets_image_features_and_parquet_image_structs(tmp_p
     import pyarrow.parquet as pq
 
     import stages.normalize as normalize_stage
-    from pipeline.params import check_params
+    from pipeline.config.params import check_params
 
     pairs = rows(6, seed=7)
     single = [{**{k: v for k, v in r.items() if k != "images"}, "image": r["images"][0]} for r in pairs]

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import stages.tokenize as tokenize_stage
-from pipeline.errors import PipelineError
-from pipeline.metrics_file import read_metrics
-from pipeline.params import check_params
+from pipeline.core.errors import PipelineError
+from pipeline.publish.metrics_file import read_metrics
+from pipeline.config.params import check_params
 from test_pipeline_e2e import METRIC_NAMES, run_all
 
 

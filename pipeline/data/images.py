@@ -10,7 +10,7 @@ way, as its encoded bytes and their format (`{"bytes", "format"}`, `IMAGE_TYPE`)
 are (no re-encoding, so the stored bytes are the source's), a PIL image without its source file encoded as
 PNG (lossless). Each one is decoded once when stored, so an image that does not decode is the row's
 `bad_image`, not a failure at training time. Pixel inputs are made from the stored bytes when a batch is
-collated (`pipeline.collator.DataCollatorForVisionPreference`), never stored per row.
+collated (`pipeline.model.collator.DataCollatorForVisionPreference`), never stored per row.
 
 Messages mark where an image goes with a content part `{"type": "image"}`; `placeholders` counts them.
 """
@@ -26,8 +26,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..errors import PipelineError
-from .formats import InvalidRow
+from pipeline.core.errors import PipelineError
+from pipeline.data.invalid import InvalidRow
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("format", pa.string())])
 IMAGE_COLUMNS = ("images", "image")  # a list of images, or one image

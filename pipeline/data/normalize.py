@@ -7,7 +7,7 @@ the duplicate check keeps its digests in an on-disk SQLite table.
 Per raw row, in order: `data.columns` renames source columns to the canonical names, the
 `data.preprocess` hook (`module:function`, like a `datasets.map` function: it gets the row and
 returns the canonical columns, merged over the row; None skips the row), then `canonical_pair`
-validates it and makes an implicit prompt explicit. A row that breaks a rule (`formats.RULES`) stops
+validates it and makes an implicit prompt explicit. A row that breaks a rule (`pipeline.data.invalid.RULES`) stops
 the stage with the file, row and rule (`data.on_invalid: error`), or is dropped and listed with its
 reason (`drop`). The first copy of a duplicated pair is kept; later ones are `duplicate_pair`
 (an eval row that repeats a train row included, so eval never tests on training pairs).
@@ -33,14 +33,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from ..artifacts import write_json
-from ..dvc_deps import dvc_dep_paths, require_dvc_deps
-from ..errors import PipelineError
-from .dropped import DROPPED_FILE, DroppedLog
-from .formats import InvalidRow, canonical_pair, invalid_row_message
-from .images import ImageFiles
-from .schema import NORMALIZED_SCHEMA, encode_field, encode_optional, prompt_id_for, raw_row_id, row_id_for
-from .sources import (builtin_rows, glob_root, hook_record, is_builtin, is_glob, iter_rows, load_hook, local_paths,
+from pipeline.store.artifacts import write_json
+from pipeline.store.dvc_deps import dvc_dep_paths, require_dvc_deps
+from pipeline.core.errors import PipelineError
+from pipeline.data.dropped import DROPPED_FILE, DroppedLog
+from pipeline.data.formats import canonical_pair, invalid_row_message
+from pipeline.data.invalid import InvalidRow
+from pipeline.data.images import ImageFiles
+from pipeline.data.schema import NORMALIZED_SCHEMA, encode_field, encode_optional, prompt_id_for, raw_row_id, row_id_for
+from pipeline.store.digests import glob_root, is_glob
+from pipeline.data.sources import (builtin_rows, hook_record, is_builtin, iter_rows, load_hook, local_paths,
                       local_reads, source_record)
 
 CHUNK_ROWS = 1000

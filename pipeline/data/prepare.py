@@ -20,11 +20,12 @@ import logging
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import PipelineError
-from .formats import InvalidRow, canonical_pair, invalid_row_message
-from .schema import row_id_for
-from .images import IMAGE_COLUMNS
-from .tokenize import PairTokenizer, image_tokens_cut, truncate_pair, warn_keep_end
+from pipeline.core.errors import PipelineError
+from pipeline.data.formats import canonical_pair, invalid_row_message
+from pipeline.data.invalid import InvalidRow
+from pipeline.data.schema import row_id_for
+from pipeline.data.images import IMAGE_COLUMNS
+from pipeline.data.tokenize import PairTokenizer, image_tokens_cut, truncate_pair, warn_keep_end
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 COMPLETION_ID_COLUMNS = ("chosen_ids", "rejected_ids")
 MAX_LISTED = 20  # invalid rows named one by one in an error or a log line; the rest are counted
 _RULE, _DETAIL = "invalid_rule", "invalid_detail"  # what convert() marks an invalid row with
-# the API's one rule beyond formats.RULES: only the API meets token ids the model may not embed (a pre-tokenized
+# the API's one rule beyond invalid.RULES: only the API meets token ids the model may not embed (a pre-tokenized
 # dataset, or a tokenizer with added tokens the model was not resized for)
 OUT_OF_VOCAB = "token_out_of_vocab"
 FIX = 'Fix these rows, or pass DPOConfig(on_invalid="drop") to skip them (they are logged).'

@@ -38,8 +38,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..errors import PipelineError
-from .formats import InvalidRow
+from pipeline.core.errors import PipelineError
+from pipeline.data.invalid import InvalidRow
 
 BOM = codecs.BOM_UTF8
 # what a decompressor raises on data it cannot read (zstandard's error is an Exception subclass, added below)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .images import IMAGE_TYPE, image_digests
+from pipeline.data.images import IMAGE_TYPE, image_digests
 
 NORMALIZED_SCHEMA = pa.schema([
     ("row_id", pa.string()),

@@ -22,13 +22,11 @@ file or Arrow batch, a broken JSON array, an unclosed CSV quote) is a `PipelineE
 
 What a source is, for the normalized manifest, is `source_record`: `local` (the path as given in params and
 `source_digest`, which the lineage check can recompute), `hub` (the revision asked for and the commit it
-resolved to, `pipeline.hub`), or `builtin`; `hook_record` records the preprocess hook's file.
+resolved to, `pipeline.store.hub`), or `builtin`; `hook_record` records the preprocess hook's file.
 """
 
 from __future__ import annotations
 
-import glob
-import hashlib
 import importlib
 import importlib.util
 import sys
@@ -36,12 +34,12 @@ import sysconfig
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..artifacts import file_digest
-from ..builtin import BUILTIN_DATASETS, BUILTIN_VISION_DATA, task
-from ..errors import PipelineError
-from ..hub import resolve_commit
-from . import readers
-from .formats import InvalidRow
+from pipeline.store.digests import MISSING_FIX, file_digest, glob_files, is_glob, source_digest
+from pipeline.builtin import BUILTIN_DATASETS, BUILTIN_VISION_DATA, task
+from pipeline.core.errors import PipelineError
+from pipeline.store.hub import resolve_commit
+from pipeline.data import readers
+from pipeline.data.invalid import InvalidRow
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet", ".csv": "csv"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
@@ -153,22 +151,6 @@ def _read_file(path: Path, columns: set | None) -> RowStream:
     return read_csv(path) if kind == "csv" else read_json(path)
 
 
-def is_glob(source: str) -> bool:
-    return any(ch in source for ch in "*?[") and not Path(source).exists()
-
-
-def glob_files(pattern: str) -> list[Path]:
-    """The files a glob source reads, in name order."""
-    files = sorted(glob.glob(pattern))
-    if not files:
-        raise PipelineError(f"{pattern}: no file matches this pattern.")
-    return [Path(file) for file in files]
-
-
-MISSING_FIX = ("check the path in params.yaml (a relative path starts where the command runs: the project root), "
-               "or restore the file (`dvc pull` / `git checkout` when it is tracked)")
-
-
 def _require_existing_path(source: str, key: str | None = None) -> None:
     """A source spelled like a path (a suffix, or ./ / ~) must exist: it is not a Hub id."""
     path = Path(source)
@@ -240,7 +222,7 @@ def builtin_rows(params: dict, split: str) -> list[dict]:
     """The built-in task's pairs; train and eval use disjoint prompts (vision-colors: pictures of other seeds)."""
     cfg = params["data"]["builtin"]
     if params["data"]["train"] == BUILTIN_VISION_DATA:
-        from ..builtin import vision_task
+        from pipeline.builtin import vision_task
         seed = params["seed"] + (1 if split == "train" else 2)
         return vision_task.preference_pairs(cfg["num_pairs" if split == "train" else "num_eval_pairs"], seed=seed)
     train_prompts, eval_prompts = task.split_prompts(params["seed"], params["data"]["eval_fraction"])
@@ -263,40 +245,6 @@ def local_paths(source: str) -> list[Path]:
     if is_glob(source):
         return glob_files(source)
     return [Path(source)] if Path(source).exists() else []
-
-
-def _visible_files(directory: Path) -> list[Path]:
-    """Every file under `directory` but hidden ones (`.git`, `.cache`), which `datasets` does not read either."""
-    return sorted(p for p in directory.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts))
-
-
-def glob_root(pattern: str) -> Path:
-    """The directory part of a glob before its first wildcard: matched files are named relative to it."""
-    fixed = []
-    for part in Path(pattern).parts[:-1]:
-        if any(ch in part for ch in "*?["):
-            break
-        fixed.append(part)
-    return Path(*fixed)
-
-
-def source_digest(source: str, key: str | None = None) -> str:
-    """sha256 of a local source: of the file itself; of a directory or a glob, one digest over the sorted
-    relative paths and digests of every file it reads, so adding, removing, renaming or editing one changes it."""
-    path = Path(source)
-    if path.is_file():
-        return file_digest(path)
-    if is_glob(source):
-        root, files = glob_root(source), glob_files(source)
-    elif path.is_dir():
-        root, files = path, _visible_files(path)
-    else:
-        raise PipelineError(f"{f'{key}=' if key else ''}{source}: no such file or directory; {MISSING_FIX}.")
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(f"{file.relative_to(root).as_posix()}\0{file_digest(file)}\n".encode())
-    return digest.hexdigest()
 
 
 def source_record(source: str, split: str, name: str | None, revision: str | None, key: str) -> dict:

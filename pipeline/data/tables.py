@@ -7,8 +7,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..artifacts import manifest_digest, read_manifest, require_same_input
-from ..errors import PipelineError
+from pipeline.store.artifacts import manifest_digest, read_manifest, require_same_input
+from pipeline.core.errors import PipelineError
 
 
 def read_tokenized(tokenized_dir: Path, split: str) -> pa.Table:

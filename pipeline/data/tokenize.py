@@ -50,14 +50,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from ..artifacts import write_json
-from ..builtin import BUILTIN_MODELS
-from ..errors import PipelineError
-from .dropped import DROPPED_FILE, DroppedLog
-from ..processing import chat_renderer, image_token_id, is_processor, tokenizer_of
-from .formats import InvalidRow
-from .images import open_image
-from .schema import SPLITS, TOKENIZED_SCHEMA, TOKENIZED_VISION_SCHEMA, decoded_row
+from pipeline.store.artifacts import write_json
+from pipeline.builtin import BUILTIN_MODELS
+from pipeline.core.errors import PipelineError
+from pipeline.data.dropped import DROPPED_FILE, DroppedLog
+from pipeline.data.processing import chat_renderer, image_token_id, is_processor, tokenizer_of
+from pipeline.data.invalid import InvalidRow
+from pipeline.data.images import open_image
+from pipeline.data.schema import SPLITS, TOKENIZED_SCHEMA, TOKENIZED_VISION_SCHEMA, decoded_row
 
 
 

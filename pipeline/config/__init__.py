@@ -1,0 +1,1 @@
+"""Settings: value rules, the DPO option tables (plain data), `DPOConfig`, the params.yaml schema."""

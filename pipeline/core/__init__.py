@@ -1,0 +1,1 @@
+"""What every layer shares: errors, credential redaction, the machine's faults, processes, the environment record."""

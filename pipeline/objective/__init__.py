@@ -1,0 +1,1 @@
+"""What training optimizes: the DPO losses, the reference model and its resolver, Liger's fused loss."""
