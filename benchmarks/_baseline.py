@@ -19,8 +19,9 @@ BASELINE_REV = "65b108f"  # the last commit with the full-logits head and the li
 
 def baseline_root(rev: str, into: Path) -> Path:
     """A directory holding `pipeline/` as of `rev` (`git archive`: the checkout and its index are not touched)."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev, "pipeline"],
-                             capture_output=True, check=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", rev, "pipeline"], capture_output=True, check=True
+    ).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(into, filter="data")
     return into
@@ -34,13 +35,16 @@ def use_package(root: str) -> None:
     """Import `pipeline` from `root` in this (worker) process."""
     sys.path.insert(0, root)
     import pipeline
+
     assert Path(pipeline.__file__).resolve().is_relative_to(Path(root).resolve()), pipeline.__file__
 
 
 def run_worker(script: str, opts: dict) -> dict:
     """`script --worker` in a fresh interpreter, so its peak RSS is its own; the result is its last stdout line."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "DISABLE_TQDM": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.run([sys.executable, script, "--worker", json.dumps(opts)], capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, script, "--worker", json.dumps(opts)], capture_output=True, text=True, env=env
+    )
     if proc.returncode != 0:
         raise SystemExit(f"worker {opts} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

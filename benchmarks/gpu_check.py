@@ -52,10 +52,22 @@ import torch  # noqa: E402
 
 PARTS = ("env", "fp32_cuda_vs_cpu", "bf16_layouts", "speed", "liger", "qlora", "fsdp", "zero2", "zero3")
 # seconds a part may take on CUDA before its process is stopped (the CPU rehearsal takes far less)
-BUDGET_S = {"env": 60, "fp32_cuda_vs_cpu": 90, "bf16_layouts": 150, "speed": 240, "liger": 150, "qlora": 120,
-            "fsdp": 150, "zero2": 100, "zero3": 100}
-ENGINE_CONFIGS = {"fsdp": "configs/accelerate/fsdp.yaml", "zero2": "configs/accelerate/deepspeed_zero2.yaml",
-                  "zero3": "configs/accelerate/deepspeed_zero3.yaml"}
+BUDGET_S = {
+    "env": 60,
+    "fp32_cuda_vs_cpu": 90,
+    "bf16_layouts": 150,
+    "speed": 240,
+    "liger": 150,
+    "qlora": 120,
+    "fsdp": 150,
+    "zero2": 100,
+    "zero3": 100,
+}
+ENGINE_CONFIGS = {
+    "fsdp": "configs/accelerate/fsdp.yaml",
+    "zero2": "configs/accelerate/deepspeed_zero2.yaml",
+    "zero3": "configs/accelerate/deepspeed_zero3.yaml",
+}
 # (attention implementation, collator options) of each batch layout
 LAYOUTS = {
     "padded": ("sdpa", {"prefix_sharing": False, "packing": False}),
@@ -63,12 +75,36 @@ LAYOUTS = {
     "prefix-shared sdpa": ("sdpa", {"prefix_sharing": True, "packing": True}),
     "prefix-shared flex": ("flex_attention", {"prefix_sharing": True, "packing": True}),
 }
-QWEN_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                num_key_value_heads=2, vocab_size=151_936, tie_word_embeddings=True, max_position_embeddings=32768)
-SMALL = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-             vocab_size=4096, tie_word_embeddings=True, max_position_embeddings=8192)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=512, tie_word_embeddings=True, max_position_embeddings=4096)
+QWEN_05B = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151_936,
+    tie_word_embeddings=True,
+    max_position_embeddings=32768,
+)
+SMALL = dict(
+    hidden_size=256,
+    intermediate_size=704,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=4096,
+    tie_word_embeddings=True,
+    max_position_embeddings=8192,
+)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    tie_word_embeddings=True,
+    max_position_embeddings=4096,
+)
 # tolerances
 FP32_TOL = 1e-4  # loss and gradients, CUDA against CPU (relative to the largest gradient)
 BF16_LOSS_TOL = 2e-2  # |loss - padded loss|, relative to max(1, |loss|)
@@ -99,21 +135,45 @@ class Settings:
 
 def sizes(tiny: bool) -> dict:
     if tiny:
-        return dict(speed_shape=TINY, check_shape=TINY, max_length=128, batch=2, steps=1, warmup=1, ref_pairs=8,
-                    liger_length=64, qlora_shape=TINY, engine_shape=TINY)
-    return dict(speed_shape=QWEN_05B, check_shape=SMALL, max_length=2048, batch=8, steps=6, warmup=3, ref_pairs=128,
-                liger_length=1024, qlora_shape=QWEN_05B, engine_shape=SMALL)
+        return dict(
+            speed_shape=TINY,
+            check_shape=TINY,
+            max_length=128,
+            batch=2,
+            steps=1,
+            warmup=1,
+            ref_pairs=8,
+            liger_length=64,
+            qlora_shape=TINY,
+            engine_shape=TINY,
+        )
+    return dict(
+        speed_shape=QWEN_05B,
+        check_shape=SMALL,
+        max_length=2048,
+        batch=8,
+        steps=6,
+        warmup=3,
+        ref_pairs=128,
+        liger_length=1024,
+        qlora_shape=QWEN_05B,
+        engine_shape=SMALL,
+    )
 
 
 # ---- shared pieces ---------------------------------------------------------------------------------------
+
 
 def tokenizer():
     """A two-token word-level tokenizer: the pairs are token ids already, so it only gives the pad token."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1}, "<pad>")),
-                                   pad_token="<pad>", eos_token="<eos>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1}, "<pad>")),
+        pad_token="<pad>",
+        eos_token="<eos>",
+    )
 
 
 def qwen2(shape: dict, attn: str, dtype: torch.dtype, device: str, seed: int = 0, **config):
@@ -134,12 +194,21 @@ def pairs(n: int, max_length: int, vocab: int, seed: int = 0, fixed: bool = Fals
     rows = []
     for i in range(n):
         p = int(max_length * (0.7 if fixed else rng.uniform(0.55, 0.8)))
-        c, r = ((max_length - p) // 2,) * 2 if fixed else (max(1, int((max_length - p) * rng.uniform(0.4, 1.0)))
-                                                            for _ in range(2))
-        rows.append({"row_id": str(i), "prompt_ids": [rng.randrange(3, vocab) for _ in range(p)],
-                     "chosen_ids": [rng.randrange(3, vocab) for _ in range(c)],
-                     "rejected_ids": [rng.randrange(3, vocab) for _ in range(r)],
-                     "ref_chosen_logps": -2.0 * c, "ref_rejected_logps": -2.0 * r})
+        c, r = (
+            ((max_length - p) // 2,) * 2
+            if fixed
+            else (max(1, int((max_length - p) * rng.uniform(0.4, 1.0))) for _ in range(2))
+        )
+        rows.append(
+            {
+                "row_id": str(i),
+                "prompt_ids": [rng.randrange(3, vocab) for _ in range(p)],
+                "chosen_ids": [rng.randrange(3, vocab) for _ in range(c)],
+                "rejected_ids": [rng.randrange(3, vocab) for _ in range(r)],
+                "ref_chosen_logps": -2.0 * c,
+                "ref_rejected_logps": -2.0 * r,
+            }
+        )
     return rows
 
 
@@ -150,8 +219,17 @@ def without_reference(rows: list[dict]) -> list[dict]:
 def dpo_config(s: Settings, out: str, **options):
     from pipeline import DPOConfig
 
-    base = dict(output_dir=out, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
-                bf16=s.cuda, use_cpu=not s.cuda, learning_rate=1e-6, seed=0)
+    base = dict(
+        output_dir=out,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        bf16=s.cuda,
+        use_cpu=not s.cuda,
+        learning_rate=1e-6,
+        seed=0,
+    )
     return DPOConfig(**{**base, **options})
 
 
@@ -160,8 +238,14 @@ def trainer_for(s: Settings, model, rows: list[dict], out: str, ref_model=None, 
 
     from pipeline import DPOTrainer
 
-    return DPOTrainer(model, ref_model=ref_model, args=dpo_config(s, out, **options), peft_config=peft_config,
-                      train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer())
+    return DPOTrainer(
+        model,
+        ref_model=ref_model,
+        args=dpo_config(s, out, **options),
+        peft_config=peft_config,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer(),
+    )
 
 
 def loss_and_grads(trainer, rows: list[dict]) -> tuple[float, torch.Tensor]:
@@ -175,16 +259,22 @@ def loss_and_grads(trainer, rows: list[dict]) -> tuple[float, torch.Tensor]:
     with trainer.compute_loss_context_manager():
         loss = trainer.compute_loss(model, batch)
     loss.backward()
-    grads = [p.grad.float().flatten().cpu() if p.grad is not None else torch.zeros(p.numel())
-             for p in model.parameters() if p.requires_grad]
+    grads = [
+        p.grad.float().flatten().cpu() if p.grad is not None else torch.zeros(p.numel())
+        for p in model.parameters()
+        if p.requires_grad
+    ]
     return float(loss), torch.cat(grads)
 
 
 def compare_grads(got: torch.Tensor, want: torch.Tensor) -> dict:
     diff = got - want
-    return {"max_abs_diff": float(diff.abs().max()), "max_abs": float(want.abs().max()),
-            "rel_l2": float(diff.norm() / want.norm().clamp(min=1e-30)),
-            "cosine": float(torch.nn.functional.cosine_similarity(got.double(), want.double(), dim=0))}
+    return {
+        "max_abs_diff": float(diff.abs().max()),
+        "max_abs": float(want.abs().max()),
+        "rel_l2": float(diff.norm() / want.norm().clamp(min=1e-30)),
+        "cosine": float(torch.nn.functional.cosine_similarity(got.double(), want.double(), dim=0)),
+    }
 
 
 def fresh_accelerate_state() -> None:
@@ -221,6 +311,7 @@ class StepClock:
             def on_step_end(self, *args, **kwargs):
                 clock.sync()
                 clock.times[-1] += time.perf_counter()
+
         self.callback = Callback()
 
     @staticmethod
@@ -234,6 +325,7 @@ def logged_losses(trainer) -> list[float]:
 
 
 # ---- model FLOPs -----------------------------------------------------------------------------------------
+
 
 def work(rows: list[dict], prefix_shared: bool) -> dict:
     """What the model computes for `rows` without padding: tokens through the body, attended (query, key) pairs
@@ -249,8 +341,12 @@ def work(rows: list[dict], prefix_shared: bool) -> dict:
         else:
             tokens += 2 * p + c + r
             attended += tri(p + c) + tri(p + r)
-    return {"tokens": tokens, "attended": attended, "completions": completions,
-            "pair_tokens": sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)}
+    return {
+        "tokens": tokens,
+        "attended": attended,
+        "completions": completions,
+        "pair_tokens": sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows),
+    }
 
 
 def model_flops(shape: dict, model, w: dict, training: bool) -> float:
@@ -259,19 +355,32 @@ def model_flops(shape: dict, model, w: dict, training: bool) -> float:
     recomputation of gradient checkpointing is not counted, as MFU conventionally does not)."""
     embedding = shape["vocab_size"] * shape["hidden_size"]
     body = sum(p.numel() for p in model.parameters()) - embedding * (1 if shape["tie_word_embeddings"] else 2)
-    forward = (2 * body * w["tokens"] + 4 * shape["num_hidden_layers"] * shape["hidden_size"] * w["attended"]
-               + 2 * embedding * w["completions"])
+    forward = (
+        2 * body * w["tokens"]
+        + 4 * shape["num_hidden_layers"] * shape["hidden_size"] * w["attended"]
+        + 2 * embedding * w["completions"]
+    )
     return forward * (3 if training else 1)
 
 
 # ---- the parts ---------------------------------------------------------------------------------------------
 
+
 def part_env(s: Settings) -> dict:
     import importlib.metadata as md
 
     versions = {}
-    for name in ("torch", "transformers", "accelerate", "peft", "datasets", "liger-kernel", "bitsandbytes", "deepspeed",
-                 "triton"):
+    for name in (
+        "torch",
+        "transformers",
+        "accelerate",
+        "peft",
+        "datasets",
+        "liger-kernel",
+        "bitsandbytes",
+        "deepspeed",
+        "triton",
+    ):
         try:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -287,9 +396,15 @@ def part_env(s: Settings) -> dict:
         a @ b
     StepClock.sync()
     tflops = 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
-    return {"ok": True, "device": torch.cuda.get_device_name() if s.cuda else "CPU", "python": sys.version.split()[0],
-            "cuda": torch.version.cuda, "versions": versions, "matmul_tflops": tflops,
-            "matmul": f"{n}x{n}x{n} {str(dtype).replace('torch.', '')}, mean of {reps} after 3 warm-ups"}
+    return {
+        "ok": True,
+        "device": torch.cuda.get_device_name() if s.cuda else "CPU",
+        "python": sys.version.split()[0],
+        "cuda": torch.version.cuda,
+        "versions": versions,
+        "matmul_tflops": tflops,
+        "matmul": f"{n}x{n}x{n} {str(dtype).replace('torch.', '')}, mean of {reps} after 3 warm-ups",
+    }
 
 
 def part_fp32_cuda_vs_cpu(s: Settings) -> dict:
@@ -309,8 +424,15 @@ def _fp32_compare(s: Settings, device: str) -> dict:
         model = cpu_model if where == "cpu" else qwen2(shape, "sdpa", torch.float32, "cpu").to(where)
         fresh_accelerate_state()  # the CPU trainer's use_cpu must not stick to the CUDA one (a process-wide singleton)
         with tempfile.TemporaryDirectory() as out:
-            trainer = trainer_for(Settings(where == "cuda", s.tiny, s.out), model, rows, out, bf16=False,
-                                  precompute_ref_log_probs=True, per_device_train_batch_size=len(rows))
+            trainer = trainer_for(
+                Settings(where == "cuda", s.tiny, s.out),
+                model,
+                rows,
+                out,
+                bf16=False,
+                precompute_ref_log_probs=True,
+                per_device_train_batch_size=len(rows),
+            )
             ran_on = next(trainer.model.parameters()).device.type
             if ran_on != where:
                 raise RuntimeError(f"the {where} trainer ran on {ran_on}")
@@ -321,10 +443,18 @@ def _fp32_compare(s: Settings, device: str) -> dict:
     grad = compare_grads(grads, cpu_grads)
     loss_diff = abs(loss - cpu_loss)
     ref_diff = float((ref - cpu_ref).abs().max())
-    return {"ok": loss_diff <= FP32_TOL and grad["max_abs_diff"] <= FP32_TOL * max(1.0, grad["max_abs"])
-            and ref_diff <= FP32_TOL * max(1.0, float(cpu_ref.abs().max())),
-            "layout": layout, "loss_cpu": cpu_loss, "loss": loss, "loss_abs_diff": loss_diff,
-            "ref_logps_max_abs_diff": ref_diff, "grads": grad, "tolerance": FP32_TOL}
+    return {
+        "ok": loss_diff <= FP32_TOL
+        and grad["max_abs_diff"] <= FP32_TOL * max(1.0, grad["max_abs"])
+        and ref_diff <= FP32_TOL * max(1.0, float(cpu_ref.abs().max())),
+        "layout": layout,
+        "loss_cpu": cpu_loss,
+        "loss": loss,
+        "loss_abs_diff": loss_diff,
+        "ref_logps_max_abs_diff": ref_diff,
+        "grads": grad,
+        "tolerance": FP32_TOL,
+    }
 
 
 def expected_layout(attn: str, cuda: bool) -> str:
@@ -354,8 +484,9 @@ def part_bf16_layouts(s: Settings) -> dict:
         model = qwen2(shape, attn, s.dtype, s.device)
         model.load_state_dict(weights)
         with tempfile.TemporaryDirectory() as tmp:
-            trainer = trainer_for(s, model, rows, tmp, precompute_ref_log_probs=True,
-                                  per_device_train_batch_size=len(rows), **options)
+            trainer = trainer_for(
+                s, model, rows, tmp, precompute_ref_log_probs=True, per_device_train_batch_size=len(rows), **options
+            )
             loss, grads = loss_and_grads(trainer, rows)
         wanted = layout_name({**options, "padding_free": False})
         out["layouts"][name] = {"loss": loss, "took": layout_name(trainer.layout), "wanted": wanted, "grads": grads}
@@ -368,16 +499,24 @@ def part_bf16_layouts(s: Settings) -> dict:
             continue
         r["loss_abs_diff"] = abs(r["loss"] - padded["loss"])
         r.update({k: v for k, v in compare_grads(r.pop("grads"), padded["grads"]).items()} if name != "padded" else {})
-        r["ok"] = r["took"] == r["wanted"] and (name == "padded" or (
-            r["loss_abs_diff"] <= BF16_LOSS_TOL * max(1.0, abs(padded["loss"])) and r["cosine"] >= BF16_GRAD_COS
-            and r["rel_l2"] <= BF16_GRAD_REL))
+        r["ok"] = r["took"] == r["wanted"] and (
+            name == "padded"
+            or (
+                r["loss_abs_diff"] <= BF16_LOSS_TOL * max(1.0, abs(padded["loss"]))
+                and r["cosine"] >= BF16_GRAD_COS
+                and r["rel_l2"] <= BF16_GRAD_REL
+            )
+        )
         ok &= r["ok"]
     padded.pop("grads", None)
     # the probe on its own: implementations that take a custom mask, and a sliding-window model
     probe = {}
     for attn in ("sdpa", "eager", "flex_attention") if s.cuda else ("sdpa", "eager"):
         model = qwen2(shape, attn, s.dtype, s.device)
-        probe[attn] = {"took": layout_name(batch_layout([model], True, True, False)), "wanted": expected_layout(attn, s.cuda)}
+        probe[attn] = {
+            "took": layout_name(batch_layout([model], True, True, False)),
+            "wanted": expected_layout(attn, s.cuda),
+        }
     # a model given on the CPU (as loading by path leaves it) is probed where the Trainer places it
     attn = "flex_attention" if s.cuda else "sdpa"
     with tempfile.TemporaryDirectory() as tmp:
@@ -395,10 +534,16 @@ def part_speed(s: Settings) -> dict:
     z = s.sizes
     shape = z["speed_shape"]
     rows = pairs((z["warmup"] + z["steps"]) * z["batch"], z["max_length"], shape["vocab_size"], seed=3)
-    timed = rows[z["warmup"] * z["batch"]:]
-    out: dict = {"shape": "Qwen2.5-0.5B" if shape is QWEN_05B else "tiny", "batch_pairs": z["batch"],
-                 "max_length": z["max_length"], "steps": z["steps"], "warmup": z["warmup"],
-                 "gradient_checkpointing": True, "layouts": {}}
+    timed = rows[z["warmup"] * z["batch"] :]
+    out: dict = {
+        "shape": "Qwen2.5-0.5B" if shape is QWEN_05B else "tiny",
+        "batch_pairs": z["batch"],
+        "max_length": z["max_length"],
+        "steps": z["steps"],
+        "warmup": z["warmup"],
+        "gradient_checkpointing": True,
+        "layouts": {},
+    }
     for name, (attn, options) in LAYOUTS.items():
         if attn == "flex_attention" and not s.cuda:
             out["layouts"][name] = {"skipped": NO_FLEX_ON_CPU}
@@ -412,8 +557,11 @@ def part_speed(s: Settings) -> dict:
     padded, flex = out["layouts"].get("padded", {}), out["layouts"].get("prefix-shared flex", {})
     if padded.get("tokens_per_s") and flex.get("tokens_per_s"):
         out["flex_over_padded"] = flex["tokens_per_s"] / padded["tokens_per_s"]
-    out["ok"] = all(r.get("ok") or "skipped" in r for r in out["layouts"].values()) and out["reference_pass"].get("ok", False) and \
-        (not s.cuda or out.get("flex_over_padded", 0) >= 1.3)
+    out["ok"] = (
+        all(r.get("ok") or "skipped" in r for r in out["layouts"].values())
+        and out["reference_pass"].get("ok", False)
+        and (not s.cuda or out.get("flex_over_padded", 0) >= 1.3)
+    )
     return out
 
 
@@ -422,21 +570,36 @@ def _layout_speed(s: Settings, shape: dict, attn: str, options: dict, rows: list
     model = qwen2(shape, attn, s.dtype, s.device)
     clock = StepClock()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = trainer_for(s, model, rows, tmp, precompute_ref_log_probs=True, max_steps=z["warmup"] + z["steps"],
-                              per_device_train_batch_size=z["batch"], **options)
+        trainer = trainer_for(
+            s,
+            model,
+            rows,
+            tmp,
+            precompute_ref_log_probs=True,
+            max_steps=z["warmup"] + z["steps"],
+            per_device_train_batch_size=z["batch"],
+            **options,
+        )
         took = layout_name(trainer.layout)
         trainer.add_callback(clock.callback)
         release()
         trainer.train()
-    seconds = sum(clock.times[z["warmup"]:])
+    seconds = sum(clock.times[z["warmup"] :])
     w = work(timed, options["prefix_sharing"] and took == "prefix_shared")
-    batches = [timed[i:i + z["batch"]] for i in range(0, len(timed), z["batch"])]
+    batches = [timed[i : i + z["batch"]] for i in range(0, len(timed), z["batch"])]
     run_tokens = sum(int(trainer.data_collator(b)["input_ids"].numel()) for b in batches)
     flops = model_flops(shape, model, w, training=True)
-    return {"ok": math.isfinite(logged_losses(trainer)[-1]), "took": took, "tokens_per_s": w["pair_tokens"] / seconds,
-            "seconds_per_step": seconds / z["steps"], "model_tokens": run_tokens, "real_tokens": w["tokens"],
-            "tflops": flops / seconds / 1e12, "mfu": flops / seconds / (s.peak_tflops * 1e12) if s.peak_tflops else None,
-            "peak_gb": peak_gb()}
+    return {
+        "ok": math.isfinite(logged_losses(trainer)[-1]),
+        "took": took,
+        "tokens_per_s": w["pair_tokens"] / seconds,
+        "seconds_per_step": seconds / z["steps"],
+        "model_tokens": run_tokens,
+        "real_tokens": w["tokens"],
+        "tflops": flops / seconds / 1e12,
+        "mfu": flops / seconds / (s.peak_tflops * 1e12) if s.peak_tflops else None,
+        "peak_gb": peak_gb(),
+    }
 
 
 def _reference_speed(s: Settings, shape: dict) -> dict:
@@ -463,9 +626,15 @@ def _reference_speed(s: Settings, shape: dict) -> dict:
     w = work(rows, prefix_shared=True)
     flops = model_flops(shape, model, w, training=False)
     finite = all(math.isfinite(v) for v in scored["ref_chosen_logps"])
-    return {"ok": finite, "pairs": len(rows), "pairs_per_s": len(rows) / seconds,
-            "tokens_per_s": w["pair_tokens"] / seconds, "tflops": flops / seconds / 1e12,
-            "mfu": flops / seconds / (s.peak_tflops * 1e12) if s.peak_tflops else None, "peak_gb": peak_gb()}
+    return {
+        "ok": finite,
+        "pairs": len(rows),
+        "pairs_per_s": len(rows) / seconds,
+        "tokens_per_s": w["pair_tokens"] / seconds,
+        "tflops": flops / seconds / 1e12,
+        "mfu": flops / seconds / (s.peak_tflops * 1e12) if s.peak_tflops else None,
+        "peak_gb": peak_gb(),
+    }
 
 
 def part_liger(s: Settings) -> dict:
@@ -476,12 +645,16 @@ def part_liger(s: Settings) -> dict:
     z = s.sizes
     shape = z["speed_shape"]
     batch, steps, warmup = (4, 4, 2) if s.cuda else (2, 1, 1)
-    rows = without_reference(pairs(batch * (steps + warmup), z["liger_length"], shape["vocab_size"], seed=5, fixed=True))
+    rows = without_reference(
+        pairs(batch * (steps + warmup), z["liger_length"], shape["vocab_size"], seed=5, fixed=True)
+    )
     policy = qwen2(shape, "sdpa", s.dtype, s.device)
     weights = {k: v.clone() for k, v in policy.state_dict().items()}
     torch.manual_seed(1)
-    ref_weights = {k: v + 0.02 * v.float().std() * torch.randn_like(v.float()).to(v.dtype) if v.is_floating_point() else v
-                   for k, v in weights.items()}  # a reference near, not equal to, the policy: a loss other than ln 2
+    ref_weights = {
+        k: v + 0.02 * v.float().std() * torch.randn_like(v.float()).to(v.dtype) if v.is_floating_point() else v
+        for k, v in weights.items()
+    }  # a reference near, not equal to, the policy: a loss other than ln 2
     out: dict = {"batch_pairs": batch, "length": z["liger_length"], "routes": {}}
     for route, liger in (("ours (chunked head)", False), ("liger", True)):
         model = qwen2(shape, "sdpa", s.dtype, s.device)
@@ -490,25 +663,46 @@ def part_liger(s: Settings) -> dict:
         ref.load_state_dict(ref_weights)
         clock = StepClock()
         with tempfile.TemporaryDirectory() as tmp:
-            trainer = trainer_for(s, model, rows, tmp, ref_model=ref, precompute_ref_log_probs=False,
-                                  use_liger_kernel=liger, max_steps=steps + warmup, per_device_train_batch_size=batch)
+            trainer = trainer_for(
+                s,
+                model,
+                rows,
+                tmp,
+                ref_model=ref,
+                precompute_ref_log_probs=False,
+                use_liger_kernel=liger,
+                max_steps=steps + warmup,
+                per_device_train_batch_size=batch,
+            )
             loss, grads = loss_and_grads(trainer, rows[:batch])
             model.zero_grad(set_to_none=True)
             trainer.add_callback(clock.callback)
             release()
             trainer.train()
         seconds = sum(clock.times[warmup:])
-        out["routes"][route] = {"loss": loss, "grads": grads, "peak_gb": peak_gb(),
-                                "pairs_per_s": batch * steps / seconds, "seconds_per_step": seconds / steps,
-                                "losses": logged_losses(trainer)}
+        out["routes"][route] = {
+            "loss": loss,
+            "grads": grads,
+            "peak_gb": peak_gb(),
+            "pairs_per_s": batch * steps / seconds,
+            "seconds_per_step": seconds / steps,
+            "losses": logged_losses(trainer),
+        }
         del trainer, model, ref
         release()
     ours, fused = out["routes"]["ours (chunked head)"], out["routes"]["liger"]
     grad = compare_grads(fused.pop("grads"), ours.pop("grads"))
-    out.update(loss_abs_diff=abs(fused["loss"] - ours["loss"]), grads=grad, compiled=s.cuda,
-               speed_ratio=fused["pairs_per_s"] / ours["pairs_per_s"])
-    out["ok"] = out["loss_abs_diff"] <= BF16_LOSS_TOL * max(1.0, abs(ours["loss"])) and \
-        grad["cosine"] >= BF16_GRAD_COS and all(math.isfinite(v) for v in fused["losses"])
+    out.update(
+        loss_abs_diff=abs(fused["loss"] - ours["loss"]),
+        grads=grad,
+        compiled=s.cuda,
+        speed_ratio=fused["pairs_per_s"] / ours["pairs_per_s"],
+    )
+    out["ok"] = (
+        out["loss_abs_diff"] <= BF16_LOSS_TOL * max(1.0, abs(ours["loss"]))
+        and grad["cosine"] >= BF16_GRAD_COS
+        and all(math.isfinite(v) for v in fused["losses"])
+    )
     return out
 
 
@@ -526,23 +720,44 @@ def part_qlora(s: Settings) -> dict:
         release()
         kwargs = {"dtype": "bfloat16" if s.cuda else "float32"}
         if quantize:
-            kwargs["quantization_config"] = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-                                             "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_use_double_quant": True}
+            kwargs["quantization_config"] = {
+                "load_in_4bit": True,
+                "bnb_4bit_quant_type": "nf4",
+                "bnb_4bit_compute_dtype": "bfloat16",
+                "bnb_4bit_use_double_quant": True,
+            }
         model = load_causal_lm(f"{tmp}/base", kwargs)
         footprint = model.get_memory_footprint() / 2**30
         lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
-        trainer = trainer_for(s, model, without_reference(rows), f"{tmp}/out", peft_config=lora,
-                              precompute_ref_log_probs=True, max_steps=5, per_device_train_batch_size=8,
-                              learning_rate=5e-4, lr_scheduler_type="constant")
+        trainer = trainer_for(
+            s,
+            model,
+            without_reference(rows),
+            f"{tmp}/out",
+            peft_config=lora,
+            precompute_ref_log_probs=True,
+            max_steps=5,
+            per_device_train_batch_size=8,
+            learning_rate=5e-4,
+            lr_scheduler_type="constant",
+        )
         release()
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
     losses = logged_losses(trainer)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    out = {"quantized": is_quantized(trainer.model), "losses": losses, "trainable_params": trainable,
-           "weights_gb": footprint, "peak_gb": peak_gb(), "seconds": seconds,
-           "ok": all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] and is_quantized(trainer.model) == quantize}
+    out = {
+        "quantized": is_quantized(trainer.model),
+        "losses": losses,
+        "trainable_params": trainable,
+        "weights_gb": footprint,
+        "peak_gb": peak_gb(),
+        "seconds": seconds,
+        "ok": all(math.isfinite(v) for v in losses)
+        and losses[-1] < losses[0]
+        and is_quantized(trainer.model) == quantize,
+    }
     if not quantize:
         out["skipped"] = "4-bit needs CUDA and bitsandbytes: the rehearsal trains LoRA on the unquantized base"
     return out
@@ -574,11 +789,23 @@ def engine_worker(spec: dict) -> None:
 
     faulthandler.dump_traceback_later(ENGINE_TIMEOUT_S - 15)  # a hang shows where it hangs, in the part's error
     rows = json.loads(Path(spec["rows"]).read_text())
-    args = DPOConfig(output_dir=spec["output"], report_to="none", save_strategy="no", logging_steps=1,
-                     disable_tqdm=True, bf16=spec["cuda"], use_cpu=not spec["cuda"], max_steps=ENGINE_STEPS,
-                     per_device_train_batch_size=len(rows), optim="sgd", learning_rate=spec.get("lr", 0.2),
-                     lr_scheduler_type="constant", max_grad_norm=0.0, seed=0,
-                     precompute_ref_log_probs=spec.get("precompute", True))
+    args = DPOConfig(
+        output_dir=spec["output"],
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        bf16=spec["cuda"],
+        use_cpu=not spec["cuda"],
+        max_steps=ENGINE_STEPS,
+        per_device_train_batch_size=len(rows),
+        optim="sgd",
+        learning_rate=spec.get("lr", 0.2),
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        seed=0,
+        precompute_ref_log_probs=spec.get("precompute", True),
+    )
     trainer = DPOTrainer(spec["model"], args=args, train_dataset=datasets.Dataset.from_list(rows))
     print(f"engine worker: trainer built, layout {trainer.layout}, reference {trainer.reference.kind}", file=sys.stderr)
     release()
@@ -587,22 +814,43 @@ def engine_worker(spec: dict) -> None:
     seconds = time.perf_counter() - start
     trainer.save_model(spec["weights"])
     if trainer.accelerator.is_main_process:
-        engine = ("deepspeed" if trainer.is_deepspeed_enabled else "fsdp" if trainer.is_fsdp_enabled else "plain")
+        engine = "deepspeed" if trainer.is_deepspeed_enabled else "fsdp" if trainer.is_fsdp_enabled else "plain"
         reference = trainer.reference.kind
-        Path(spec["result"]).write_text(json.dumps({"losses": logged_losses(trainer), "seconds": seconds,
-                                                    "peak_gb": peak_gb(), "engine": engine, "reference": reference}))
+        Path(spec["result"]).write_text(
+            json.dumps(
+                {
+                    "losses": logged_losses(trainer),
+                    "seconds": seconds,
+                    "peak_gb": peak_gb(),
+                    "engine": engine,
+                    "reference": reference,
+                }
+            )
+        )
 
 
 def run_engine(spec: dict, config: str | None, tmp: Path, name: str, timeout: float) -> dict:
-    spec = {**spec, "output": str(tmp / f"{name}-out"), "weights": str(tmp / f"{name}-weights"),
-            "result": str(tmp / f"{name}.json")}
+    spec = {
+        **spec,
+        "output": str(tmp / f"{name}-out"),
+        "weights": str(tmp / f"{name}-weights"),
+        "result": str(tmp / f"{name}.json"),
+    }
     worker = [str(Path(__file__).resolve()), "--engine-worker", json.dumps(spec)]
     if config is None:
         command = [sys.executable, *worker]
     else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", *(["--config_file", str(ROOT / config)]
-                   if config != "cpu" else ["--cpu"]), "--num_processes", "1", "--main_process_port",
-                   str(29500 + random.randrange(1000)), *worker]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            *(["--config_file", str(ROOT / config)] if config != "cpu" else ["--cpu"]),
+            "--num_processes",
+            "1",
+            "--main_process_port",
+            str(29500 + random.randrange(1000)),
+            *worker,
+        ]
     code, output = run_group(command, timeout)
     if code != 0 or not Path(spec["result"]).is_file():
         raise RuntimeError(f"{name} exited {code}: {output[-3000:]}")
@@ -628,12 +876,21 @@ def compare_engine(run: dict, plain: dict, initial: dict[str, torch.Tensor]) -> 
     d_want = torch.cat([(want[k] - initial[k]).flatten() for k in names])
     losses = [abs(a - b) for a, b in zip(run["losses"], plain["losses"], strict=True)]
     update = float((d_got - d_want).norm() / d_want.norm().clamp(min=1e-30))
-    return {"losses": run["losses"], "plain_losses": plain["losses"], "loss_max_abs_diff": max(losses),
-            "update_rel_l2": update, "update_norm": float(d_want.norm()), "weights_compared": len(names),
-            "engine": run["engine"], "reference": run["reference"], "train_seconds": run["seconds"],
-            "peak_gb": run["peak_gb"],
-            "ok": max(losses) <= BF16_LOSS_TOL * max(1.0, max(abs(v) for v in plain["losses"]))
-            and update <= ENGINE_UPDATE_REL and math.isfinite(update)}
+    return {
+        "losses": run["losses"],
+        "plain_losses": plain["losses"],
+        "loss_max_abs_diff": max(losses),
+        "update_rel_l2": update,
+        "update_norm": float(d_want.norm()),
+        "weights_compared": len(names),
+        "engine": run["engine"],
+        "reference": run["reference"],
+        "train_seconds": run["seconds"],
+        "peak_gb": run["peak_gb"],
+        "ok": max(losses) <= BF16_LOSS_TOL * max(1.0, max(abs(v) for v in plain["losses"]))
+        and update <= ENGINE_UPDATE_REL
+        and math.isfinite(update),
+    }
 
 
 def part_engine(s: Settings, name: str) -> dict:
@@ -654,16 +911,24 @@ def part_engine(s: Settings, name: str) -> dict:
     def plain(variant: str, spec: dict) -> dict:  # plain single-device training, run once for every engine part
         if not (work_dir / f"{variant}.json").is_file():
             return run_engine(spec, None, work_dir, variant, timeout=ENGINE_TIMEOUT_S)
-        return {**json.loads((work_dir / f"{variant}.json").read_text()), "weights": str(work_dir / f"{variant}-weights")}
+        return {
+            **json.loads((work_dir / f"{variant}.json").read_text()),
+            "weights": str(work_dir / f"{variant}-weights"),
+        }
 
     with tempfile.TemporaryDirectory() as tmp:
-        out = compare_engine(run_engine(spec, config, Path(tmp), name, timeout=ENGINE_TIMEOUT_S), plain("plain", spec), initial)
+        out = compare_engine(
+            run_engine(spec, config, Path(tmp), name, timeout=ENGINE_TIMEOUT_S), plain("plain", spec), initial
+        )
         out["config"] = config if s.cuda else "accelerate launch --cpu"
         if name == "fsdp":  # the online reference: a frozen copy of the initial policy, prepared by FSDP
             online = {**spec, "precompute": False}
             try:  # reported on its own: a failure here keeps the precomputed run's figures
-                ref = compare_engine(run_engine(online, config, Path(tmp), f"{name}-online", timeout=ENGINE_TIMEOUT_S),
-                                     plain("plain-online", online), initial)
+                ref = compare_engine(
+                    run_engine(online, config, Path(tmp), f"{name}-online", timeout=ENGINE_TIMEOUT_S),
+                    plain("plain-online", online),
+                    initial,
+                )
                 ref["ok"] = ref["ok"] and ref["reference"] == "initial_copy"
             except Exception as err:  # noqa: BLE001
                 ref = {"ok": False, "error": f"{type(err).__name__}: {err}"[:3000]}
@@ -676,6 +941,7 @@ def part_engine(s: Settings, name: str) -> dict:
 
 # ---- running the parts, the report ----------------------------------------------------------------------------
 
+
 def run_part(name: str, s: Settings) -> dict:
     start = time.perf_counter()
     try:
@@ -684,7 +950,11 @@ def run_part(name: str, s: Settings) -> dict:
         else:
             result = globals()[f"part_{name}"](s)
     except Exception as err:  # noqa: BLE001 - a failing part reports its error; the others still run
-        result = {"ok": False, "error": f"{type(err).__name__}: {err}"[:2000], "traceback": traceback.format_exc()[-4000:]}
+        result = {
+            "ok": False,
+            "error": f"{type(err).__name__}: {err}"[:2000],
+            "traceback": traceback.format_exc()[-4000:],
+        }
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
 
@@ -693,8 +963,16 @@ def run_isolated(name: str, s: Settings, timeout: float) -> dict:
     """`name` in a fresh process (a crash, a hung kernel or a poisoned CUDA context stays there)."""
     result_file = s.out / f".{name}.json"
     result_file.unlink(missing_ok=True)
-    command = [sys.executable, str(Path(__file__).resolve()), "--part-worker", name, "--out", str(s.out),
-               *(["--tiny"] if s.tiny else []), *(["--peak-tflops", str(s.peak_tflops)] if s.peak_tflops else [])]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--part-worker",
+        name,
+        "--out",
+        str(s.out),
+        *(["--tiny"] if s.tiny else []),
+        *(["--peak-tflops", str(s.peak_tflops)] if s.peak_tflops else []),
+    ]
     start = time.perf_counter()
     code, output = run_group(command, timeout)
     if not result_file.is_file():
@@ -711,8 +989,9 @@ def run_group(command: list[str], timeout: float) -> tuple[int | None, str]:
     import signal
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=timeout)
         return proc.returncode, output
@@ -731,19 +1010,31 @@ def status(result: dict) -> str:
 def markdown(report: dict) -> str:
     env = report["parts"].get("env", {})
     v = env.get("versions", {})
-    lines = [f"# GPU check: {env.get('device', '?')}", "",
-             f"{report['date']}; Python {env.get('python')}, CUDA {env.get('cuda')}, "
-             + ", ".join(f"{k} {val}" for k, val in v.items() if val) + ".",
-             f"Measured dense matmul: {env.get('matmul_tflops', 0):.3g} TFLOP/s ({env.get('matmul', '')}). "
-             f"Total {report['seconds']:.0f} s.", "", "| part | result | seconds | note |", "|---|---|---:|---|"]
+    lines = [
+        f"# GPU check: {env.get('device', '?')}",
+        "",
+        f"{report['date']}; Python {env.get('python')}, CUDA {env.get('cuda')}, "
+        + ", ".join(f"{k} {val}" for k, val in v.items() if val)
+        + ".",
+        f"Measured dense matmul: {env.get('matmul_tflops', 0):.3g} TFLOP/s ({env.get('matmul', '')}). "
+        f"Total {report['seconds']:.0f} s.",
+        "",
+        "| part | result | seconds | note |",
+        "|---|---|---:|---|",
+    ]
     for name, r in report["parts"].items():
         note = r.get("error") or r.get("skipped") or ""
         lines.append(f"| {name} | {status(r)} | {r.get('seconds', '')} | {str(note)[:160].replace('|', '/')} |")
     speed = report["parts"].get("speed", {})
     if speed.get("layouts"):
-        lines += ["", f"Speed ({speed['shape']}-shaped, bf16, gradient checkpointing, batch {speed['batch_pairs']} pairs, "
-                  f"pairs up to {speed['max_length']} tokens, {speed['steps']} timed steps after {speed['warmup']}):", "",
-                  "| layout | took | tokens/s | model tokens | TFLOP/s | MFU | peak GiB |", "|---|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"Speed ({speed['shape']}-shaped, bf16, gradient checkpointing, batch {speed['batch_pairs']} pairs, "
+            f"pairs up to {speed['max_length']} tokens, {speed['steps']} timed steps after {speed['warmup']}):",
+            "",
+            "| layout | took | tokens/s | model tokens | TFLOP/s | MFU | peak GiB |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
         for name, r in speed["layouts"].items():
             if "tokens_per_s" not in r:
                 why = f"skipped: {r['skipped']}" if "skipped" in r else f"failed: {r.get('error', '')[:120]}"
@@ -751,15 +1042,19 @@ def markdown(report: dict) -> str:
                 continue
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
             peak = f"{r['peak_gb']:.1f}" if r.get("peak_gb") is not None else "-"
-            lines.append(f"| {name} | {r['took']} | {r['tokens_per_s']:,.0f} | {r['model_tokens']:,} | {r['tflops']:.3g} "
-                         f"| {mfu} | {peak} |")
+            lines.append(
+                f"| {name} | {r['took']} | {r['tokens_per_s']:,.0f} | {r['model_tokens']:,} | {r['tflops']:.3g} "
+                f"| {mfu} | {peak} |"
+            )
         if "flex_over_padded" in speed:
             lines.append(f"\nPrefix-shared Flex over padded: **{speed['flex_over_padded']:.2f}x** tokens/s.")
         ref = speed.get("reference_pass", {})
         if "pairs_per_s" in ref:
             mfu = f", MFU {100 * ref['mfu']:.1f}%" if ref.get("mfu") is not None else ""
-            lines.append(f"Reference pass: {ref['pairs_per_s']:.1f} pairs/s ({ref['tokens_per_s']:,.0f} tokens/s{mfu}) "
-                         f"over {ref['pairs']} pairs.")
+            lines.append(
+                f"Reference pass: {ref['pairs_per_s']:.1f} pairs/s ({ref['tokens_per_s']:,.0f} tokens/s{mfu}) "
+                f"over {ref['pairs']} pairs."
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -768,10 +1063,18 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the CPU rehearsal: tiny shapes, CUDA-only parts skipped")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "results" / "gpu_check"))
-    parser.add_argument("--deadline-s", type=float, default=420.0,
-                        help="start no part after this many seconds; a part's process is stopped a minute after it")
-    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
-                        help="each part in a process of its own (default: on CUDA)")
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=420.0,
+        help="start no part after this many seconds; a part's process is stopped a minute after it",
+    )
+    parser.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="each part in a process of its own (default: on CUDA)",
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: env's measurement)")
     parser.add_argument("--part-worker", help=argparse.SUPPRESS)
     parser.add_argument("--engine-worker", help=argparse.SUPPRESS)
@@ -791,7 +1094,10 @@ def main() -> None:
     for name in cli.parts:
         elapsed = time.perf_counter() - start
         if elapsed > cli.deadline_s:
-            report["parts"][name] = {"ok": False, "error": f"not started: {elapsed:.0f} s past, deadline {cli.deadline_s:.0f} s"}
+            report["parts"][name] = {
+                "ok": False,
+                "error": f"not started: {elapsed:.0f} s past, deadline {cli.deadline_s:.0f} s",
+            }
             continue
         print(f"[{elapsed:6.1f} s] {name} ...", flush=True)
         timeout = min(BUDGET_S[name], max(30.0, cli.deadline_s + 60 - elapsed))
@@ -799,8 +1105,11 @@ def main() -> None:
         report["parts"][name] = result
         if name == "env" and result.get("matmul_tflops") and s.peak_tflops is None:
             s.peak_tflops = result["matmul_tflops"]
-        print(f"[{time.perf_counter() - start:6.1f} s] {name}: {status(result)}"
-              + (f" ({result['error'][:300]})" if result.get("error") else ""), flush=True)
+        print(
+            f"[{time.perf_counter() - start:6.1f} s] {name}: {status(result)}"
+            + (f" ({result['error'][:300]})" if result.get("error") else ""),
+            flush=True,
+        )
         (s.out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
     report["seconds"] = time.perf_counter() - start
     shutil.rmtree(s.work, ignore_errors=True)

@@ -35,19 +35,22 @@ def write_tokenized(directory: Path, pairs: int, vocab: int, length: int, seed: 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.store.artifacts import write_manifest
     from pipeline.data.schema import TOKENIZED_SCHEMA
+    from pipeline.store.artifacts import write_manifest
 
     rng = random.Random(seed)
 
     def ids():
         return [rng.randrange(10, vocab) for _ in range(rng.randint(int(0.9 * length), int(1.1 * length)))]
+
     directory.mkdir(parents=True)
     for split, n in (("train", pairs), ("eval", pairs // 10)):
         with pq.ParquetWriter(directory / f"{split}.parquet", TOKENIZED_SCHEMA) as writer:
             for start in range(0, n, 1000):
-                rows = [{"row_id": f"{split}-{i}", "prompt_ids": ids(), "chosen_ids": ids(), "rejected_ids": ids()}
-                        for i in range(start, min(n, start + 1000))]
+                rows = [
+                    {"row_id": f"{split}-{i}", "prompt_ids": ids(), "chosen_ids": ids(), "rejected_ids": ids()}
+                    for i in range(start, min(n, start + 1000))
+                ]
                 writer.write_table(pa.Table.from_pylist(rows, schema=TOKENIZED_SCHEMA))
     write_manifest(directory, "tokenize", {}, {})
 
@@ -63,17 +66,34 @@ def worker(opts: dict) -> dict:
     from pipeline.run.reference_pass import write_reference_logps
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=opts["vocab"], hidden_size=opts["hidden"], intermediate_size=2 * opts["hidden"],
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                         max_position_embeddings=4 * opts["length"], tie_word_embeddings=True, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=opts["vocab"],
+        hidden_size=opts["hidden"],
+        intermediate_size=2 * opts["hidden"],
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=4 * opts["length"],
+        tie_word_embeddings=True,
+        pad_token_id=0,
+    )
     model = LlamaForCausalLM(config)
     before = peak_rss_mb()
     start = time.perf_counter()
-    rows = write_reference_logps(Reference("policy", model, ""), Path(opts["tokenized"]), SimpleNamespace(pad_token_id=0),
-                                 opts["batch_size"], Path(opts["out"]))
+    rows = write_reference_logps(
+        Reference("policy", model, ""),
+        Path(opts["tokenized"]),
+        SimpleNamespace(pad_token_id=0),
+        opts["batch_size"],
+        Path(opts["out"]),
+    )
     seconds = time.perf_counter() - start
-    return {"peak_rss_mb": peak_rss_mb(), "rss_before_mb": before, "pairs": sum(rows.values()),
-            "pairs_per_s": sum(rows.values()) / seconds}
+    return {
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_before_mb": before,
+        "pairs": sum(rows.values()),
+        "pairs_per_s": sum(rows.values()) / seconds,
+    }
 
 
 def max_difference(a: Path, b: Path) -> float:
@@ -95,7 +115,9 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=250, help="mean tokens of a prompt and of each completion")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=64, help="pairs per batch (ref_logps.precompute_ref_batch_size)")
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="pairs per batch (ref_logps.precompute_ref_batch_size)"
+    )
     parser.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision of the baseline package")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -108,8 +130,10 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        roots = {"streaming (this checkout)": str(ROOT),
-                 f"lists ({cli.baseline_rev})": str(baseline_root(cli.baseline_rev, tmp / "baseline"))}
+        roots = {
+            "streaming (this checkout)": str(ROOT),
+            f"lists ({cli.baseline_rev})": str(baseline_root(cli.baseline_rev, tmp / "baseline")),
+        }
         for size in cli.sizes:
             tokenized = tmp / f"tokenized-{size}"
             write_tokenized(tokenized, size, cli.vocab, cli.length)
@@ -122,8 +146,10 @@ def main() -> None:
                 outs.append(out)
             difference = max_difference(*outs)
             print(f"{size:,} pairs: largest difference of a summed log-prob between the paths: {difference:.2e}")
-    print(f"\nmodel: Llama-style, hidden {cli.hidden}, vocabulary {cli.vocab:,}; pairs of ~{3 * cli.length} tokens; "
-          f"{cli.batch_size} pairs per batch; CPU, one fresh process per row")
+    print(
+        f"\nmodel: Llama-style, hidden {cli.hidden}, vocabulary {cli.vocab:,}; pairs of ~{3 * cli.length} tokens; "
+        f"{cli.batch_size} pairs per batch; CPU, one fresh process per row"
+    )
     header = f"{'path':<28} {'train pairs':>11} {'peak RSS MB':>11} {'pairs/s':>8}"
     print(header + "\n" + "-" * len(header))
     for name, rows in results.items():
@@ -131,8 +157,10 @@ def main() -> None:
             print(f"{name:<28} {r['size']:>11,} {r['peak_rss_mb']:>11.0f} {r['pairs_per_s']:>8.1f}")
     growth = {name: rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"] - 1 for name, rows in results.items()}
     added = {name: rows[-1]["peak_rss_mb"] - rows[0]["peak_rss_mb"] for name, rows in results.items()}
-    print(f"\npeak RSS growth from {cli.sizes[0]:,} to {cli.sizes[-1]:,} pairs: "
-          + "; ".join(f"{name}: {growth[name]:+.1%} ({added[name]:+.0f} MB)" for name in results))
+    print(
+        f"\npeak RSS growth from {cli.sizes[0]:,} to {cli.sizes[-1]:,} pairs: "
+        + "; ".join(f"{name}: {growth[name]:+.1%} ({added[name]:+.0f} MB)" for name in results)
+    )
     new, old = (rows[-1]["peak_rss_mb"] for rows in results.values())
     print(f"peak RSS ratio at {cli.sizes[-1]:,} pairs (lists / streaming): {old / new:.2f}x")
     if cli.json:

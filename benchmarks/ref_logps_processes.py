@@ -42,13 +42,28 @@ def worker(opts: dict) -> None:
     init_process_group()
     torch.set_num_threads(opts["threads"])
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=opts["vocab"], hidden_size=opts["hidden"], intermediate_size=4 * opts["hidden"],
-                         num_hidden_layers=opts["layers"], num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=8 * opts["length"], tie_word_embeddings=True, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=opts["vocab"],
+        hidden_size=opts["hidden"],
+        intermediate_size=4 * opts["hidden"],
+        num_hidden_layers=opts["layers"],
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=8 * opts["length"],
+        tie_word_embeddings=True,
+        pad_token_id=0,
+    )
     model = LlamaForCausalLM(config)
     start = time.perf_counter()
-    rows = write_reference_logps(Reference("policy", model, ""), Path(opts["tokenized"]), SimpleNamespace(pad_token_id=0),
-                                 opts["batch_size"], Path(opts["out"]), prefix_sharing=True, packing=True)
+    rows = write_reference_logps(
+        Reference("policy", model, ""),
+        Path(opts["tokenized"]),
+        SimpleNamespace(pad_token_id=0),
+        opts["batch_size"],
+        Path(opts["out"]),
+        prefix_sharing=True,
+        packing=True,
+    )
     if is_main():
         Path(opts["out"], "seconds.json").write_text(json.dumps({"seconds": time.perf_counter() - start, "rows": rows}))
 
@@ -83,11 +98,28 @@ def main() -> None:
         for n in cli.processes:
             out = Path(tmp) / f"out-{n}"
             out.mkdir()
-            opts = {"tokenized": str(tokenized), "out": str(out), "vocab": cli.vocab, "hidden": cli.hidden,
-                    "layers": cli.layers, "length": cli.length, "batch_size": cli.batch_size,
-                    "threads": cli.threads}
-            command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
-                       str(free_port()), __file__, "--worker", json.dumps(opts)]
+            opts = {
+                "tokenized": str(tokenized),
+                "out": str(out),
+                "vocab": cli.vocab,
+                "hidden": cli.hidden,
+                "layers": cli.layers,
+                "length": cli.length,
+                "batch_size": cli.batch_size,
+                "threads": cli.threads,
+            }
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                str(n),
+                "--master_port",
+                str(free_port()),
+                __file__,
+                "--worker",
+                json.dumps(opts),
+            ]
             start = time.perf_counter()
             proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
             wall = time.perf_counter() - start
@@ -96,14 +128,18 @@ def main() -> None:
             inner = json.loads((out / "seconds.json").read_text())
             results[n] = {"wall": wall, "pass": inner["seconds"], "pairs": sum(inner["rows"].values()), "out": out}
         first = results[cli.processes[0]]
-        print(f"ref-logps: {first['pairs']:,} pairs (~{3 * cli.length} tokens each), Llama-style hidden {cli.hidden}, "
-              f"{cli.layers} layers, vocabulary {cli.vocab:,}; {cores} cores; prefix-shared, packed batches")
+        print(
+            f"ref-logps: {first['pairs']:,} pairs (~{3 * cli.length} tokens each), Llama-style hidden {cli.hidden}, "
+            f"{cli.layers} layers, vocabulary {cli.vocab:,}; {cores} cores; prefix-shared, packed batches"
+        )
         header = f"{'processes':>9} {'threads each':>12} {'launch wall s':>13} {'pass s':>7} {'pairs/s':>8} {'speed-up':>8} {'max |diff|':>10}"
         print(header + "\n" + "-" * len(header))
         for n, r in results.items():
             diff = max_difference(first["out"], r["out"])
-            print(f"{n:>9} {cli.threads:>12} {r['wall']:>13.1f} {r['pass']:>7.1f} "
-                  f"{r['pairs'] / r['pass']:>8.1f} {first['pass'] / r['pass']:>7.2f}x {diff:>10.1e}")
+            print(
+                f"{n:>9} {cli.threads:>12} {r['wall']:>13.1f} {r['pass']:>7.1f} "
+                f"{r['pairs'] / r['pass']:>8.1f} {first['pass'] / r['pass']:>7.2f}x {diff:>10.1e}"
+            )
 
 
 if __name__ == "__main__":

@@ -66,9 +66,15 @@ def build_tokenizer(texts: list[str]):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=8192, special_tokens=["<pad>", "<eos>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                       show_progress=False))
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=8192,
+            special_tokens=["<pad>", "<eos>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
@@ -81,8 +87,13 @@ def tokenized_pairs(limit: int, max_length: int, save_to: Path) -> tuple[list[di
     for i, pair in enumerate(hh_pairs(limit)):
         prompt = tokenizer(pair["prompt"])["input_ids"][-384:]
         room = max_length - len(prompt)
-        sides = {side: (tokenizer(pair[side])["input_ids"] + [tokenizer.eos_token_id])[:room] for side in ("chosen", "rejected")}
-        rows.append({"row_id": str(i), "prompt_ids": prompt, "chosen_ids": sides["chosen"], "rejected_ids": sides["rejected"]})
+        sides = {
+            side: (tokenizer(pair[side])["input_ids"] + [tokenizer.eos_token_id])[:room]
+            for side in ("chosen", "rejected")
+        }
+        rows.append(
+            {"row_id": str(i), "prompt_ids": prompt, "chosen_ids": sides["chosen"], "rejected_ids": sides["rejected"]}
+        )
     return rows, len(tokenizer)
 
 
@@ -98,29 +109,56 @@ def worker(opts: dict) -> dict:
     rows = json.loads(Path(opts["data"]).read_text())
 
     from transformers import PreTrainedTokenizerFast
+
     tokenizer = PreTrainedTokenizerFast.from_pretrained(opts["tokenizer"])  # its pad id only: the pairs are ids already
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=opts["vocab"], hidden_size=opts["hidden"], intermediate_size=opts["hidden"] * 8 // 3,
-                         num_hidden_layers=opts["layers"], num_attention_heads=opts["heads"],
-                         num_key_value_heads=opts["heads"], max_position_embeddings=1024, tie_word_embeddings=False,
-                         pad_token_id=0, eos_token_id=1)
+    config = LlamaConfig(
+        vocab_size=opts["vocab"],
+        hidden_size=opts["hidden"],
+        intermediate_size=opts["hidden"] * 8 // 3,
+        num_hidden_layers=opts["layers"],
+        num_attention_heads=opts["heads"],
+        num_key_value_heads=opts["heads"],
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     model = LlamaForCausalLM(config)
     with tempfile.TemporaryDirectory() as out:
-        args = DPOConfig(output_dir=out, report_to="none", num_train_epochs=1, per_device_train_batch_size=opts["batch"],
-                         per_device_eval_batch_size=opts["batch"], precompute_ref_log_probs=True, save_strategy="no",
-                         logging_steps=1, disable_tqdm=True, use_cpu=True, dataloader_pin_memory=False,
-                         gradient_checkpointing=opts["gradient_checkpointing"], **opts["options"])
+        args = DPOConfig(
+            output_dir=out,
+            report_to="none",
+            num_train_epochs=1,
+            per_device_train_batch_size=opts["batch"],
+            per_device_eval_batch_size=opts["batch"],
+            precompute_ref_log_probs=True,
+            save_strategy="no",
+            logging_steps=1,
+            disable_tqdm=True,
+            use_cpu=True,
+            dataloader_pin_memory=False,
+            gradient_checkpointing=opts["gradient_checkpointing"],
+            **opts["options"],
+        )
         start = time.perf_counter()
-        trainer = DPOTrainer(model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
+        trainer = DPOTrainer(
+            model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer
+        )
         built = time.perf_counter()
         trainer.train()
         done = time.perf_counter()
     first = next(h for h in trainer.state.log_history if "rewards/margins" in h)
-    batches = [rows[i:i + opts["batch"]] for i in range(0, len(rows), opts["batch"])]
+    batches = [rows[i : i + opts["batch"]] for i in range(0, len(rows), opts["batch"])]
     model_tokens = sum(int(trainer.data_collator(b)["input_ids"].numel()) for b in batches)
-    return {"ref_seconds": built - start, "train_seconds": done - built, "first_logps": first["logps/chosen"],
-            "last_loss": trainer.state.log_history[-2]["loss"], "model_tokens": model_tokens,
-            "num_params": sum(p.numel() for p in model.parameters())}
+    return {
+        "ref_seconds": built - start,
+        "train_seconds": done - built,
+        "first_logps": first["logps/chosen"],
+        "last_loss": trainer.state.log_history[-2]["loss"],
+        "model_tokens": model_tokens,
+        "num_params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def main() -> None:
@@ -131,7 +169,9 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-gradient-checkpointing", action="store_true", help="(DPOConfig's default is on)")
-    parser.add_argument("--all", action="store_true", help="also the packed and padding-free layouts, and padded with the chunked head")
+    parser.add_argument(
+        "--all", action="store_true", help="also the packed and padding-free layouts, and padded with the chunked head"
+    )
     parser.add_argument("--baseline-rev", default=BASELINE_REV)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -150,15 +190,23 @@ def main() -> None:
             data.write_text(json.dumps(rows))
             tokens = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
             shared = sum(len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
-            common = {**shape, "vocab": vocab, "batch": cli.batch, "threads": cli.threads, "data": str(data),
-                      "tokenizer": str(Path(tmp) / "tokenizer"),
-                      "gradient_checkpointing": not cli.no_gradient_checkpointing}
+            common = {
+                **shape,
+                "vocab": vocab,
+                "batch": cli.batch,
+                "threads": cli.threads,
+                "data": str(data),
+                "tokenizer": str(Path(tmp) / "tokenizer"),
+                "gradient_checkpointing": not cli.no_gradient_checkpointing,
+            }
             paths = {f"padded, full logits ({cli.baseline_rev})": (baseline, {})}
             for name, options in LAYOUTS.items():
                 if cli.all or not options:
                     paths[name] = (str(ROOT), options)
-            runs = {name: run_worker(__file__, {**common, "root": root, "options": options})
-                    for name, (root, options) in paths.items()}
+            runs = {
+                name: run_worker(__file__, {**common, "root": root, "options": options})
+                for name, (root, options) in paths.items()
+            }
             results[size] = {"pairs": len(rows), "tokens": tokens, "runs": runs}
             report(size, len(rows), tokens, shared, runs, vocab, cli)
     if cli.json:
@@ -167,23 +215,31 @@ def main() -> None:
 
 def report(size: str, pairs: int, tokens: int, shared: int, runs: dict, vocab: int, cli) -> None:
     some = next(iter(runs.values()))
-    print(f"\n== {size}: Llama-style, {some['num_params'] / 1e6:.1f}M parameters, vocabulary {vocab:,}; {pairs} HH-RLHF "
-          f"pairs, {tokens:,} tokens (prompt counted with each completion; {shared:,} with each prompt once: "
-          f"{tokens / shared:.2f}x fewer); batch {cli.batch}, max_length {cli.max_length}, gradient checkpointing "
-          f"{'off' if cli.no_gradient_checkpointing else 'on'}, {cli.threads} threads")
+    print(
+        f"\n== {size}: Llama-style, {some['num_params'] / 1e6:.1f}M parameters, vocabulary {vocab:,}; {pairs} HH-RLHF "
+        f"pairs, {tokens:,} tokens (prompt counted with each completion; {shared:,} with each prompt once: "
+        f"{tokens / shared:.2f}x fewer); batch {cli.batch}, max_length {cli.max_length}, gradient checkpointing "
+        f"{'off' if cli.no_gradient_checkpointing else 'on'}, {cli.threads} threads"
+    )
     header = f"{'path':<38} {'ref s':>7} {'train s':>8} {'pairs/s':>8} {'tokens/s':>9} {'model tokens':>12} {'speed-up':>8} {'logps/chosen@1':>14} {'last loss':>10}"
     print(header + "\n" + "-" * len(header))
     base = next(iter(runs.values()))
     base_total = base["ref_seconds"] + base["train_seconds"]
     for name, r in runs.items():
         total = r["ref_seconds"] + r["train_seconds"]
-        print(f"{name:<38} {r['ref_seconds']:>7.1f} {r['train_seconds']:>8.1f} {pairs / total:>8.2f} {tokens / total:>9.0f} "
-              f"{r['model_tokens']:>12,} {base_total / total:>7.2f}x {r['first_logps']:>14.4f} {r['last_loss']:>10.6f}")
+        print(
+            f"{name:<38} {r['ref_seconds']:>7.1f} {r['train_seconds']:>8.1f} {pairs / total:>8.2f} {tokens / total:>9.0f} "
+            f"{r['model_tokens']:>12,} {base_total / total:>7.2f}x {r['first_logps']:>14.4f} {r['last_loss']:>10.6f}"
+        )
     default = runs["defaults (prefix-shared, packed)"]
     speedup = base_total / (default["ref_seconds"] + default["train_seconds"])
-    print(f"model tokens per training epoch, baseline / defaults: {base['model_tokens'] / default['model_tokens']:.2f}x")
+    print(
+        f"model tokens per training epoch, baseline / defaults: {base['model_tokens'] / default['model_tokens']:.2f}x"
+    )
     if size == "21M":
-        print(f"target: defaults >= {TARGET}x the padded path end to end: {'met' if speedup >= TARGET else 'NOT met'} ({speedup:.2f}x)")
+        print(
+            f"target: defaults >= {TARGET}x the padded path end to end: {'met' if speedup >= TARGET else 'NOT met'} ({speedup:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

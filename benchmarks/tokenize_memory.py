@@ -52,9 +52,11 @@ def write_pairs(path: Path, n: int, fmt: str, seed: int = 0) -> None:
             good = " ".join(rng.choices(task.POSITIVE + task.NOUNS, k=rng.randint(8, 80)))
             bad = " ".join(rng.choices(task.NEGATIVE + task.NOUNS, k=rng.randint(8, 80)))
             if fmt == "conversational":
-                row = {"prompt": [{"role": "system", "content": task.SYSTEM}, {"role": "user", "content": question}],
-                       "chosen": [{"role": "assistant", "content": good}],
-                       "rejected": [{"role": "assistant", "content": bad}]}
+                row = {
+                    "prompt": [{"role": "system", "content": task.SYSTEM}, {"role": "user", "content": question}],
+                    "chosen": [{"role": "assistant", "content": good}],
+                    "rejected": [{"role": "assistant", "content": bad}],
+                }
             else:
                 row = {"prompt": question, "chosen": " " + good, "rejected": " " + bad}
             f.write(json.dumps(row) + "\n")
@@ -62,14 +64,19 @@ def write_pairs(path: Path, n: int, fmt: str, seed: int = 0) -> None:
 
 def child(args) -> None:
     """One measured run in this fresh process; prints one JSON line."""
-    from pipeline.store.artifacts import staged_dir
     from pipeline.config.params import check_params
+    from pipeline.store.artifacts import staged_dir
 
     work = Path(args.workdir)
-    params = check_params({"data": {"train": str(work / "pairs.jsonl"), "eval_fraction": 0.05},
-                           "tokenize": {"max_length": 1024, "dataset_num_proc": args.num_proc}})
+    params = check_params(
+        {
+            "data": {"train": str(work / "pairs.jsonl"), "eval_fraction": 0.05},
+            "tokenize": {"max_length": 1024, "dataset_num_proc": args.num_proc},
+        }
+    )
     if args.stage == "normalize":
         from pipeline.data.normalize import normalize_dataset
+
         write_pairs(work / "pairs.jsonl", args.rows, args.format)
         floor = rss_mib()
         start = time.perf_counter()
@@ -78,11 +85,14 @@ def child(args) -> None:
         rows = report["rows_read"]
     else:
         from pipeline.data.tokenize import tokenize_dataset
+
         if args.tokenizer:
             from transformers import AutoTokenizer
+
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         else:
             from pipeline.builtin.tokenizer import build_tokenizer
+
             tokenizer = build_tokenizer()
         floor = rss_mib()
         start = time.perf_counter()
@@ -91,13 +101,34 @@ def child(args) -> None:
         rows = sum(split["rows_read"] for split in report.values())
     seconds = time.perf_counter() - start
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest worker process, if any
-    print(json.dumps({"stage": args.stage, "rows": rows, "seconds": seconds, "rows_per_s": rows / seconds,
-                      "floor_rss_mib": floor, "peak_rss_mib": peak_rss_mib(), "worker_peak_rss_mib": workers}))
+    print(
+        json.dumps(
+            {
+                "stage": args.stage,
+                "rows": rows,
+                "seconds": seconds,
+                "rows_per_s": rows / seconds,
+                "floor_rss_mib": floor,
+                "peak_rss_mib": peak_rss_mib(),
+                "worker_peak_rss_mib": workers,
+            }
+        )
+    )
 
 
 def measure(stage: str, rows: int, workdir: Path, args) -> dict:
-    command = [sys.executable, __file__, "--child", stage, "--rows", str(rows), "--workdir", str(workdir),
-               "--format", args.format]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        stage,
+        "--rows",
+        str(rows),
+        "--workdir",
+        str(workdir),
+        "--format",
+        args.format,
+    ]
     if args.num_proc:
         command += ["--num-proc", str(args.num_proc)]
     if args.tokenizer:
@@ -124,16 +155,20 @@ def main() -> None:
         return child(argparse.Namespace(**{**vars(args), "stage": args.child}))
 
     results = {}
-    print(f"{'stage':<10}{'pairs':>9}{'rows/s':>10}{'seconds':>9}{'RSS after imports':>19}{'peak RSS':>11}"
-          f"{'worker peak RSS':>17}")
+    print(
+        f"{'stage':<10}{'pairs':>9}{'rows/s':>10}{'seconds':>9}{'RSS after imports':>19}{'peak RSS':>11}"
+        f"{'worker peak RSS':>17}"
+    )
     for size in args.sizes:
         with tempfile.TemporaryDirectory(prefix="dpo-bench-") as tmp:
             for stage in ("normalize", "tokenize"):
                 r = results[(stage, size)] = measure(stage, size, Path(tmp), args)
-                print(f"{stage:<10}{size:>9,}{r['rows_per_s']:>10,.0f}{r['seconds']:>9.1f}"
-                      f"{r['floor_rss_mib']:>15.0f} MiB{r['peak_rss_mib']:>7.0f} MiB"
-                      f"{(format(r['worker_peak_rss_mib'], '>13.0f') + ' MiB') if r['worker_peak_rss_mib'] else '':>17}",
-                      flush=True)
+                print(
+                    f"{stage:<10}{size:>9,}{r['rows_per_s']:>10,.0f}{r['seconds']:>9.1f}"
+                    f"{r['floor_rss_mib']:>15.0f} MiB{r['peak_rss_mib']:>7.0f} MiB"
+                    f"{(format(r['worker_peak_rss_mib'], '>13.0f') + ' MiB') if r['worker_peak_rss_mib'] else '':>17}",
+                    flush=True,
+                )
     small, large = min(args.sizes), max(args.sizes)
     failed = False
     for stage in ("normalize", "tokenize"):
@@ -143,8 +178,10 @@ def main() -> None:
                 continue
             growth = (b - a) / a
             failed |= growth > args.max_growth
-            print(f"{stage}: {what} {a:.0f} MiB at {small:,} pairs -> {b:.0f} MiB at {large:,} pairs: "
-                  f"{growth:+.1%} (limit {args.max_growth:+.0%})")
+            print(
+                f"{stage}: {what} {a:.0f} MiB at {small:,} pairs -> {b:.0f} MiB at {large:,} pairs: "
+                f"{growth:+.1%} (limit {args.max_growth:+.0%})"
+            )
     sys.exit(1 if failed else 0)
 
 

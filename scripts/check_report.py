@@ -21,8 +21,16 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
 WINDOW_SIZE = "1280,2400"
 REQUIRED_TABLES = ("metrics", "pairs-largest", "pairs-smallest")
 _REMOTE = re.compile(r"^\s*(?:https?:)?//", re.I)
@@ -160,13 +168,17 @@ class CheckResult:
     problems: list[str]
 
     def summary(self) -> str:
-        lines = [f"plots: {len(self.parts.plots)} " + (
-            "(" + ", ".join(f"{group}: {n} svg" for group, n in self.parts.plots) + ")" if self.parts.plots else "")]
+        lines = [
+            f"plots: {len(self.parts.plots)} "
+            + ("(" + ", ".join(f"{group}: {n} svg" for group, n in self.parts.plots) + ")" if self.parts.plots else "")
+        ]
         lines += [f"table #{name}: {rows} rows" for name, rows in sorted(self.parts.tables.items())]
         lines.append(f"win rate shown: {self.parts.win_rate or 'no'}")
         lines.append("remote references in the DOM: " + (", ".join(self.parts.remote_refs) or "none"))
-        lines.append("http(s) requests made for the page: " + (
-            "unknown (network log unreadable)" if self.requests is None else ", ".join(self.requests) or "none"))
+        lines.append(
+            "http(s) requests made for the page: "
+            + ("unknown (network log unreadable)" if self.requests is None else ", ".join(self.requests) or "none")
+        )
         if self.screenshot is not None:
             width, height = png_size(self.screenshot)
             lines.append(f"screenshot: {self.screenshot} ({width}x{height})")
@@ -174,8 +186,9 @@ class CheckResult:
         return "\n".join(lines)
 
 
-def check_report(page: Path, screenshot: Path | None = None, expect_plots: int | None = None,
-                 chromium: Path = CHROMIUM) -> CheckResult:
+def check_report(
+    page: Path, screenshot: Path | None = None, expect_plots: int | None = None, chromium: Path = CHROMIUM
+) -> CheckResult:
     """Render `page` in headless Chromium (DOM dump + network log, then a screenshot) and check what it holds."""
     with tempfile.TemporaryDirectory(prefix="report-netlog-") as scratch:
         net_log = Path(scratch) / "net.json"
@@ -196,8 +209,9 @@ def check_report(page: Path, screenshot: Path | None = None, expect_plots: int |
         screenshot = Path(screenshot).resolve()
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         screenshot.unlink(missing_ok=True)
-        run_chromium(page, f"--screenshot={screenshot}", f"--window-size={WINDOW_SIZE}", "--hide-scrollbars",
-                     chromium=chromium)
+        run_chromium(
+            page, f"--screenshot={screenshot}", f"--window-size={WINDOW_SIZE}", "--hide-scrollbars", chromium=chromium
+        )
         if not screenshot.is_file() or screenshot.stat().st_size == 0:
             problems.append(f"chromium wrote no screenshot to {screenshot}")
             screenshot = None

@@ -10,14 +10,9 @@ from it (`scripts/dvc_yaml_vision.py`):
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
-
-from test_dvc_deps import PACKAGES, needed_deps  # noqa: E402
+import dvc_yaml_vision
+from code_deps import PACKAGES, ROOT, needed_deps
 
 
 def rewrite(text: str) -> str:
@@ -45,7 +40,5 @@ if __name__ == "__main__":
     path = ROOT / "dvc.yaml"
     path.write_text(rewrite(path.read_text()))
     print(f"rewrote the code deps of {path}")
-    import dvc_yaml_vision
-
     (ROOT / "vision" / "dvc.yaml").write_text(dvc_yaml_vision.render())
     print("wrote vision/dvc.yaml")

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from pipeline.store.artifacts import stage_output
-from pipeline.store.base_record import describe_external_base, describe_reference_and_adapter
 from pipeline.builtin import BUILTIN_MODEL, BUILTIN_VLM
 from pipeline.run.warm_start import build_builtin_base
+from pipeline.store.artifacts import stage_output
+from pipeline.store.base_record import describe_external_base, describe_reference_and_adapter
 
 from . import paths
 from .common import load, params_option, path_option, user_errors
@@ -20,14 +20,18 @@ BASE_MODEL_KEYS = ("name_or_path", "revision", "ref_name_or_path", "ref_revision
 
 
 def run(params: dict, out: Path = paths.BASE) -> dict:
-    used = {"seed": params["seed"], "eval_fraction": params["data"]["eval_fraction"],
-            "model": {k: params["model"][k] for k in BASE_MODEL_KEYS}}
+    used = {
+        "seed": params["seed"],
+        "eval_fraction": params["data"]["eval_fraction"],
+        "model": {k: params["model"][k] for k in BASE_MODEL_KEYS},
+    }
     with stage_output("base", out, {}, used) as output:
         name = params["model"]["name_or_path"]
         if name == BUILTIN_MODEL:
             output.extra = build_builtin_base(params, output.dir)
         elif name == BUILTIN_VLM:
             from pipeline.run.warm_start_vision import build_builtin_vision_base
+
             output.extra = build_builtin_vision_base(params, output.dir)
         else:
             output.extra = describe_external_base(params)

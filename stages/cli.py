@@ -11,8 +11,15 @@ import importlib
 import click
 
 # subcommand -> module under stages/, in pipeline order
-STAGE_MODULES = {"base": "base", "normalize": "normalize", "tokenize": "tokenize", "ref-logps": "ref_logps",
-                 "train": "train", "evaluate": "evaluate", "export": "export"}
+STAGE_MODULES = {
+    "base": "base",
+    "normalize": "normalize",
+    "tokenize": "tokenize",
+    "ref-logps": "ref_logps",
+    "train": "train",
+    "evaluate": "evaluate",
+    "export": "export",
+}
 # commands that are not pipeline stages (dvc.yaml runs none of them)
 TOOL_MODULES = {"compare": "compare"}
 

@@ -7,25 +7,35 @@ from pathlib import Path
 
 import click
 
+from pipeline.config.params import load_params
 from pipeline.core.distributed import init_process_group, relaunch
 from pipeline.core.errors import PipelineError
 from pipeline.core.faults import machine_fault
 from pipeline.store.hub import configure_network
-from pipeline.config.params import load_params
 
 
 def params_option(func):
-    return click.option("--params", "params_path", default="params.yaml", show_default=True,
-                        type=click.Path(dir_okay=False, path_type=Path), help="The params file (params.yaml).")(func)
+    return click.option(
+        "--params",
+        "params_path",
+        default="params.yaml",
+        show_default=True,
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="The params file (params.yaml).",
+    )(func)
 
 
 def path_option(name: str, default: Path, help: str):
-    return click.option(f"--{name}", default=str(default), show_default=True, type=click.Path(path_type=Path), help=help)
+    return click.option(
+        f"--{name}", default=str(default), show_default=True, type=click.Path(path_type=Path), help=help
+    )
 
 
 def user_errors(func):
-    """Report PipelineError, and the machine's faults (a full disk, a read-only or forbidden folder: `pipeline.core.faults`),
+    """Report PipelineError, and the machine's faults (a full disk, a read-only or forbidden folder:
+    `pipeline.core.faults`),
     as a one-line message and exit status 1."""
+
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
@@ -38,6 +48,7 @@ def user_errors(func):
             if sentence is None:
                 raise
             raise click.ClickException(sentence) from None
+
     return wrapper
 
 
@@ -62,6 +73,7 @@ def command_argv(ctx: click.Context) -> list[str]:
 def launches(func):
     """A heavy stage's command: with `distributed.num_processes` x `num_machines` > 1, re-run under the launcher
     (`pipeline.core.distributed`) and exit with its status; inside a launched process, join the process group first."""
+
     @functools.wraps(func)
     def wrapper(**kwargs):
         ctx = click.get_current_context()
@@ -70,6 +82,9 @@ def launches(func):
             init_process_group()
             return func(**kwargs)
         if status != 0:
-            raise click.ClickException(f"{ctx.info_name}: a process of the launch failed (exit status {status}); its "
-                                       "error is above. Nothing was published; re-running resumes where it can.")
+            raise click.ClickException(
+                f"{ctx.info_name}: a process of the launch failed (exit status {status}); its "
+                "error is above. Nothing was published; re-running resumes where it can."
+            )
+
     return wrapper

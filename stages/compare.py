@@ -13,10 +13,10 @@ from pathlib import Path
 
 import click
 
-from pipeline.store.artifacts import write_text
 from pipeline.publish.comparison import Run, comparison_text, dedupe_workspace, flat_params, render_comparison
 from pipeline.publish.metrics_file import ENVIRONMENT, flatten
 from pipeline.publish.report import read_curves
+from pipeline.store.artifacts import write_text
 
 from . import paths
 
@@ -45,8 +45,7 @@ def to_run(row: dict, name: str, params_file: str, metrics_file: str) -> Run | N
     metrics = dict(((data.get("metrics") or {}).get(metrics_file) or {}).get("data") or {})
     environment = metrics.pop(ENVIRONMENT, None) or {}
     rev = row["rev"]
-    return Run(name=name, rev=rev, params=flat_params(params),
-               metrics=flatten(metrics), environment=environment)
+    return Run(name=name, rev=rev, params=flat_params(params), metrics=flatten(metrics), environment=environment)
 
 
 def runs_of(rows: list[dict], params_file: str, metrics_file: str, wanted: tuple[str, ...] = ()) -> list[Run]:
@@ -54,8 +53,12 @@ def runs_of(rows: list[dict], params_file: str, metrics_file: str, wanted: tuple
     the commits and the experiments named."""
     runs = []
     for row in rows:
-        commit = to_run(row, "workspace" if row["rev"] == "workspace" else row.get("name") or row["rev"][:7],
-                        params_file, metrics_file)
+        commit = to_run(
+            row,
+            "workspace" if row["rev"] == "workspace" else row.get("name") or row["rev"][:7],
+            params_file,
+            metrics_file,
+        )
         if commit and (not wanted or row["rev"] != "workspace" or "workspace" in wanted):
             runs.append(commit)
         for experiment in row.get("experiments") or []:
@@ -82,16 +85,32 @@ def curves_at(rev: str, live: Path) -> dict:
 
 @click.command("compare")
 @click.argument("experiments", nargs=-1)
-@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write every run's curves (dvclive/) to this self-contained HTML page (opens offline).")
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write every run's curves (dvclive/) to this self-contained HTML page (opens offline).",
+)
 @click.option("-A", "--all-commits", is_flag=True, help="Every commit's runs, not only HEAD's (dvc exp show -A).")
-@click.option("--params", "params_path", default="params.yaml", show_default=True,
-              help="The params file the runs read (params-vision.yaml for the vision pipeline).")
+@click.option(
+    "--params",
+    "params_path",
+    default="params.yaml",
+    show_default=True,
+    help="The params file the runs read (vision/params.yaml for the vision pipeline).",
+)
 @click.option("--metrics", default=str(paths.METRICS), show_default=True, help="The eval metrics file of the runs.")
-@click.option("--live", default=str(paths.LIVE), show_default=True, type=click.Path(path_type=Path),
-              help="The runs' DVCLive directory (the curves).")
-def command(experiments: tuple[str, ...], html_path: Path | None, all_commits: bool, params_path: str, metrics: str,
-            live: Path) -> None:
+@click.option(
+    "--live",
+    default=str(paths.LIVE),
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="The runs' DVCLive directory (the curves).",
+)
+def command(
+    experiments: tuple[str, ...], html_path: Path | None, all_commits: bool, params_path: str, metrics: str, live: Path
+) -> None:
     """Compare the baseline commit with its experiments (or only the EXPERIMENTS named): the params that differ,
     held-out rewards/accuracies and rewards/margins, the judged win rate, and the machine each run was made on
     (with a warning when they differ). Run it in the project's root."""

@@ -7,21 +7,30 @@ from pathlib import Path
 
 import click
 
-from pipeline.store.artifacts import stage_output
+from pipeline.config.train_params import check_train
 from pipeline.core.distributed import is_main
 from pipeline.core.environment import environment
-from pipeline.run.evaluation import evaluate_policy
 from pipeline.publish.metrics_file import write_metrics
 from pipeline.publish.report import write_report
-from pipeline.config.train_params import check_train
+from pipeline.run.evaluation import evaluate_policy
+from pipeline.store.artifacts import stage_output
 
 from . import paths
 from .common import launches, load, params_option, path_option, user_errors
 
 
-def run(params: dict, train: Path = paths.TRAIN, tokenized: Path = paths.TOKENIZED, ref_logps: Path = paths.REF_LOGPS,
-        normalized: Path = paths.NORMALIZED, base: Path = paths.BASE, out: Path = paths.EVAL,
-        metrics_path: Path = paths.METRICS, live: Path = paths.LIVE, report: Path | None = None) -> dict:
+def run(
+    params: dict,
+    train: Path = paths.TRAIN,
+    tokenized: Path = paths.TOKENIZED,
+    ref_logps: Path = paths.REF_LOGPS,
+    normalized: Path = paths.NORMALIZED,
+    base: Path = paths.BASE,
+    out: Path = paths.EVAL,
+    metrics_path: Path = paths.METRICS,
+    live: Path = paths.LIVE,
+    report: Path | None = None,
+) -> dict:
     """Evaluate; the report goes to `report` (default: report.html beside the metrics file)."""
     inputs = {"train": train, "tokenized": tokenized, "normalized": normalized, "base": base}
     if params["train"].get("precompute_ref_log_probs"):
@@ -48,10 +57,22 @@ def run(params: dict, train: Path = paths.TRAIN, tokenized: Path = paths.TOKENIZ
 @path_option("report", paths.REPORT, "Where to write the HTML run report.")
 @user_errors
 @launches
-def command(params_path: Path, train: Path, tokenized: Path, ref_logps: Path, normalized: Path, base: Path, out: Path,
-            metrics: Path, live: Path, report: Path) -> None:
+def command(
+    params_path: Path,
+    train: Path,
+    tokenized: Path,
+    ref_logps: Path,
+    normalized: Path,
+    base: Path,
+    out: Path,
+    metrics: Path,
+    live: Path,
+    report: Path,
+) -> None:
     """Evaluate the trained policy on the eval split: DPO metrics, the judged win rate on the built-in task, and a
     self-contained HTML report of the run."""
-    result = run(load(params_path, check_train), train, tokenized, ref_logps, normalized, base, out, metrics, live, report)
+    result = run(
+        load(params_path, check_train), train, tokenized, ref_logps, normalized, base, out, metrics, live, report
+    )
     click.echo(json.dumps(result, indent=1))
     click.echo(f"report: {report}")

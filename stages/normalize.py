@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.store.artifacts import stage_output
 from pipeline.data.normalize import normalize_dataset
+from pipeline.store.artifacts import stage_output
 
 from . import paths
 from .common import load, params_option, path_option, user_errors
@@ -30,5 +30,7 @@ def run(params: dict, out: Path = paths.NORMALIZED) -> dict:
 def command(params_path: Path, out: Path) -> None:
     """Validate and normalize the preference data (data.* params) to the canonical schema."""
     report = run(load(params_path), out)
-    click.echo(f"normalize: read {report['rows_read']}, wrote {report['rows_written']}, dropped {report['rows_dropped']} "
-               f"{report['dropped_by_reason'] or ''} -> {out}")
+    click.echo(
+        f"normalize: read {report['rows_read']}, wrote {report['rows_written']}, dropped {report['rows_dropped']} "
+        f"{report['dropped_by_reason'] or ''} -> {out}"
+    )

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import click
 
-from pipeline.store.artifacts import stage_output
-from pipeline.model.loading import load_base_tokenizer, load_policy
 from pipeline.config.params import train_option
+from pipeline.model.loading import load_base_tokenizer, load_policy
 from pipeline.objective.reference import stage_reference
 from pipeline.run.reference_pass import write_reference_logps
+from pipeline.store.artifacts import stage_output
 
 from . import paths
 from .common import launches, load, params_option, path_option, user_errors
@@ -26,12 +26,23 @@ from .common import launches, load, params_option, path_option, user_errors
 
 def run(params: dict, tokenized: Path = paths.TOKENIZED, base: Path = paths.BASE, out: Path = paths.REF_LOGPS) -> dict:
     layout = {name: train_option(params, name) for name in ("prefix_sharing", "packing")}
-    with stage_output("ref-logps", out, {"tokenized": tokenized, "base": base}, {**params["ref_logps"], **layout}) as output:
+    with stage_output(
+        "ref-logps", out, {"tokenized": tokenized, "base": base}, {**params["ref_logps"], **layout}
+    ) as output:
         reference = stage_reference(base, params, load_policy(base, params, trainable=False), "before_training")
-        batch_size = params["ref_logps"]["precompute_ref_batch_size"] or train_option(params, "per_device_eval_batch_size")
+        batch_size = params["ref_logps"]["precompute_ref_batch_size"] or train_option(
+            params, "per_device_eval_batch_size"
+        )
         per_rank: dict = {}
-        output.rows = write_reference_logps(reference, tokenized, load_base_tokenizer(base, params), batch_size, output.dir,
-                                            **layout, rows_per_rank=per_rank)
+        output.rows = write_reference_logps(
+            reference,
+            tokenized,
+            load_base_tokenizer(base, params),
+            batch_size,
+            output.dir,
+            **layout,
+            rows_per_rank=per_rank,
+        )
         output.extra = {"reference": reference.description, "rows_per_rank": per_rank}
     return output.manifest
 

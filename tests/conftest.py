@@ -20,27 +20,52 @@ def random_pairs(n: int = 4, seed: int = 0, prompt=(2, 6), chosen=(2, 7), reject
 
     def ids(k):
         return [rng.randrange(low, 100) for _ in range(k)]
-    return [{"row_id": str(i), "prompt_ids": ids(rng.randint(*prompt)), "chosen_ids": ids(rng.randint(*chosen)),
-             "rejected_ids": ids(rng.randint(*rejected))} for i in range(n)]
+
+    return [
+        {
+            "row_id": str(i),
+            "prompt_ids": ids(rng.randint(*prompt)),
+            "chosen_ids": ids(rng.randint(*chosen)),
+            "rejected_ids": ids(rng.randint(*rejected)),
+        }
+        for i in range(n)
+    ]
 
 
 def tiny_params(**train_overrides) -> dict:
     """params for the built-in task at test size: a few seconds per stage on 2 CPU cores."""
     from pipeline.config.params import check_params
 
-    train = {"precompute_ref_log_probs": True, "learning_rate": 1e-4, "num_train_epochs": 1,
-             "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16, "gradient_checkpointing": False,
-             "logging_steps": 2, "save_strategy": "no", "disable_tqdm": True}
+    train = {
+        "precompute_ref_log_probs": True,
+        "learning_rate": 1e-4,
+        "num_train_epochs": 1,
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 16,
+        "gradient_checkpointing": False,
+        "logging_steps": 2,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+    }
     train.update(train_overrides)
-    return check_params({
-        "model": {"builtin": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "warmup_steps": 20,
-                              "warmup_batch_size": 16}},
-        "data": {"builtin": {"num_pairs": 48, "num_eval_pairs": 16}},
-        "tokenize": {"max_length": 64},
-        "ref_logps": {"precompute_ref_batch_size": 16},
-        "train": train,
-        "evaluate": {"batch_size": 16, "num_generations": 8, "max_new_tokens": 12},
-    })
+    return check_params(
+        {
+            "model": {
+                "builtin": {
+                    "hidden_size": 32,
+                    "num_layers": 1,
+                    "num_heads": 2,
+                    "warmup_steps": 20,
+                    "warmup_batch_size": 16,
+                }
+            },
+            "data": {"builtin": {"num_pairs": 48, "num_eval_pairs": 16}},
+            "tokenize": {"max_length": 64},
+            "ref_logps": {"precompute_ref_batch_size": 16},
+            "train": train,
+            "evaluate": {"batch_size": 16, "num_generations": 8, "max_new_tokens": 12},
+        }
+    )
 
 
 def prepare_stages(params: dict, root, through: str = "tokenize") -> None:

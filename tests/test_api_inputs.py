@@ -14,13 +14,15 @@ import datasets
 import pytest
 
 from pipeline import DPOConfig, DPOTrainer
-from pipeline.data.prepare import prepare_dataset
 from pipeline.core.errors import PipelineError
+from pipeline.data.prepare import prepare_dataset
 
-HH = Path(__file__).parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+HH = Path(__file__).parent / "data" / "hh-rlhf" / "harmless-base-test-1200.jsonl.gz"  # MIT, see its README
 HH_EMPTY_LAST_TURN = [86, 516, 925, 1103]  # rows whose chosen ends with an empty "Assistant:" turn
-GOOD = [{"prompt": f"Is fact {i} true?", "chosen": f" Yes, fact {i} holds.", "rejected": f" No, fact {i} fails."}
-        for i in range(6)]
+GOOD = [
+    {"prompt": f"Is fact {i} true?", "chosen": f" Yes, fact {i} holds.", "rejected": f" No, fact {i} fails."}
+    for i in range(6)
+]
 FIX = r'on_invalid="drop"'
 
 
@@ -37,8 +39,16 @@ def prepare(rows, tokenizer, max_length=256, **kwargs):
 
 
 def trainer(tmp_path, model, tokenizer, train_dataset, **options):
-    args = DPOConfig(output_dir=str(tmp_path), report_to="none", per_device_train_batch_size=2, max_steps=1,
-                     gradient_checkpointing=False, save_strategy="no", disable_tqdm=True, **options)
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        report_to="none",
+        per_device_train_batch_size=2,
+        max_steps=1,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        disable_tqdm=True,
+        **options,
+    )
     return DPOTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer)
 
 
@@ -88,11 +98,17 @@ def test_an_empty_dataset_is_refused_before_training(tmp_path, tiny_model, tiny_
 def test_a_list_of_row_dicts_is_accepted_and_anything_else_refused_naming_the_fix(tmp_path, tiny_model, tiny_tokenizer):
     run = trainer(tmp_path, tiny_model, tiny_tokenizer, GOOD)
     assert len(run.train_dataset) == len(GOOD) and "chosen_ids" in run.train_dataset.column_names
-    with pytest.raises(PipelineError, match=r"train_dataset is a list whose item 1 is a str, not a row dict; pass a "
-                                            r"datasets.Dataset, or a list of dicts"):
+    with pytest.raises(
+        PipelineError,
+        match=r"train_dataset is a list whose item 1 is a str, not a row dict; pass a "
+        r"datasets.Dataset, or a list of dicts",
+    ):
         prepare([GOOD[0], "oops"], tokenizer=tiny_tokenizer)
-    with pytest.raises(PipelineError, match=r"train_dataset is a DatasetDict with splits \['train'\]; pass one split, "
-                                            r"e.g. train_dataset=dataset\['train'\]"):
+    with pytest.raises(
+        PipelineError,
+        match=r"train_dataset is a DatasetDict with splits \['train'\]; pass one split, "
+        r"e.g. train_dataset=dataset\['train'\]",
+    ):
         prepare(datasets.DatasetDict({"train": datasets.Dataset.from_list(GOOD)}), tokenizer=tiny_tokenizer)
     with pytest.raises(PipelineError, match=r"train_dataset is a dict; pass a datasets.Dataset"):
         prepare({"prompt": ["Q"]}, tokenizer=tiny_tokenizer)
@@ -116,28 +132,34 @@ def test_a_pre_tokenized_empty_completion_is_refused_or_dropped(tiny_tokenizer, 
 
 @pytest.mark.parametrize("bad_id", [-1, "vocab"])
 def test_a_token_id_outside_the_model_vocabulary_is_refused_naming_row_column_and_size(
-        tmp_path, tiny_model, tiny_tokenizer, bad_id):
+    tmp_path, tiny_model, tiny_tokenizer, bad_id
+):
     vocab = tiny_model.get_input_embeddings().weight.shape[0]
     bad = vocab if bad_id == "vocab" else bad_id
     with pytest.raises(PipelineError) as err:
         trainer(tmp_path, tiny_model, tiny_tokenizer, tokenized([7, bad]))
-    assert (f"train_dataset: row 2: chosen_ids holds token id {bad}, outside the model's vocabulary of {vocab} ids "
-            f"[0, {vocab}) [rule token_out_of_vocab]") in str(err.value)
+    assert (
+        f"train_dataset: row 2: chosen_ids holds token id {bad}, outside the model's vocabulary of {vocab} ids "
+        f"[0, {vocab}) [rule token_out_of_vocab]"
+    ) in str(err.value)
     assert FIX in str(err.value)
 
 
 def test_an_iterable_dataset_stops_at_an_invalid_row_when_it_is_read(tiny_tokenizer):
     stream = datasets.Dataset.from_list(with_bad_rows()).to_iterable_dataset()
     prepared = prepare(stream, tokenizer=tiny_tokenizer)
-    with pytest.raises(PipelineError, match=r"train_dataset: row 1: chosen is empty after the prompt.*"
-                                            r"\[rule empty_completion\]\. .*on_invalid=\"drop\""):
+    with pytest.raises(
+        PipelineError,
+        match=r"train_dataset: row 1: chosen is empty after the prompt.*"
+        r"\[rule empty_completion\]\. .*on_invalid=\"drop\"",
+    ):
         list(prepared)
-    kept = prepare(datasets.Dataset.from_list(with_bad_rows()).to_iterable_dataset(), tokenizer=tiny_tokenizer,
-                   on_invalid="drop")
+    kept = prepare(
+        datasets.Dataset.from_list(with_bad_rows()).to_iterable_dataset(), tokenizer=tiny_tokenizer, on_invalid="drop"
+    )
     assert len(list(kept)) == 4
 
 
-@pytest.mark.skipif(not HH.exists(), reason="the shared HH-RLHF file is not here")
 def test_hh_rlhf_empty_last_assistant_turns_are_all_named_or_dropped(tiny_tokenizer, caplog):
     with gzip.open(HH, "rt") as lines:
         rows = [json.loads(line) for line in itertools.islice(lines, 1200)]
@@ -145,8 +167,9 @@ def test_hh_rlhf_empty_last_assistant_turns_are_all_named_or_dropped(tiny_tokeni
     with pytest.raises(PipelineError) as err:
         prepare(dataset, tokenizer=tiny_tokenizer)
     message = str(err.value)
-    assert message.startswith(f"train_dataset: rows {', '.join(map(str, HH_EMPTY_LAST_TURN))}: chosen is empty after "
-                              "the prompt")
+    assert message.startswith(
+        f"train_dataset: rows {', '.join(map(str, HH_EMPTY_LAST_TURN))}: chosen is empty after the prompt"
+    )
     assert "the last assistant turn) has no text [rule empty_completion] (4 invalid rows of 1200)" in message
     assert FIX in message
     with caplog.at_level(logging.WARNING, logger="pipeline.data.prepare"):

@@ -1,4 +1,5 @@
-"""Prefix-shared and packed batches (pipeline.model.collator, pipeline.model.attention) give the padded batch's numbers, values
+"""Prefix-shared and packed batches (pipeline.model.collator, pipeline.model.attention) give the padded batch's
+numbers, values
 and gradients (fp32, ≤ 1e-5), for every loss type and option, train and eval, plain and PEFT models, in the
 reference pass too; the fastest layout is the default; a model that cannot take a layout falls back, with a log."""
 
@@ -16,8 +17,8 @@ import pipeline.model.layout
 from conftest import random_pairs
 from pipeline import DPOConfig, DPOTrainer
 from pipeline.model.attention import allowed
-from pipeline.model.layout import batch_layout, layout_problem
 from pipeline.model.collator import CHOSEN, PROMPT, REJECTED, DataCollatorForPreference, first_fit
+from pipeline.model.layout import batch_layout, layout_problem
 from pipeline.objective.losses import LOSS_TYPES
 from pipeline.objective.reference import Reference
 from pipeline.run.reference_pass import score_block
@@ -40,18 +41,42 @@ def build(tokenizer, seed: int = 0, attn: str = "sdpa", layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, attn_implementation=attn)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        attn_implementation=attn,
+    )
     return LlamaForCausalLM(config)
 
 
 def make_trainer(tmp_path, model, tokenizer, ref_model=None, peft_config=None, **options) -> DPOTrainer:
-    args = DPOConfig(**{"output_dir": str(tmp_path), "report_to": "none", "gradient_checkpointing": False,
-                        "disable_tqdm": True, "save_strategy": "no", "per_device_train_batch_size": 4, "beta": 0.5,
-                        **options})
-    return DPOTrainer(model=model, ref_model=ref_model, args=args, processing_class=tokenizer,
-                      train_dataset=datasets.Dataset.from_list(PAIRS), peft_config=peft_config)
+    args = DPOConfig(
+        **{
+            "output_dir": str(tmp_path),
+            "report_to": "none",
+            "gradient_checkpointing": False,
+            "disable_tqdm": True,
+            "save_strategy": "no",
+            "per_device_train_batch_size": 4,
+            "beta": 0.5,
+            **options,
+        }
+    )
+    return DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=datasets.Dataset.from_list(PAIRS),
+        peft_config=peft_config,
+    )
 
 
 def step(trainer, train: bool = True, rows=PAIRS):
@@ -79,15 +104,25 @@ def assert_same(got, want, train: bool = True):
         torch.testing.assert_close(grads[name], grad, **TOL, msg=name)
 
 
-def compare(tmp_path, tokenizer, layout: dict, train: bool = True, rows=PAIRS, peft_config=None, attn="sdpa", **options):
+def compare(
+    tmp_path, tokenizer, layout: dict, train: bool = True, rows=PAIRS, peft_config=None, attn="sdpa", **options
+):
     """The same step in `layout` and padded, each from the same initial weights and reference."""
     results = []
     for opts in (layout, PADDED):
-        trainer = make_trainer(tmp_path, build(tokenizer, attn=attn), tokenizer,
-                               ref_model=None if peft_config else build(tokenizer, seed=1, attn=attn),
-                               peft_config=peft_config, **opts, **options)
+        trainer = make_trainer(
+            tmp_path,
+            build(tokenizer, attn=attn),
+            tokenizer,
+            ref_model=None if peft_config else build(tokenizer, seed=1, attn=attn),
+            peft_config=peft_config,
+            **opts,
+            **options,
+        )
         assert trainer.data_collator.layout == DataCollatorForPreference(0, **opts).layout
-        results.append(step(trainer, train, trainer.train_dataset.to_list() if options.get("precompute_ref_log_probs") else rows))
+        results.append(
+            step(trainer, train, trainer.train_dataset.to_list() if options.get("precompute_ref_log_probs") else rows)
+        )
     assert_same(*results, train=train)
     return results
 
@@ -118,8 +153,10 @@ def test_a_prefix_shared_segment_holds_the_prompt_once_and_restarts_positions_fo
 
 def test_packing_fills_rows_up_to_the_longest_segment_without_growing_them():
     assert first_fit([5, 2, 3, 9, 4], 9) == [[3], [0, 4], [2, 1]]
-    pairs = [{"prompt_ids": [7] * p, "chosen_ids": [8] * c, "rejected_ids": [9] * r}
-             for p, c, r in [(6, 3, 4), (2, 1, 1), (2, 2, 2), (3, 1, 2)]]
+    pairs = [
+        {"prompt_ids": [7] * p, "chosen_ids": [8] * c, "rejected_ids": [9] * r}
+        for p, c, r in [(6, 3, 4), (2, 1, 1), (2, 2, 2), (3, 1, 2)]
+    ]
     shared = DataCollatorForPreference(0, prefix_sharing=True, packing=True)(pairs)
     # segments of 13, 4, 6 and 6 tokens in rows of 13: the longest alone, the two of 6 together, then the 4
     assert shared["input_ids"].shape == (3, 13)
@@ -144,12 +181,16 @@ def test_every_loss_type_prefix_shared_equals_padded(tmp_path, tiny_tokenizer, l
     compare(tmp_path, tiny_tokenizer, LAYOUTS["prefix_shared"], loss_type=[loss_type], label_smoothing=0.1)
 
 
-@pytest.mark.parametrize("options", [
-    {"precompute_ref_log_probs": True, "ld_alpha": 0.5},
-    {"gradient_checkpointing": True},
-    {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]},
-    {"pad_to_multiple_of": 8},
-], ids=["precomputed_reference", "gradient_checkpointing", "mpo", "pad_to_multiple_of"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"precompute_ref_log_probs": True, "ld_alpha": 0.5},
+        {"gradient_checkpointing": True},
+        {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]},
+        {"pad_to_multiple_of": 8},
+    ],
+    ids=["precomputed_reference", "gradient_checkpointing", "mpo", "pad_to_multiple_of"],
+)
 def test_prefix_shared_options_equal_padded(tmp_path, tiny_tokenizer, options):
     compare(tmp_path, tiny_tokenizer, LAYOUTS["prefix_shared"], **options)
 
@@ -170,8 +211,11 @@ def test_the_reference_pass_prefix_shared_equals_padded(tiny_tokenizer):
     padded = score_block(reference, block, DataCollatorForPreference(0), 4)
     for column in shared.column_names:
         got, want = shared[column].to_pylist(), padded[column].to_pylist()
-        torch.testing.assert_close(torch.tensor([x for v in got for x in (v if isinstance(v, list) else [v])]),
-                                   torch.tensor([x for v in want for x in (v if isinstance(v, list) else [v])]), **TOL)
+        torch.testing.assert_close(
+            torch.tensor([x for v in got for x in (v if isinstance(v, list) else [v])]),
+            torch.tensor([x for v in want for x in (v if isinstance(v, list) else [v])]),
+            **TOL,
+        )
 
 
 # ---- the default and the fall-backs ----------------------------------------------------------------------
@@ -205,15 +249,21 @@ def test_a_model_that_cannot_take_the_mask_falls_back_with_one_log_line(tmp_path
     [line] = [r.getMessage() for r in caplog.records if r.name == "pipeline.model.layout"]
     assert line.startswith("DropsTheMask cannot take prefix-shared batches (its log-probs differ")
     assert line.endswith("); using packed batches")
-    assert step(trainer)[0] == pytest.approx(step(make_trainer(tmp_path, model, tiny_tokenizer, ref_model=build(
-        tiny_tokenizer, seed=1), **PADDED))[0], rel=1e-5)
+    assert step(trainer)[0] == pytest.approx(
+        step(make_trainer(tmp_path, model, tiny_tokenizer, ref_model=build(tiny_tokenizer, seed=1), **PADDED))[0],
+        rel=1e-5,
+    )
 
 
 def test_an_attention_implementation_without_custom_masks_is_not_given_one(tiny_tokenizer):
     model = build(tiny_tokenizer)
     model.config._attn_implementation = "flash_attention_2"  # as configured; never run here
     assert "takes no custom mask" in layout_problem(model, "prefix_shared")
-    assert batch_layout([model], True, False, False) == {"prefix_sharing": False, "packing": False, "padding_free": False}
+    assert batch_layout([model], True, False, False) == {
+        "prefix_sharing": False,
+        "packing": False,
+        "padding_free": False,
+    }
     window = build(tiny_tokenizer)
     window.config.sliding_window, window.config.use_sliding_window = 4, True
     assert "sliding-window" in layout_problem(window, "prefix_shared")

@@ -11,8 +11,15 @@ from pipeline.builtin import BUILTIN_VLM, vision_model, vision_task
 from pipeline.run import warm_start_vision
 from pipeline.store.base_record import MODEL_SUBDIR
 
-TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "warmup_steps": 3, "warmup_batch_size": 4,
-        "warmup_learning_rate": 3e-3, "warmup_positive_fraction": 0.3}
+TINY = {
+    "hidden_size": 32,
+    "num_layers": 1,
+    "num_heads": 2,
+    "warmup_steps": 3,
+    "warmup_batch_size": 4,
+    "warmup_learning_rate": 3e-3,
+    "warmup_positive_fraction": 0.3,
+}
 
 
 def test_dominant_color_agrees_with_make_image():
@@ -55,10 +62,19 @@ def test_judge_and_win_rate():
     assert vision_task.judge(image, "The picture is mostly blue .") == 1.0
     assert vision_task.judge([image], "It  is mainly blue .") == 1.0
     assert vision_task.judge(image, "Most of the image is red .") == -1.0
-    for bad in ("", "blue", "The picture is mostly .", "The picture is mostly blue blue .", "The picture is mostly pink ."):
+    for bad in (
+        "",
+        "blue",
+        "The picture is mostly .",
+        "The picture is mostly blue blue .",
+        "The picture is mostly pink .",
+    ):
         assert vision_task.judge(image, bad) == vision_task.MALFORMED
-    rate, outcomes = vision_task.win_rate([image] * 3, ["It is mainly blue .", "It is mainly red .", "x"],
-                                          ["It is mainly red .", "It is mainly red .", "It is mainly red ."])
+    rate, outcomes = vision_task.win_rate(
+        [image] * 3,
+        ["It is mainly blue .", "It is mainly red .", "x"],
+        ["It is mainly red .", "It is mainly red .", "It is mainly red ."],
+    )
     assert outcomes == [1.0, 0.5, 0.0] and rate == pytest.approx(0.5)
 
 
@@ -75,8 +91,9 @@ def test_warmup_examples_name_right_or_confusion_color():
 
 def test_processor_expands_image_to_model_features():
     processor = vision_model.build_vision_processor()
-    model = vision_model.build_vision_model(processor, seed=0, hidden_size=32, num_layers=1, num_heads=2,
-                                            vision_hidden_size=16, vision_layers=1)
+    model = vision_model.build_vision_model(
+        processor, seed=0, hidden_size=32, num_layers=1, num_heads=2, vision_hidden_size=16, vision_layers=1
+    )
     row = vision_task.preference_pairs(2, seed=0)
     text = [processor.apply_chat_template(r["prompt"] + r["chosen"], tokenize=False) for r in row]
     inputs = processor(text=text, images=[r["images"][0] for r in row], padding=True, return_tensors="pt")
@@ -93,9 +110,14 @@ def test_processor_expands_image_to_model_features():
     as_parts = [{"role": "user", "content": [{"type": "text", "text": "What colour is this picture ?"}]}]
     for add in (False, True):
         rendered = processor.apply_chat_template(as_string, tokenize=False, add_generation_prompt=add)
-        assert rendered.split() == processor.apply_chat_template(as_parts, tokenize=False, add_generation_prompt=add).split()
-        assert rendered.split() == processor.tokenizer.apply_chat_template(as_string, tokenize=False,
-                                                                           add_generation_prompt=add).split()
+        assert (
+            rendered.split()
+            == processor.apply_chat_template(as_parts, tokenize=False, add_generation_prompt=add).split()
+        )
+        assert (
+            rendered.split()
+            == processor.tokenizer.apply_chat_template(as_string, tokenize=False, add_generation_prompt=add).split()
+        )
         assert rendered.rstrip().endswith("<|assistant|>") == add
 
 
@@ -124,7 +146,9 @@ def test_builtin_vision_base_saves_and_reloads_offline(tmp_path):
         assert torch.equal(model(**inputs).logits, reloaded(**inputs).logits)
         generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert generated.shape[1] > inputs["input_ids"].shape[1]
-    assert isinstance(processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0], str)
+    assert isinstance(
+        processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0], str
+    )
 
 
 def test_warm_start_masks_the_prompt_and_lowers_the_loss():
@@ -133,8 +157,16 @@ def test_warm_start_masks_the_prompt_and_lowers_the_loss():
     encoded = warm_start_vision.encode_example(processor, example)
     completion = processor.tokenizer.decode(encoded["input_ids"][encoded["completion_mask"]], skip_special_tokens=True)
     assert completion.split() == example["completion"][0]["content"][0]["text"].split()
-    model = vision_model.build_vision_model(processor, seed=0, hidden_size=32, num_layers=1, num_heads=2,
-                                            vision_hidden_size=16, vision_layers=1)
-    history = warm_start_vision.warm_start_vision(model, processor, vision_task.warmup_examples(16, 0.3, seed=7),
-                                             steps=15, batch_size=8, learning_rate=3e-3, seed=0)
+    model = vision_model.build_vision_model(
+        processor, seed=0, hidden_size=32, num_layers=1, num_heads=2, vision_hidden_size=16, vision_layers=1
+    )
+    history = warm_start_vision.warm_start_vision(
+        model,
+        processor,
+        vision_task.warmup_examples(16, 0.3, seed=7),
+        steps=15,
+        batch_size=8,
+        learning_rate=3e-3,
+        seed=0,
+    )
     assert len(history) == 15 and history[-1] < history[0]

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import pipeline.model.head
+from conftest import random_pairs
 from pipeline import DPOConfig, DPOTrainer
 from pipeline.model.head import OutputLayer, head_logps, token_values
 from pipeline.model.logps import label_logps, vocab_diagnostics
 from pipeline.objective.losses import LOSS_TYPES
-from conftest import random_pairs
 
 CHUNK = 3  # positions per chunk: every batch below spans several chunks, and one chunk crosses rows
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -29,17 +29,41 @@ def build(tokenizer, seed: int = 0, tied: bool = True):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=tied, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return LlamaForCausalLM(config)
 
 
 def make_trainer(tmp_path, model, tokenizer, ref_model=None, peft_config=None, **options) -> DPOTrainer:
-    args = DPOConfig(**{"output_dir": str(tmp_path), "report_to": "none", "gradient_checkpointing": False,
-                        "disable_tqdm": True, "save_strategy": "no", "per_device_train_batch_size": 4, "beta": 0.5, **options})
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, processing_class=tokenizer,
-                         train_dataset=datasets.Dataset.from_list(PAIRS), peft_config=peft_config)
+    args = DPOConfig(
+        **{
+            "output_dir": str(tmp_path),
+            "report_to": "none",
+            "gradient_checkpointing": False,
+            "disable_tqdm": True,
+            "save_strategy": "no",
+            "per_device_train_batch_size": 4,
+            "beta": 0.5,
+            **options,
+        }
+    )
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=datasets.Dataset.from_list(PAIRS),
+        peft_config=peft_config,
+    )
     trainer.logits_chunk_tokens = CHUNK
     return trainer
 
@@ -59,7 +83,7 @@ def step(trainer, chunked: bool, train: bool = True, rows=PAIRS):
     model.zero_grad(set_to_none=True)
     model.train(train)
     batch = trainer._prepare_inputs(trainer.data_collator(rows))
-    with plain_path(chunked), (contextlib.nullcontext() if train else torch.no_grad()):
+    with plain_path(chunked), contextlib.nullcontext() if train else torch.no_grad():
         loss = trainer.compute_loss(model, batch)
         if train:
             loss.backward()
@@ -80,31 +104,56 @@ def assert_same_step(trainer, train: bool = True, rows=PAIRS) -> dict:
     return grads
 
 
-CASES = [(loss, option) for loss in LOSS_TYPES for option in ("plain", "use_weighting", "ld_alpha")
-         if not (option == "use_weighting" and loss.startswith("aot"))]
+CASES = [
+    (loss, option)
+    for loss in LOSS_TYPES
+    for option in ("plain", "use_weighting", "ld_alpha")
+    if not (option == "use_weighting" and loss.startswith("aot"))
+]
 OPTIONS = {"plain": {}, "use_weighting": {"use_weighting": True}, "ld_alpha": {"ld_alpha": 0.5}}
 
 
 @pytest.mark.parametrize("loss_type,option", CASES)
 def test_every_loss_type_and_option_gives_the_plain_values_and_gradients(tmp_path, tiny_tokenizer, loss_type, option):
-    trainer = make_trainer(tmp_path, build(tiny_tokenizer), tiny_tokenizer, ref_model=build(tiny_tokenizer, seed=1),
-                           loss_type=[loss_type], label_smoothing=0.1, **OPTIONS[option])
+    trainer = make_trainer(
+        tmp_path,
+        build(tiny_tokenizer),
+        tiny_tokenizer,
+        ref_model=build(tiny_tokenizer, seed=1),
+        loss_type=[loss_type],
+        label_smoothing=0.1,
+        **OPTIONS[option],
+    )
     assert_same_step(trainer)
 
 
-@pytest.mark.parametrize("options", [
-    {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]},
-    {"f_divergence_type": "forward_kl"}, {"f_divergence_type": "js_divergence"},
-    {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
-    {"padding_free": True, "use_weighting": True, "ld_alpha": 0.3},
-    {"gradient_checkpointing": True, "use_weighting": True},
-    {"precompute_ref_log_probs": True, "ld_alpha": 0.5},
-    {"activation_offloading": True, "use_weighting": True},
-], ids=["mpo", "forward_kl", "js_divergence", "alpha_divergence", "padding_free", "gradient_checkpointing",
-        "precomputed_reference", "activation_offloading"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]},
+        {"f_divergence_type": "forward_kl"},
+        {"f_divergence_type": "js_divergence"},
+        {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
+        {"padding_free": True, "use_weighting": True, "ld_alpha": 0.3},
+        {"gradient_checkpointing": True, "use_weighting": True},
+        {"precompute_ref_log_probs": True, "ld_alpha": 0.5},
+        {"activation_offloading": True, "use_weighting": True},
+    ],
+    ids=[
+        "mpo",
+        "forward_kl",
+        "js_divergence",
+        "alpha_divergence",
+        "padding_free",
+        "gradient_checkpointing",
+        "precomputed_reference",
+        "activation_offloading",
+    ],
+)
 def test_combined_losses_transforms_layouts_and_precomputed_reference(tmp_path, tiny_tokenizer, options):
-    trainer = make_trainer(tmp_path, build(tiny_tokenizer), tiny_tokenizer, ref_model=build(tiny_tokenizer, seed=1),
-                           **options)
+    trainer = make_trainer(
+        tmp_path, build(tiny_tokenizer), tiny_tokenizer, ref_model=build(tiny_tokenizer, seed=1), **options
+    )
     rows = trainer.train_dataset.to_list() if options.get("precompute_ref_log_probs") else PAIRS
     assert_same_step(trainer, rows=rows)
 
@@ -119,16 +168,25 @@ def test_tied_and_untied_output_layers_train_and_evaluate_alike(tmp_path, tiny_t
     assert_same_step(trainer, train=False)
 
 
-@pytest.mark.parametrize("target,offload", [("all-linear", False), ("lm_head", False), ("lm_head", True)],
-                         ids=["lora", "lora+lm_head", "lora+lm_head+offloading"])
+@pytest.mark.parametrize(
+    "target,offload",
+    [("all-linear", False), ("lm_head", False), ("lm_head", True)],
+    ids=["lora", "lora+lm_head", "lora+lm_head+offloading"],
+)
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_peft_models_and_their_adapter_off_reference(tmp_path, tiny_tokenizer, target, offload, tied):
     from peft import LoraConfig
 
     modules = "all-linear" if target == "all-linear" else ["q_proj", "v_proj", "lm_head"]
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=modules, task_type="CAUSAL_LM")
-    trainer = make_trainer(tmp_path, build(tiny_tokenizer, tied=tied), tiny_tokenizer, peft_config=lora, ld_alpha=0.5,
-                           activation_offloading=offload)
+    trainer = make_trainer(
+        tmp_path,
+        build(tiny_tokenizer, tied=tied),
+        tiny_tokenizer,
+        peft_config=lora,
+        ld_alpha=0.5,
+        activation_offloading=offload,
+    )
     with torch.no_grad():  # a non-zero adapter, so that the policy differs from the reference (adapter off)
         for name, param in trainer.model.named_parameters():
             if "lora_B" in name:
@@ -144,9 +202,18 @@ def test_mixture_of_experts_router_loss_is_kept(tmp_path, tiny_tokenizer):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                           output_router_logits=True, pad_token_id=tiny_tokenizer.pad_token_id)
+    config = MixtralConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
     trainer = make_trainer(tmp_path, MixtralForCausalLM(config), tiny_tokenizer, loss_type=["sigmoid", "sft"])
     _, metrics, _ = step(trainer, chunked=True)
     assert metrics["aux_loss"] > 0
@@ -156,8 +223,11 @@ def test_mixture_of_experts_router_loss_is_kept(tmp_path, tiny_tokenizer):
 def test_reference_pass_streams_the_plain_values(tmp_path, tiny_tokenizer):
     trainer = make_trainer(tmp_path, build(tiny_tokenizer), tiny_tokenizer, precompute_ref_log_probs=True)
     chunked = trainer.train_dataset
-    trainer.train_dataset = trainer.train_dataset.remove_columns([c for c in chunked.column_names if c.startswith("ref_")])
+    trainer.train_dataset = trainer.train_dataset.remove_columns(
+        [c for c in chunked.column_names if c.startswith("ref_")]
+    )
     from pipeline.objective.reference import resolve_reference
+
     trainer.reference = resolve_reference(trainer.model, when="before_training")
     with plain_path(False):
         plain = trainer.with_reference_logps(trainer.train_dataset)
@@ -218,8 +288,12 @@ def test_head_arithmetic_against_a_double_precision_plain_computation(kind):
     torch.testing.assert_close(logps, want_logps.float(), rtol=1e-6, atol=1e-6)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)  # the vocabulary arithmetic runs in float32
-    expected = {"mean_logit": logits.mean(-1), "entropy": -(logp.exp() * logp).sum(-1),
-                "hit": (logits.argmax(-1) == labels).double(), "wpo_term": want_logps - torch.logsumexp(2 * logp, -1)}
+    expected = {
+        "mean_logit": logits.mean(-1),
+        "entropy": -(logp.exp() * logp).sum(-1),
+        "hit": (logits.argmax(-1) == labels).double(),
+        "wpo_term": want_logps - torch.logsumexp(2 * logp, -1),
+    }
     for name, value in expected.items():
         torch.testing.assert_close(diag[name].double(), value.detach(), rtol=1e-5, atol=1e-5, msg=name)
 
@@ -257,6 +331,7 @@ def test_a_model_that_transforms_its_logits_takes_the_plain_path(tiny_tokenizer,
     scaled = ScaledLogits(model.config)
     scaled.load_state_dict(model.state_dict())
     from pipeline.model.collator import DataCollatorForPreference
+
     batch = DataCollatorForPreference(tiny_tokenizer.pad_token_id)(PAIRS)
     mask = batch["completion_mask"][:, 1:].bool()
     with caplog.at_level(logging.WARNING, logger="pipeline.model.head"):
@@ -277,8 +352,12 @@ def test_vocab_diagnostics_match_the_log_softmax_formulas():
     diag = vocab_diagnostics(logits, labels)
     full = torch.log_softmax(logits.double(), -1)
     torch.testing.assert_close(diag["entropy"].double(), -(full.exp() * full).sum(-1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(diag["wpo_term"].double(), full.gather(-1, labels[..., None]).squeeze(-1)
-                               - torch.logsumexp(2 * full, -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        diag["wpo_term"].double(),
+        full.gather(-1, labels[..., None]).squeeze(-1) - torch.logsumexp(2 * full, -1),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_a_replaced_output_layer_is_looked_at_again(tiny_tokenizer):
@@ -310,7 +389,9 @@ def test_a_zero3_partitioned_head_takes_the_checkpointed_route_with_the_same_val
         h = hidden.clone().requires_grad_(True)
         logps, diag = head_logps(h, labels, head, chunk_tokens=8, diagnostics=diagnostics)
         (logps * torch.linspace(0.5, 1.5, 37, dtype=torch.float64)).sum().backward()
-        results.append((logps.detach(), {k: v.detach() for k, v in diag.items()}, h.grad, head.weight.grad, head.bias.grad))
+        results.append(
+            (logps.detach(), {k: v.detach() for k, v in diag.items()}, h.grad, head.weight.grad, head.bias.grad)
+        )
     (want, want_diag, *want_grads), (got, got_diag, *got_grads) = results
     torch.testing.assert_close(got, want)
     assert set(got_diag) == set(want_diag) == (set(pipeline.model.head.DIAGNOSTICS) if diagnostics else set())

@@ -28,12 +28,15 @@ def write_params(path, data_file, **data):
     path.write_text(yaml.safe_dump({"data": {"train": str(data_file), **data}}))
 
 
-@pytest.mark.parametrize("bad_row, problem", [
-    ({"prompt": "Hi", "chosen": "Hello"}, r"'rejected' is null"),  # a key absent in one JSON row reads as null
-    ({"prompt": "Hi", "chosen": None, "rejected": "No"}, r"'chosen' is null"),
-    ({"prompt": "Hi", "chosen": "  ", "rejected": "No"}, r"chosen is empty"),
-    ({"chosen": "Alpha one", "rejected": "Beta two"}, r"prompt cannot be extracted"),
-])
+@pytest.mark.parametrize(
+    "bad_row, problem",
+    [
+        ({"prompt": "Hi", "chosen": "Hello"}, r"'rejected' is null"),  # a key absent in one JSON row reads as null
+        ({"prompt": "Hi", "chosen": None, "rejected": "No"}, r"'chosen' is null"),
+        ({"prompt": "Hi", "chosen": "  ", "rejected": "No"}, r"chosen is empty"),
+        ({"chosen": "Alpha one", "rejected": "Beta two"}, r"prompt cannot be extracted"),
+    ],
+)
 def test_bad_normalize_input_names_file_row_and_problem_and_writes_nothing(tmp_path, bad_row, problem):
     data = tmp_path / "pairs.jsonl"
     good = {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}
@@ -71,15 +74,18 @@ def test_a_failed_normalize_keeps_the_previous_artifact(tmp_path):
     assert (out / "manifest.json").read_text() == before
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"train": {"betta": 0.1}}, "unknown key train.betta"),
-    ({"data": {"on_invalid": "skip"}}, "data.on_invalid must be one of"),
-    ({"tokenize": {"max_length": "long"}}, "tokenize.max_length must be int"),
-    ({"modle": {}}, "unknown key modle"),
-    ({"train": {"max_length": 512}}, "train.max_length belongs in tokenize.max_length"),
-    ({"train": {"precompute_ref_batch_size": 8}}, "belongs in ref_logps.precompute_ref_batch_size"),
-    ({"train": {"model_init_kwargs": {"dtype": "bfloat16"}}}, "belongs in model.model_init_kwargs"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"train": {"betta": 0.1}}, "unknown key train.betta"),
+        ({"data": {"on_invalid": "skip"}}, "data.on_invalid must be one of"),
+        ({"tokenize": {"max_length": "long"}}, "tokenize.max_length must be int"),
+        ({"modle": {}}, "unknown key modle"),
+        ({"train": {"max_length": 512}}, "train.max_length belongs in tokenize.max_length"),
+        ({"train": {"precompute_ref_batch_size": 8}}, "belongs in ref_logps.precompute_ref_batch_size"),
+        ({"train": {"model_init_kwargs": {"dtype": "bfloat16"}}}, "belongs in model.model_init_kwargs"),
+    ],
+)
 def test_params_mistakes_fail_fast_with_the_key(tmp_path, params, message):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.store.artifacts import write_manifest
-from pipeline.publish.comparison import Run, comparison_text, dedupe_workspace, nice_ticks, render_comparison
 from pipeline.core.environment import cpu_flags, cpu_model, describe, environment
+from pipeline.publish.comparison import Run, comparison_text, dedupe_workspace, nice_ticks, render_comparison
 from pipeline.publish.metrics_file import read_environment, read_metrics, write_metrics
+from pipeline.store.artifacts import write_manifest
 from stages.cli import STAGE_MODULES, main
 from stages.compare import runs_of
 
@@ -37,8 +37,17 @@ cpu MHz\t\t: 1999.871
 
 
 def test_the_environment_record_is_pure_and_names_only_what_stays_put():
-    facts = dict(machine="x86_64", python="3.11.7", torch_version="2.6.0+cu124", transformers_version="4.57.0",
-                 cuda="12.4", cpu_capability="AVX512", threads=8, processes=1, gpus=["NVIDIA H200"])
+    facts = dict(
+        machine="x86_64",
+        python="3.11.7",
+        torch_version="2.6.0+cu124",
+        transformers_version="4.57.0",
+        cuda="12.4",
+        cpu_capability="AVX512",
+        threads=8,
+        processes=1,
+        gpus=["NVIDIA H200"],
+    )
     record = describe(CPUINFO, **facts)
     assert record == describe(CPUINFO, **facts)
     assert record["cpu"] == "Intel(R) Xeon(R) Platinum 8480+" and record["gpu"] == "NVIDIA H200"
@@ -66,27 +75,66 @@ def test_manifests_and_eval_json_record_where_the_run_ran(tmp_path):
 
 
 def runs(second_machine: bool = False) -> list[Run]:
-    env = describe(CPUINFO, machine="x86_64", python="3.11", torch_version="2.6.0", transformers_version="4.57",
-                   cuda=None, cpu_capability="AVX2", threads=2, processes=1, gpus=[])
+    env = describe(
+        CPUINFO,
+        machine="x86_64",
+        python="3.11",
+        torch_version="2.6.0",
+        transformers_version="4.57",
+        cuda=None,
+        cpu_capability="AVX2",
+        threads=2,
+        processes=1,
+        gpus=[],
+    )
     other = {**env, "cpu": "AMD EPYC 9654"} if second_machine else env
     params = {"seed": 42, "train.beta": 0.1, "train.loss_type": ["sigmoid"], "train.learning_rate": 5e-6}
     steps = range(2, 21, 2)
-    curves = lambda scale: {"train/loss": [(s, 0.69 - scale * s / 100) for s in steps],  # noqa: E731
-                            "eval/rewards/accuracies": [(10, 0.6 * scale), (20, 0.8 * scale)],
-                            "train/rewards/margins": [(s, scale * s / 10) for s in steps]}
-    return [Run("main", "a" * 40, params, {"rewards/accuracies": 0.9, "rewards/margins": 0.5, "win_rate": 0.75,
-                                           "loss": 0.4}, env, curves(1.0)),
-            Run("tense-beta", "b" * 40, {**params, "train.beta": 0.2},
-                {"rewards/accuracies": 0.95, "rewards/margins": 0.81234567, "win_rate": 0.8}, other, curves(1.1)),
-            Run("<ipo>", "c" * 40, {**params, "train.loss_type": ["ipo"]}, {"rewards/accuracies": 0.85}, env,
-                {"train/loss": [(s, 0.5) for s in steps], "eval/rewards/accuracies": [(20, float("nan"))]})]
+    curves = lambda scale: {
+        "train/loss": [(s, 0.69 - scale * s / 100) for s in steps],  # noqa: E731
+        "eval/rewards/accuracies": [(10, 0.6 * scale), (20, 0.8 * scale)],
+        "train/rewards/margins": [(s, scale * s / 10) for s in steps],
+    }
+    return [
+        Run(
+            "main",
+            "a" * 40,
+            params,
+            {"rewards/accuracies": 0.9, "rewards/margins": 0.5, "win_rate": 0.75, "loss": 0.4},
+            env,
+            curves(1.0),
+        ),
+        Run(
+            "tense-beta",
+            "b" * 40,
+            {**params, "train.beta": 0.2},
+            {"rewards/accuracies": 0.95, "rewards/margins": 0.81234567, "win_rate": 0.8},
+            other,
+            curves(1.1),
+        ),
+        Run(
+            "<ipo>",
+            "c" * 40,
+            {**params, "train.loss_type": ["ipo"]},
+            {"rewards/accuracies": 0.85},
+            env,
+            {"train/loss": [(s, 0.5) for s in steps], "eval/rewards/accuracies": [(20, float("nan"))]},
+        ),
+    ]
 
 
 def test_the_comparison_shows_the_changed_params_and_the_metrics_that_matter():
     text = comparison_text(runs())
     header, rule, *rows = text.splitlines()[:5]
-    assert header.split() == ["run", "rev", "train.beta", "train.loss_type", "rewards/accuracies", "rewards/margins",
-                              "win_rate"]
+    assert header.split() == [
+        "run",
+        "rev",
+        "train.beta",
+        "train.loss_type",
+        "rewards/accuracies",
+        "rewards/margins",
+        "win_rate",
+    ]
     assert "seed" not in header and "learning_rate" not in header and "loss " not in header  # unchanged, not shown
     assert rows[1].split() == ["tense-beta", "bbbbbbb", "0.2", "[sigmoid]", "0.95", "0.8123", "0.8"]
     assert rows[2].split()[-3:] == ["0.85", "-", "-"]  # a missing metric reads "-"
@@ -107,25 +155,37 @@ def test_a_workspace_that_repeats_a_run_is_left_out():
     main, exp, _ = runs()
     workspace = Run("workspace", "workspace", exp.params, exp.metrics, exp.environment)
     assert [r.name for r in dedupe_workspace([workspace, main, exp])] == ["main", "tense-beta"]
-    for changed in (Run("workspace", "workspace", exp.params, {"win_rate": 0.1}, exp.environment),
-                    Run("workspace", "workspace", exp.params, exp.metrics, {"cpu": "elsewhere"})):
+    for changed in (
+        Run("workspace", "workspace", exp.params, {"win_rate": 0.1}, exp.environment),
+        Run("workspace", "workspace", exp.params, exp.metrics, {"cpu": "elsewhere"}),
+    ):
         assert [r.name for r in dedupe_workspace([changed, main, exp])] == ["workspace", "main", "tense-beta"]
 
 
 def exp_show_row(rev: str, name: str | None, beta: float, cpu: str, experiments=None) -> dict:
     """A row of `dvc exp show --json` as DVC 3 writes it."""
     eval_json = {"rewards": {"accuracies": 0.9, "margins": beta * 3}, "environment": {"cpu": cpu, "threads": 2}}
-    data = {"rev": rev, "params": {"params.yaml": {"data": {"seed": 42, "train": {"beta": beta}}}},
-            "metrics": {"results/eval.json": {"data": eval_json}, "dvclive/metrics.json": {"data": {"step": 4}}}}
+    data = {
+        "rev": rev,
+        "params": {"params.yaml": {"data": {"seed": 42, "train": {"beta": beta}}}},
+        "metrics": {"results/eval.json": {"data": eval_json}, "dvclive/metrics.json": {"data": {"step": 4}}},
+    }
     return {"rev": rev, "name": name, "data": data, "error": None, "experiments": experiments}
 
 
 def test_runs_are_read_from_dvc_exp_show():
     experiment = exp_show_row("e" * 40, "tense-beta", 0.2, "Xeon")
     queued = {"rev": "f" * 40, "name": "queued", "data": None, "error": None, "experiments": None}
-    rows = [exp_show_row("workspace", None, 0.2, "Xeon"),
-            exp_show_row("a" * 40, "main", 0.1, "Xeon", [{"revs": [experiment], "name": "tense-beta"},
-                                                          {"revs": [queued], "name": "queued"}])]
+    rows = [
+        exp_show_row("workspace", None, 0.2, "Xeon"),
+        exp_show_row(
+            "a" * 40,
+            "main",
+            0.1,
+            "Xeon",
+            [{"revs": [experiment], "name": "tense-beta"}, {"revs": [queued], "name": "queued"}],
+        ),
+    ]
     runs = runs_of(rows, "params.yaml", "results/eval.json")
     # the workspace repeats the experiment; the queued one has no results
     assert [(r.name, r.params["train.beta"]) for r in runs] == [("main", 0.1), ("tense-beta", 0.2)]
@@ -159,7 +219,10 @@ def test_the_curves_page_is_self_contained_and_deterministic(page):
     assert not re.search(r"""(?:src|href|xmlns)\s*=\s*["']?\s*(?:https?:)?//""", page, re.I)
     assert "<script" not in page.lower() and "<link" not in page.lower() and "url(" not in page
     assert re.findall(r'<figure class="plot" data-group="([^"]*)">', page) == [
-        "eval/rewards/accuracies", "train/loss", "train/rewards/margins"]  # the leading curves first
+        "eval/rewards/accuracies",
+        "train/loss",
+        "train/rewards/margins",
+    ]  # the leading curves first
     loss = re.search(r'data-group="train/loss">(.*?)</figure>', page, re.S).group(1)
     assert loss.count("<polyline") == 3  # one line per run
     accuracies = re.search(r'data-group="eval/rewards/accuracies">(.*?)</figure>', page, re.S).group(1)
@@ -178,8 +241,9 @@ def _load_check_script():
     return sys.modules["check_report"]
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(),
-                    reason="/usr/bin/chromium is not installed (Debian: apt-get install chromium)")
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed (Debian: apt-get install chromium)"
+)
 def test_the_curves_page_in_headless_chromium_makes_no_request(tmp_path, page):
     check = _load_check_script()
     path = tmp_path / "compare.html"
@@ -187,7 +251,10 @@ def test_the_curves_page_in_headless_chromium_makes_no_request(tmp_path, page):
     net_log = tmp_path / "net.json"
     parts = check.read_dom(check.run_chromium(path, "--dump-dom", f"--log-net-log={net_log}"))
     assert [group for group, svgs in parts.plots if svgs == 1] == [
-        "eval/rewards/accuracies", "train/loss", "train/rewards/margins"]
+        "eval/rewards/accuracies",
+        "train/loss",
+        "train/rewards/margins",
+    ]
     assert parts.tables == {"runs": 3} and parts.remote_refs == []
     assert check.page_requests(net_log) == []
     screenshot = tmp_path / "compare.png"

@@ -14,12 +14,19 @@ from pipeline.data.schema import row_id_for
 USER = {"role": "user", "content": "What color is the sky?"}
 BLUE = {"role": "assistant", "content": "It is blue."}
 GREEN = {"role": "assistant", "content": "It is green."}
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather of a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-CALL = {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "get_weather",
-                                                                              "arguments": {"city": "Paris"}}}]}
-RESULT = {"role": "tool", "name": "get_weather", "content": "{\"temperature\": 21}"}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CALL = {
+    "role": "assistant",
+    "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+}
+RESULT = {"role": "tool", "name": "get_weather", "content": '{"temperature": 21}'}
 
 
 def test_standard_explicit_and_implicit_prompt_give_the_same_pair():
@@ -50,24 +57,35 @@ def test_system_message_and_multi_turn_prompt_are_kept_in_order():
 
 
 def test_tool_calling_row_with_tools_as_a_list_or_a_json_string():
-    row = {"prompt": [USER, CALL, RESULT], "chosen": [{"role": "assistant", "content": "21 degrees in Paris."}],
-           "rejected": [{"role": "assistant", "content": "I cannot know."}]}
+    row = {
+        "prompt": [USER, CALL, RESULT],
+        "chosen": [{"role": "assistant", "content": "21 degrees in Paris."}],
+        "rejected": [{"role": "assistant", "content": "I cannot know."}],
+    }
     as_list = canonical_pair({**row, "tools": [WEATHER_TOOL]})
     as_text = canonical_pair({**row, "tools": json.dumps([WEATHER_TOOL])})
     assert as_list["tools"] == as_text["tools"] == [WEATHER_TOOL]
     assert as_list["prompt"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
     # a completion may itself call a tool, and carry the tool's answer and the final turn
-    completion = canonical_pair({"prompt": [USER], "chosen": [CALL, RESULT, {"role": "assistant", "content": "21."}],
-                                 "rejected": [GREEN], "tools": [WEATHER_TOOL]})
+    completion = canonical_pair(
+        {
+            "prompt": [USER],
+            "chosen": [CALL, RESULT, {"role": "assistant", "content": "21."}],
+            "rejected": [GREEN],
+            "tools": [WEATHER_TOOL],
+        }
+    )
     assert [m["role"] for m in completion["chosen"]] == ["assistant", "tool", "assistant"]
 
 
 def test_chat_template_kwargs_as_mapping_or_json_string():
     row = {"prompt": [USER], "chosen": [BLUE], "rejected": [GREEN]}
     assert canonical_pair({**row, "chat_template_kwargs": {"enable_thinking": False}})["chat_template_kwargs"] == {
-        "enable_thinking": False}
+        "enable_thinking": False
+    }
     assert canonical_pair({**row, "chat_template_kwargs": '{"enable_thinking": true}'})["chat_template_kwargs"] == {
-        "enable_thinking": True}
+        "enable_thinking": True
+    }
     assert canonical_pair({**row, "chat_template_kwargs": None})["chat_template_kwargs"] is None
 
 
@@ -80,13 +98,16 @@ def test_arrow_nulls_are_dropped_from_messages_but_list_items_are_kept():
     assert pair["prompt"] == [USER] and pair["chosen"] == [BLUE]
 
 
-@pytest.mark.parametrize("chosen, rejected, prompt", [
-    ("The sky is blue.", "The sky is green.", "The sky is"),
-    ("Answer: 3.14 exactly", "Answer: 3.15 roughly", "Answer:"),          # never inside a number
-    ("She said: I’m sure", "She said: I’ll see", "She said:"),            # nor inside a contraction
-    ("Go to https://a.org/x now", "Go to https://a.org/y now", "Go to"),  # nor inside a URL
-    ("Question\nAnswer yes", "Question\nAnswer no", "Question\nAnswer"),
-])
+@pytest.mark.parametrize(
+    "chosen, rejected, prompt",
+    [
+        ("The sky is blue.", "The sky is green.", "The sky is"),
+        ("Answer: 3.14 exactly", "Answer: 3.15 roughly", "Answer:"),  # never inside a number
+        ("She said: I’m sure", "She said: I’ll see", "She said:"),  # nor inside a contraction
+        ("Go to https://a.org/x now", "Go to https://a.org/y now", "Go to"),  # nor inside a URL
+        ("Question\nAnswer yes", "Question\nAnswer no", "Question\nAnswer"),
+    ],
+)
 def test_implicit_text_prompt_never_ends_inside_a_word(chosen, rejected, prompt):
     got, chosen_rest, rejected_rest = extract_text_prompt(chosen, rejected)
     assert got == prompt
@@ -116,17 +137,27 @@ BAD_ROWS = {
     "mixed_format": {"prompt": "Q", "chosen": [BLUE], "rejected": [GREEN]},
     "bad_message": {"prompt": [USER], "chosen": [BLUE, "text"], "rejected": [GREEN]},
     "unknown_role": {"prompt": [{"role": "human", "content": "hi"}], "chosen": [BLUE], "rejected": [GREEN]},
-    "non_string_content": {"prompt": [USER], "chosen": [{"role": "assistant", "content": ["It", "is"]}],
-                           "rejected": [GREEN]},
-    "bad_tool_call": {"prompt": [USER], "chosen": [{"role": "assistant", "tool_calls": [{"function": {}}]}],
-                      "rejected": [GREEN]},
+    "non_string_content": {
+        "prompt": [USER],
+        "chosen": [{"role": "assistant", "content": ["It", "is"]}],
+        "rejected": [GREEN],
+    },
+    "bad_tool_call": {
+        "prompt": [USER],
+        "chosen": [{"role": "assistant", "tool_calls": [{"function": {}}]}],
+        "rejected": [GREEN],
+    },
     "no_prompt": {"chosen": "Alpha one", "rejected": "Beta two"},
     "empty_completion": {"prompt": [USER], "chosen": [{"role": "assistant", "content": "  "}], "rejected": [GREEN]},
     "completion_not_assistant": {"chosen": [USER, BLUE], "rejected": [USER, GREEN, USER]},
     "identical_pair": {"prompt": "Q", "chosen": " same", "rejected": " same"},
-    "bad_tools_json": {"prompt": [USER], "chosen": [BLUE], "rejected": [GREEN], "tools": "[{\"type\": "},
-    "bad_chat_template_kwargs": {"prompt": [USER], "chosen": [BLUE], "rejected": [GREEN],
-                                 "chat_template_kwargs": {"add_generation_prompt": False}},
+    "bad_tools_json": {"prompt": [USER], "chosen": [BLUE], "rejected": [GREEN], "tools": '[{"type": '},
+    "bad_chat_template_kwargs": {
+        "prompt": [USER],
+        "chosen": [BLUE],
+        "rejected": [GREEN],
+        "chat_template_kwargs": {"add_generation_prompt": False},
+    },
     "template_fields_on_text": {"prompt": "Q", "chosen": " a", "rejected": " b", "tools": [WEATHER_TOOL]},
 }
 
@@ -138,28 +169,40 @@ def test_each_row_rule(rule):
     assert err.value.rule == rule and rule in RULES and err.value.detail
 
 
-@pytest.mark.parametrize("row", [
-    {"prompt": "Q", "chosen": "", "rejected": " b"},
-    {"prompt": [USER], "chosen": [], "rejected": [GREEN]},
-    {"chosen": [USER, BLUE], "rejected": [USER]},
-])
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"prompt": "Q", "chosen": "", "rejected": " b"},
+        {"prompt": [USER], "chosen": [], "rejected": [GREEN]},
+        {"chosen": [USER, BLUE], "rejected": [USER]},
+    ],
+)
 def test_empty_completions_in_each_format(row):
     with pytest.raises(InvalidRow) as err:
         canonical_pair(row)
     assert err.value.rule == "empty_completion"
 
 
-@pytest.mark.parametrize("row, rule", [
-    ({"prompt": [USER], "chosen": [USER, BLUE], "rejected": [GREEN]}, "completion_not_assistant"),
-    ({"prompt": [USER], "chosen": [BLUE], "rejected": [GREEN], "tools": {"not": "a list"}}, "bad_tools_json"),
-    ({"prompt": [USER], "chosen": [BLUE], "rejected": [GREEN], "tools": "[1, 2]"}, "bad_tools_json"),
-    ({"prompt": [USER], "chosen": [BLUE], "rejected": [GREEN], "chat_template_kwargs": "[1]"}, "bad_chat_template_kwargs"),
-    ({"prompt": [{"role": "user", "content": None}], "chosen": [BLUE], "rejected": [GREEN]}, "non_string_content"),
-    ({"prompt": [dict(USER, tool_calls=CALL["tool_calls"])], "chosen": [BLUE], "rejected": [GREEN]}, "bad_tool_call"),
-    ({"prompt": [], "chosen": [BLUE], "rejected": [GREEN]}, "no_prompt"),
-    ({"prompt": "  ", "chosen": " a", "rejected": " b"}, "no_prompt"),
-    ({"chosen": [USER, BLUE], "rejected": [USER, BLUE]}, "identical_pair"),
-])
+@pytest.mark.parametrize(
+    "row, rule",
+    [
+        ({"prompt": [USER], "chosen": [USER, BLUE], "rejected": [GREEN]}, "completion_not_assistant"),
+        ({"prompt": [USER], "chosen": [BLUE], "rejected": [GREEN], "tools": {"not": "a list"}}, "bad_tools_json"),
+        ({"prompt": [USER], "chosen": [BLUE], "rejected": [GREEN], "tools": "[1, 2]"}, "bad_tools_json"),
+        (
+            {"prompt": [USER], "chosen": [BLUE], "rejected": [GREEN], "chat_template_kwargs": "[1]"},
+            "bad_chat_template_kwargs",
+        ),
+        ({"prompt": [{"role": "user", "content": None}], "chosen": [BLUE], "rejected": [GREEN]}, "non_string_content"),
+        (
+            {"prompt": [dict(USER, tool_calls=CALL["tool_calls"])], "chosen": [BLUE], "rejected": [GREEN]},
+            "bad_tool_call",
+        ),
+        ({"prompt": [], "chosen": [BLUE], "rejected": [GREEN]}, "no_prompt"),
+        ({"prompt": "  ", "chosen": " a", "rejected": " b"}, "no_prompt"),
+        ({"chosen": [USER, BLUE], "rejected": [USER, BLUE]}, "identical_pair"),
+    ],
+)
 def test_more_shapes_of_the_rules(row, rule):
     with pytest.raises(InvalidRow) as err:
         canonical_pair(row)

@@ -1,4 +1,4 @@
-"""Implicit prompts on real text: the shared HH-RLHF harmless-base test file, read as text with a
+"""Implicit prompts on real text: the committed HH-RLHF harmless-base sample (tests/data/hh-rlhf), read as text with a
 turn marker and converted to the conversational format, must give the same prompts and completions."""
 
 from __future__ import annotations
@@ -13,16 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 
 import stages.normalize as normalize_stage
-from pipeline.data.schema import decoded_row
 from pipeline.config.params import check_params
+from pipeline.data.schema import decoded_row
 
-HH = Path(__file__).parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+HH = Path(__file__).parent / "data" / "hh-rlhf" / "harmless-base-test-1200.jsonl.gz"  # MIT, see its README
 MARKER = "\n\nAssistant:"
 TURN = re.compile(r"\n\n(Human|Assistant): ?")
 ROLE = {"Human": "user", "Assistant": "assistant"}
 SPEAKER = {"user": "Human", "assistant": "Assistant"}
-
-pytestmark = pytest.mark.skipif(not HH.exists(), reason=f"the shared HH-RLHF file is absent ({HH})")
 
 
 def to_messages(text: str) -> list[dict]:
@@ -53,15 +51,20 @@ def test_text_with_a_turn_marker_and_conversational_give_the_same_prompts_and_co
     text_report, text_rows, text_dropped = normalize(tmp_path, "text", HH, prompt_marker=MARKER)
     conv_report, conv_rows, conv_dropped = normalize(tmp_path, "conv", conversational)
 
-    assert text_report["rows_read"] == conv_report["rows_read"] == len(raw) > 2000
+    assert text_report["rows_read"] == conv_report["rows_read"] == len(raw) == 1200
     # the same rows are dropped, for the same reasons (a few HH answers are empty)
     assert [(d["row"], d["rule"]) for d in text_dropped] == [(d["row"], d["rule"]) for d in conv_dropped]
     assert 0 < len(text_dropped) < 10
     # and every kept pair has the same prompt and completion texts by both routes
     assert all(r["prompt"].endswith(MARKER) for r in text_rows)
-    from_conv = Counter((to_text(r["prompt"]) + MARKER,
-                         " " + r["chosen"][0]["content"] + to_text(r["chosen"][1:]),
-                         " " + r["rejected"][0]["content"] + to_text(r["rejected"][1:])) for r in conv_rows)
+    from_conv = Counter(
+        (
+            to_text(r["prompt"]) + MARKER,
+            " " + r["chosen"][0]["content"] + to_text(r["chosen"][1:]),
+            " " + r["rejected"][0]["content"] + to_text(r["rejected"][1:]),
+        )
+        for r in conv_rows
+    )
     from_text = Counter((r["prompt"], r["chosen"], r["rejected"]) for r in text_rows)
     assert from_text == from_conv and sum(from_text.values()) == len(raw) - len(text_dropped)
 
@@ -76,7 +79,7 @@ def test_without_a_marker_the_prompt_ends_between_words_and_the_marker_keeps_sha
     for row in plain:
         twin = full[(row["prompt"] + row["chosen"], row["prompt"] + row["rejected"])]
         assert row["prompt"].startswith(twin["prompt"])
-        shared = row["prompt"][len(twin["prompt"]):]  # words both answers start with
+        shared = row["prompt"][len(twin["prompt"]) :]  # words both answers start with
         if shared:
             moved += 1
             assert twin["chosen"].startswith(shared) and twin["rejected"].startswith(shared)
@@ -90,6 +93,8 @@ def test_under_error_every_empty_final_turn_is_named_with_the_part_that_is_empty
     with pytest.raises(PipelineError) as caught:
         normalize_stage.run(params, tmp_path / "out")
     message = str(caught.value)
-    assert "rows 86, 516, 925, 1103:" in message and "after the prompt" in message and "[rule empty_completion]" in message
+    assert (
+        "rows 86, 516, 925, 1103:" in message and "after the prompt" in message and "[rule empty_completion]" in message
+    )
     assert "4 invalid rows. Fix them, or set data.on_invalid: drop" in message
     assert not (tmp_path / "out").exists()  # nothing written

@@ -15,21 +15,47 @@ import pytest
 
 import pipeline.data.sources as sources
 import stages.normalize as normalize_stage
-from pipeline.data.schema import decoded_row
-from pipeline.core.errors import PipelineError
 from pipeline.config.params import check_params
+from pipeline.core.errors import PipelineError
+from pipeline.data.schema import decoded_row
 
-STANDARD = [{"prompt": f"Question {i}:", "chosen": f" good answer {i}.", "rejected": f" bad answer {i}."} for i in range(6)]
-TOOL = {"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": {
-    "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}}}
+STANDARD = [
+    {"prompt": f"Question {i}:", "chosen": f" good answer {i}.", "rejected": f" bad answer {i}."} for i in range(6)
+]
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "description": "Add two numbers",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+            "required": ["a", "b"],
+        },
+    },
+}
 CONVERSATIONAL = [
-    {"prompt": [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "What is 2+3?"}],
-     "chosen": [{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
-                {"role": "tool", "name": "add", "content": "5"}, {"role": "assistant", "content": "It is 5."}],
-     "rejected": [{"role": "assistant", "content": "It is 6."}], "tools": [TOOL], "chat_template_kwargs": None},
-    {"prompt": [{"role": "user", "content": "Say hi."}], "chosen": [{"role": "assistant", "content": "Hi!"}],
-     "rejected": [{"role": "assistant", "content": "No."}], "tools": None,
-     "chat_template_kwargs": {"enable_thinking": False}},
+    {
+        "prompt": [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "What is 2+3?"}],
+        "chosen": [
+            {
+                "role": "assistant",
+                "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}],
+            },
+            {"role": "tool", "name": "add", "content": "5"},
+            {"role": "assistant", "content": "It is 5."},
+        ],
+        "rejected": [{"role": "assistant", "content": "It is 6."}],
+        "tools": [TOOL],
+        "chat_template_kwargs": None,
+    },
+    {
+        "prompt": [{"role": "user", "content": "Say hi."}],
+        "chosen": [{"role": "assistant", "content": "Hi!"}],
+        "rejected": [{"role": "assistant", "content": "No."}],
+        "tools": None,
+        "chat_template_kwargs": {"enable_thinking": False},
+    },
 ]
 
 
@@ -76,10 +102,17 @@ def write_csv(path, rows):
     return path
 
 
-@pytest.mark.parametrize("filename, writer", [
-    ("pairs.jsonl", write_jsonl), ("pairs.jsonl.gz", write_jsonl), ("pairs.json", write_json_array),
-    ("lines.json", write_jsonl), ("pairs.parquet", write_parquet), ("pairs.csv", write_csv),
-])
+@pytest.mark.parametrize(
+    "filename, writer",
+    [
+        ("pairs.jsonl", write_jsonl),
+        ("pairs.jsonl.gz", write_jsonl),
+        ("pairs.json", write_json_array),
+        ("lines.json", write_jsonl),
+        ("pairs.parquet", write_parquet),
+        ("pairs.csv", write_csv),
+    ],
+)
 def test_local_files_of_every_type_give_the_same_rows(tmp_path, filename, writer):
     source = writer(tmp_path / filename, STANDARD)
     report, rows = normalize(tmp_path, train=str(source))
@@ -121,8 +154,9 @@ def test_conversational_rows_with_tool_calls_survive_exactly(tmp_path, writer):
 
 def test_save_to_disk_dataset_dict_picks_the_split(tmp_path):
     saved = tmp_path / "saved"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(STANDARD[:4]),
-                          "test": datasets.Dataset.from_list(STANDARD[4:])}).save_to_disk(str(saved))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(STANDARD[:4]), "test": datasets.Dataset.from_list(STANDARD[4:])}
+    ).save_to_disk(str(saved))
     _, rows = normalize(tmp_path, train=str(saved), split="test", eval=str(saved), eval_split="train")
     assert triples(rows) == triples([dict(r, tools=None, chat_template_kwargs=None) for r in STANDARD])
     report = json.loads((tmp_path / "normalized" / "report.json").read_text())
@@ -137,14 +171,15 @@ def hub_like_repo(tmp_path):
     for config in ("pairs", "other"):
         (repo / config).mkdir(parents=True)
         offset = 0 if config == "pairs" else 3
-        write_jsonl(repo / config / "train.jsonl", STANDARD[offset:offset + 2])
-        write_jsonl(repo / config / "test.jsonl", STANDARD[offset + 2:offset + 3])
+        write_jsonl(repo / config / "train.jsonl", STANDARD[offset : offset + 2])
+        write_jsonl(repo / config / "test.jsonl", STANDARD[offset + 2 : offset + 3])
     (repo / "README.md").write_text(
         "---\nconfigs:\n"
         "- config_name: pairs\n  data_files:\n  - split: train\n    path: pairs/train.jsonl\n"
         "  - split: test\n    path: pairs/test.jsonl\n"
         "- config_name: other\n  data_files:\n  - split: train\n    path: other/train.jsonl\n"
-        "  - split: test\n    path: other/test.jsonl\n---\n")
+        "  - split: test\n    path: other/test.jsonl\n---\n"
+    )
     return repo
 
 
@@ -158,10 +193,13 @@ def test_hub_dataset_with_name_split_and_revision_goes_through_load_dataset(tmp_
         return real(*args, **kwargs)  # (a local repository ignores the revision; the Hub resolves it)
 
     monkeypatch.setattr(datasets, "load_dataset", recording)
-    report, rows = normalize(tmp_path, train=str(repo), name="other", split="test", revision="v1.0",
-                             eval=str(repo), eval_split="train")
-    assert calls == [((str(repo), "other"), {"split": "test", "revision": "v1.0"}),
-                     ((str(repo), "other"), {"split": "train", "revision": "v1.0"})]
+    report, rows = normalize(
+        tmp_path, train=str(repo), name="other", split="test", revision="v1.0", eval=str(repo), eval_split="train"
+    )
+    assert calls == [
+        ((str(repo), "other"), {"split": "test", "revision": "v1.0"}),
+        ((str(repo), "other"), {"split": "train", "revision": "v1.0"}),
+    ]
     assert report["rows_written"] == {"train": 1, "eval": 2}
     assert triples(rows) == triples([dict(r, tools=None, chat_template_kwargs=None) for r in STANDARD[3:6]])
 
@@ -180,16 +218,24 @@ def test_a_glob_reads_every_matching_file_and_errors_name_the_file(tmp_path):
     assert len(rows) == 6 and report["rows_read"] == 7
 
 
-CODE_PAIRS = [{"ID": i, "instruction": "", "input": f"Write function number {i}.",
-               "accepted": f"def f{i}(): return {i}", "rejected": f"def f{i}(): return -{i}"} for i in range(4)]
-HOOK = '''
+CODE_PAIRS = [
+    {
+        "ID": i,
+        "instruction": "",
+        "input": f"Write function number {i}.",
+        "accepted": f"def f{i}(): return {i}",
+        "rejected": f"def f{i}(): return -{i}",
+    }
+    for i in range(4)
+]
+HOOK = """
 def preprocess_function(example):
     return {
         "prompt": [{"role": "user", "content": example["input"]}],
         "chosen": [{"role": "assistant", "content": example["accepted"]}],
         "rejected": [{"role": "assistant", "content": example["rejected"]}],
     }
-'''
+"""
 
 
 @pytest.mark.parametrize("form", ["file", "module"])
@@ -203,10 +249,18 @@ def test_the_reference_code_preference_pairs_example_as_a_hook(tmp_path, monkeyp
         spec = f"{tmp_path / 'code_pairs_hook.py'}:preprocess_function"
     report, rows = normalize(tmp_path, train=str(source), preprocess=spec)
     assert report["formats"]["train"] == "conversational" and len(rows) == 4
-    assert triples(rows) == triples([{"prompt": [{"role": "user", "content": r["input"]}],
-                                      "chosen": [{"role": "assistant", "content": r["accepted"]}],
-                                      "rejected": [{"role": "assistant", "content": r["rejected"]}],
-                                      "tools": None, "chat_template_kwargs": None} for r in CODE_PAIRS])
+    assert triples(rows) == triples(
+        [
+            {
+                "prompt": [{"role": "user", "content": r["input"]}],
+                "chosen": [{"role": "assistant", "content": r["accepted"]}],
+                "rejected": [{"role": "assistant", "content": r["rejected"]}],
+                "tools": None,
+                "chat_template_kwargs": None,
+            }
+            for r in CODE_PAIRS
+        ]
+    )
     manifest = json.loads((tmp_path / "normalized" / "manifest.json").read_text())
     assert "preprocess" in manifest["inputs"]  # the hook's digest: editing it changes the artifact's identity
 
@@ -216,10 +270,13 @@ def test_a_hook_can_skip_rows_and_its_errors_follow_the_policy(tmp_path):
         "def keep_even(row):\n"
         "    if row['ID'] % 2:\n        return None\n"
         "    if row['ID'] == 2:\n        raise KeyError('accepted')\n"
-        "    return {'prompt': row['input'], 'chosen': ' ' + row['accepted'], 'rejected': ' ' + row['rejected']}\n")
+        "    return {'prompt': row['input'], 'chosen': ' ' + row['accepted'], 'rejected': ' ' + row['rejected']}\n"
+    )
     source = write_jsonl(tmp_path / "code.jsonl", CODE_PAIRS)
     spec = f"{tmp_path / 'hooks.py'}:keep_even"
-    with pytest.raises(PipelineError, match=r"code.jsonl: row 2: the data.preprocess hook raised KeyError.*preprocess_failed"):
+    with pytest.raises(
+        PipelineError, match=r"code.jsonl: row 2: the data.preprocess hook raised KeyError.*preprocess_failed"
+    ):
         normalize(tmp_path, train=str(source), preprocess=spec)
     report, rows = normalize(tmp_path, train=str(source), preprocess=spec, on_invalid="drop")
     assert len(rows) == 1 and report["dropped_by_reason"] == {"preprocess_failed": 1, "preprocess_skipped": 2}
@@ -229,7 +286,9 @@ def test_a_hook_can_skip_rows_and_its_errors_follow_the_policy(tmp_path):
 
 
 def test_column_mapping_renames_source_columns(tmp_path):
-    renamed = [{"question": r["prompt"], "response_j": r["chosen"], "response_k": r["rejected"], "extra": 1} for r in STANDARD]
+    renamed = [
+        {"question": r["prompt"], "response_j": r["chosen"], "response_k": r["rejected"], "extra": 1} for r in STANDARD
+    ]
     source = write_parquet(tmp_path / "se.parquet", renamed)
     mapping = {"prompt": "question", "chosen": "response_j", "rejected": "response_k"}
     _, rows = normalize(tmp_path, train=str(source), columns=mapping)
@@ -256,7 +315,10 @@ def test_carved_eval_is_seeded_and_keeps_each_prompt_on_one_side(tmp_path):
         params = check_params({"seed": seed, "data": {"train": str(source), "eval_fraction": 0.2}})
         out = tmp_path / f"n{len(splits)}-{seed}"
         normalize_stage.run(params, out)
-        prompts = {split: [r["prompt"] for r in pq.read_table(out / f"{split}.parquet").to_pylist()] for split in ("train", "eval")}
+        prompts = {
+            split: [r["prompt"] for r in pq.read_table(out / f"{split}.parquet").to_pylist()]
+            for split in ("train", "eval")
+        }
         assert not set(prompts["train"]) & set(prompts["eval"])  # a prompt's pairs all land on one side
         assert 0.1 < len(prompts["eval"]) / 300 < 0.3
         splits.setdefault(seed, []).append(prompts)

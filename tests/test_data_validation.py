@@ -10,21 +10,36 @@ import pytest
 from PIL import Image
 
 import stages.normalize as normalize_stage
+from pipeline.config.params import check_params
+from pipeline.core.errors import PipelineError
 from pipeline.data.invalid import RULES
 from pipeline.data.schema import decoded_row
-from pipeline.core.errors import PipelineError
-from pipeline.config.params import check_params
 
-TEXT = [{"prompt": f"Is fact {i} true?", "chosen": f" Yes, fact {i} holds.", "rejected": f" No, fact {i} fails."} for i in range(5)]
-CONV = [{"prompt": [{"role": "user", "content": f"Fact {i}?"}],
-         "chosen": [{"role": "assistant", "content": f"True {i}."}],
-         "rejected": [{"role": "assistant", "content": f"False {i}."}]} for i in range(5)]
+TEXT = [
+    {"prompt": f"Is fact {i} true?", "chosen": f" Yes, fact {i} holds.", "rejected": f" No, fact {i} fails."}
+    for i in range(5)
+]
+CONV = [
+    {
+        "prompt": [{"role": "user", "content": f"Fact {i}?"}],
+        "chosen": [{"role": "assistant", "content": f"True {i}."}],
+        "rejected": [{"role": "assistant", "content": f"False {i}."}],
+    }
+    for i in range(5)
+]
 ASK = [{"role": "user", "content": "Fact?"}]
 YES, NO = [{"role": "assistant", "content": "Yes."}], [{"role": "assistant", "content": "No."}]
 # vision rows: an image part in the prompt, the image a path relative to the data file (write_source writes pic.png)
 PICTURED = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
-VISION = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Colour {i}?"}]}],
-           "chosen": YES, "rejected": NO, "images": ["pic.png"]} for i in range(5)]
+VISION = [
+    {
+        "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Colour {i}?"}]}],
+        "chosen": YES,
+        "rejected": NO,
+        "images": ["pic.png"],
+    }
+    for i in range(5)
+]
 
 # rule -> (the good rows around it, the bad row as a JSON line, the bad row's index)
 CASES = {
@@ -36,16 +51,34 @@ CASES = {
     "bad_message": (CONV, {"prompt": ASK, "chosen": ["Yes."], "rejected": NO}, 2),
     "unknown_role": (CONV, {"prompt": [{"role": "human", "content": "Fact?"}], "chosen": YES, "rejected": NO}, 2),
     "non_string_content": (CONV, {"prompt": [{"role": "user", "content": 7}], "chosen": YES, "rejected": NO}, 2),
-    "bad_tool_call": (CONV, {"prompt": ASK, "chosen": [{"role": "assistant", "tool_calls": "add(1, 2)"}], "rejected": NO}, 2),
+    "bad_tool_call": (
+        CONV,
+        {"prompt": ASK, "chosen": [{"role": "assistant", "tool_calls": "add(1, 2)"}], "rejected": NO},
+        2,
+    ),
     "no_prompt": (TEXT, {"chosen": "Yes it is.", "rejected": "No way."}, 2),
     "empty_completion": (TEXT, {"prompt": "Q", "chosen": "   ", "rejected": " b"}, 2),
     "completion_not_assistant": (CONV, {"prompt": ASK, "chosen": ASK + YES, "rejected": NO}, 2),
     "identical_pair": (CONV, {"chosen": ASK + YES, "rejected": ASK + YES}, 2),
     "bad_tools_json": (CONV, {"prompt": ASK, "chosen": YES, "rejected": NO, "tools": "{not json"}, 2),
-    "bad_chat_template_kwargs": (CONV, {"prompt": ASK, "chosen": YES, "rejected": NO, "chat_template_kwargs": "yes"}, 2),
-    "template_fields_on_text": (TEXT, {"prompt": "Q", "chosen": " a", "rejected": " b", "tools": [{"type": "function"}]}, 2),
-    "duplicate_pair": (TEXT, {"chosen": TEXT[0]["prompt"] + TEXT[0]["chosen"],  # the first pair, with an implicit prompt
-                              "rejected": TEXT[0]["prompt"] + TEXT[0]["rejected"]}, 2),
+    "bad_chat_template_kwargs": (
+        CONV,
+        {"prompt": ASK, "chosen": YES, "rejected": NO, "chat_template_kwargs": "yes"},
+        2,
+    ),
+    "template_fields_on_text": (
+        TEXT,
+        {"prompt": "Q", "chosen": " a", "rejected": " b", "tools": [{"type": "function"}]},
+        2,
+    ),
+    "duplicate_pair": (
+        TEXT,
+        {
+            "chosen": TEXT[0]["prompt"] + TEXT[0]["chosen"],  # the first pair, with an implicit prompt
+            "rejected": TEXT[0]["prompt"] + TEXT[0]["rejected"],
+        },
+        2,
+    ),
     "preprocess_failed": (TEXT, {"prompt": "Q", "chosen": " a", "rejected": " b", "explode": True}, 2),
     "bad_image": (VISION, {"prompt": PICTURED, "chosen": YES, "rejected": NO, "images": ["missing.png"]}, 2),
     "image_count_mismatch": (VISION, {"prompt": PICTURED, "chosen": YES, "rejected": NO, "images": ["pic.png"] * 2}, 2),
@@ -75,8 +108,13 @@ def params_for(tmp_path, rule, policy):
 
 
 def test_every_normalize_rule_is_covered():
-    assert set(CASES) | {"preprocess_skipped", "template_error", "template_changes_prompt",
-                         "emptied_by_truncation", "image_truncated"} == set(RULES)  # the tokenize rules elsewhere
+    assert set(CASES) | {
+        "preprocess_skipped",
+        "template_error",
+        "template_changes_prompt",
+        "emptied_by_truncation",
+        "image_truncated",
+    } == set(RULES)  # the tokenize rules elsewhere
 
 
 @pytest.mark.parametrize("rule", sorted(CASES))
@@ -103,7 +141,9 @@ def test_drop_policy_writes_the_rest_and_lists_the_dropped_row(tmp_path, rule):
     assert json.loads((out / "report.json").read_text())["dropped_by_reason"] == {rule: 1}
     [entry] = [json.loads(line) for line in (out / report["dropped_rows_file"]).read_text().splitlines()]
     assert (entry["source"], entry["row"], entry["rule"]) == (str(path), at, rule) and entry["detail"]
-    written = [decoded_row(r) for split in ("train", "eval") for r in pq.read_table(out / f"{split}.parquet").to_pylist()]
+    written = [
+        decoded_row(r) for split in ("train", "eval") for r in pq.read_table(out / f"{split}.parquet").to_pylist()
+    ]
     if rule == "malformed_row":
         assert entry["row_id"] is None  # nothing parsed to name it by
     elif rule == "duplicate_pair":

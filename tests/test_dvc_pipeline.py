@@ -57,12 +57,22 @@ def would_run(repo: Path, env: dict) -> list[str]:
 
 
 def project_files() -> list[str]:
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.split()
-    # the text pipeline alone: the vision one (vision/dvc.yaml and its outputs) would show in `dvc status`
-    return [rel for rel in listed if (ROOT / rel).is_file() and not rel.startswith(("tests/", "benchmarks/"))
-            and rel not in ("dvc.lock", "params.yaml", "params-vision.yaml")
-            and not rel.startswith(("dvclive/", "results/", "vision/", "dvclive-vision/"))]
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    # the vision default comes along: a DVC project of its own (vision/.dvc), which the root's `dvc status` skips
+    return [
+        rel
+        for rel in listed
+        if (ROOT / rel).is_file()
+        and not rel.startswith(("tests/", "benchmarks/"))
+        and rel not in ("dvc.lock", "params.yaml")
+        and not rel.startswith(("dvclive/", "results/"))
+    ]
 
 
 def write_local_data(repo: Path, params: dict) -> None:
@@ -89,9 +99,16 @@ def project(tmp_path_factory):
     params["data"].update({"train": "data/pairs.jsonl", "eval": "data/eval.jsonl"})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     remote = tmp_path_factory.mktemp("remote")
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-               PYTHONPATH=str(repo), GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t", DVC_NO_ANALYTICS="1")
+    env = dict(
+        os.environ,
+        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+        PYTHONPATH=str(repo),
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+        DVC_NO_ANALYTICS="1",
+    )
     sh(["git", "init", "-q", "-b", "main"], repo, env)
     sh(["dvc", "remote", "modify", "shared", "url", str(remote)], repo, env)  # the example remote, pointed here
     sh(["git", "add", "-A"], repo, env)
@@ -123,14 +140,22 @@ def changed_by(repo: Path, env: dict, key: tuple[str, ...], value) -> set[str]:
 
 
 def after(stage: str) -> list[str]:
-    downstream = {"base": STAGES[2:], "normalize": STAGES[2:], "tokenize": STAGES[3:], "ref-logps": STAGES[4:],
-                  "train": STAGES[5:], "evaluate": ["export"], "export": []}
+    downstream = {
+        "base": STAGES[2:],
+        "normalize": STAGES[2:],
+        "tokenize": STAGES[3:],
+        "ref-logps": STAGES[4:],
+        "train": STAGES[5:],
+        "evaluate": ["export"],
+        "export": [],
+    }
     return [s for s in STAGES if s == stage or s in downstream[stage]]
 
 
 def test_a_second_repro_does_nothing_and_a_forced_one_changes_no_byte(project):
     repo, env = project
     assert ran(sh(["dvc", "repro"], repo, env)) == []
+    assert changed_by(repo, env, (), None) == set()  # `dvc status`: nothing listed, the vision project included
     lock = (repo / "dvc.lock").read_text()
     assert ran(sh(["dvc", "repro", "-f"], repo, env)) == STAGES
     assert (repo / "dvc.lock").read_text() == lock
@@ -141,12 +166,18 @@ def test_editing_code_or_data_reruns_exactly_that_stage_and_the_ones_after(proje
     repo, env = project
     # dvc names the stages whose own deps changed (those that execute the file); the stages after them re-run
     # when their outputs change
-    from test_dvc_deps import needed_deps
+    from code_deps import needed_deps
 
-    edits = {"stages/train.py": ["train"], "pipeline/run/tracking.py": ["train"], "pipeline/publish/report.py": ["evaluate"],
-             "pipeline/data/tables.py": ["train", "evaluate"], "pipeline/run/evaluation.py": ["evaluate"],
-             "pipeline/publish/export.py": ["export"], "stages/base.py": ["base"],
-             "pipeline/data/normalize.py": ["normalize"]}
+    edits = {
+        "stages/train.py": ["train"],
+        "pipeline/run/tracking.py": ["train"],
+        "pipeline/publish/report.py": ["evaluate"],
+        "pipeline/data/tables.py": ["train", "evaluate"],
+        "pipeline/run/evaluation.py": ["evaluate"],
+        "pipeline/publish/export.py": ["export"],
+        "stages/base.py": ["base"],
+        "pipeline/data/normalize.py": ["normalize"],
+    }
     for rel, expected in edits.items():
         assert [s for s in STAGES if rel in needed_deps(s)] == expected, rel  # what the imports say
         path = repo / rel
@@ -156,7 +187,7 @@ def test_editing_code_or_data_reruns_exactly_that_stage_and_the_ones_after(proje
             assert would_run(repo, env) == expected, rel
         finally:
             path.write_bytes(original)
-    path = repo / "pipeline" / "params.py"  # every stage reads params through it
+    path = repo / "pipeline" / "config" / "params.py"  # every stage reads params through it
     original = path.read_bytes()
     path.write_bytes(original + b"\n# edited\n")
     assert set(changed_by(repo, env, (), None)) == set(STAGES)
@@ -176,9 +207,43 @@ def test_editing_code_or_data_reruns_exactly_that_stage_and_the_ones_after(proje
     assert would_run(repo, env) == []
     # params: each edit re-runs the stages that read the key (dvc status names those whose own deps changed)
     assert changed_by(repo, env, ("model", "peft", "r"), 4) == {"train", "export"}
-    assert changed_by(repo, env, ("model", "model_init_kwargs"), {"dtype": "float32"}) == {"ref-logps", "train", "evaluate", "export"}
+    assert changed_by(repo, env, ("model", "model_init_kwargs"), {"dtype": "float32"}) == {
+        "ref-logps",
+        "train",
+        "evaluate",
+        "export",
+    }
     assert changed_by(repo, env, ("tokenize", "max_length"), 96) == {"tokenize", "export"}
     assert changed_by(repo, env, ("data", "on_invalid"), "drop") == {"normalize", "tokenize", "export"}
+
+
+# file edited → the stages `dvc status` lists: those that execute it. A stage after them re-runs in `dvc repro` only
+# when their output changes (see the data edit above), so an edit of the objective never re-runs the reference pass.
+EDITS = {
+    "pipeline/objective/losses.py": {"train", "evaluate"},  # evaluate scores the held-out pairs with the objective
+    "pipeline/run/trainer.py": {"train", "evaluate"},
+    "pipeline/config/loss_options.py": {"train", "evaluate", "export"},  # the stages that check train.* in full
+    "pipeline/publish/report.py": {"evaluate"},
+    "pipeline/data/tokenize.py": {"base", "tokenize", "train", "evaluate"},  # the warm start and the API tokenize too
+    "pipeline/run/warm_start.py": {"base"},  # then everything, as the base's weights change
+    "pipeline/run/reference_pass.py": {"ref-logps", "train", "evaluate"},
+    "pipeline/model/head.py": {"ref-logps", "train", "evaluate"},
+}
+
+
+@pytest.mark.parametrize("rel", list(EDITS))
+def test_an_edit_lists_only_the_stages_that_execute_the_file(project, rel):
+    from code_deps import needed_deps
+
+    repo, env = project
+    assert {s for s in STAGES if rel in needed_deps(s)} == EDITS[rel], rel  # what the imports say
+    path = repo / rel
+    original = path.read_bytes()
+    path.write_bytes(original + b"\n# edited\n")
+    try:
+        assert changed_by(repo, env, (), None) == EDITS[rel], rel  # what dvc says
+    finally:
+        path.write_bytes(original)
 
 
 def numbers(row: dict, file: str) -> dict:
@@ -218,8 +283,13 @@ def test_an_experiment_is_compared_with_numbers(project):
     assert {"loss", "rewards", "accuracy", "logps"} <= set(plots["data"])
     rewards = plots["data"]["rewards"][0]["content"]["data"]["values"]
     assert {v["rev"] for v in rewards} >= {"main", name}
-    steps = sorted({int(v["step"]) for v in rewards if v["filename::field"].startswith("train/rewards/chosen.tsv")
-                    and v["rev"] == "main"})
+    steps = sorted(
+        {
+            int(v["step"])
+            for v in rewards
+            if v["filename::field"].startswith("train/rewards/chosen.tsv") and v["rev"] == "main"
+        }
+    )
     assert steps[0] > 0 and steps == sorted(set(steps))  # points sit at the optimizer step they describe
 
 
@@ -304,8 +374,9 @@ def test_a_queued_grid_reuses_tokens_and_reference_logps(project):
 def test_push_then_pull_in_a_fresh_clone_leaves_nothing_to_run(project, tmp_path):
     repo, env = project
     restore(repo, env)
-    assert (repo / "dvc.lock").read_bytes() == subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=repo,
-                                                             capture_output=True, check=True).stdout
+    assert (repo / "dvc.lock").read_bytes() == subprocess.run(
+        ["git", "show", "HEAD:dvc.lock"], cwd=repo, capture_output=True, check=True
+    ).stdout
     sh(["dvc", "checkout", "-q"], repo, env, check=False)
     sh(["dvc", "push"], repo, env)
     clone = tmp_path / "clone"

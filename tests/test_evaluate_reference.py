@@ -13,17 +13,29 @@ import pytest
 
 import stages.evaluate as evaluate_stage
 import stages.train as train_stage
-from pipeline.run.evaluation import evaluate_policy
 from pipeline.publish.metrics_file import read_metrics
+from pipeline.run.evaluation import evaluate_policy
 
-DPO_METRICS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-               "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"}
+DPO_METRICS = {
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "entropy",
+    "mean_token_accuracy",
+}
 MODEL_METRICS = ("logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy")
 
 
 def trained(params: dict, root) -> None:
-    train_stage.run(params, root / "tokenized", root / "ref_logps", root / "base", root / "train", root / "ck",
-                    root / "live")
+    train_stage.run(
+        params, root / "tokenized", root / "ref_logps", root / "base", root / "train", root / "ck", root / "live"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +52,9 @@ def untrained(tmp_path_factory):
 
 def test_the_reference_column_is_full_and_its_model_metrics_are_the_references(untrained, tmp_path):
     params, root = untrained
-    result = evaluate_policy(params, root / "train", root / "tokenized", root / "ref_logps", root / "normalized",
-                             root / "base", tmp_path)
+    result = evaluate_policy(
+        params, root / "train", root / "tokenized", root / "ref_logps", root / "normalized", root / "base", tmp_path
+    )
     ref = result.reference_metrics
     assert DPO_METRICS <= set(result.metrics) and DPO_METRICS <= set(ref)
     # the reference's implicit reward is 0 by definition; a tie is no correct pair; sigmoid's loss at 0 is log 2
@@ -60,8 +73,9 @@ def test_the_reference_column_is_full_and_its_model_metrics_are_the_references(u
 def test_the_reference_column_is_full_with_an_online_reference(untrained, tmp_path):
     params, root = untrained
     params = {**params, "train": {**params["train"], "precompute_ref_log_probs": False}}
-    result = evaluate_policy(params, root / "train", root / "tokenized", root / "ref_logps", root / "normalized",
-                             root / "base", tmp_path)
+    result = evaluate_policy(
+        params, root / "train", root / "tokenized", root / "ref_logps", root / "normalized", root / "base", tmp_path
+    )
     assert DPO_METRICS <= set(result.reference_metrics)
     for name in MODEL_METRICS:
         assert result.reference_metrics[name] == pytest.approx(result.metrics[name], rel=1e-4, abs=1e-6), name
@@ -69,9 +83,18 @@ def test_the_reference_column_is_full_with_an_online_reference(untrained, tmp_pa
 
 def test_the_reports_metrics_table_has_no_empty_reference_cell(untrained, tmp_path):
     params, root = untrained
-    evaluate_stage.run(params, root / "train", root / "tokenized", root / "ref_logps", root / "normalized",
-                       root / "base", tmp_path / "eval", tmp_path / "eval.json", root / "live",
-                       tmp_path / "report.html")
+    evaluate_stage.run(
+        params,
+        root / "train",
+        root / "tokenized",
+        root / "ref_logps",
+        root / "normalized",
+        root / "base",
+        tmp_path / "eval",
+        tmp_path / "eval.json",
+        root / "live",
+        tmp_path / "report.html",
+    )
     table = re.search(r'<table id="metrics".*?</table>', (tmp_path / "report.html").read_text(), re.S).group(0)
     assert table.split("<tbody>")[1].count("<tr>") == len(DPO_METRICS) + 2  # + the judge's score and the win rate
     assert "–" not in table
@@ -79,8 +102,14 @@ def test_the_reports_metrics_table_has_no_empty_reference_cell(untrained, tmp_pa
 
 def standard_rows(rows: list[dict]) -> list[dict]:
     """The built-in task's pairs as a user's own text data: standard format (prompt and completions as strings)."""
-    return [{"prompt": r["prompt"][-1]["content"] + " ", "chosen": r["chosen"][0]["content"],
-             "rejected": r["rejected"][0]["content"]} for r in rows]
+    return [
+        {
+            "prompt": r["prompt"][-1]["content"] + " ",
+            "chosen": r["chosen"][0]["content"],
+            "rejected": r["rejected"][0]["content"],
+        }
+        for r in rows
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +127,18 @@ def user_data_run(tmp_path_factory):
     params["data"].update({"train": str(root / "data" / "train.jsonl"), "eval": str(root / "data" / "eval.jsonl")})
     prepare_stages(params, root, through="ref-logps")
     trained(params, root)
-    evaluate_stage.run(params, root / "train", root / "tokenized", root / "ref_logps", root / "normalized",
-                       root / "base", root / "eval", root / "results" / "eval.json", root / "live",
-                       root / "results" / "report.html")
+    evaluate_stage.run(
+        params,
+        root / "train",
+        root / "tokenized",
+        root / "ref_logps",
+        root / "normalized",
+        root / "base",
+        root / "eval",
+        root / "results" / "eval.json",
+        root / "live",
+        root / "results" / "report.html",
+    )
     return params, root
 
 
@@ -112,7 +150,7 @@ def test_user_data_gets_generations_without_a_judge(user_data_run):
     assert len(examples) == metrics["num_generations"] == params["evaluate"]["num_generations"]
     assert all(set(e) == {"prompt", "policy", "reference"} for e in examples)
     held_out = [json.loads(line)["prompt"] for line in (root / "data" / "eval.jsonl").read_text().splitlines()]
-    assert [e["prompt"] for e in examples] == list(dict.fromkeys(held_out))[:len(examples)]  # text prompts, in order
+    assert [e["prompt"] for e in examples] == list(dict.fromkeys(held_out))[: len(examples)]  # text prompts, in order
     assert any(e["policy"] for e in examples) and any(e["reference"] for e in examples)
     assert "win_rate" not in metrics and "policy_mean_score" not in metrics
     page = (root / "results" / "report.html").read_text()

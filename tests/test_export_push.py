@@ -8,15 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.model.collator import DataCollatorForPreference
-from pipeline.core.errors import PipelineError
-from pipeline.publish.export import export_model, model_card, push_to_hub
 from conftest import reference_logps
+from pipeline.core.errors import PipelineError
+from pipeline.model.collator import DataCollatorForPreference
 from pipeline.objective.reference import Reference
+from pipeline.publish.export import export_model, model_card, push_to_hub
 
 SECRET = "hf_dpoPipelineTestSecret0123456789"
-PAIRS = [{"row_id": str(i), "prompt_ids": [2, 5, 10 + i, 11], "chosen_ids": [20 + i, 21, 3], "rejected_ids": [30, 31 + i, 3]}
-         for i in range(6)]
+PAIRS = [
+    {"row_id": str(i), "prompt_ids": [2, 5, 10 + i, 11], "chosen_ids": [20 + i, 21, 3], "rejected_ids": [30, 31 + i, 3]}
+    for i in range(6)
+]
 
 
 def logps(model, tokenizer) -> torch.Tensor:
@@ -32,7 +34,9 @@ def adapter_run(tmp_path, tiny_model, tiny_tokenizer):
     base_dir, model_dir = tmp_path / "base", tmp_path / "model"
     tiny_model.save_pretrained(base_dir)
     tiny_tokenizer.save_pretrained(base_dir)
-    peft_model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -57,7 +61,9 @@ def test_adapter_export_holds_the_adapter_and_a_merged_model_with_the_same_logps
 
     base_dir, model_dir = adapter_run
     out = tmp_path / "export"
-    kind = export_model(model_dir, out, load_base=load_base(base_dir), base_name="org/base-model", base_revision="abc123")
+    kind = export_model(
+        model_dir, out, load_base=load_base(base_dir), base_name="org/base-model", base_revision="abc123"
+    )
     assert kind["merged"] and kind["adapter"]["r"] == 4
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert (config["base_model_name_or_path"], config["revision"]) == ("org/base-model", "abc123")
@@ -87,13 +93,31 @@ def test_model_card_records_base_data_params_losses_and_metrics():
     from pipeline.config.params import check_params
 
     params = check_params({"train": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "beta": 0.2}})
-    card = model_card("user/dpo-model", "org/base-model", params, {"rewards/accuracies": 0.875, "win_rate": 0.9},
-                      {"normalized/train.parquet": "ab" * 32}, base_revision="abc123",
-                      adapter={"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}, merged=True)
-    for text in ("base_model: org/base-model", "revision `abc123`", "sigmoid, sft", "[1.0, 0.5]", "beta = 0.2",
-                 "| normalized/train.parquet | " + "ab" * 32, "| rewards/accuracies | 0.8750 |", "| win_rate | 0.9000 |",
-                 "LoRA adapter (r=8, lora_alpha=16, target_modules=all-linear)", "merged", "builtin:sentiment",
-                 "- peft", "learning_rate"):
+    card = model_card(
+        "user/dpo-model",
+        "org/base-model",
+        params,
+        {"rewards/accuracies": 0.875, "win_rate": 0.9},
+        {"normalized/train.parquet": "ab" * 32},
+        base_revision="abc123",
+        adapter={"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
+        merged=True,
+    )
+    for text in (
+        "base_model: org/base-model",
+        "revision `abc123`",
+        "sigmoid, sft",
+        "[1.0, 0.5]",
+        "beta = 0.2",
+        "| normalized/train.parquet | " + "ab" * 32,
+        "| rewards/accuracies | 0.8750 |",
+        "| win_rate | 0.9000 |",
+        "LoRA adapter (r=8, lora_alpha=16, target_modules=all-linear)",
+        "merged",
+        "builtin:sentiment",
+        "- peft",
+        "learning_rate",
+    ):
         assert text in card, text
 
 
@@ -103,12 +127,19 @@ def _card_metadata(card: str) -> dict:
     return yaml.safe_load(card.split("---\n")[1])
 
 
-@pytest.mark.parametrize("base, kind, described", [
-    ("builtin:tiny-llama", None, "dpo-pipeline's built-in model `builtin:tiny-llama`"),
-    ("builtin:tiny-llama", "builtin", "dpo-pipeline's built-in model `builtin:tiny-llama`"),
-    ("models/base", "local", "a local directory, `models/base`"),  # looks like a Hub id, but the manifest says local
-    ("/data/models/base", None, "a local directory, `/data/models/base`"),
-])
+@pytest.mark.parametrize(
+    "base, kind, described",
+    [
+        ("builtin:tiny-llama", None, "dpo-pipeline's built-in model `builtin:tiny-llama`"),
+        ("builtin:tiny-llama", "builtin", "dpo-pipeline's built-in model `builtin:tiny-llama`"),
+        (
+            "models/base",
+            "local",
+            "a local directory, `models/base`",
+        ),  # looks like a Hub id, but the manifest says local
+        ("/data/models/base", None, "a local directory, `/data/models/base`"),
+    ],
+)
 def test_the_model_card_names_a_builtin_or_local_base_in_its_text_not_as_a_hub_base_model(base, kind, described):
     from pipeline.config.params import check_params
 
@@ -126,10 +157,13 @@ def test_the_model_card_names_a_hub_base_as_base_model(tmp_path, monkeypatch):
     assert _card_metadata(card)["base_model"] == "org/base-model"
     assert "- Base model: `org/base-model` (revision `abc123`)" in card
     (tmp_path / "org" / "base-model").mkdir(parents=True)  # a local directory shadows the Hub id, as when loading
-    assert "base_model" not in _card_metadata(model_card("DPO model", "org/base-model", check_params({}), {}, "ab" * 32))
+    assert "base_model" not in _card_metadata(
+        model_card("DPO model", "org/base-model", check_params({}), {}, "ab" * 32)
+    )
 
 
 # ---- the Hub push -------------------------------------------------------------------------------------
+
 
 class LocalHub:
     """A local stand-in for `huggingface_hub.HfApi`: a repo is a folder; upload_folder selects files with the
@@ -178,8 +212,14 @@ def test_push_uploads_the_export_privately_without_its_manifest(tmp_path, export
     pushed = push_to_hub(exported, "user/dpo-model", api=hub)
     assert hub.repos == {"user/dpo-model": {"private": True, "repo_type": "model"}}
     assert hub.files("user/dpo-model") == set(pushed) == set(tree(exported)) - {"manifest.json"}
-    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json", "adapter/adapter_config.json",
-            "adapter/adapter_model.safetensors"} <= set(pushed)
+    assert {
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    } <= set(pushed)
     push_to_hub(exported, "user/public-model", private=False, api=hub)
     assert hub.repos["user/public-model"]["private"] is False
     with pytest.raises(PipelineError, match="repo_id is not set"):

@@ -78,67 +78,127 @@ def replace_with_dir(path: Path) -> None:
     path.mkdir()
 
 
-# name → (break the project, the stage's arguments, what the message must hold (besides the exit status and no traceback))
+# name → (break the project, the stage's arguments, what the message must hold (besides the exit status and no
+# traceback))
 CASES: dict[str, tuple[Callable[[Path], None], list[str], list[str]]] = {
     "data file removed after normalize": (
-        lambda p: (p / "data" / "pairs.jsonl").unlink(), ["normalize"], ["data/pairs.jsonl", "data.train"]),
+        lambda p: (p / "data" / "pairs.jsonl").unlink(),
+        ["normalize"],
+        ["data/pairs.jsonl", "data.train"],
+    ),
     "data file replaced by a directory": (
-        lambda p: replace_with_dir(p / "data" / "pairs.jsonl"), ["normalize"], ["data/pairs.jsonl"]),
-    "data file emptied": (
-        lambda p: (p / "data" / "pairs.jsonl").write_text(""), ["normalize"], ["data/pairs.jsonl"]),
+        lambda p: replace_with_dir(p / "data" / "pairs.jsonl"),
+        ["normalize"],
+        ["data/pairs.jsonl"],
+    ),
+    "data file emptied": (lambda p: (p / "data" / "pairs.jsonl").write_text(""), ["normalize"], ["data/pairs.jsonl"]),
     "data file is a symlink to itself": (
         lambda p: ((p / "data" / "pairs.jsonl").unlink(), (p / "data" / "pairs.jsonl").symlink_to("pairs.jsonl")),
-        ["normalize"], ["data/pairs.jsonl"]),
+        ["normalize"],
+        ["data/pairs.jsonl"],
+    ),
     "data file changed after normalize": (
-        lambda p: truncate(p / "data" / "pairs.jsonl", 0.9), ["tokenize"], ["data/pairs.jsonl", "dvc repro normalize"]),
+        lambda p: truncate(p / "data" / "pairs.jsonl", 0.9),
+        ["tokenize"],
+        ["data/pairs.jsonl", "dvc repro normalize"],
+    ),
     "params file is a directory": (
-        lambda p: ((p / "params.yaml").unlink(), (p / "params.yaml").mkdir()), ["tokenize"], ["params.yaml"]),
+        lambda p: ((p / "params.yaml").unlink(), (p / "params.yaml").mkdir()),
+        ["tokenize"],
+        ["params.yaml"],
+    ),
     "params file missing": (lambda p: (p / "params.yaml").unlink(), ["tokenize"], ["params.yaml"]),
     "params file is not text": (
-        lambda p: (p / "params.yaml").write_bytes(b"\xff\xfe\x00model: {}\x00"), ["tokenize"], ["params.yaml"]),
+        lambda p: (p / "params.yaml").write_bytes(b"\xff\xfe\x00model: {}\x00"),
+        ["tokenize"],
+        ["params.yaml"],
+    ),
     "params file is not YAML": (
-        lambda p: (p / "params.yaml").write_text("model:\n\tname_or_path: x\n"), ["tokenize"], ["params.yaml", "YAML"]),
+        lambda p: (p / "params.yaml").write_text("model:\n\tname_or_path: x\n"),
+        ["tokenize"],
+        ["params.yaml", "YAML"],
+    ),
     "params file is a list": (lambda p: (p / "params.yaml").write_text("- 1\n- 2\n"), ["tokenize"], ["params.yaml"]),
     "params file names a key twice": (
-        lambda p: (p / "params.yaml").write_text((p / "params.yaml").read_text() + "seed: 3\n"), ["tokenize"],
-        ["params.yaml", "seed", "twice"]),
+        lambda p: (p / "params.yaml").write_text((p / "params.yaml").read_text() + "seed: 3\n"),
+        ["tokenize"],
+        ["params.yaml", "seed", "twice"],
+    ),
     "model folder with a truncated safetensors file": (
-        lambda p: truncate(p / "model" / "model.safetensors"), ["base"], ["model.safetensors"]),
+        lambda p: truncate(p / "model" / "model.safetensors"),
+        ["base"],
+        ["model.safetensors"],
+    ),
     "tokenizer folder missing its vocabulary": (
-        lambda p: (p / "model" / "tokenizer.json").unlink(), ["tokenize"], ["model", "tokenizer.json"]),
+        lambda p: (p / "model" / "tokenizer.json").unlink(),
+        ["tokenize"],
+        ["model", "tokenizer.json"],
+    ),
     "model folder removed after base": (
-        lambda p: shutil.rmtree(p / "model"), ["ref-logps"], ["model", "dvc repro base"]),
+        lambda p: shutil.rmtree(p / "model"),
+        ["ref-logps"],
+        ["model", "dvc repro base"],
+    ),
     "a parquet file of an artifact truncated": (
-        lambda p: truncate(next((p / "artifacts" / "tokenized").glob("*.parquet"))), ["ref-logps"],
-        ["artifacts/tokenized", ".parquet", "dvc checkout"]),
+        lambda p: truncate(next((p / "artifacts" / "tokenized").glob("*.parquet"))),
+        ["ref-logps"],
+        ["artifacts/tokenized", ".parquet", "dvc checkout"],
+    ),
     "an artifact's manifest truncated": (
-        lambda p: truncate(p / "artifacts" / "tokenized" / "manifest.json"), ["ref-logps"],
-        ["artifacts/tokenized/manifest.json", "damaged", "dvc repro tokenize"]),
+        lambda p: truncate(p / "artifacts" / "tokenized" / "manifest.json"),
+        ["ref-logps"],
+        ["artifacts/tokenized/manifest.json", "damaged", "dvc repro tokenize"],
+    ),
     "an artifact's manifest from another stage": (
-        lambda p: shutil.copy(p / "artifacts" / "normalized" / "manifest.json", p / "artifacts" / "tokenized" /
-                              "manifest.json"), ["ref-logps"], ["artifacts/tokenized", "tokenize"]),
+        lambda p: shutil.copy(
+            p / "artifacts" / "normalized" / "manifest.json", p / "artifacts" / "tokenized" / "manifest.json"
+        ),
+        ["ref-logps"],
+        ["artifacts/tokenized", "tokenize"],
+    ),
     "an artifact's manifest of an older schema": (
         lambda p: (p / "artifacts" / "tokenized" / "manifest.json").write_text(
-            (p / "artifacts" / "tokenized" / "manifest.json").read_text().replace('"schema_version": 2',
-                                                                                   '"schema_version": 1')),
-        ["ref-logps"], ["artifacts/tokenized/manifest.json", "schema version 1"]),
+            (p / "artifacts" / "tokenized" / "manifest.json")
+            .read_text()
+            .replace('"schema_version": 2', '"schema_version": 1')
+        ),
+        ["ref-logps"],
+        ["artifacts/tokenized/manifest.json", "schema version 1"],
+    ),
     "an artifact's file removed": (
-        lambda p: next((p / "artifacts" / "tokenized").glob("*.parquet")).unlink(), ["ref-logps"],
-        ["artifacts/tokenized", "missing"]),
+        lambda p: next((p / "artifacts" / "tokenized").glob("*.parquet")).unlink(),
+        ["ref-logps"],
+        ["artifacts/tokenized", "missing"],
+    ),
     "an input artifact that is a file": (
         lambda p: (shutil.rmtree(p / "artifacts" / "tokenized"), (p / "artifacts" / "tokenized").write_text("x")),
-        ["ref-logps"], ["artifacts/tokenized", "dpo tokenize"]),
-    "an output path that is a file": (
-        lambda p: (p / "out").write_text("x"), ["tokenize", "--out", "out"], ["out"]),
+        ["ref-logps"],
+        ["artifacts/tokenized", "dpo tokenize"],
+    ),
+    "an output path that is a file": (lambda p: (p / "out").write_text("x"), ["tokenize", "--out", "out"], ["out"]),
     "a checkpoints path that is a file": (
-        lambda p: (p / "ck").write_text("x"), ["train", "--checkpoints", "ck"], ["ck"]),
+        lambda p: (p / "ck").write_text("x"),
+        ["train", "--checkpoints", "ck"],
+        ["ck"],
+    ),
     "a preprocess hook file that does not exist": (
-        lambda p: set_params(p, data={"preprocess": "hooks.py:convert"}), ["normalize"], ["hooks.py"]),
+        lambda p: set_params(p, data={"preprocess": "hooks.py:convert"}),
+        ["normalize"],
+        ["hooks.py"],
+    ),
     "a preprocess hook that raises": (
-        lambda p: ((p / "hooks.py").write_text("def convert(row):\n    raise KeyError('question')\n"),
-                   set_params(p, data={"preprocess": "hooks.py:convert"})), ["normalize"], ["data.preprocess", "rows 0, 1"]),
+        lambda p: (
+            (p / "hooks.py").write_text("def convert(row):\n    raise KeyError('question')\n"),
+            set_params(p, data={"preprocess": "hooks.py:convert"}),
+        ),
+        ["normalize"],
+        ["data.preprocess", "rows 0, 1"],
+    ),
     "the eval file is missing": (
-        lambda p: set_params(p, data={"eval": "data/missing.jsonl"}), ["normalize"], ["data/missing.jsonl"]),
+        lambda p: set_params(p, data={"eval": "data/missing.jsonl"}),
+        ["normalize"],
+        ["data/missing.jsonl"],
+    ),
 }
 
 
@@ -154,8 +214,11 @@ def test_a_fault_is_one_sentence_and_loses_nothing(made, tmp_path, name):
     breaks(project)
     before = snapshot(project)
     result = run(project, *args)
-    assert result.exit_code in (1, 2) and isinstance(result.exception, SystemExit), (name, result.output,
-                                                                                      result.exception)
+    assert result.exit_code in (1, 2) and isinstance(result.exception, SystemExit), (
+        name,
+        result.output,
+        result.exception,
+    )
     assert "Traceback" not in result.output, result.output
     for text in expected:
         assert text in result.output, (name, text, result.output)

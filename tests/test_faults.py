@@ -8,13 +8,22 @@ import math
 import pytest
 
 from pipeline import DPOConfig
-from pipeline.core.errors import PipelineError
 from pipeline.config.params import check_params
+from pipeline.core.errors import PipelineError
 
 
-@pytest.mark.parametrize("option, value", [("beta", math.inf), ("beta", -math.inf), ("learning_rate", math.inf),
-                                           ("label_smoothing", math.inf), ("adam_epsilon", math.nan),
-                                           ("max_grad_norm", math.inf), ("loss_weights", [1.0, math.inf])])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("beta", math.inf),
+        ("beta", -math.inf),
+        ("learning_rate", math.inf),
+        ("label_smoothing", math.inf),
+        ("adam_epsilon", math.nan),
+        ("max_grad_norm", math.inf),
+        ("loss_weights", [1.0, math.inf]),
+    ],
+)
 def test_an_infinite_or_nan_option_is_refused_naming_it(option, value):
     with pytest.raises(PipelineError, match=rf"^{option} must be a finite number"):
         DPOConfig(output_dir="unused", **{option: value})
@@ -25,8 +34,9 @@ def test_an_infinite_params_value_is_refused_naming_its_key():
         check_params({"train": {"beta": math.inf}})
 
 
-def test_training_whose_loss_turns_nan_stops_at_the_limit_and_saves_no_checkpoint_of_it(tmp_path, tiny_model,
-                                                                                         tiny_tokenizer):
+def test_training_whose_loss_turns_nan_stops_at_the_limit_and_saves_no_checkpoint_of_it(
+    tmp_path, tiny_model, tiny_tokenizer
+):
     import datasets
     import torch
     from transformers import TrainerCallback
@@ -40,13 +50,31 @@ def test_training_whose_loss_turns_nan_stops_at_the_limit_and_saves_no_checkpoin
                 with torch.no_grad():
                     tiny_model.get_input_embeddings().weight.fill_(math.nan)
 
-    args = DPOConfig(output_dir=str(tmp_path), report_to="none", per_device_train_batch_size=2, max_steps=8,
-                     save_strategy="steps", save_steps=1, logging_steps=1, disable_tqdm=True, learning_rate=1e-4,
-                     max_nonfinite_steps=2, gradient_checkpointing=False)
-    trainer = DPOTrainer(model=tiny_model, args=args, train_dataset=datasets.Dataset.from_list(random_pairs(16)),
-                         processing_class=tiny_tokenizer, callbacks=[Poison()])
-    with pytest.raises(PipelineError, match=r"training stopped at step 4: the loss was nan, the 2\. step in a row .*"
-                                            r"max_nonfinite_steps=2.*learning_rate or beta too large.*Nothing was published"):
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        report_to="none",
+        per_device_train_batch_size=2,
+        max_steps=8,
+        save_strategy="steps",
+        save_steps=1,
+        logging_steps=1,
+        disable_tqdm=True,
+        learning_rate=1e-4,
+        max_nonfinite_steps=2,
+        gradient_checkpointing=False,
+    )
+    trainer = DPOTrainer(
+        model=tiny_model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(random_pairs(16)),
+        processing_class=tiny_tokenizer,
+        callbacks=[Poison()],
+    )
+    with pytest.raises(
+        PipelineError,
+        match=r"training stopped at step 4: the loss was nan, the 2\. step in a row .*"
+        r"max_nonfinite_steps=2.*learning_rate or beta too large.*Nothing was published",
+    ):
         trainer.train()
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
 
@@ -63,7 +91,13 @@ def test_the_log_history_file_is_valid_json_with_nonfinite_values_flagged():
     from pipeline.run.training import finite_entry
 
     entry = finite_entry({"loss": math.nan, "grad_norm": math.inf, "step": 3, "learning_rate": 1e-4})
-    assert entry == {"loss": None, "grad_norm": None, "step": 3, "learning_rate": 1e-4, "nonfinite": ["grad_norm", "loss"]}
+    assert entry == {
+        "loss": None,
+        "grad_norm": None,
+        "step": 3,
+        "learning_rate": 1e-4,
+        "nonfinite": ["grad_norm", "loss"],
+    }
     json.loads(json.dumps(entry, allow_nan=False))
     assert finite_entry({"loss": 0.5}) == {"loss": 0.5}
 
@@ -74,8 +108,11 @@ def test_a_damaged_manifest_says_damaged_and_the_stage_to_re_run(tmp_path):
     artifact = tmp_path / "tokenized"
     artifact.mkdir()
     (artifact / "manifest.json").write_text('{"schema_version": 2, "stage": "toke')  # cut off mid-write
-    with pytest.raises(PipelineError, match=r"manifest of this tokenized artifact is damaged: it cannot be read as "
-                                            r"JSON .*`dvc repro tokenize`"):
+    with pytest.raises(
+        PipelineError,
+        match=r"manifest of this tokenized artifact is damaged: it cannot be read as "
+        r"JSON .*`dvc repro tokenize`",
+    ):
         check_inputs({"tokenized": artifact})
     (artifact / "manifest.json").write_text('{"schema_version": 2, "stage": "tokenize"}')
     with pytest.raises(PipelineError, match=r"damaged: its manifest lacks inputs, params, files"):
@@ -93,6 +130,7 @@ class _Hostile:
 
     def __reduce__(self):
         import os
+
         return (os.system, (f"touch {self.target}",))
 
 
@@ -106,7 +144,9 @@ def _checkpoint(run_dir, step, fingerprint, optimizer):
     folder = run_dir / f"checkpoint-{step}"
     folder.mkdir(parents=True)
     (folder / TRAINER_STATE_NAME).write_text(json.dumps({"global_step": step}))
-    (folder / FINGERPRINT_NAME).write_text(json.dumps({"fingerprint": fingerprint.digest, "record": fingerprint.record}))
+    (folder / FINGERPRINT_NAME).write_text(
+        json.dumps({"fingerprint": fingerprint.digest, "record": fingerprint.record})
+    )
     torch.save(optimizer, folder / "optimizer.pt")
     return folder
 
@@ -135,8 +175,11 @@ def test_resume_skips_a_checkpoint_that_fails_to_load_and_never_runs_a_hostile_p
     assert not marker.exists()
 
     (good / "optimizer.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(PipelineError, match=r"train\.resume=true but there is nothing to resume: every checkpoint .* "
-                                            r"is damaged or incomplete \(checkpoint-6: .*checkpoint-2: optimizer\.pt"):
+    with pytest.raises(
+        PipelineError,
+        match=r"train\.resume=true but there is nothing to resume: every checkpoint .* "
+        r"is damaged or incomplete \(checkpoint-6: .*checkpoint-2: optimizer\.pt",
+    ):
         plan_resume(True, tmp_path, fingerprint)
     fresh = plan_resume("auto", tmp_path, fingerprint)
     assert fresh.checkpoint is None and "starting fresh" in fresh.note

@@ -26,8 +26,13 @@ def load_module():
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(out)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     return proc, out
 
 
@@ -39,8 +44,17 @@ def test_the_rehearsal_runs_every_part_and_exits_0(rehearsal):
     assert list(report["parts"]) == list(gpu_check.PARTS)
     status = {name: gpu_check.status(result) for name, result in report["parts"].items()}
     liger = "pass" if importlib.util.find_spec("liger_kernel") else "FAIL"
-    assert status == {"env": "pass", "fp32_cuda_vs_cpu": "rehearsed", "bf16_layouts": "pass", "speed": "pass",
-                      "liger": liger, "qlora": "rehearsed", "fsdp": "rehearsed", "zero2": "skipped", "zero3": "skipped"}
+    assert status == {
+        "env": "pass",
+        "fp32_cuda_vs_cpu": "rehearsed",
+        "bf16_layouts": "pass",
+        "speed": "pass",
+        "liger": liger,
+        "qlora": "rehearsed",
+        "fsdp": "rehearsed",
+        "zero2": "skipped",
+        "zero3": "skipped",
+    }
     assert "| speed | pass |" in (out / "gpu_check.md").read_text()
 
 
@@ -56,7 +70,11 @@ def test_the_rehearsal_skips_the_cuda_only_routes_by_name(rehearsal):
 def test_the_rehearsal_checks_what_it_reports(rehearsal):
     parts = json.loads((rehearsal[1] / "gpu_check.json").read_text())["parts"]
     layouts = parts["bf16_layouts"]["layouts"]
-    assert {layouts[n]["took"] for n in ("padded", "packed", "prefix-shared sdpa")} == {"padded", "packed", "prefix_shared"}
+    assert {layouts[n]["took"] for n in ("padded", "packed", "prefix-shared sdpa")} == {
+        "padded",
+        "packed",
+        "prefix_shared",
+    }
     assert layouts["prefix-shared sdpa"]["loss_abs_diff"] < 1e-4  # fp32 on the CPU: the layouts agree closely
     assert parts["bf16_layouts"]["probe"]["sdpa, sliding window"]["took"] == "packed"
     speed = parts["speed"]
@@ -75,6 +93,7 @@ def test_a_failing_part_reports_its_error_and_an_isolated_part_runs_in_its_own_p
 
     def broken(_settings):
         raise ValueError("a typo")
+
     monkeypatch.setattr(gpu_check, "part_env", broken)
     result = gpu_check.run_part("env", settings)
     assert result["ok"] is False and result["error"] == "ValueError: a typo" and "seconds" in result
@@ -85,7 +104,15 @@ def test_a_failing_part_reports_its_error_and_an_isolated_part_runs_in_its_own_p
 def test_model_flops_count_the_work_of_each_layout():
     gpu_check = load_module()
     row = {"prompt_ids": [5, 6], "chosen_ids": [7], "rejected_ids": [8]}
-    assert gpu_check.work([row], prefix_shared=True) == {"tokens": 4, "attended": 3 + 3 + 3, "completions": 2,
-                                                         "pair_tokens": 6}
-    assert gpu_check.work([row], prefix_shared=False) == {"tokens": 6, "attended": 6 + 6, "completions": 2,
-                                                          "pair_tokens": 6}
+    assert gpu_check.work([row], prefix_shared=True) == {
+        "tokens": 4,
+        "attended": 3 + 3 + 3,
+        "completions": 2,
+        "pair_tokens": 6,
+    }
+    assert gpu_check.work([row], prefix_shared=False) == {
+        "tokens": 6,
+        "attended": 6 + 6,
+        "completions": 2,
+        "pair_tokens": 6,
+    }

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 import stages.normalize as normalize_stage
-from pipeline.core.errors import PipelineError
 from pipeline.config.params import check_params
+from pipeline.core.errors import PipelineError
 
 PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
 YES, NO = [{"role": "assistant", "content": "red"}], [{"role": "assistant", "content": "blue"}]
@@ -27,8 +27,15 @@ def picture(path, colour=(255, 0, 0)):
 
 
 def rows(images: list[str]) -> list[dict]:
-    return [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Colour {i}?"}]}],
-             "chosen": YES, "rejected": NO, "images": [image]} for i, image in enumerate(images)]
+    return [
+        {
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Colour {i}?"}]}],
+            "chosen": YES,
+            "rejected": NO,
+            "images": [image],
+        }
+        for i, image in enumerate(images)
+    ]
 
 
 def write_jsonl(path, items):
@@ -52,8 +59,12 @@ def normalize(out, **data):
 
 
 def stored_bytes(out) -> list[bytes]:
-    return [image["bytes"] for split in ("train", "eval") for row in pq.read_table(out / f"{split}.parquet").to_pylist()
-            for image in row["images"] or []]
+    return [
+        image["bytes"]
+        for split in ("train", "eval")
+        for row in pq.read_table(out / f"{split}.parquet").to_pylist()
+        for image in row["images"] or []
+    ]
 
 
 @pytest.mark.parametrize("escape", ["../secret/s.png", "img/../../secret/s.png", "{root}/secret/s.png", "img/link.png"])
@@ -73,14 +84,19 @@ def test_under_drop_the_outside_row_is_listed_and_its_bytes_never_stored(project
     report = normalize(project / "n", train="data/pairs.jsonl", on_invalid="drop")
     assert report["dropped_by_reason"] == {"image_outside_source": 2}
     dropped = [json.loads(line) for line in (project / "n" / "dropped.jsonl").read_text().splitlines()]
-    assert [(entry["row"], entry["rule"]) for entry in dropped] == [(4, "image_outside_source"), (5, "image_outside_source")]
+    assert [(entry["row"], entry["rule"]) for entry in dropped] == [
+        (4, "image_outside_source"),
+        (5, "image_outside_source"),
+    ]
     secret = (project / "secret" / "s.png").read_bytes()
     assert secret not in stored_bytes(project / "n")
     assert all(secret not in path.read_bytes() for path in (project / "n").iterdir())
 
 
 def test_data_image_root_lets_paths_point_into_a_named_directory(project):
-    write_jsonl(project / "data" / "pairs.jsonl", rows(["img/a.png"] * 3 + ["../secret/s.png", f"{project}/secret/s.png"]))
+    write_jsonl(
+        project / "data" / "pairs.jsonl", rows(["img/a.png"] * 3 + ["../secret/s.png", f"{project}/secret/s.png"])
+    )
     report = normalize(project / "n", train="data/pairs.jsonl", image_root="secret")
     assert sum(report["rows_written"].values()) == 5
     assert stored_bytes(project / "n").count((project / "secret" / "s.png").read_bytes()) == 2
@@ -111,8 +127,10 @@ def test_under_dvc_every_image_file_read_is_covered_by_the_stage_deps(project, m
     (project / "dvc.yaml").write_text(DVC_YAML.format(deps="data/pairs.jsonl"))  # the data file, not its images
     with pytest.raises(PipelineError) as refused:
         normalize(project / "n", train="data/pairs.jsonl")
-    assert ("images[0]: the image file 'data/img/a.png' is not a dependency of the normalize stage in dvc.yaml"
-            in str(refused.value)) and "stages.normalize.deps" in str(refused.value)
+    assert (
+        "images[0]: the image file 'data/img/a.png' is not a dependency of the normalize stage in dvc.yaml"
+        in str(refused.value)
+    ) and "stages.normalize.deps" in str(refused.value)
     assert not (project / "n").exists()
     (project / "dvc.yaml").write_text(DVC_YAML.format(deps="data"))
     assert sum(normalize(project / "n", train="data/pairs.jsonl")["rows_written"].values()) == 5
@@ -128,7 +146,8 @@ def test_under_dvc_an_image_root_outside_the_stage_deps_is_refused(project, monk
 
 
 def test_the_python_api_reads_paths_as_given(tmp_path, monkeypatch):
-    """In-process datasets (`DPOTrainer`) are the user's own objects: their paths are read from the working directory."""
+    """In-process datasets (`DPOTrainer`) are the user's own objects: their paths are read from the working
+    directory."""
     from pipeline.data.formats import canonical_pair
 
     picture(tmp_path / "elsewhere" / "p.png")

@@ -27,7 +27,7 @@ def torch_command() -> list[str]:
     line = next(line for line in text.splitlines() if CPU_INDEX in line and "pip install" in line)
     words = shlex.split(line.strip())
     words = [re.sub(r"\$\{TORCH_VERSION:-([^}]+)\}", r"\1", w) for w in words]
-    return words[words.index("install") + 1:]
+    return words[words.index("install") + 1 :]
 
 
 def serve(status: int) -> tuple[http.server.HTTPServer, list[str]]:
@@ -55,8 +55,19 @@ def test_the_cpu_index_is_asked_once_when_it_cannot_answer(tmp_path):
     empty, _ = serve(404)
     try:
         args[args.index(CPU_INDEX)] = f"http://127.0.0.1:{down.server_port}/whl/cpu"
-        command = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-cache-dir", "--disable-pip-version-check",
-                   "--index-url", f"http://127.0.0.1:{empty.server_port}/simple", *args]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--no-cache-dir",
+            "--disable-pip-version-check",
+            "--index-url",
+            f"http://127.0.0.1:{empty.server_port}/simple",
+            *args,
+        ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     finally:
         down.shutdown()

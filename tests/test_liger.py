@@ -1,21 +1,21 @@
-"""`use_liger_kernel=True`: the fused Liger DPO loss (pipeline.objective.liger) trains as the default route does — the same
+"""`use_liger_kernel=True`: the fused Liger DPO loss (pipeline.objective.liger) trains as the default route does —
+the same
 step-one loss, metrics (less entropy and mean_token_accuracy) and updated weights (fp32, ≤ 1e-5) for every loss type
 Liger has, PEFT with its adapter-off reference, an untied output layer with a bias, a packed batch, a
 mixture-of-experts router loss, and evaluation; what it cannot express is refused when the trainer is built."""
 
 from __future__ import annotations
 
-
 import datasets
 import pytest
 import torch
 
+from conftest import random_pairs
 from pipeline import DPOConfig, DPOTrainer
-from pipeline.model.collator import DataCollatorForPreference
 from pipeline.core.errors import PipelineError
+from pipeline.model.collator import DataCollatorForPreference
 from pipeline.objective.liger import LIGER_LOSS_TYPES
 from pipeline.run.trainer import PAIR_METRICS
-from conftest import random_pairs
 
 pytest.importorskip("liger_kernel")
 
@@ -31,9 +31,17 @@ def build(tokenizer, seed: int = 0, tied: bool = True, bias: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=tied, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = LlamaForCausalLM(config)
     if bias:  # an output layer with a bias: its logits at Liger's empty slots are the bias
         model.lm_head = torch.nn.Linear(32, len(tokenizer), bias=True)
@@ -41,14 +49,31 @@ def build(tokenizer, seed: int = 0, tied: bool = True, bias: bool = False):
     return model
 
 
-def make_trainer(tmp_path, model, tokenizer, liger: bool, ref_model=None, peft_config=None, rows=PAIRS,
-                 data_collator=None, **options):
-    args = DPOConfig(**{"output_dir": str(tmp_path), "report_to": "none", "gradient_checkpointing": False,
-                        "disable_tqdm": True, "save_strategy": "no", "per_device_train_batch_size": len(rows),
-                        "beta": 0.5, "use_liger_kernel": liger, **options})
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, processing_class=tokenizer,
-                         train_dataset=datasets.Dataset.from_list(rows), peft_config=peft_config,
-                         data_collator=data_collator)
+def make_trainer(
+    tmp_path, model, tokenizer, liger: bool, ref_model=None, peft_config=None, rows=PAIRS, data_collator=None, **options
+):
+    args = DPOConfig(
+        **{
+            "output_dir": str(tmp_path),
+            "report_to": "none",
+            "gradient_checkpointing": False,
+            "disable_tqdm": True,
+            "save_strategy": "no",
+            "per_device_train_batch_size": len(rows),
+            "beta": 0.5,
+            "use_liger_kernel": liger,
+            **options,
+        }
+    )
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=datasets.Dataset.from_list(rows),
+        peft_config=peft_config,
+        data_collator=data_collator,
+    )
     if liger:
         trainer.logits_chunk_tokens = CHUNK
     return trainer
@@ -87,8 +112,14 @@ def assert_same(liger: tuple, default: tuple) -> None:
 def both_routes(tmp_path, tokenizer, build_model=build, train: bool = True, rows=PAIRS, **options):
     """The step of each route from the same initial weights, reference and batch: (Liger, default)."""
     ref_model = options.pop("ref_model", build_model(tokenizer, seed=1))
-    return [step(make_trainer(tmp_path, build_model(tokenizer), tokenizer, liger, ref_model=ref_model, rows=rows,
-                              **options), train, rows) for liger in (True, False)]
+    return [
+        step(
+            make_trainer(tmp_path, build_model(tokenizer), tokenizer, liger, ref_model=ref_model, rows=rows, **options),
+            train,
+            rows,
+        )
+        for liger in (True, False)
+    ]
 
 
 def test_the_loss_types_are_the_ones_the_installed_liger_has():
@@ -102,11 +133,15 @@ def test_every_liger_loss_type_steps_as_the_default_route(tmp_path, tiny_tokeniz
     assert_same(*both_routes(tmp_path, tiny_tokenizer, loss_type=[loss_type], label_smoothing=0.1))
 
 
-@pytest.mark.parametrize("options", [
-    {"build_model": lambda tokenizer, seed=0: build(tokenizer, seed, tied=False, bias=True), "loss_weights": [0.5]},
-    {"padding_free": True},
-    {"train": False, "loss_type": ["robust"], "label_smoothing": 0.2},
-], ids=["untied_biased_head+loss_weights", "padding_free", "eval"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"build_model": lambda tokenizer, seed=0: build(tokenizer, seed, tied=False, bias=True), "loss_weights": [0.5]},
+        {"padding_free": True},
+        {"train": False, "loss_type": ["robust"], "label_smoothing": 0.2},
+    ],
+    ids=["untied_biased_head+loss_weights", "padding_free", "eval"],
+)
 def test_layouts_heads_weights_and_evaluation(tmp_path, tiny_tokenizer, options):
     assert_same(*both_routes(tmp_path, tiny_tokenizer, **options))
 
@@ -116,10 +151,21 @@ def test_mixture_of_experts_router_loss_is_added(tmp_path, tiny_tokenizer):
 
     def mixtral(tokenizer, seed=0):
         torch.manual_seed(seed)
-        return MixtralForCausalLM(MixtralConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
-            pad_token_id=tokenizer.pad_token_id))
+        return MixtralForCausalLM(
+            MixtralConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                num_local_experts=4,
+                num_experts_per_tok=2,
+                output_router_logits=True,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+
     # padded batches on both routes: the router's statistics depend on the layout (padding, a prompt run once)
     collator = DataCollatorForPreference(tiny_tokenizer.pad_token_id)
     liger, default = both_routes(tmp_path, tiny_tokenizer, build_model=mixtral, data_collator=collator)
@@ -131,8 +177,10 @@ def test_peft_with_the_adapter_off_reference(tmp_path, tiny_tokenizer):
     from peft import LoraConfig
 
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    trainers = [make_trainer(tmp_path, build(tiny_tokenizer), tiny_tokenizer, liger, peft_config=lora)
-                for liger in (True, False)]
+    trainers = [
+        make_trainer(tmp_path, build(tiny_tokenizer), tiny_tokenizer, liger, peft_config=lora)
+        for liger in (True, False)
+    ]
     for trainer in trainers:  # the same non-zero adapter, so that the policy differs from the reference
         with torch.no_grad():
             for name, param in trainer.model.named_parameters():
@@ -152,9 +200,19 @@ def test_a_training_run_logs_what_the_default_route_logs(tmp_path, tiny_tokenize
     ref_model = build(tiny_tokenizer, seed=1)
     runs = []
     for liger in (True, False):
-        trainer = make_trainer(tmp_path / str(liger), build(tiny_tokenizer), tiny_tokenizer, liger, ref_model=ref_model,
-                               max_steps=1, logging_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0,
-                               lr_scheduler_type="constant")
+        trainer = make_trainer(
+            tmp_path / str(liger),
+            build(tiny_tokenizer),
+            tiny_tokenizer,
+            liger,
+            ref_model=ref_model,
+            max_steps=1,
+            logging_steps=1,
+            optim="sgd",
+            learning_rate=1.0,
+            max_grad_norm=0,
+            lr_scheduler_type="constant",
+        )
         trainer.train()
         logged = dict(trainer.state.log_history[0])
         runs.append((logged.pop("loss"), logged, {n: p.detach() for n, p in trainer.model.named_parameters()}))
@@ -170,18 +228,31 @@ def lm_head_lora():
     return LoraConfig(r=2, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM")
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"loss_type": ["ipo"]}, r"does not support loss_type 'ipo' .*sigmoid, hinge.*turn off use_liger_kernel"),
-    ({"loss_type": ["sft"]}, r"does not support loss_type 'sft'"),
-    ({"loss_type": ["aot"]}, r"does not support loss_type 'aot'"),
-    ({"f_divergence_type": "js_divergence"}, r"f_divergence_type='js_divergence'.*reverse_kl.*turn off use_liger"),
-    ({"use_weighting": True}, r"does not support use_weighting=True.*turn off use_weighting or turn off use_liger"),
-    ({"ld_alpha": 0.5}, r"does not support ld_alpha.*ld_alpha=None or turn off use_liger_kernel"),
-    ({"peft_config": "lm_head"}, r"model's output layer to be a plain torch.nn.Linear, not .*lm_head"),
-    ({"rows": "with_reference_logps"}, r"carries precomputed ones \(ref_chosen_logps\); drop those columns"),
-    ({"model": "scaled_logits"}, r"logits to be its output layer applied to its last hidden states"),
-], ids=["ipo", "sft", "aot", "f_divergence", "use_weighting", "ld_alpha", "lora_on_lm_head", "reference_columns",
-        "transformed_logits"])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"loss_type": ["ipo"]}, r"does not support loss_type 'ipo' .*sigmoid, hinge.*turn off use_liger_kernel"),
+        ({"loss_type": ["sft"]}, r"does not support loss_type 'sft'"),
+        ({"loss_type": ["aot"]}, r"does not support loss_type 'aot'"),
+        ({"f_divergence_type": "js_divergence"}, r"f_divergence_type='js_divergence'.*reverse_kl.*turn off use_liger"),
+        ({"use_weighting": True}, r"does not support use_weighting=True.*turn off use_weighting or turn off use_liger"),
+        ({"ld_alpha": 0.5}, r"does not support ld_alpha.*ld_alpha=None or turn off use_liger_kernel"),
+        ({"peft_config": "lm_head"}, r"model's output layer to be a plain torch.nn.Linear, not .*lm_head"),
+        ({"rows": "with_reference_logps"}, r"carries precomputed ones \(ref_chosen_logps\); drop those columns"),
+        ({"model": "scaled_logits"}, r"logits to be its output layer applied to its last hidden states"),
+    ],
+    ids=[
+        "ipo",
+        "sft",
+        "aot",
+        "f_divergence",
+        "use_weighting",
+        "ld_alpha",
+        "lora_on_lm_head",
+        "reference_columns",
+        "transformed_logits",
+    ],
+)
 def test_what_the_fused_loss_cannot_express_is_refused_at_construction(tmp_path, tiny_tokenizer, options, message):
     from transformers import LlamaForCausalLM
 

@@ -15,8 +15,8 @@ import stages.ref_logps as ref_stage
 import stages.tokenize as tokenize_stage
 import stages.train as train_stage
 from conftest import prepare_stages, tiny_params
-from pipeline.store.artifacts import check_inputs
 from pipeline.core.errors import PipelineError
+from pipeline.store.artifacts import check_inputs
 
 
 @pytest.fixture
@@ -28,8 +28,15 @@ def prepared(tmp_path):
 
 
 def train(params, root):
-    return train_stage.run(params, root / "tokenized", root / "ref_logps", root / "base", root / "train",
-                           root / "checkpoints", root / "live")
+    return train_stage.run(
+        params,
+        root / "tokenized",
+        root / "ref_logps",
+        root / "base",
+        root / "train",
+        root / "checkpoints",
+        root / "live",
+    )
 
 
 def test_a_rewritten_row_of_the_tokenized_file_is_refused(prepared, tmp_path):
@@ -60,13 +67,17 @@ def test_renormalizing_without_retokenizing_is_refused_downstream(prepared, tmp_
     changed = json.loads(json.dumps(params))
     changed["data"]["builtin"]["num_pairs"] = 40
     normalize_stage.run(changed, root / "normalized")  # tokenized and ref_logps are now stale
-    with pytest.raises(PipelineError, match=r"tokenized artifact was made from another normalized .*dvc repro tokenize"):
+    with pytest.raises(
+        PipelineError, match=r"tokenized artifact was made from another normalized .*dvc repro tokenize"
+    ):
         train(params, root)
     with pytest.raises(PipelineError, match=r"dvc repro tokenize"):
         ref_stage.run(params, root / "tokenized", root / "base", root / "ref_logps2")
     # re-tokenizing alone leaves the reference log-probs stale: they name their own stage
     tokenize_stage.run(changed, root / "normalized", root / "base", root / "tokenized")
-    with pytest.raises(PipelineError, match=r"ref_logps artifact was made from another tokenized .*dvc repro ref-logps"):
+    with pytest.raises(
+        PipelineError, match=r"ref_logps artifact was made from another tokenized .*dvc repro ref-logps"
+    ):
         train(params, root)
     ref_stage.run(changed, root / "tokenized", root / "base", root / "ref_logps")
     assert train(changed, root)["rows"]["train"] > 0
@@ -82,11 +93,16 @@ def test_a_changed_local_source_makes_its_artifacts_stale(tmp_path):
     prepare_stages(params, tmp_path)
     check_inputs({"tokenized": tmp_path / "tokenized"})  # consistent so far
     data.write_text("".join(data.read_text().splitlines(keepends=True)[:-1]))  # one pair deleted
-    with pytest.raises(PipelineError, match=r"pairs\.jsonl \(data\.train\) changed after `normalize`.*dvc repro normalize"):
+    with pytest.raises(
+        PipelineError, match=r"pairs\.jsonl \(data\.train\) changed after `normalize`.*dvc repro normalize"
+    ):
         check_inputs({"tokenized": tmp_path / "tokenized"})
 
 
 def test_an_absent_upstream_artifact_does_not_block(prepared, tmp_path):
     params, root = prepared
     shutil.rmtree(root / "normalized")  # e.g. only the later stages were pulled from the remote
-    assert set(check_inputs({"tokenized": root / "tokenized", "ref_logps": root / "ref_logps"})) == {"tokenized", "ref_logps"}
+    assert set(check_inputs({"tokenized": root / "tokenized", "ref_logps": root / "ref_logps"})) == {
+        "tokenized",
+        "ref_logps",
+    }

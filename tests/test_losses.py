@@ -42,6 +42,7 @@ def test_the_objective_and_the_option_table_name_the_same_losses_and_settings():
     assert tuple(f.name for f in dataclasses.fields(LossSettings)) == SETTING_NAMES
     assert tuple(F_DIVERGENCES) == F_DIVERGENCE_TYPES
 
+
 H = 1e-6
 GRAD_TOL = dict(rtol=1e-6, atol=1e-6)
 VALUE_TOL = dict(rtol=1e-10, atol=1e-12)
@@ -58,6 +59,7 @@ SFT = 2.3
 
 
 # ---------------------------------------------------------------- plain reference (floats, per pair)
+
 
 def sig(x):
     return 1.0 / (1.0 + math.exp(-x))
@@ -79,9 +81,22 @@ def ref_g(rho, f_type, a):
     raise AssertionError(f_type)
 
 
-def ref_losses(loss_type, c, r, cr, rr, *, beta=0.1, label_smoothing=0.0,
-               f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, discopop_tau=0.05,
-               chosen_lengths=None, rejected_lengths=None, sft_nll=None):
+def ref_losses(
+    loss_type,
+    c,
+    r,
+    cr,
+    rr,
+    *,
+    beta=0.1,
+    label_smoothing=0.0,
+    f_divergence_type="reverse_kl",
+    f_alpha_divergence_coef=0.5,
+    discopop_tau=0.05,
+    chosen_lengths=None,
+    rejected_lengths=None,
+    sft_nll=None,
+):
     eps, tau = label_smoothing, discopop_tau
     n = len(c)
     rp = [c[i] - cr[i] for i in range(n)]
@@ -148,12 +163,14 @@ def fd_jacobian(fn, x, h=H):
 
 # ---------------------------------------------------------------- helpers
 
+
 def t64(x):
     return torch.tensor(x, dtype=torch.float64)
 
 
-def settings(beta=0.1, label_smoothing=0.0, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5,
-             discopop_tau=0.05):
+def settings(
+    beta=0.1, label_smoothing=0.0, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, discopop_tau=0.05
+):
     """LossSettings with the reference's keyword defaults (these tests' values, not DPOConfig's)."""
     return LossSettings(beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau)
 
@@ -197,10 +214,25 @@ def default_kwargs(beta, **extra):
 
 # ---------------------------------------------------------------- every loss × every divergence
 
+
 def test_public_names():
-    assert tuple(LOSS_TYPES) == ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
-                                 "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
-                                 "sft", "sigmoid_norm")
+    assert tuple(LOSS_TYPES) == (
+        "sigmoid",
+        "hinge",
+        "ipo",
+        "exo_pair",
+        "nca_pair",
+        "robust",
+        "bco_pair",
+        "sppo_hard",
+        "aot",
+        "aot_unpaired",
+        "apo_zero",
+        "apo_down",
+        "discopop",
+        "sft",
+        "sigmoid_norm",
+    )
     assert tuple(F_DIVERGENCES) == ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 
@@ -248,6 +280,7 @@ def test_f_divergence_score_value_and_gradient(f_type):
 
 # ---------------------------------------------------------------- edge values
 
+
 @pytest.mark.parametrize("eps", [1e-6, 0.999])
 @pytest.mark.parametrize("beta", [0.1, 1.5])
 def test_exo_pair_epsilon_bounds(eps, beta):
@@ -288,7 +321,8 @@ def test_alpha_divergence_coef_one_is_identity():
     torch.testing.assert_close(
         pair_losses("sigmoid", *args, beta=0.7, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0),
         pair_losses("sigmoid", *args, beta=0.7, f_divergence_type="reverse_kl"),
-        rtol=0, atol=0,
+        rtol=0,
+        atol=0,
     )
 
 
@@ -316,8 +350,12 @@ def test_unknown_f_divergence_raises():
 @pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm"])
 def test_lengths_floored_at_one(loss_type):
     args = (t64(C), t64(R), t64(CR), t64(RR))
-    zeros = pair_losses(loss_type, *args, chosen_lengths=torch.zeros(4, dtype=torch.long),
-                        rejected_lengths=torch.zeros(4, dtype=torch.long))
+    zeros = pair_losses(
+        loss_type,
+        *args,
+        chosen_lengths=torch.zeros(4, dtype=torch.long),
+        rejected_lengths=torch.zeros(4, dtype=torch.long),
+    )
     ones = pair_losses(loss_type, *args, chosen_lengths=torch.ones(4), rejected_lengths=torch.ones(4))
     torch.testing.assert_close(zeros, ones, rtol=0, atol=0)
     # length 1 means no normalisation: ipo becomes (Δ − 1/(2β))², sigmoid_norm becomes sigmoid.
@@ -347,10 +385,22 @@ def test_sft_broadcasts_and_requires_nll():
 # losses is only differentiable along moves that keep the tie, so the tied group's gradient is
 # checked as a sum (direction e_0 + e_2) and the other entries one by one.
 TIES = {
-    "aot": dict(c=[1.0, 2.0, 3.0, 4.0], r=[0.0, 1.5, 2.0, 4.2], cr=[0.5, 0.5, 0.0, 1.0], rr=[0.2, 0.2, 0.1, 0.2],
-                groups_c=[[0, 2], [1], [3]], groups_r=[[0, 2], [1], [3]]),
-    "aot_unpaired": dict(c=[1.0, 2.0, 3.0, 4.0], r=[0.0] * 4, cr=[0.5, 2.0, 2.5, 3.0], rr=[0.3, -0.2, 0.6, 0.1],
-                         groups_c=[[0, 2], [1], [3]], groups_r=[[0], [1], [2], [3]]),
+    "aot": dict(
+        c=[1.0, 2.0, 3.0, 4.0],
+        r=[0.0, 1.5, 2.0, 4.2],
+        cr=[0.5, 0.5, 0.0, 1.0],
+        rr=[0.2, 0.2, 0.1, 0.2],
+        groups_c=[[0, 2], [1], [3]],
+        groups_r=[[0, 2], [1], [3]],
+    ),
+    "aot_unpaired": dict(
+        c=[1.0, 2.0, 3.0, 4.0],
+        r=[0.0] * 4,
+        cr=[0.5, 2.0, 2.5, 3.0],
+        rr=[0.3, -0.2, 0.6, 0.1],
+        groups_c=[[0, 2], [1], [3]],
+        groups_r=[[0], [1], [2], [3]],
+    ),
 }
 
 
@@ -368,6 +418,7 @@ def test_aot_ties(loss_type):
 
     for which, grad, groups in (("c", grad_c, d["groups_c"]), ("r", grad_r, d["groups_r"])):
         for group in groups:
+
             def shifted(h):
                 x = list(d[which])
                 for j in group:
@@ -380,6 +431,7 @@ def test_aot_ties(loss_type):
 
 # ---------------------------------------------------------------- objective and rewards
 
+
 def tensor_batch(chosen=None, **extra):
     return PairLogps(t64(C) if chosen is None else chosen, t64(R), t64(CR), t64(RR), **extra)
 
@@ -391,8 +443,9 @@ def ref_mean(loss_type, weights=None, **kw):
 
 
 def test_mpo_combination_is_weighted_sum():
-    total, terms, _, _ = dpo_objective(["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0],
-                                       tensor_batch(sft_nll=t64(SFT)), settings(beta=0.1))
+    total, terms, _, _ = dpo_objective(
+        ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], tensor_batch(sft_nll=t64(SFT)), settings(beta=0.1)
+    )
     parts = {t: ref_mean(t, beta=0.1, sft_nll=SFT) for t in ("sigmoid", "bco_pair", "sft")}
     assert set(terms) == set(parts)
     for name, value in parts.items():
@@ -407,8 +460,10 @@ def test_pair_weights_multiply_before_mean_and_gradient():
     types, loss_weights = ["sigmoid", "ipo"], [1.0, 0.5]
 
     def ref_total(c):
-        return sum(lw * sum(pw * v for pw, v in zip(w, ref_losses(t, c, R, CR, RR, **kw))) / len(w)
-                   for t, lw in zip(types, loss_weights))
+        return sum(
+            lw * sum(pw * v for pw, v in zip(w, ref_losses(t, c, R, CR, RR, **kw))) / len(w)
+            for t, lw in zip(types, loss_weights)
+        )
 
     chosen = t64(C).requires_grad_()
     tkw = torch_kwargs(kw)
@@ -429,12 +484,15 @@ def test_single_string_and_default_weights():
     assert total2.item() == pytest.approx(ref_mean("sigmoid", beta=1.5) + ref_mean("hinge", beta=1.5), rel=1e-12)
 
 
-@pytest.mark.parametrize("types,weights,pair_weights,message", [
-    (["sigmoid", "bco_pair", "sft"], [0.8, 0.2], None, "loss_weights has 2 entries but loss_type has 3"),
-    (["sigmoid", "nope"], None, None, "unknown loss_type.*'nope'"),
-    ([], None, None, "loss_type is empty"),
-    (["aot"], None, t64([1.0] * 4), "not supported with loss_type 'aot'.*sorted rank"),
-])
+@pytest.mark.parametrize(
+    "types,weights,pair_weights,message",
+    [
+        (["sigmoid", "bco_pair", "sft"], [0.8, 0.2], None, "loss_weights has 2 entries but loss_type has 3"),
+        (["sigmoid", "nope"], None, None, "unknown loss_type.*'nope'"),
+        ([], None, None, "loss_type is empty"),
+        (["aot"], None, t64([1.0] * 4), "not supported with loss_type 'aot'.*sorted rank"),
+    ],
+)
 def test_objective_rejects_bad_arguments(types, weights, pair_weights, message):
     with pytest.raises(ValueError, match=message):
         dpo_objective(types, weights, tensor_batch(sft_nll=t64(SFT)), settings(), pair_weights=pair_weights)
@@ -468,10 +526,16 @@ OPTIONS = dataclasses.asdict(settings())
 
 def test_each_loss_type_reads_only_its_declared_settings():
     setting_names = {f.name for f in dataclasses.fields(LossSettings)}
-    base = settings(beta=0.4, label_smoothing=0.1, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.5,
-                    discopop_tau=0.05)
-    changed = dict(beta=1.5, label_smoothing=0.3, f_divergence_type="js_divergence", f_alpha_divergence_coef=0.3,
-                   discopop_tau=1.3)
+    base = settings(
+        beta=0.4,
+        label_smoothing=0.1,
+        f_divergence_type="alpha_divergence",
+        f_alpha_divergence_coef=0.5,
+        discopop_tau=0.05,
+    )
+    changed = dict(
+        beta=1.5, label_smoothing=0.3, f_divergence_type="js_divergence", f_alpha_divergence_coef=0.3, discopop_tau=1.3
+    )
     assert set(changed) == setting_names
     batch = tensor_batch(chosen_lengths=torch.tensor(LC), rejected_lengths=torch.tensor(LR), sft_nll=t64(SFT))
     for loss_type, row in LOSS_TYPES.items():
@@ -495,16 +559,19 @@ def test_check_loss_options_accepts_exo_pair_with_the_recommended_epsilon():
     check_loss_options({**OPTIONS, "loss_type": "exo_pair", "label_smoothing": 0.999})
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}, r"loss_weights has 1 entries but loss_type has 2"),
-    ({"loss_type": ["dpo"]}, r"unknown loss_type \['dpo'\]"),
-    ({"loss_type": []}, r"loss_type is empty"),
-    ({"f_divergence_type": "kl"}, r"unknown f_divergence_type 'kl'"),
-    ({"loss_type": ["exo_pair"]}, r"'exo_pair' needs label_smoothing > 0.*1e-3"),
-    ({"loss_type": ["robust"], "label_smoothing": 0.5}, r"'robust' needs label_smoothing in \[0, 0.5\)"),
-    ({"use_weighting": True, "loss_type": ["aot"]}, r"use_weighting=True is not supported with loss_type 'aot'"),
-    ({"use_weighting": True, "loss_type": ["sigmoid", "aot_unpaired"]}, r"use_weighting=True is not supported"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}, r"loss_weights has 1 entries but loss_type has 2"),
+        ({"loss_type": ["dpo"]}, r"unknown loss_type \['dpo'\]"),
+        ({"loss_type": []}, r"loss_type is empty"),
+        ({"f_divergence_type": "kl"}, r"unknown f_divergence_type 'kl'"),
+        ({"loss_type": ["exo_pair"]}, r"'exo_pair' needs label_smoothing > 0.*1e-3"),
+        ({"loss_type": ["robust"], "label_smoothing": 0.5}, r"'robust' needs label_smoothing in \[0, 0.5\)"),
+        ({"use_weighting": True, "loss_type": ["aot"]}, r"use_weighting=True is not supported with loss_type 'aot'"),
+        ({"use_weighting": True, "loss_type": ["sigmoid", "aot_unpaired"]}, r"use_weighting=True is not supported"),
+    ],
+)
 def test_check_loss_options_refusals(options, message):
     with pytest.raises(PipelineError, match=message):
         check_loss_options({**OPTIONS, "loss_type": ["sigmoid"], **options})

@@ -33,8 +33,7 @@ def small_disk(tmp_path):
     def mount(size: int) -> Path | None:
         target = tmp_path / f"disk{len(mounted)}"
         target.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
-                              capture_output=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)], capture_output=True)
         if done.returncode != 0:
             return None
         mounted.append(target)
@@ -68,10 +67,26 @@ def prepared(tmp_path_factory):
 
 
 def train(prepared: Path, out: Path, checkpoints: Path, live: Path):
-    return CliRunner().invoke(main, ["train", "--params", str(prepared / "params.yaml"),
-                                     "--tokenized", str(prepared / "tokenized"), "--base", str(prepared / "base"),
-                                     "--ref-logps", str(prepared / "ref_logps"), "--out", str(out),
-                                     "--checkpoints", str(checkpoints), "--live", str(live)])
+    return CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--params",
+            str(prepared / "params.yaml"),
+            "--tokenized",
+            str(prepared / "tokenized"),
+            "--base",
+            str(prepared / "base"),
+            "--ref-logps",
+            str(prepared / "ref_logps"),
+            "--out",
+            str(out),
+            "--checkpoints",
+            str(checkpoints),
+            "--live",
+            str(live),
+        ],
+    )
 
 
 def one_sentence(result, *expected: str) -> str:
@@ -82,8 +97,9 @@ def one_sentence(result, *expected: str) -> str:
     return result.output
 
 
-def test_a_disk_that_fills_during_train_is_one_sentence_and_keeps_the_previous_model(prepared, tmp_path,
-                                                                                     small_disk, monkeypatch):
+def test_a_disk_that_fills_during_train_is_one_sentence_and_keeps_the_previous_model(
+    prepared, tmp_path, small_disk, monkeypatch
+):
     import stages.train as train_stage
     from pipeline.core import faults
 
@@ -107,9 +123,13 @@ def test_a_disk_that_fills_during_train_is_one_sentence_and_keeps_the_previous_m
     monkeypatch.setattr(train_stage, "LiveMetricsCallback", FillsTheDisk)
     if injected:
         monkeypatch.setattr(faults, "free_space", lambda path: (1 << 20, 4 << 20))
-    message = one_sentence(train(prepared, out, checkpoints, tmp_path / "live2"),
-                           "train: ", "no space left on the device", "Fix: free space there",
-                           "Nothing was published")
+    message = one_sentence(
+        train(prepared, out, checkpoints, tmp_path / "live2"),
+        "train: ",
+        "no space left on the device",
+        "Fix: free space there",
+        "Nothing was published",
+    )
     assert str(disk) in message
     assert files(out) == before  # the previous model, byte for byte
     assert not list(disk.glob("train.tmp-*")) and not list(disk.glob("train.old-*"))
@@ -117,8 +137,9 @@ def test_a_disk_that_fills_during_train_is_one_sentence_and_keeps_the_previous_m
     assert "checkpoint-1" in {p.name for p in run_dir.iterdir()}  # the last complete checkpoint stays, for resume
 
 
-def test_a_disk_too_small_for_the_model_and_a_checkpoint_is_refused_before_the_first_step(prepared, tmp_path,
-                                                                                         small_disk, monkeypatch):
+def test_a_disk_too_small_for_the_model_and_a_checkpoint_is_refused_before_the_first_step(
+    prepared, tmp_path, small_disk, monkeypatch
+):
     from pipeline.core import faults
 
     disk = small_disk(4 << 20)
@@ -133,22 +154,30 @@ def test_a_disk_too_small_for_the_model_and_a_checkpoint_is_refused_before_the_f
         fill(disk, leave=20 << 10)
     else:
         monkeypatch.setattr(faults, "free_space", lambda path: (20 << 10, 4 << 20))
-    message = one_sentence(train(prepared, out, checkpoints, tmp_path / "live2"),
-                           "the trained model and one training checkpoint needs about", "is free on that file system",
-                           "Fix: free space there", "Nothing was written")
+    message = one_sentence(
+        train(prepared, out, checkpoints, tmp_path / "live2"),
+        "the trained model and one training checkpoint needs about",
+        "is free on that file system",
+        "Fix: free space there",
+        "Nothing was written",
+    )
     assert str(out) in message
     assert "step" not in message.split("needs about")[0]
     assert files(out) == before
 
 
-@pytest.mark.parametrize("code, what, fix", [
-    (errno.EROFS, "the file system is read-only", "remount it read-write"),
-    (errno.EACCES, "permission denied", "make it readable and writable by this user"),
-    (errno.EDQUOT, "the disk quota is exceeded", "free space within your quota"),
-    (errno.ENOSPC, "no space left on the device", "free space there"),
-])
-def test_a_refused_rename_into_place_is_one_sentence_and_restores_the_previous_artifact(tmp_path, monkeypatch,
-                                                                                      code, what, fix):
+@pytest.mark.parametrize(
+    "code, what, fix",
+    [
+        (errno.EROFS, "the file system is read-only", "remount it read-write"),
+        (errno.EACCES, "permission denied", "make it readable and writable by this user"),
+        (errno.EDQUOT, "the disk quota is exceeded", "free space within your quota"),
+        (errno.ENOSPC, "no space left on the device", "free space there"),
+    ],
+)
+def test_a_refused_rename_into_place_is_one_sentence_and_restores_the_previous_artifact(
+    tmp_path, monkeypatch, code, what, fix
+):
     """The last write of every stage, the rename of its staged folder into place, refused by the machine."""
     import pipeline.store.artifacts as artifacts
 
@@ -161,13 +190,19 @@ def test_a_refused_rename_into_place_is_one_sentence_and_restores_the_previous_a
     real = os.replace
 
     def refused(src, dst):
-        if Path(dst) == out and ".tmp-" in Path(src).name:  # the staged folder's rename (the previous one's restore works)
+        if (
+            Path(dst) == out and ".tmp-" in Path(src).name
+        ):  # the staged folder's rename (the previous one's restore works)
             raise OSError(code, os.strerror(code), str(dst))
         return real(src, dst)
 
     monkeypatch.setattr(artifacts.os, "replace", refused)
-    message = one_sentence(runner.invoke(main, ["normalize", "--params", str(params), "--out", str(out)]),
-                           f"normalize: {out}: {what}", f"Fix: {fix}", "the previous output is as it was")
+    message = one_sentence(
+        runner.invoke(main, ["normalize", "--params", str(params), "--out", str(out)]),
+        f"normalize: {out}: {what}",
+        f"Fix: {fix}",
+        "the previous output is as it was",
+    )
     assert message.count("\n") <= 1
     assert files(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["normalized", "params.yaml"]  # no .tmp-/.old- folder
@@ -184,8 +219,11 @@ def test_a_read_only_artifacts_folder_is_one_sentence(tmp_path, small_disk):
     assert runner.invoke(main, ["normalize", "--params", str(params), "--out", str(disk / "normalized")]).exit_code == 0
     before = files(disk / "normalized")
     subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
-    message = one_sentence(runner.invoke(main, ["normalize", "--params", str(params), "--out", str(disk / "normalized")]),
-                           "the file system is read-only", "Fix: remount it read-write")
+    message = one_sentence(
+        runner.invoke(main, ["normalize", "--params", str(params), "--out", str(disk / "normalized")]),
+        "the file system is read-only",
+        "Fix: remount it read-write",
+    )
     assert str(disk / "normalized") in message
     assert files(disk / "normalized") == before
 

@@ -94,7 +94,9 @@ def test_the_export_push_to_a_silent_hub_fails_after_its_tries_and_leaves_the_ex
     assert "push to the Hub repo 'me/model' failed" in str(caught.value) and "is intact" in str(caught.value)
     assert silent_hub.requests("/api/repos/create") == 2  # exactly hub.tries tries
     waited = capsys.readouterr().err
-    assert f"creating the Hub repo 'me/model' at 127.0.0.1:{silent_hub.port} (waiting up to 0.5 s, try 2 of 2)" in waited
+    assert (
+        f"creating the Hub repo 'me/model' at 127.0.0.1:{silent_hub.port} (waiting up to 0.5 s, try 2 of 2)" in waited
+    )
     assert (folder / "model.safetensors").read_bytes() == b"weights"
 
 
@@ -104,18 +106,31 @@ def test_trainer_push_to_hub_to_a_silent_hub_is_one_sentence(silent_hub, tmp_pat
     from conftest import random_pairs
     from pipeline import DPOConfig, DPOTrainer
 
-    args = DPOConfig(output_dir=str(tmp_path / "out"), report_to="none", hub_model_id="me/model", max_steps=1,
-                     per_device_train_batch_size=2, gradient_checkpointing=False, disable_tqdm=True)
-    trainer = DPOTrainer(model=tiny_model, args=args, train_dataset=datasets.Dataset.from_list(random_pairs(4)),
-                         processing_class=tiny_tokenizer)
+    args = DPOConfig(
+        output_dir=str(tmp_path / "out"),
+        report_to="none",
+        hub_model_id="me/model",
+        max_steps=1,
+        per_device_train_batch_size=2,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+    )
+    trainer = DPOTrainer(
+        model=tiny_model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(random_pairs(4)),
+        processing_class=tiny_tokenizer,
+    )
     started = time.monotonic()
     with pytest.raises(PipelineError) as caught:
         trainer.push_to_hub()
     assert time.monotonic() - started < 30
     # under a loaded machine the loopback may refuse one connection: either way, tried hub.tries times, one sentence
     text = str(caught.value)
-    assert any(f"127.0.0.1:{silent_hub.port} {said}, 2 times" in text
-               for said in ("did not answer within 0.5 s", "could not be reached")), text
+    assert any(
+        f"127.0.0.1:{silent_hub.port} {said}, 2 times" in text
+        for said in ("did not answer within 0.5 s", "could not be reached")
+    ), text
     assert "push_to_hub to the Hub repo 'me/model' failed" in str(caught.value)
     assert "No model was saved" in str(caught.value)  # the repo is made before the save: said, not claimed kept
 

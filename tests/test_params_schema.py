@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.core.errors import PipelineError
-from pipeline.config.train_params import check_train
 from pipeline.config.params import OWNED_ELSEWHERE, check_params, reference_markdown, reference_rows
+from pipeline.config.train_params import check_train
+from pipeline.core.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,18 +24,24 @@ def test_the_committed_params_yaml_is_valid_and_sets_every_key_dvc_tracks_one_by
             if isinstance(entry, str):  # a key DVC reads from params.yaml: it must be there
                 node = raw
                 for part in entry.split("."):
-                    assert isinstance(node, dict) and part in node, f"dvc.yaml stage {name} tracks {entry}, absent from params.yaml"
+                    assert isinstance(node, dict) and part in node, (
+                        f"dvc.yaml stage {name} tracks {entry}, absent from params.yaml"
+                    )
                     node = node[part]
 
 
-def test_params_vision_yaml_is_valid_has_every_key_of_params_yaml_and_selects_the_vision_default():
-    text, vision = (yaml.safe_load((ROOT / name).read_text()) for name in ("params.yaml", "params-vision.yaml"))
+def test_the_vision_params_are_valid_has_every_key_of_params_yaml_and_selects_the_vision_default():
+    text, vision = (yaml.safe_load((ROOT / name).read_text()) for name in ("params.yaml", "vision/params.yaml"))
     checked = check_params(vision)
-    assert (checked["model"]["name_or_path"], checked["data"]["train"]) == ("builtin:tiny-llava", "builtin:vision-colors")
+    assert (checked["model"]["name_or_path"], checked["data"]["train"]) == (
+        "builtin:tiny-llava",
+        "builtin:vision-colors",
+    )
     assert checked["tokenize"]["max_length"] is None  # no image token is ever cut
 
     def keys(node: dict) -> set[str]:
         return {k for k in node} | {f"{k}.{sub}" for k, v in node.items() if isinstance(v, dict) for sub in keys(v)}
+
     assert keys(vision) == keys(text)  # vision/dvc.yaml tracks the same keys, one by one
 
 
@@ -67,8 +73,11 @@ def test_a_report_to_integration_that_is_not_installed_is_refused_with_the_packa
 
     monkeypatch.setattr(transformers.integrations, "get_available_reporting_integrations", lambda: ["dvclive"])
     for report_to in ("wandb", ["dvclive", "wandb"]):
-        with pytest.raises(PipelineError, match=r"train\.report_to names 'wandb', which is not installed: "
-                                                r"`pip install wandb`"):
+        with pytest.raises(
+            PipelineError,
+            match=r"train\.report_to names 'wandb', which is not installed: "
+            r"`pip install wandb`",
+        ):
             check_train(check_params({"train": {"report_to": report_to}}))
     assert check_train(check_params({"train": {"report_to": ["dvclive"]}}))["train"]["report_to"] == ["dvclive"]
 
@@ -85,7 +94,10 @@ def test_the_stage_config_keeps_gradient_checkpointing_without_a_deprecation_war
         params = check_train(check_params({"train": {"gradient_checkpointing": False}}))
         args = dpo_config(params, "unused")
         assert args.gradient_checkpointing is False and args.activation_checkpointing is False
-        assert dpo_config(check_train(check_params({})), "unused", gradient_checkpointing=False).activation_checkpointing is False
+        assert (
+            dpo_config(check_train(check_params({})), "unused", gradient_checkpointing=False).activation_checkpointing
+            is False
+        )
 
 
 def test_the_builtin_task_makes_as_many_distinct_pairs_as_asked_or_refuses_up_front():
@@ -100,20 +112,26 @@ def test_the_builtin_task_makes_as_many_distinct_pairs_as_asked_or_refuses_up_fr
     assert len(keys) == 20000
     assert check_params({"data": {"builtin": {"num_pairs": 20000}}})["data"]["builtin"]["num_pairs"] == 20000
     most, _ = task.split_capacities(0.1)
-    with pytest.raises(PipelineError, match=rf"data\.builtin\.num_pairs is {most + 1}, but the built-in task can "
-                                            rf"make only {most} distinct pairs .* at most {most}"):
+    with pytest.raises(
+        PipelineError,
+        match=rf"data\.builtin\.num_pairs is {most + 1}, but the built-in task can "
+        rf"make only {most} distinct pairs .* at most {most}",
+    ):
         check_params({"data": {"builtin": {"num_pairs": most + 1}}})
 
 
-@pytest.mark.parametrize("raw, key, suggestion", [
-    ({"train": {"betta": 0.1}}, "train.betta", "beta"),
-    ({"modle": {}}, "modle", "model"),
-    ({"model": {"name_or_pth": "x"}}, "model.name_or_pth", "name_or_path"),
-    ({"model": {"peft": {"enabled": True, "rr": 8}}}, "model.peft.rr", "r"),
-    ({"data": {"on_invalidd": "drop"}}, "data.on_invalidd", "on_invalid"),
-    ({"tokenize": {"max_lenght": 64}}, "tokenize.max_lenght", "max_length"),
-    ({"export": {"push": {"repoid": "a/b"}}}, "export.push.repoid", "repo_id"),
-])
+@pytest.mark.parametrize(
+    "raw, key, suggestion",
+    [
+        ({"train": {"betta": 0.1}}, "train.betta", "beta"),
+        ({"modle": {}}, "modle", "model"),
+        ({"model": {"name_or_pth": "x"}}, "model.name_or_pth", "name_or_path"),
+        ({"model": {"peft": {"enabled": True, "rr": 8}}}, "model.peft.rr", "r"),
+        ({"data": {"on_invalidd": "drop"}}, "data.on_invalidd", "on_invalid"),
+        ({"tokenize": {"max_lenght": 64}}, "tokenize.max_lenght", "max_length"),
+        ({"export": {"push": {"repoid": "a/b"}}}, "export.push.repoid", "repo_id"),
+    ],
+)
 def test_an_unknown_key_suggests_the_near_miss_and_points_to_documentation_that_exists(raw, key, suggestion):
     with pytest.raises(PipelineError) as err:
         check_params(raw)

@@ -9,21 +9,23 @@ import json
 import pytest
 import torch
 
+import pipeline.objective.reference as reference_module
 import stages.base as base_stage
 import stages.evaluate as evaluate_stage
 import stages.export as export_stage
 import stages.ref_logps as ref_stage
 import stages.tokenize as tokenize_stage
 import stages.train as train_stage
-import pipeline.objective.reference as reference_module
-from pipeline.store.artifacts import read_manifest
-from pipeline.core.errors import PipelineError
 from pipeline.config.params import check_params
+from pipeline.core.errors import PipelineError
+from pipeline.store.artifacts import read_manifest
 
 LORA = {"enabled": True, "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"}
 
 
-def with_changes(params: dict, model: dict | None = None, train: dict | None = None, export: dict | None = None) -> dict:
+def with_changes(
+    params: dict, model: dict | None = None, train: dict | None = None, export: dict | None = None
+) -> dict:
     params = copy.deepcopy(params)
     params["model"].update(model or {})
     params["train"].update(train or {})
@@ -48,8 +50,11 @@ def reseal(directory):
     from pipeline.store.digests import file_digest
 
     manifest = json.loads((directory / MANIFEST).read_text())
-    manifest["files"] = {str(p.relative_to(directory)): file_digest(p)
-                         for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    manifest["files"] = {
+        str(p.relative_to(directory)): file_digest(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
     (directory / MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -68,11 +73,20 @@ def first_logged_step(params, root, base, out) -> dict:
     ref_stage.run(params, tokenized, base, out / "ref_logps")
     first = {}
     for precompute in (True, False):
-        run_params = with_changes(params, train={"precompute_ref_log_probs": precompute, "max_steps": 1,
-                                                 "logging_steps": 1, "learning_rate": 1e-3})
+        run_params = with_changes(
+            params,
+            train={"precompute_ref_log_probs": precompute, "max_steps": 1, "logging_steps": 1, "learning_rate": 1e-3},
+        )
         train_dir = out / f"train-{precompute}"
-        train_stage.run(run_params, tokenized, out / "ref_logps", base, train_dir, out / f"ck-{precompute}",
-                        out / f"live-{precompute}")
+        train_stage.run(
+            run_params,
+            tokenized,
+            out / "ref_logps",
+            base,
+            train_dir,
+            out / f"ck-{precompute}",
+            out / f"live-{precompute}",
+        )
         first[precompute] = json.loads((train_dir / "log_history.json").read_text())[0]
     return first
 
@@ -90,8 +104,10 @@ def saved_adapter(base_dir, out, seed=1):
 
     from pipeline.model.loading import load_causal_lm
 
-    model = get_peft_model(load_causal_lm(str(base_dir / "model")),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        load_causal_lm(str(base_dir / "model")),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -141,13 +157,22 @@ def test_ref_logps_stage_computes_the_reference_of_the_online_path(prepared, tmp
     # evaluate's online reference is the ref-logps stage's too; a new adapter's is the policy with the
     # adapter off, so evaluate loads the base model once (a second load would fail here)
     if case == "new_adapter":
-        monkeypatch.setattr(reference_module, "load_policy", lambda *a, **k: pytest.fail("evaluate loaded the base twice"))
+        monkeypatch.setattr(
+            reference_module, "load_policy", lambda *a, **k: pytest.fail("evaluate loaded the base twice")
+        )
     evaluated = {}
     for precompute in (True, False):
         eval_params = with_changes(params, train={"precompute_ref_log_probs": precompute})
         evaluated[precompute] = evaluate_stage.run(
-            eval_params, tmp_path / "train-True", tokenized_for(params, root, base, tmp_path), tmp_path / "ref_logps", root / "normalized",
-            base, tmp_path / f"eval-{precompute}", tmp_path / f"metrics-{precompute}.json")
+            eval_params,
+            tmp_path / "train-True",
+            tokenized_for(params, root, base, tmp_path),
+            tmp_path / "ref_logps",
+            root / "normalized",
+            base,
+            tmp_path / f"eval-{precompute}",
+            tmp_path / f"metrics-{precompute}.json",
+        )
     for name in ("loss", "rewards/chosen", "rewards/margins"):
         assert evaluated[True][name] == pytest.approx(evaluated[False][name], abs=1e-4), name
 
@@ -157,27 +182,39 @@ def test_evaluating_a_new_adapter_generates_the_reference_with_the_adapter_off(p
     the base a second time, and the reference's generations are the base model's (the policy's differ)."""
     import shutil
 
+    from pipeline.model.loading import load_base_tokenizer, load_causal_lm
     from pipeline.run.evaluation import greedy_answers, held_out_prompts
-    from pipeline.model.loading import load_base_tokenizer
-    from pipeline.model.loading import load_causal_lm
 
     params, root = prepared
     params = with_changes(params, model={"peft": LORA})
     base = root / "base"
     ref_stage.run(params, root / "tokenized", base, tmp_path / "ref_logps")
-    train_stage.run(params, root / "tokenized", tmp_path / "ref_logps", base, tmp_path / "train", tmp_path / "ck",
-                    tmp_path / "live")
+    train_stage.run(
+        params, root / "tokenized", tmp_path / "ref_logps", base, tmp_path / "train", tmp_path / "ck", tmp_path / "live"
+    )
     shutil.rmtree(tmp_path / "train" / "model")  # a far-trained adapter in its place, so the two sides differ
     saved_adapter(base, tmp_path / "train" / "model", seed=3)
     reseal(tmp_path / "train")
     monkeypatch.setattr(reference_module, "load_policy", lambda *a, **k: pytest.fail("evaluate loaded the base twice"))
-    evaluate_stage.run(params, tmp_path / "train", root / "tokenized", tmp_path / "ref_logps", root / "normalized",
-                       base, tmp_path / "eval", tmp_path / "metrics.json")
+    evaluate_stage.run(
+        params,
+        tmp_path / "train",
+        root / "tokenized",
+        tmp_path / "ref_logps",
+        root / "normalized",
+        base,
+        tmp_path / "eval",
+        tmp_path / "metrics.json",
+    )
     examples = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
     cfg = params["evaluate"]
-    answers = greedy_answers(load_causal_lm(str(base / "model")), load_base_tokenizer(base, params),
-                             held_out_prompts(root / "normalized", cfg["num_generations"]),
-                             cfg["max_new_tokens"], cfg["batch_size"])
+    answers = greedy_answers(
+        load_causal_lm(str(base / "model")),
+        load_base_tokenizer(base, params),
+        held_out_prompts(root / "normalized", cfg["num_generations"]),
+        cfg["max_new_tokens"],
+        cfg["batch_size"],
+    )
     assert answers == [e["reference"] for e in examples]
     assert answers != [e["policy"] for e in examples]
 
@@ -186,14 +223,24 @@ def test_qlora_params_are_refused_clearly_without_cuda(prepared, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("the refusal is for machines without CUDA")
     params, root = prepared
-    params = with_changes(params, model={"peft": LORA, "quantization": {**params["model"]["quantization"], "load_in_4bit": True}},
-                          train={"precompute_ref_log_probs": False})
+    params = with_changes(
+        params,
+        model={"peft": LORA, "quantization": {**params["model"]["quantization"], "load_in_4bit": True}},
+        train={"precompute_ref_log_probs": False},
+    )
     message = "needs a CUDA GPU and bitsandbytes; this machine has no CUDA device"
     with pytest.raises(PipelineError, match=message):
         ref_stage.run(params, root / "tokenized", root / "base", tmp_path / "ref")
     with pytest.raises(PipelineError, match=message):
-        train_stage.run(params, root / "tokenized", tmp_path / "ref", root / "base", tmp_path / "train", tmp_path / "ck",
-                        tmp_path / "live")
+        train_stage.run(
+            params,
+            root / "tokenized",
+            tmp_path / "ref",
+            root / "base",
+            tmp_path / "train",
+            tmp_path / "ck",
+            tmp_path / "live",
+        )
     assert not (tmp_path / "train").exists() and not (tmp_path / "ref").exists()
 
 
@@ -205,21 +252,47 @@ def test_adapter_run_evaluates_exports_merged_and_pushes(prepared, tmp_path, mon
     from test_export_push import SECRET, LocalHub, logps
 
     params, root = prepared
-    params = with_changes(params, model={"peft": LORA}, train={"learning_rate": 5e-3},
-                          export={"push": {"enabled": True, "repo_id": "user/dpo-lora", "private": True}})
+    params = with_changes(
+        params,
+        model={"peft": LORA},
+        train={"learning_rate": 5e-3},
+        export={"push": {"enabled": True, "repo_id": "user/dpo-lora", "private": True}},
+    )
     ref_stage.run(params, root / "tokenized", root / "base", tmp_path / "ref_logps")
-    train_stage.run(params, root / "tokenized", tmp_path / "ref_logps", root / "base", tmp_path / "train",
-                    tmp_path / "ck", tmp_path / "live")
+    train_stage.run(
+        params,
+        root / "tokenized",
+        tmp_path / "ref_logps",
+        root / "base",
+        tmp_path / "train",
+        tmp_path / "ck",
+        tmp_path / "live",
+    )
     assert (tmp_path / "train" / "model" / "adapter_config.json").exists()
     assert not list((tmp_path / "train" / "model").glob("model*.safetensors"))  # the adapter alone
-    metrics = evaluate_stage.run(params, tmp_path / "train", root / "tokenized", tmp_path / "ref_logps", root / "normalized",
-                                 root / "base", tmp_path / "eval", tmp_path / "metrics.json")
+    metrics = evaluate_stage.run(
+        params,
+        tmp_path / "train",
+        root / "tokenized",
+        tmp_path / "ref_logps",
+        root / "normalized",
+        root / "base",
+        tmp_path / "eval",
+        tmp_path / "metrics.json",
+    )
     assert 0.0 <= metrics["rewards/accuracies"] <= 1.0 and "win_rate" in metrics
 
     monkeypatch.setenv("HF_TOKEN", SECRET)
     hub = LocalHub(tmp_path / "hub")
-    manifest = export_stage.run(params, tmp_path / "train", root / "normalized", root / "base", tmp_path / "metrics.json",
-                                tmp_path / "export", api=hub)
+    manifest = export_stage.run(
+        params,
+        tmp_path / "train",
+        root / "normalized",
+        root / "base",
+        tmp_path / "metrics.json",
+        tmp_path / "export",
+        api=hub,
+    )
     out = tmp_path / "export"
     assert manifest["adapter"] and manifest["merged"]
     assert hub.repos["user/dpo-lora"]["private"] is True and hub.files("user/dpo-lora") == set(manifest["pushed"])
@@ -239,7 +312,13 @@ def test_adapter_run_evaluates_exports_merged_and_pushes(prepared, tmp_path, mon
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(PipelineError, match="offline mode is on"):
-        export_stage.run(params, tmp_path / "train", root / "normalized", root / "base", tmp_path / "metrics.json",
-                         tmp_path / "export2")
+        export_stage.run(
+            params,
+            tmp_path / "train",
+            root / "normalized",
+            root / "base",
+            tmp_path / "metrics.json",
+            tmp_path / "export2",
+        )
     assert read_manifest(tmp_path / "export2", "export")["merged"] is True
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "export2") is not None

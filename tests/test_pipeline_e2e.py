@@ -15,17 +15,29 @@ import stages.normalize as normalize_stage
 import stages.ref_logps as ref_stage
 import stages.tokenize as tokenize_stage
 import stages.train as train_stage
-from pipeline.store.artifacts import MANIFEST, SCHEMA_VERSION, manifest_digest
-from pipeline.publish.metrics_file import flatten, read_metrics
 from pipeline.core.errors import PipelineError
+from pipeline.publish.metrics_file import flatten, read_metrics
+from pipeline.store.artifacts import MANIFEST, SCHEMA_VERSION, manifest_digest
 
-METRIC_NAMES = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"}
+METRIC_NAMES = {
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "entropy",
+    "mean_token_accuracy",
+}
 
 
 def run_all(params, root):
-    p = {name: root / name for name in ("base", "normalized", "tokenized", "ref_logps", "train", "checkpoints",
-                                        "live", "eval", "export")}
+    p = {
+        name: root / name
+        for name in ("base", "normalized", "tokenized", "ref_logps", "train", "checkpoints", "live", "eval", "export")
+    }
     p["metrics"] = root / "results" / "eval.json"
     p["report"] = root / "results" / "report.html"
     base_stage.run(params, p["base"])
@@ -33,8 +45,18 @@ def run_all(params, root):
     tokenize_stage.run(params, p["normalized"], p["base"], p["tokenized"])
     ref_stage.run(params, p["tokenized"], p["base"], p["ref_logps"])
     train_stage.run(params, p["tokenized"], p["ref_logps"], p["base"], p["train"], p["checkpoints"], p["live"])
-    evaluate_stage.run(params, p["train"], p["tokenized"], p["ref_logps"], p["normalized"], p["base"], p["eval"], p["metrics"],
-                       p["live"], p["report"])
+    evaluate_stage.run(
+        params,
+        p["train"],
+        p["tokenized"],
+        p["ref_logps"],
+        p["normalized"],
+        p["base"],
+        p["eval"],
+        p["metrics"],
+        p["live"],
+        p["report"],
+    )
     export_stage.run(params, p["train"], p["normalized"], p["base"], p["metrics"], p["export"])
     return p
 
@@ -61,7 +83,10 @@ def test_every_stage_writes_a_manifest_last_and_counts_add_up(pipeline_run):
     ref = pq.read_table(p["ref_logps"] / "train.parquet")
     assert sorted(tokenized.column("row_id").to_pylist()) == sorted(ref.column("row_id").to_pylist())
     ref_manifest = json.loads((p["ref_logps"] / MANIFEST).read_text())
-    assert ref_manifest["inputs"]["tokenized"] == {"digest": manifest_digest(p["tokenized"]), "path": str(p["tokenized"])}
+    assert ref_manifest["inputs"]["tokenized"] == {
+        "digest": manifest_digest(p["tokenized"]),
+        "path": str(p["tokenized"]),
+    }
 
 
 def test_reference_logps_match_per_token_sums(pipeline_run):
@@ -78,7 +103,11 @@ def test_training_logs_documented_metrics_for_dvc(pipeline_run):
     assert METRIC_NAMES | {"num_tokens", "learning_rate", "grad_norm", "epoch", "loss"} <= names
     assert live["step"] == 6  # the last optimizer step: points sit at the step they describe
     history = (p["live"] / "plots" / "metrics" / "train" / "rewards" / "accuracies.tsv").read_text().splitlines()
-    assert history[0].split("\t") == ["step", "accuracies"] and [r.split("\t")[0] for r in history[1:]] == ["2", "4", "6"]
+    assert history[0].split("\t") == ["step", "accuracies"] and [r.split("\t")[0] for r in history[1:]] == [
+        "2",
+        "4",
+        "6",
+    ]
     assert (p["train"] / "model" / "config.json").exists()
 
 
@@ -120,7 +149,9 @@ def test_stale_reference_logps_are_refused(pipeline_run, tmp_path):
     tokenized2 = tmp_path / "tokenized"
     tokenize_stage.run(other, p["normalized"], p["base"], tokenized2)
     with pytest.raises(PipelineError, match=r"stale.*dpo ref-logps"):
-        train_stage.run(params, tokenized2, p["ref_logps"], p["base"], tmp_path / "train", tmp_path / "ck", tmp_path / "live")
+        train_stage.run(
+            params, tokenized2, p["ref_logps"], p["base"], tmp_path / "train", tmp_path / "ck", tmp_path / "live"
+        )
     assert not (tmp_path / "train").exists()
     broken = tmp_path / "no_manifest"
     shutil.copytree(p["tokenized"], broken)
@@ -139,7 +170,9 @@ def test_online_reference_training_matches_the_precomputed_route(pipeline_run, t
     for precompute in (True, False):
         params = tiny_params(precompute_ref_log_probs=precompute, max_steps=2, logging_steps=1, learning_rate=0.0)
         out = tmp_path / str(precompute)
-        manifest = train_stage.run(params, p["tokenized"], p["ref_logps"], p["base"], out / "train", out / "ck", out / "live")
+        manifest = train_stage.run(
+            params, p["tokenized"], p["ref_logps"], p["base"], out / "train", out / "ck", out / "live"
+        )
         history = json.loads((out / "train" / "log_history.json").read_text())
         results[precompute] = history[0]
         assert ("ref_logps" in manifest["inputs"]) == precompute

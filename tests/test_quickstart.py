@@ -13,8 +13,12 @@ def test_quickstart_runs_unchanged_but_for_local_names(tmp_path, monkeypatch, ti
     rows = []
     for noun in ("movie", "book", "song", "meal"):
         question = [{"role": "user", "content": f"Tell me about the {noun} ."}]
-        rows.append({"chosen": question + [{"role": "assistant", "content": f"The {noun} was great and lovely ."}],
-                     "rejected": question + [{"role": "assistant", "content": f"The {noun} was awful and dull ."}]})
+        rows.append(
+            {
+                "chosen": question + [{"role": "assistant", "content": f"The {noun} was great and lovely ."}],
+                "rejected": question + [{"role": "assistant", "content": f"The {noun} was awful and dull ."}],
+            }
+        )
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.chdir(tmp_path)
 

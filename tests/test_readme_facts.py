@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-FIRST_COMMANDS = ["bash .ci/install && . .venv/bin/activate && dvc repro",
-                  "bash .ci/install && . .venv/bin/activate && python -m pytest"]
+FIRST_COMMANDS = [
+    "bash .ci/install && . .venv/bin/activate && dvc repro",
+    "bash .ci/install && . .venv/bin/activate && python -m pytest",
+]
 
 
 def paragraph(text: str) -> str:

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import pipeline.run.reference_pass as ref
-from pipeline.store.artifacts import write_manifest
-from pipeline.model.collator import DataCollatorForPreference
-from pipeline.data.schema import REF_LOGPS_SCHEMA, SPLITS, TOKENIZED_SCHEMA
 from conftest import reference_logps
+from pipeline.data.schema import REF_LOGPS_SCHEMA, SPLITS, TOKENIZED_SCHEMA
+from pipeline.model.collator import DataCollatorForPreference
 from pipeline.objective.reference import Reference
 from pipeline.run.reference_pass import add_reference_logps, length_batches, write_reference_logps
+from pipeline.store.artifacts import write_manifest
 
 BLOCK = 5
 
@@ -28,8 +28,16 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
 
     def ids(k):
         return [rng.randrange(5, 100) for _ in range(k)]
-    return [{"row_id": f"r{i}", "prompt_ids": ids(rng.randint(1, 7)), "chosen_ids": ids(rng.randint(1, 6)),
-             "rejected_ids": ids(rng.randint(1, 6))} for i in range(n)]
+
+    return [
+        {
+            "row_id": f"r{i}",
+            "prompt_ids": ids(rng.randint(1, 7)),
+            "chosen_ids": ids(rng.randint(1, 6)),
+            "rejected_ids": ids(rng.randint(1, 6)),
+        }
+        for i in range(n)
+    ]
 
 
 ROWS = {"train": make_rows(13), "eval": make_rows(4, seed=1)}
@@ -40,7 +48,7 @@ def plain_token_logps(model, prompt: list[int], completion: list[int]) -> list[f
     ids = torch.tensor([prompt + completion])
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
-    return logp.gather(-1, ids[0, 1:, None]).squeeze(-1)[len(prompt) - 1:].tolist()
+    return logp.gather(-1, ids[0, 1:, None]).squeeze(-1)[len(prompt) - 1 :].tolist()
 
 
 def assert_plain_values(model, rows: list[dict], got: dict[str, list]) -> None:
@@ -56,8 +64,9 @@ def tokenized(tmp_path):
     directory = tmp_path / "tokenized"
     directory.mkdir()
     for split in SPLITS:
-        pq.write_table(pa.Table.from_pylist(ROWS[split], schema=TOKENIZED_SCHEMA), directory / f"{split}.parquet",
-                       row_group_size=4)
+        pq.write_table(
+            pa.Table.from_pylist(ROWS[split], schema=TOKENIZED_SCHEMA), directory / f"{split}.parquet", row_group_size=4
+        )
     write_manifest(directory, "tokenize", {}, {})
     return directory
 
@@ -83,11 +92,14 @@ def events(monkeypatch):
     return log
 
 
-def test_the_stage_writes_each_block_as_a_row_group_before_reading_the_next(tmp_path, tiny_model, tiny_tokenizer,
-                                                                            tokenized, events):
+def test_the_stage_writes_each_block_as_a_row_group_before_reading_the_next(
+    tmp_path, tiny_model, tiny_tokenizer, tokenized, events
+):
     out = tmp_path / "ref"
     out.mkdir()
-    rows = write_reference_logps(Reference("policy", tiny_model, ""), tokenized, tiny_tokenizer, batch_size=2, out_dir=out)
+    rows = write_reference_logps(
+        Reference("policy", tiny_model, ""), tokenized, tiny_tokenizer, batch_size=2, out_dir=out
+    )
     assert rows == {split: len(ROWS[split]) for split in SPLITS}
     blocks = [min(BLOCK, n - start) for split in SPLITS for n in [len(ROWS[split])] for start in range(0, n, BLOCK)]
     # strictly alternating: a block's values are written before the next block is scored, so at most one is held
@@ -95,8 +107,9 @@ def test_the_stage_writes_each_block_as_a_row_group_before_reading_the_next(tmp_
     for split in SPLITS:
         source = pq.ParquetFile(out / f"{split}.parquet")
         assert source.schema_arrow == REF_LOGPS_SCHEMA  # per-token values: float32 lists
-        assert [source.metadata.row_group(i).num_rows for i in range(source.num_row_groups)] == \
-            [min(BLOCK, len(ROWS[split]) - s) for s in range(0, len(ROWS[split]), BLOCK)]
+        assert [source.metadata.row_group(i).num_rows for i in range(source.num_row_groups)] == [
+            min(BLOCK, len(ROWS[split]) - s) for s in range(0, len(ROWS[split]), BLOCK)
+        ]
         table = source.read()
         assert table["row_id"].to_pylist() == [r["row_id"] for r in ROWS[split]]  # the input order
         assert_plain_values(tiny_model, ROWS[split], table.to_pydict())

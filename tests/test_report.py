@@ -34,23 +34,60 @@ def fake_inputs(steps: int = 30, num_pairs: int = 20) -> dict:
     series("train/learning_rate", lambda s: 5e-6 * (1 - s / steps))
     series("train/grad_norm", lambda s: 3.0 / (1 + s / 5))
     series("train/entropy", lambda s: 2.5 - s / 60)
-    pairs = [{"row_id": f"eval-{i:04d}", "prompt": f"Write a review of film {i}.",
-              "chosen": f"A wonderful film, number {i}.", "rejected": f"A dull film, number {i}.",
-              "chosen_reward": 0.1 * i, "rejected_reward": -0.05 * i, "margin": 0.15 * i - 1.0}
-             for i in range(num_pairs)]
+    pairs = [
+        {
+            "row_id": f"eval-{i:04d}",
+            "prompt": f"Write a review of film {i}.",
+            "chosen": f"A wonderful film, number {i}.",
+            "rejected": f"A dull film, number {i}.",
+            "chosen_reward": 0.1 * i,
+            "rejected_reward": -0.05 * i,
+            "margin": 0.15 * i - 1.0,
+        }
+        for i in range(num_pairs)
+    ]
     pairs[3]["prompt"] = "Tell me about <script>alert('x')</script> & friends " + "very long " * 100
     pairs[3]["margin"] = 10.0
-    judged = {"win_rate": 0.8125, "policy_mean_score": 0.71, "reference_mean_score": 0.32, "num_generations": 16,
-              "examples": [{"prompt": f"Review film {i}", "policy": "Loved it.\nTruly great.",
-                            "reference": "It was bad.", "outcome": 1.0 if i % 3 else 0.5} for i in range(10)]}
-    eval_metrics = {"loss": 0.41, "rewards/accuracies": 0.9, "rewards/chosen": 0.55, "rewards/rejected": -0.8,
-                    "rewards/margins": 1.35, "logps/chosen": -38.123456, "num_tokens": 123456}
+    judged = {
+        "win_rate": 0.8125,
+        "policy_mean_score": 0.71,
+        "reference_mean_score": 0.32,
+        "num_generations": 16,
+        "examples": [
+            {
+                "prompt": f"Review film {i}",
+                "policy": "Loved it.\nTruly great.",
+                "reference": "It was bad.",
+                "outcome": 1.0 if i % 3 else 0.5,
+            }
+            for i in range(10)
+        ],
+    }
+    eval_metrics = {
+        "loss": 0.41,
+        "rewards/accuracies": 0.9,
+        "rewards/chosen": 0.55,
+        "rewards/rejected": -0.8,
+        "rewards/margins": 1.35,
+        "logps/chosen": -38.123456,
+        "num_tokens": 123456,
+    }
     reference_metrics = {"loss": 0.6931471805599453, "rewards/accuracies": 0.5, "logps/chosen": -40.0}
-    params = {"seed": 0, "model": {"name_or_path": "builtin:tiny-llama", "revision": None},
-              "data": {"train": "builtin:sentiment", "eval": None},
-              "train": {"beta": 0.1, "loss_type": ["sigmoid"], "learning_rate": 5e-6, "num_train_epochs": 1}}
-    return {"title": "DPO run: builtin:tiny-llama on builtin:sentiment", "curves": curves, "eval_metrics": eval_metrics,
-            "reference_metrics": reference_metrics, "generations": judged, "pairs": pairs, "params": params}
+    params = {
+        "seed": 0,
+        "model": {"name_or_path": "builtin:tiny-llama", "revision": None},
+        "data": {"train": "builtin:sentiment", "eval": None},
+        "train": {"beta": 0.1, "loss_type": ["sigmoid"], "learning_rate": 5e-6, "num_train_epochs": 1},
+    }
+    return {
+        "title": "DPO run: builtin:tiny-llama on builtin:sentiment",
+        "curves": curves,
+        "eval_metrics": eval_metrics,
+        "reference_metrics": reference_metrics,
+        "generations": judged,
+        "pairs": pairs,
+        "params": params,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +146,20 @@ def test_metrics_table(page):
 
 def test_margin_tables(page, inputs):
     largest, smallest = _table(page, "pairs-largest"), _table(page, "pairs-smallest")
-    assert re.findall(r"<tr><td title=\"(eval-\d+)\">", largest) == ["eval-0003", "eval-0019", "eval-0018", "eval-0017",
-                                                               "eval-0016"]
-    assert re.findall(r"<tr><td title=\"(eval-\d+)\">", smallest) == ["eval-0000", "eval-0001", "eval-0002", "eval-0004",
-                                                                "eval-0005"]
+    assert re.findall(r"<tr><td title=\"(eval-\d+)\">", largest) == [
+        "eval-0003",
+        "eval-0019",
+        "eval-0018",
+        "eval-0017",
+        "eval-0016",
+    ]
+    assert re.findall(r"<tr><td title=\"(eval-\d+)\">", smallest) == [
+        "eval-0000",
+        "eval-0001",
+        "eval-0002",
+        "eval-0004",
+        "eval-0005",
+    ]
     assert "A wonderful film, number 19." in largest and "A dull film, number 0." in smallest
 
 
@@ -158,8 +205,16 @@ def test_judge_scores_sit_in_their_columns(inputs):
 
 
 def test_integer_params_print_as_integers(inputs):
-    params = {**inputs["params"], "train": {**inputs["params"]["train"], "eval_steps": 50.0, "num_train_epochs": 2.0,
-                                             "learning_rate": 3e-5, "beta": 0.1}}
+    params = {
+        **inputs["params"],
+        "train": {
+            **inputs["params"]["train"],
+            "eval_steps": 50.0,
+            "num_train_epochs": 2.0,
+            "learning_rate": 3e-5,
+            "beta": 0.1,
+        },
+    }
     page = render_report(**{**inputs, "params": params, "curves": {}})
     train = _table(page, "train-params")
     assert "<th>eval_steps</th><td>50</td>" in train and "<th>num_train_epochs</th><td>2</td>" in train
@@ -168,10 +223,22 @@ def test_integer_params_print_as_integers(inputs):
 
 
 def test_examples_show_wins_ties_and_losses(inputs):
-    examples = [{"prompt": f"Review film {i}", "policy": f"policy {i}", "reference": f"reference {i}",
-                 "outcome": 1.0 if i < 20 else 0.5 if i < 22 else 0.0} for i in range(24)]
-    generations = {"win_rate": 0.875, "policy_mean_score": 1.0, "reference_mean_score": 0.0, "num_generations": 24,
-                   "examples": examples}
+    examples = [
+        {
+            "prompt": f"Review film {i}",
+            "policy": f"policy {i}",
+            "reference": f"reference {i}",
+            "outcome": 1.0 if i < 20 else 0.5 if i < 22 else 0.0,
+        }
+        for i in range(24)
+    ]
+    generations = {
+        "win_rate": 0.875,
+        "policy_mean_score": 1.0,
+        "reference_mean_score": 0.0,
+        "num_generations": 24,
+        "examples": examples,
+    }
     page = render_report(**{**inputs, "generations": generations, "curves": {}})
     table = _table(page, "generation-examples")
     outcomes = re.findall(r"<td>(policy wins|tie|reference wins)</td>", table)
@@ -181,8 +248,10 @@ def test_examples_show_wins_ties_and_losses(inputs):
 
 
 def test_generations_without_a_judge_say_so(inputs):
-    examples = [{"prompt": f"Question {i}", "policy": f"policy answer {i}", "reference": f"reference answer {i}"}
-                for i in range(12)]
+    examples = [
+        {"prompt": f"Question {i}", "policy": f"policy answer {i}", "reference": f"reference answer {i}"}
+        for i in range(12)
+    ]
     page = render_report(**{**inputs, "generations": {"num_generations": 12, "examples": examples}, "curves": {}})
     section = re.search(r'<section id="generations">.*?</section>', page, re.S).group(0)
     assert "no judge" in section and "win rate" not in section
@@ -213,12 +282,15 @@ def _write_history(path: Path, lines: list[str]) -> None:
 def test_read_curves(tmp_path):
     metrics = tmp_path / "live" / "plots" / "metrics"
     _write_history(metrics / "train" / "rewards" / "chosen.tsv", ["step\tchosen", "2\t0.5", "4\t0.75"])
-    _write_history(metrics / "eval" / "loss.tsv",
-                   ["timestamp\tstep\tloss", "1700000000000\t10\t0.6", "1700000000500\t20\t0.4"])
+    _write_history(
+        metrics / "eval" / "loss.tsv", ["timestamp\tstep\tloss", "1700000000000\t10\t0.6", "1700000000500\t20\t0.4"]
+    )
     _write_history(metrics / "train" / "loss.tsv", ["step\tloss", "2\t0.7", "4\t0.6", "2\t0.65"])  # resumed run
-    assert read_curves(tmp_path / "live") == {"eval/loss": [(10, 0.6), (20, 0.4)],
-                                              "train/loss": [(2, 0.65), (4, 0.6)],
-                                              "train/rewards/chosen": [(2, 0.5), (4, 0.75)]}
+    assert read_curves(tmp_path / "live") == {
+        "eval/loss": [(10, 0.6), (20, 0.4)],
+        "train/loss": [(2, 0.65), (4, 0.6)],
+        "train/rewards/chosen": [(2, 0.5), (4, 0.75)],
+    }
     assert read_curves(tmp_path / "missing") == {}
     _write_history(metrics / "bad.tsv", ["epoch\tbad", "1\t2"])
     with pytest.raises(ValueError, match="bad.tsv"):
@@ -237,15 +309,19 @@ def _load_check_script():
 
 def test_dom_check_flags_remote_resources():
     check = _load_check_script()
-    parts = check.read_dom('<html><head><link rel="stylesheet" href="https://cdn.example/x.css"></head><body>'
-                           '<figure class="plot" data-group="loss"><svg></svg></figure>'
-                           '<img src="//example.com/a.png"><div style="background:url(http://x/y.png)"></div>'
-                           '<table id="metrics"><tbody><tr><td>1</td></tr></tbody></table></body></html>')
+    parts = check.read_dom(
+        '<html><head><link rel="stylesheet" href="https://cdn.example/x.css"></head><body>'
+        '<figure class="plot" data-group="loss"><svg></svg></figure>'
+        '<img src="//example.com/a.png"><div style="background:url(http://x/y.png)"></div>'
+        '<table id="metrics"><tbody><tr><td>1</td></tr></tbody></table></body></html>'
+    )
     assert parts.plots == [("loss", 1)] and parts.tables == {"metrics": 1}
     assert len(parts.remote_refs) == 3
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed (Debian: apt-get install chromium)")
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed (Debian: apt-get install chromium)"
+)
 def test_report_in_headless_chromium(tmp_path, page):
     check = _load_check_script()
     report = tmp_path / "report.html"

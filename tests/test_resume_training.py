@@ -19,10 +19,23 @@ ROWS = make_rows(24, seed=3)
 
 
 def config(output_dir, **kwargs) -> DPOConfig:
-    settings = dict(output_dir=str(output_dir), report_to="none", gradient_checkpointing=False, disable_tqdm=True,
-                    per_device_train_batch_size=4, logging_steps=1, save_strategy="steps", save_steps=3, max_steps=6,
-                    learning_rate=5e-3, warmup_steps=2, lr_scheduler_type="linear", beta=0.5, seed=7,
-                    disable_dropout=False)
+    settings = dict(
+        output_dir=str(output_dir),
+        report_to="none",
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=3,
+        max_steps=6,
+        learning_rate=5e-3,
+        warmup_steps=2,
+        lr_scheduler_type="linear",
+        beta=0.5,
+        seed=7,
+        disable_dropout=False,
+    )
     settings.update(kwargs)
     return DPOConfig(**settings)
 
@@ -43,12 +56,21 @@ def trainable_state(trainer) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("kind", ["lora", "full_tr_dpo"])
 def test_resumed_run_equals_the_uninterrupted_one(tmp_path, tiny_tokenizer, kind):
-    extra = {"sync_ref_model": True, "ref_model_sync_steps": 2, "ref_model_mixup_alpha": 0.5} if kind == "full_tr_dpo" else {}
+    extra = (
+        {"sync_ref_model": True, "ref_model_sync_steps": 2, "ref_model_mixup_alpha": 0.5}
+        if kind == "full_tr_dpo"
+        else {}
+    )
     peft = {"peft_config": lora(lora_dropout=0.2)} if kind == "lora" else {}
 
     def trainer_for(output_dir):
-        return DPOTrainer(dropout_model(tiny_tokenizer), args=config(output_dir, **extra), train_dataset=dataset(ROWS),
-                          processing_class=tiny_tokenizer, **copy.deepcopy(peft))
+        return DPOTrainer(
+            dropout_model(tiny_tokenizer),
+            args=config(output_dir, **extra),
+            train_dataset=dataset(ROWS),
+            processing_class=tiny_tokenizer,
+            **copy.deepcopy(peft),
+        )
 
     whole = trainer_for(tmp_path / "whole")
     whole.train()
@@ -83,6 +105,7 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path, tiny_tokenizer, kind
 
 # ---- through the train stage: train.resume -----------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     from conftest import prepare_stages, tiny_params
@@ -99,8 +122,9 @@ def train_stage_run(root, out, resume=None, **train):
     params = tiny_params(save_strategy="steps", save_steps=2, max_steps=4, learning_rate=3e-3, **train)
     if resume is not None:
         params["train"]["resume"] = resume
-    return train_stage.run(params, root / "tokenized", root / "ref_logps", root / "base", out / "train", out / "ck",
-                           out / "live")
+    return train_stage.run(
+        params, root / "tokenized", root / "ref_logps", root / "base", out / "train", out / "ck", out / "live"
+    )
 
 
 class Interrupted(Exception):

@@ -10,9 +10,9 @@ import torch
 import stages.evaluate as evaluate_stage
 import stages.export as export_stage
 import stages.train as train_stage
-from pipeline.core.errors import PipelineError
-from pipeline.config.train_params import check_train
 from pipeline.config.params import check_params
+from pipeline.config.train_params import check_train
+from pipeline.core.errors import PipelineError
 from pipeline.core.redaction import REDACTED, redact, redact_text
 
 FAKE_TOKEN = "hf_FAKEtokenFORtestsONLY0123456789abcd"
@@ -28,12 +28,18 @@ def test_credential_fields_in_params_are_refused_with_the_env_var_to_use():
         check_params({"model": {"model_init_kwargs": {"token": FAKE_TOKEN}}})
 
 
-@pytest.mark.parametrize("raw, key", [
-    ({"train": {"run_name": OTHER_TOKEN}}, "train.run_name"),
-    ({"train": {"run_name": f"run-{OTHER_TOKEN}-2"}}, "train.run_name"),
-    ({"data": {"columns": {"chosen": OTHER_TOKEN}}}, "data.columns.chosen"),
-    ({"model": {"peft": {"enabled": True, "target_modules": ["q_proj", OTHER_TOKEN]}}}, r"model.peft.target_modules\[1\]"),
-])
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"train": {"run_name": OTHER_TOKEN}}, "train.run_name"),
+        ({"train": {"run_name": f"run-{OTHER_TOKEN}-2"}}, "train.run_name"),
+        ({"data": {"columns": {"chosen": OTHER_TOKEN}}}, "data.columns.chosen"),
+        (
+            {"model": {"peft": {"enabled": True, "target_modules": ["q_proj", OTHER_TOKEN]}}},
+            r"model.peft.target_modules\[1\]",
+        ),
+    ],
+)
 def test_a_token_pasted_into_any_param_is_refused_naming_the_key(raw, key, monkeypatch):
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         monkeypatch.delenv(name, raising=False)
@@ -61,9 +67,19 @@ def test_training_args_bin_holds_no_token_while_the_trainer_keeps_it(tmp_path, t
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     out = tmp_path / "out"
-    args = DPOConfig(output_dir=str(out), hub_token=FAKE_TOKEN, run_name=f"run-{OTHER_TOKEN}", report_to="none",
-                     gradient_checkpointing=False, disable_tqdm=True, per_device_train_batch_size=4, max_steps=1,
-                     save_strategy="steps", save_steps=1, logging_steps=1)
+    args = DPOConfig(
+        output_dir=str(out),
+        hub_token=FAKE_TOKEN,
+        run_name=f"run-{OTHER_TOKEN}",
+        report_to="none",
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        per_device_train_batch_size=4,
+        max_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        logging_steps=1,
+    )
     trainer = DPOTrainer(tiny_model, args=args, train_dataset=dataset(make_rows(8)), processing_class=tiny_tokenizer)
     trainer.train()
     trainer.save_model()
@@ -77,8 +93,11 @@ def test_training_args_bin_holds_no_token_while_the_trainer_keeps_it(tmp_path, t
         assert recorded.max_steps == 1 and recorded.output_dir == str(out)
     files = [f for f in tmp_path.rglob("*") if f.is_file()]
     assert set(saved) <= set(files) and any(f.name == "model.safetensors" for f in files)
-    leaks = [str(f.relative_to(tmp_path)) for f in files
-             if FAKE_TOKEN.encode() in f.read_bytes() or OTHER_TOKEN.encode() in f.read_bytes()]
+    leaks = [
+        str(f.relative_to(tmp_path))
+        for f in files
+        if FAKE_TOKEN.encode() in f.read_bytes() or OTHER_TOKEN.encode() in f.read_bytes()
+    ]
     assert leaks == []
 
 
@@ -94,10 +113,18 @@ def test_error_messages_never_show_the_environment_token(monkeypatch):
 
 def test_redact_masks_credential_fields_and_the_environment_token(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    recorded = redact({"train": {"hub_token": "x", "run_name": FAKE_TOKEN, "beta": 0.1},
-                       "model": {"model_init_kwargs": {"token": "y"}}, "note": [f"Bearer {FAKE_TOKEN}"]})
-    assert recorded == {"train": {"hub_token": REDACTED, "run_name": REDACTED, "beta": 0.1},
-                        "model": {"model_init_kwargs": {"token": REDACTED}}, "note": [f"Bearer {REDACTED}"]}
+    recorded = redact(
+        {
+            "train": {"hub_token": "x", "run_name": FAKE_TOKEN, "beta": 0.1},
+            "model": {"model_init_kwargs": {"token": "y"}},
+            "note": [f"Bearer {FAKE_TOKEN}"],
+        }
+    )
+    assert recorded == {
+        "train": {"hub_token": REDACTED, "run_name": REDACTED, "beta": 0.1},
+        "model": {"model_init_kwargs": {"token": REDACTED}},
+        "note": [f"Bearer {REDACTED}"],
+    }
 
 
 def test_no_artifact_holds_the_hub_token(tmp_path, monkeypatch, capfd):
@@ -115,16 +142,37 @@ def test_no_artifact_holds_the_hub_token(tmp_path, monkeypatch, capfd):
     prepare_stages(params, root, through="ref-logps")
     p = {name: root / name for name in ("train", "checkpoints", "live", "eval", "export")}
     metrics, report = root / "results" / "eval.json", root / "results" / "report.html"
-    train_stage.run(params, root / "tokenized", root / "ref_logps", root / "base", p["train"], p["checkpoints"],
-                    p["live"], say=print)
-    evaluate_stage.run(params, p["train"], root / "tokenized", root / "ref_logps", root / "normalized", root / "base",
-                       p["eval"], metrics, p["live"], report)
+    train_stage.run(
+        params,
+        root / "tokenized",
+        root / "ref_logps",
+        root / "base",
+        p["train"],
+        p["checkpoints"],
+        p["live"],
+        say=print,
+    )
+    evaluate_stage.run(
+        params,
+        p["train"],
+        root / "tokenized",
+        root / "ref_logps",
+        root / "normalized",
+        root / "base",
+        p["eval"],
+        metrics,
+        p["live"],
+        report,
+    )
     export_stage.run(params, p["train"], root / "normalized", root / "base", metrics, p["export"])
     files = [f for f in root.rglob("*") if f.is_file()]
     assert len(files) > 20 and any(f.name == "README.md" for f in files)
     assert any(REDACTED in f.read_text() for f in files if f.name == "manifest.json")
-    leaks = [str(f.relative_to(root)) for f in files
-             if FAKE_TOKEN.encode() in f.read_bytes() or LEGACY_TOKEN.encode() in f.read_bytes()]
+    leaks = [
+        str(f.relative_to(root))
+        for f in files
+        if FAKE_TOKEN.encode() in f.read_bytes() or LEGACY_TOKEN.encode() in f.read_bytes()
+    ]
     assert leaks == []
     printed = capfd.readouterr()
     assert FAKE_TOKEN not in printed.out + printed.err and LEGACY_TOKEN not in printed.out + printed.err

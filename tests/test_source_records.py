@@ -19,12 +19,12 @@ import pipeline.store.hub as hub
 import stages.base as base_stage
 import stages.normalize as normalize_stage
 from conftest import tiny_params
+from pipeline.config.params import check_params
+from pipeline.core.errors import PipelineError
+from pipeline.model.loading import load_base_model, load_base_tokenizer
 from pipeline.store.base_record import adapter_source, base_source, describe_reference_and_adapter, reference_source
 from pipeline.store.digests import file_digest, source_digest
-from pipeline.core.errors import PipelineError
 from pipeline.store.hub import resolve_commit
-from pipeline.model.loading import load_base_model, load_base_tokenizer
-from pipeline.config.params import check_params
 
 SHA = "1" * 40
 MOVED = "2" * 40
@@ -59,6 +59,7 @@ def manifest(directory) -> dict:
 
 
 # ---- resolve_commit ---------------------------------------------------------------------------------
+
 
 def test_resolve_commit_offline_reads_the_local_hub_cache(hub_cache):
     set_ref(hub_cache, "models--org--tiny", "main", SHA)
@@ -104,6 +105,7 @@ def test_resolve_commit_online_asks_the_hub_and_falls_back_to_the_cache(hub_cach
 
 # ---- the base stage: a Hub model pinned to its commit -------------------------------------------------
 
+
 def hub_params(**model) -> dict:
     params = tiny_params()
     params["model"].update(model)
@@ -116,7 +118,9 @@ def cache_model(cache, sha: str, model, tokenizer) -> None:
     tokenizer.save_pretrained(snapshot)
 
 
-def test_the_base_stage_records_the_commit_and_every_later_load_uses_it(hub_cache, tmp_path, tiny_model, tiny_tokenizer):
+def test_the_base_stage_records_the_commit_and_every_later_load_uses_it(
+    hub_cache, tmp_path, tiny_model, tiny_tokenizer
+):
     from pipeline.builtin.model import build_model
 
     cache_model(hub_cache, SHA, tiny_model, tiny_tokenizer)
@@ -148,8 +152,10 @@ def test_reference_and_adapter_record_revision_and_commit(hub_cache):
     params = hub_params(ref_name_or_path="org/ref", ref_revision="v1", adapter="org/adapter")
     with pytest.warns(UserWarning, match=r"model.adapter=org/adapter: .* " + UNRESOLVED):
         info = describe_reference_and_adapter(params)
-    assert info == {"reference": {"source": "org/ref", "revision": "v1", "commit": SHA},
-                    "adapter": {"source": "org/adapter", "revision": None, "commit": None}}
+    assert info == {
+        "reference": {"source": "org/ref", "revision": "v1", "commit": SHA},
+        "adapter": {"source": "org/adapter", "revision": None, "commit": None},
+    }
 
 
 def test_reference_and_adapter_sources_load_the_recorded_commit(hub_cache, tmp_path, tiny_model, tiny_tokenizer):
@@ -170,6 +176,7 @@ def test_a_name_that_is_neither_a_directory_nor_a_hub_id_is_refused(hub_cache, t
 
 # ---- normalize: data source records ------------------------------------------------------------------
 
+
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """The working directory of a run, so sources are given as relative paths, as in params.yaml."""
@@ -186,8 +193,11 @@ def normalize(out, **data) -> dict:
 def test_a_local_file_is_recorded_as_given_with_its_digest(project):
     source = write_jsonl(project / "data" / "train.jsonl", PAIRS)
     recorded = normalize(project / "n1", train="data/train.jsonl")
-    assert recorded == {"train": {"kind": "local", "path": "data/train.jsonl", "sha256": file_digest(source)},
-                        "eval": None, "preprocess": None}
+    assert recorded == {
+        "train": {"kind": "local", "path": "data/train.jsonl", "sha256": file_digest(source)},
+        "eval": None,
+        "preprocess": None,
+    }
     assert json.loads((project / "n1" / "report.json").read_text())["sources"] == recorded
     write_jsonl(source, PAIRS[:-1])  # one line deleted
     assert normalize(project / "n2", train="data/train.jsonl")["train"]["sha256"] != recorded["train"]["sha256"]
@@ -202,8 +212,11 @@ def test_a_directory_a_glob_and_a_hook_file_are_recorded(project):
     (project / "hooks.py").write_text("def keep(row):\n    return {}\n")
     recorded = normalize(project / "n", train="data/saved", eval="data/parts/part-*.jsonl", preprocess="hooks.py:keep")
     assert recorded["train"] == {"kind": "local", "path": "data/saved", "sha256": source_digest("data/saved")}
-    assert recorded["eval"] == {"kind": "local", "path": "data/parts/part-*.jsonl",
-                                "sha256": source_digest("data/parts/part-*.jsonl")}
+    assert recorded["eval"] == {
+        "kind": "local",
+        "path": "data/parts/part-*.jsonl",
+        "sha256": source_digest("data/parts/part-*.jsonl"),
+    }
     assert recorded["preprocess"] == {"kind": "local", "path": "hooks.py", "sha256": file_digest(project / "hooks.py")}
     assert manifest(project / "n")["inputs"]["preprocess"] == recorded["preprocess"]["sha256"]
 
@@ -227,8 +240,11 @@ def test_source_digest_covers_every_file_of_a_directory_or_glob(project):
 
 def test_the_builtin_task_is_recorded_as_builtin(tmp_path):
     normalize_stage.run(tiny_params(), tmp_path / "n")
-    assert manifest(tmp_path / "n")["sources"] == {"train": {"kind": "builtin", "name": "builtin:sentiment"},
-                                                   "eval": None, "preprocess": None}
+    assert manifest(tmp_path / "n")["sources"] == {
+        "train": {"kind": "builtin", "name": "builtin:sentiment"},
+        "eval": None,
+        "preprocess": None,
+    }
 
 
 def test_a_hub_dataset_is_recorded_with_its_commit_and_read_at_it(project, hub_cache, monkeypatch):
@@ -240,10 +256,17 @@ def test_a_hub_dataset_is_recorded_with_its_commit_and_read_at_it(project, hub_c
         return datasets.Dataset.from_list(PAIRS if split == "train" else EVAL_PAIRS)
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    recorded = normalize(project / "n", train="org/prefs", name="pairs", revision="v1.0", eval="org/prefs",
-                         eval_split="test")
-    assert recorded["train"] == {"kind": "hub", "repo_id": "org/prefs", "name": "pairs", "split": "train",
-                                 "revision": "v1.0", "commit": SHA}
+    recorded = normalize(
+        project / "n", train="org/prefs", name="pairs", revision="v1.0", eval="org/prefs", eval_split="test"
+    )
+    assert recorded["train"] == {
+        "kind": "hub",
+        "repo_id": "org/prefs",
+        "name": "pairs",
+        "split": "train",
+        "revision": "v1.0",
+        "commit": SHA,
+    }
     assert recorded["eval"] == {**recorded["train"], "split": "test"}
     assert calls == [("org/prefs", "pairs", "train", SHA), ("org/prefs", "pairs", "test", SHA)]
     with pytest.warns(UserWarning, match="data.train=org/uncached: .* the commit is unresolved"):
@@ -282,20 +305,29 @@ def dvc_project(project, monkeypatch):
 
 def test_under_dvc_sources_inside_the_stage_deps_pass(dvc_project):
     write_jsonl(dvc_project / "data" / "eval.jsonl", EVAL_PAIRS)
-    recorded = normalize(dvc_project / "n", train="data/train.jsonl", eval=str(dvc_project / "data" / "eval.jsonl"),
-                         preprocess="hooks/inside.py:keep")
+    recorded = normalize(
+        dvc_project / "n",
+        train="data/train.jsonl",
+        eval=str(dvc_project / "data" / "eval.jsonl"),
+        preprocess="hooks/inside.py:keep",
+    )
     assert recorded["train"]["path"] == "data/train.jsonl" and recorded["preprocess"]["path"] == "hooks/inside.py"
 
 
-@pytest.mark.parametrize("key, data, given", [
-    ("data.train", {"train": "elsewhere/train.jsonl"}, "elsewhere/train.jsonl"),
-    ("data.train", {"train": "elsewhere/*.jsonl"}, "elsewhere/*.jsonl"),
-    ("data.eval", {"train": "data/train.jsonl", "eval": "elsewhere/train.jsonl"}, "elsewhere/train.jsonl"),
-    ("data.preprocess", {"train": "data/train.jsonl", "preprocess": "hooks/outside.py:keep"}, "hooks/outside.py"),
-])
+@pytest.mark.parametrize(
+    "key, data, given",
+    [
+        ("data.train", {"train": "elsewhere/train.jsonl"}, "elsewhere/train.jsonl"),
+        ("data.train", {"train": "elsewhere/*.jsonl"}, "elsewhere/*.jsonl"),
+        ("data.eval", {"train": "data/train.jsonl", "eval": "elsewhere/train.jsonl"}, "elsewhere/train.jsonl"),
+        ("data.preprocess", {"train": "data/train.jsonl", "preprocess": "hooks/outside.py:keep"}, "hooks/outside.py"),
+    ],
+)
 def test_under_dvc_a_source_outside_the_stage_deps_is_refused(dvc_project, key, data, given):
-    message = (f"{key}={given} is not a dependency of the normalize stage in dvc.yaml, so DVC would not re-run "
-               "normalize when it changes; move it under data/ or add it to stages.normalize.deps in dvc.yaml")
+    message = (
+        f"{key}={given} is not a dependency of the normalize stage in dvc.yaml, so DVC would not re-run "
+        "normalize when it changes; move it under data/ or add it to stages.normalize.deps in dvc.yaml"
+    )
     with pytest.raises(PipelineError) as refused:
         normalize(dvc_project / "n", **data)
     assert str(refused.value).startswith(message)
@@ -307,17 +339,23 @@ def test_outside_dvc_nothing_is_checked(dvc_project, monkeypatch):
     assert normalize(dvc_project / "n", train="elsewhere/train.jsonl")["train"]["path"] == "elsewhere/train.jsonl"
 
 
-def test_under_dvc_a_local_model_outside_the_base_stage_deps_is_refused(project, monkeypatch, tiny_model, tiny_tokenizer):
+def test_under_dvc_a_local_model_outside_the_base_stage_deps_is_refused(
+    project, monkeypatch, tiny_model, tiny_tokenizer
+):
     from pipeline.store.base_record import describe_source
 
     for where in ("models/tiny", "elsewhere/tiny"):
         tiny_model.save_pretrained(project / where)
-    (project / "dvc.yaml").write_text("stages:\n  base:\n    cmd: dpo base\n    deps:\n      - models\n    outs:\n"
-                                      "      - artifacts/base\n")
+    (project / "dvc.yaml").write_text(
+        "stages:\n  base:\n    cmd: dpo base\n    deps:\n      - models\n    outs:\n      - artifacts/base\n"
+    )
     monkeypatch.setenv("DVC_ROOT", str(project))
     monkeypatch.setenv("DVC_STAGE", "base")
     monkeypatch.chdir(project)
     assert describe_source("models/tiny", None, "model.name_or_path")["source_files"]
-    with pytest.raises(PipelineError, match=r"model\.name_or_path=elsewhere/tiny is not a dependency of the base stage "
-                                            r"in dvc\.yaml.*add it to stages\.base\.deps"):
+    with pytest.raises(
+        PipelineError,
+        match=r"model\.name_or_path=elsewhere/tiny is not a dependency of the base stage "
+        r"in dvc\.yaml.*add it to stages\.base\.deps",
+    ):
         describe_source("elsewhere/tiny", None, "model.name_or_path")

@@ -65,8 +65,16 @@ def params_for(resume=None, **train):
 def train(root: Path, out: Path, resume=None, **overrides) -> dict:
     import stages.train as train_stage
 
-    return train_stage.run(params_for(resume, **overrides), root / "tokenized", root / "ref_logps", root / "base",
-                           out / "train", out / "ck", out / "live", say=print)
+    return train_stage.run(
+        params_for(resume, **overrides),
+        root / "tokenized",
+        root / "ref_logps",
+        root / "base",
+        out / "train",
+        out / "ck",
+        out / "live",
+        say=print,
+    )
 
 
 def files(directory: Path) -> dict[str, bytes]:
@@ -97,8 +105,13 @@ def whole(root, tmp_path_factory):
 def killed(root, tmp_path_factory):
     """A run killed by SIGKILL at step KILL_STEP: its checkpoints and its (partial) DVCLive directory."""
     out = tmp_path_factory.mktemp("killed")
-    child = subprocess.run([sys.executable, "-c", KILLED_RUN, str(TESTS), str(root), str(out), str(KILL_STEP),
-                            json.dumps(TRAIN)], cwd=TESTS.parent, capture_output=True, text=True, timeout=300)
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(TESTS), str(root), str(out), str(KILL_STEP), json.dumps(TRAIN)],
+        cwd=TESTS.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
     assert not (out / "train").exists()  # a killed stage leaves no artifact
     (run_dir,) = (out / "ck").iterdir()
@@ -125,8 +138,10 @@ def test_two_fresh_runs_give_the_same_bytes(root, whole, tmp_path):
     assert not [k for k in manifest["train_metrics"] if k.endswith(("_runtime", "_per_second"))]
     live = out / "live" / "plots" / "metrics"
     assert (live / "train" / "rewards" / "accuracies.tsv").exists()
-    assert [line.split("\t")[0] for line in (live / "train" / "loss.tsv").read_text().splitlines()] == \
-        ["step", *map(str, range(1, 9))]
+    assert [line.split("\t")[0] for line in (live / "train" / "loss.tsv").read_text().splitlines()] == [
+        "step",
+        *map(str, range(1, 9)),
+    ]
     metrics = json.loads((out / "live" / "metrics.json").read_text())
     assert metrics["step"] == 8 and "train_runtime" not in json.dumps(metrics)
     assert not (out / "ck" / manifest["fingerprint"][:16]).exists()  # a finished run's checkpoints are removed
@@ -159,8 +174,11 @@ def test_an_incomplete_checkpoint_is_skipped_by_name(root, whole, killed, tmp_pa
 
 def test_a_changed_beta_does_not_reuse_the_checkpoint(root, killed, tmp_path, capsys):
     run_dir = resume_copy(killed, tmp_path)
-    with pytest.raises(PipelineError, match=r"nothing to resume: no checkpoint of this run's fingerprint .*"
-                                            r"checkpoints exist for other configs: .*train\.beta: 0\.1 → 0\.2"):
+    with pytest.raises(
+        PipelineError,
+        match=r"nothing to resume: no checkpoint of this run's fingerprint .*"
+        r"checkpoints exist for other configs: .*train\.beta: 0\.1 → 0\.2",
+    ):
         train(root, tmp_path, resume=True, beta=0.2)
     with pytest.raises(PipelineError, match=r"made for other params or inputs \(train\.beta: 0\.1 → 0\.2\)"):
         train(root, tmp_path, resume=str(run_dir / "checkpoint-6"), beta=0.2)

@@ -26,21 +26,41 @@ def plain_stats(model, prompt, completion):
     for t in range(len(prompt), len(prompt) + len(completion)):
         row = logits[t - 1]
         probs = torch.softmax(row, -1)
-        out.append({"logp": math.log(probs[ids[0, t]].item()), "mean_logit": row.mean().item(),
-                    "entropy": -(probs * probs.log()).sum().item(), "hit": float(row.argmax().item() == ids[0, t].item())})
+        out.append(
+            {
+                "logp": math.log(probs[ids[0, t]].item()),
+                "mean_logit": row.mean().item(),
+                "entropy": -(probs * probs.log()).sum().item(),
+                "hit": float(row.argmax().item() == ids[0, t].item()),
+            }
+        )
     return out
 
 
 def test_sigmoid_loss_and_every_metric_match_a_plain_computation(tmp_path, tiny_model, tiny_tokenizer):
     import datasets
 
-    rows = [dict(p, ref_chosen_logps=REF[p["row_id"]][0], ref_rejected_logps=REF[p["row_id"]][1],
-                 ref_chosen_token_logps=[0.0] * len(p["chosen_ids"]), ref_rejected_token_logps=[0.0] * len(p["rejected_ids"]))
-            for p in PAIRS]
-    args = DPOConfig(output_dir=str(tmp_path), beta=BETA, precompute_ref_log_probs=True, report_to="none",
-                     gradient_checkpointing=False, disable_tqdm=True)
-    trainer = DPOTrainer(model=tiny_model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=tiny_tokenizer)
+    rows = [
+        dict(
+            p,
+            ref_chosen_logps=REF[p["row_id"]][0],
+            ref_rejected_logps=REF[p["row_id"]][1],
+            ref_chosen_token_logps=[0.0] * len(p["chosen_ids"]),
+            ref_rejected_token_logps=[0.0] * len(p["rejected_ids"]),
+        )
+        for p in PAIRS
+    ]
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        beta=BETA,
+        precompute_ref_log_probs=True,
+        report_to="none",
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+    )
+    trainer = DPOTrainer(
+        model=tiny_model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tiny_tokenizer
+    )
     batch = trainer.data_collator(rows)
     tiny_model.train()
     loss = trainer.compute_loss(tiny_model, batch)
@@ -64,10 +84,12 @@ def test_sigmoid_loss_and_every_metric_match_a_plain_computation(tmp_path, tiny_
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     assert loss.item() == pytest.approx(mean(losses), rel=1e-5)
     expected = {
-        "rewards/chosen": mean(rc), "rewards/rejected": mean(rr),
+        "rewards/chosen": mean(rc),
+        "rewards/rejected": mean(rr),
         "rewards/margins": mean([a - b for a, b in zip(rc, rr)]),
         "rewards/accuracies": mean([float(a > b) for a, b in zip(rc, rr)]),
-        "logps/chosen": mean(lc), "logps/rejected": mean(lr),
+        "logps/chosen": mean(lc),
+        "logps/rejected": mean(lr),
         "logits/chosen": mean([t["mean_logit"] for t in chosen_tokens]),
         "logits/rejected": mean([t["mean_logit"] for t in rejected_tokens]),
         "entropy": mean([t["entropy"] for t in chosen_tokens + rejected_tokens]),
@@ -83,8 +105,9 @@ def test_metrics_are_token_weighted_over_the_logging_interval(tmp_path, tiny_mod
     import datasets
 
     args = DPOConfig(output_dir=str(tmp_path), report_to="none", gradient_checkpointing=False, disable_tqdm=True)
-    trainer = DPOTrainer(model=tiny_model, args=args, train_dataset=datasets.Dataset.from_list(PAIRS),
-                         processing_class=tiny_tokenizer)
+    trainer = DPOTrainer(
+        model=tiny_model, args=args, train_dataset=datasets.Dataset.from_list(PAIRS), processing_class=tiny_tokenizer
+    )
     tiny_model.eval()
     per_batch = []
     for pair in PAIRS:
@@ -102,19 +125,47 @@ def test_metrics_are_token_weighted_over_the_logging_interval(tmp_path, tiny_mod
 def test_trainer_logs_carry_the_documented_names(tmp_path, tiny_model, tiny_tokenizer):
     import datasets
 
-    args = DPOConfig(output_dir=str(tmp_path), report_to="none", gradient_checkpointing=False, max_steps=2,
-                     logging_steps=1, per_device_train_batch_size=2, save_strategy="no", disable_tqdm=True,
-                     eval_strategy="steps", eval_steps=2, learning_rate=1e-3)
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        report_to="none",
+        gradient_checkpointing=False,
+        max_steps=2,
+        logging_steps=1,
+        per_device_train_batch_size=2,
+        save_strategy="no",
+        disable_tqdm=True,
+        eval_strategy="steps",
+        eval_steps=2,
+        learning_rate=1e-3,
+    )
     dataset = datasets.Dataset.from_list(PAIRS)
-    trainer = DPOTrainer(model=tiny_model, args=args, train_dataset=dataset, eval_dataset=dataset,
-                         processing_class=tiny_tokenizer)
+    trainer = DPOTrainer(
+        model=tiny_model, args=args, train_dataset=dataset, eval_dataset=dataset, processing_class=tiny_tokenizer
+    )
     trainer.train()
     train_logs = [h for h in trainer.state.log_history if "loss" in h and "rewards/chosen" in h]
     eval_logs = [h for h in trainer.state.log_history if "eval_loss" in h]
-    names = {"loss", "grad_norm", "learning_rate", "epoch", "global_step", "num_tokens", "rewards/chosen",
-             "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
-             "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"}
+    names = {
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "epoch",
+        "global_step",
+        "num_tokens",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+        "entropy",
+        "mean_token_accuracy",
+    }
     assert names <= set(train_logs[0])
-    assert {f"eval_{n}" for n in ("rewards/accuracies", "logps/chosen", "entropy", "mean_token_accuracy")} <= set(eval_logs[0])
+    assert {f"eval_{n}" for n in ("rewards/accuracies", "logps/chosen", "entropy", "mean_token_accuracy")} <= set(
+        eval_logs[0]
+    )
     total = sum(len(p["prompt_ids"]) * 2 + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in PAIRS)
     assert train_logs[-1]["num_tokens"] == total * 2  # two steps over the same two pairs

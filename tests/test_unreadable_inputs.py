@@ -18,11 +18,13 @@ import pyarrow.parquet as pq
 import pytest
 
 import stages.normalize as normalize_stage
-from pipeline.core.errors import PipelineError
 from pipeline.config.params import check_params
+from pipeline.core.errors import PipelineError
 
-GOOD = [{"prompt": f"Is fact {i} true?", "chosen": f" Yes, fact {i} holds.", "rejected": f" No, fact {i} fails."}
-        for i in range(5)]
+GOOD = [
+    {"prompt": f"Is fact {i} true?", "chosen": f" Yes, fact {i} holds.", "rejected": f" No, fact {i} fails."}
+    for i in range(5)
+]
 GOOD_LINES = [json.dumps(row).encode() for row in GOOD]
 AT = 2  # the 0-based row of the bad record; it is on line 3
 
@@ -51,8 +53,12 @@ CSV_TEXT = csv_bytes(CSV_GOOD).decode()
 
 def parquet_bytes(rows=GOOD * 40) -> bytes:
     sink = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist([dict(r, prompt=f"{r['prompt']} {i}") for i, r in enumerate(rows)]), sink,
-                   compression="snappy", row_group_size=50)
+    pq.write_table(
+        pa.Table.from_pylist([dict(r, prompt=f"{r['prompt']} {i}") for i, r in enumerate(rows)]),
+        sink,
+        compression="snappy",
+        row_group_size=50,
+    )
     return sink.getvalue()
 
 
@@ -62,7 +68,9 @@ def run(tmp_path, path, policy="error", **data):
 
 
 def dropped(tmp_path, report, policy="drop"):
-    return [json.loads(line) for line in (tmp_path / f"out-{policy}" / report["dropped_rows_file"]).read_text().splitlines()]
+    return [
+        json.loads(line) for line in (tmp_path / f"out-{policy}" / report["dropped_rows_file"]).read_text().splitlines()
+    ]
 
 
 def raises(tmp_path, path, policy="error", **data) -> str:
@@ -75,19 +83,32 @@ def raises(tmp_path, path, policy="error", **data) -> str:
 # ---- one test per case ------------------------------------------------------------------------------------
 
 BAD_LINES = {  # what is on line 3 -> what the message says is wrong there (and the fix)
-    "non_utf8": (b'{"prompt": "Q", "chosen": " caf\xe9", "rejected": " b"}',
-                 r"line 3: byte 0xe9 at column 32 \(byte offset \d+ in the file\) is not UTF-8; save the file as UTF-8"),
-    "surrogate": (b'{"prompt": "Q", "chosen": " \\ud800", "rejected": " b"}',
-                  r"line 3: a lone surrogate escape \\ud800 at column 29 is not a character .* fix the escape"),
-    "too_deep": (b"[" * 100_000 + b"]" * 100_000, r"line 3 nests arrays or objects more than 100 levels deep; flatten the row"),
+    "non_utf8": (
+        b'{"prompt": "Q", "chosen": " caf\xe9", "rejected": " b"}',
+        r"line 3: byte 0xe9 at column 32 \(byte offset \d+ in the file\) is not UTF-8; save the file as UTF-8",
+    ),
+    "surrogate": (
+        b'{"prompt": "Q", "chosen": " \\ud800", "rejected": " b"}',
+        r"line 3: a lone surrogate escape \\ud800 at column 29 is not a character .* fix the escape",
+    ),
+    "too_deep": (
+        b"[" * 100_000 + b"]" * 100_000,
+        r"line 3 nests arrays or objects more than 100 levels deep; flatten the row",
+    ),
     "bad_json": (b'{"prompt": "Q", "chosen": ', r"line 3 is not valid JSON \(Expecting value at column 27\)"),
-    "nan": (b'{"prompt": "Q", "chosen": " a", "rejected": " b", "score": NaN}',
-            r"line 3 holds NaN, which is not JSON \(write null, or the number as a string\)"),
-    "duplicate_key": (b'{"prompt": "Q", "chosen": " a", "rejected": " b", "chosen": " c"}',
-                      r"line 3 has the key 'chosen' twice in one object \(JSON would keep only the last value; "
-                      r"remove one of them\)"),
-    "nested_duplicate_key": (b'{"prompt": [{"role": "user", "content": "Q", "role": "system"}], "chosen": " a", '
-                             b'"rejected": " b"}', r"line 3 has the key 'role' twice in one object .*remove one of them"),
+    "nan": (
+        b'{"prompt": "Q", "chosen": " a", "rejected": " b", "score": NaN}',
+        r"line 3 holds NaN, which is not JSON \(write null, or the number as a string\)",
+    ),
+    "duplicate_key": (
+        b'{"prompt": "Q", "chosen": " a", "rejected": " b", "chosen": " c"}',
+        r"line 3 has the key 'chosen' twice in one object \(JSON would keep only the last value; "
+        r"remove one of them\)",
+    ),
+    "nested_duplicate_key": (
+        b'{"prompt": [{"role": "user", "content": "Q", "role": "system"}], "chosen": " a", "rejected": " b"}',
+        r"line 3 has the key 'role' twice in one object .*remove one of them",
+    ),
 }
 
 
@@ -113,8 +134,10 @@ def test_an_unreadable_json_line_is_named_under_error_and_dropped_under_drop(tmp
 def test_a_duplicate_key_is_never_read_as_its_last_value(tmp_path):
     """Python's json keeps the last of two equal keys: the row is refused instead, the file's rows still add up."""
     path = tmp_path / "pairs.jsonl"
-    path.write_bytes(jsonl(b'{"prompt": "Q", "chosen": " a", "rejected": " b", "rejected": " a"}', at=0)
-                     + b'{"prompt": "Q2", "chosen": " a", "rejected": " b", "meta": {"k": 1, "k": 2}}\n')
+    path.write_bytes(
+        jsonl(b'{"prompt": "Q", "chosen": " a", "rejected": " b", "rejected": " a"}', at=0)
+        + b'{"prompt": "Q2", "chosen": " a", "rejected": " b", "meta": {"k": 1, "k": 2}}\n'
+    )
     message = raises(tmp_path, path)
     assert message.startswith(f"{path}: row 0: line 1 has the key 'rejected' twice in one object"), message
     assert "remove one of them" in message and "data.on_invalid: drop" in message, message
@@ -122,7 +145,9 @@ def test_a_duplicate_key_is_never_read_as_its_last_value(tmp_path):
     assert report["rows_read"] == 7 == sum(report["rows_written"].values()) + report["rows_dropped"]
     assert report["dropped_by_reason"] == {"malformed_row": 2}
     assert [(e["row"], e["detail"].split(" (")[0]) for e in dropped(tmp_path, report)] == [
-        (0, "line 1 has the key 'rejected' twice in one object"), (6, "line 7 has the key 'k' twice in one object")]
+        (0, "line 1 has the key 'rejected' twice in one object"),
+        (6, "line 7 has the key 'k' twice in one object"),
+    ]
 
 
 def test_non_utf8_byte_offset_is_the_offset_in_the_file(tmp_path):
@@ -140,7 +165,7 @@ def test_a_corrupt_or_empty_parquet_file_is_an_error_even_under_drop(tmp_path):
     assert message.startswith(f"{empty}: not a readable Parquet file (0 bytes;") and "re-create it" in message, message
 
     data = bytearray(parquet_bytes())
-    data[len(data) // 2:len(data) // 2 + 40] = b"\xff" * 40  # inside a data page of a later row group
+    data[len(data) // 2 : len(data) // 2 + 40] = b"\xff" * 40  # inside a data page of a later row group
     corrupt = tmp_path / "corrupt.parquet"
     corrupt.write_bytes(bytes(data))
     message = raises(tmp_path, corrupt, "drop")
@@ -194,8 +219,11 @@ def test_a_zst_that_is_not_zstd_or_is_truncated_is_an_error_even_under_drop(tmp_
         assert "`zstd -t pairs.jsonl.zst`" in message and "not zstd data" in message, message
 
     packed = _zstd(MANY_LINES)
-    for name, content in (("cut.jsonl.zst", packed[:-50]), ("cut_early.jsonl.zst", packed[:len(packed) // 3]),
-                          ("garbage_after.jsonl.zst", packed + b"garbage")):
+    for name, content in (
+        ("cut.jsonl.zst", packed[:-50]),
+        ("cut_early.jsonl.zst", packed[: len(packed) // 3]),
+        ("garbage_after.jsonl.zst", packed + b"garbage"),
+    ):
         path = tmp_path / name
         path.write_bytes(content)
         for policy in ("error", "drop"):  # zstandard's stream_reader would end a cut file silently: rows lost
@@ -241,15 +269,27 @@ def test_csv_rows_of_the_wrong_width_are_dropped_and_counted(tmp_path):
 ITEMS = [json.dumps(row) for row in GOOD]
 
 
-@pytest.mark.parametrize("text, problem", [
-    ("[" + ",\n".join(ITEMS) + ",\n]", "row 5: a trailing comma before ']' (strict JSON has none; remove it) at line 6"),
-    ("[" + "\n".join(ITEMS) + "]", "row 1: expected ',' or ']' after the item, found '{' at line 2"),
-    ("[" + ITEMS[0] + ',\n{"prompt": "Q", "chosen": "a", "rejected": "b", "prompt": "R"}]',
-     "row 1: an object has the key 'prompt' twice (JSON would keep only the last value; remove one of them) at line 2"),
-    ("[" + ",\n".join(ITEMS[:3]) + ',\n{"prompt": "Q", "chosen": [{"role": "assistant", "content": "a",\n'
-     '"content": "b"}], "rejected": "b"}]',
-     "row 3: an object has the key 'content' twice (JSON would keep only the last value; remove one of them) at line 4"),
-])
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        (
+            "[" + ",\n".join(ITEMS) + ",\n]",
+            "row 5: a trailing comma before ']' (strict JSON has none; remove it) at line 6",
+        ),
+        ("[" + "\n".join(ITEMS) + "]", "row 1: expected ',' or ']' after the item, found '{' at line 2"),
+        (
+            "[" + ITEMS[0] + ',\n{"prompt": "Q", "chosen": "a", "rejected": "b", "prompt": "R"}]',
+            "row 1: an object has the key 'prompt' twice (JSON would keep only the last value; remove one of them) "
+            "at line 2",
+        ),
+        (
+            "[" + ",\n".join(ITEMS[:3]) + ',\n{"prompt": "Q", "chosen": [{"role": "assistant", "content": "a",\n'
+            '"content": "b"}], "rejected": "b"}]',
+            "row 3: an object has the key 'content' twice (JSON would keep only the last value; remove one of them) "
+            "at line 4",
+        ),
+    ],
+)
 def test_a_json_array_must_be_strict(tmp_path, text, problem):
     path = tmp_path / "pairs.json"
     path.write_text(text)
@@ -259,12 +299,15 @@ def test_a_json_array_must_be_strict(tmp_path, text, problem):
 
 def test_nan_and_infinity_are_not_json(tmp_path):
     path = tmp_path / "pairs.json"
-    path.write_text("[" + json.dumps(GOOD[0]) + ',\n{"prompt": "Q", "chosen": "a", "rejected": "b", "score": -Infinity}]')
+    path.write_text(
+        "[" + json.dumps(GOOD[0]) + ',\n{"prompt": "Q", "chosen": "a", "rejected": "b", "score": -Infinity}]'
+    )
     message = raises(tmp_path, path)
     assert message.startswith(f"{path}: row 1: -Infinity literal, which is not JSON") and "at line 2" in message
 
 
 # ---- a corpus of malformed inputs -----------------------------------------------------------------------
+
 
 def _gz_corrupt_middle() -> bytes:
     data = bytearray(gzip.compress(b"".join(line + b"\n" for line in GOOD_LINES * 50)))
@@ -280,8 +323,9 @@ def _saved_truncated(directory):
     arrow.write_bytes(arrow.read_bytes()[:200])
 
 
-MANY_LINES = b"".join(json.dumps({"prompt": f"Q{i}", "chosen": " a", "rejected": " b"}).encode() + b"\n"
-                     for i in range(3000))
+MANY_LINES = b"".join(
+    json.dumps({"prompt": f"Q{i}", "chosen": " a", "rejected": " b"}).encode() + b"\n" for i in range(3000)
+)
 CSV_LINES = CSV_TEXT.splitlines(keepends=True)
 # name -> (file name, bytes, records expected under drop, or None: an error under drop too)
 CORPUS = {
@@ -292,8 +336,11 @@ CORPUS = {
     "jsonl_lone_high_surrogate": ("a.jsonl", jsonl(b'{"prompt": "\\ud800x", "chosen": "a", "rejected": "b"}'), 6),
     "jsonl_lone_low_surrogate": ("a.jsonl", jsonl(b'{"prompt": "\\udc00", "chosen": "a", "rejected": "b"}'), 6),
     "jsonl_deep_arrays": ("a.jsonl", jsonl(b"[" * 100_000), 6),
-    "jsonl_deep_but_parsed": ("a.jsonl", jsonl(b'{"chosen": "a", "rejected": "b", "tools": ' + b'[{"a":' * 400 + b"1"
-                                               + b"}]" * 400 + b"}"), 6),
+    "jsonl_deep_but_parsed": (
+        "a.jsonl",
+        jsonl(b'{"chosen": "a", "rejected": "b", "tools": ' + b'[{"a":' * 400 + b"1" + b"}]" * 400 + b"}"),
+        6,
+    ),
     "jsonl_deep_objects": ("a.jsonl", jsonl(b'{"a":' * 50_000 + b"1" + b"}" * 50_000), 6),
     "jsonl_nan": ("a.jsonl", jsonl(b'{"prompt": NaN, "chosen": "a", "rejected": "b"}'), 6),
     "jsonl_infinity": ("a.jsonl", jsonl(b'{"prompt": "Q", "chosen": "a", "rejected": "b", "x": Infinity}'), 6),
@@ -302,8 +349,11 @@ CORPUS = {
     "jsonl_array_line": ("a.jsonl", jsonl(b"[1, 2]"), 6),
     "jsonl_string_line": ("a.jsonl", jsonl(b'"just text"'), 6),
     "jsonl_duplicate_key": ("a.jsonl", jsonl(b'{"prompt": "Q", "prompt": "R", "chosen": "a", "rejected": "b"}'), 6),
-    "jsonl_nested_duplicate_key": ("a.jsonl", jsonl(b'{"prompt": "Q", "chosen": "a", "rejected": "b", "m": [{"x": 1, '
-                                                    b'"y": {"z": 1, "z": 1}}]}'), 6),
+    "jsonl_nested_duplicate_key": (
+        "a.jsonl",
+        jsonl(b'{"prompt": "Q", "chosen": "a", "rejected": "b", "m": [{"x": 1, "y": {"z": 1, "z": 1}}]}'),
+        6,
+    ),
     "jsonl_utf16_file": ("a.jsonl", "\n".join(json.dumps(r) for r in GOOD).encode("utf-16"), None),
     "array_trailing_comma": ("a.json", json_array(",\n")[:-2] + b",\n]\n", None),
     "array_double_comma": ("a.json", json_array(",,\n"), None),
@@ -312,15 +362,22 @@ CORPUS = {
     "array_text_after": ("a.json", json_array(",\n") + b"[]", None),
     "array_unclosed": ("a.json", json_array(",\n")[:-3], None),
     "array_nan": ("a.json", json_array(', {"x": NaN},\n'), None),
-    "array_duplicate_key": ("a.json", json_array(',\n{"prompt": "Q", "chosen": "a", "rejected": "b", "chosen": "c"},\n'),
-                            None),
+    "array_duplicate_key": (
+        "a.json",
+        json_array(',\n{"prompt": "Q", "chosen": "a", "rejected": "b", "chosen": "c"},\n'),
+        None,
+    ),
     "array_non_utf8": ("a.json", json_array(",\n").replace(b"fact 3", b"fact \xff"), None),
     "array_deep": ("a.json", json_array(",\n" + "[" * 100_000 + "]" * 100_000 + ",\n"), None),
     "array_surrogate_item": ("a.json", json_array(',\n{"prompt": "\\udfff", "chosen": "a", "rejected": "b"},\n'), 6),
     "array_deep_but_parsed": ("a.json", json_array(",\n" + "[" * 300 + "]" * 300 + ",\n"), 6),
     "array_number_item": ("a.json", json_array(",\n7,\n"), 6),
     "csv_unclosed_quote": ("a.csv", "".join(CSV_LINES[:3] + ['Q,"open,b\n'] + CSV_LINES[3:]).encode(), None),
-    "csv_quote_closed_later": ("a.csv", "".join(CSV_LINES[:3] + ['Q,"open,b\n'] + CSV_LINES[3:] + ['Q,"c",d\n']).encode(), None),
+    "csv_quote_closed_later": (
+        "a.csv",
+        "".join(CSV_LINES[:3] + ['Q,"open,b\n'] + CSV_LINES[3:] + ['Q,"c",d\n']).encode(),
+        None,
+    ),
     "csv_text_after_quote": ("a.csv", "".join(CSV_LINES[:3] + ['Q,"a"b,c\n'] + CSV_LINES[3:]).encode(), None),
     "csv_extra_fields": ("a.csv", "".join(CSV_LINES[:3] + ["Q,a,b,c\n"] + CSV_LINES[3:]).encode(), 6),
     "csv_fewer_fields": ("a.csv", "".join(CSV_LINES[:3] + ["Q,a\n"] + CSV_LINES[3:]).encode(), 6),

@@ -12,16 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.run.trainer import DPOScorer  # a trainer built without data (it only scores)
 from pipeline import DPOConfig, DPOTrainer
 from pipeline.builtin import vision_task
 from pipeline.builtin.vision_model import build_vision_model, build_vision_processor
-from pipeline.model.collator import DataCollatorForVisionPreference
-from pipeline.data.formats import canonical_pair
-from pipeline.data.invalid import InvalidRow
-from pipeline.data.images import ImageFiles
 from pipeline.core.errors import PipelineError
+from pipeline.data.formats import canonical_pair
+from pipeline.data.images import ImageFiles
+from pipeline.data.invalid import InvalidRow
+from pipeline.model.collator import DataCollatorForVisionPreference
 from pipeline.objective.losses import LOSS_TYPES
+from pipeline.run.trainer import DPOScorer  # a trainer built without data (it only scores)
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -32,8 +32,16 @@ def processor():
 
 
 def vlm(processor, seed: int = 0):
-    return build_vision_model(processor, seed=seed, hidden_size=32, num_layers=1, num_heads=2, vision_hidden_size=16,
-                              vision_layers=1, vision_heads=2)
+    return build_vision_model(
+        processor,
+        seed=seed,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        vision_hidden_size=16,
+        vision_layers=1,
+        vision_heads=2,
+    )
 
 
 def rows(n: int = 8, seed: int = 1) -> list[dict]:
@@ -41,10 +49,20 @@ def rows(n: int = 8, seed: int = 1) -> list[dict]:
 
 
 def config(tmp_path, **overrides) -> DPOConfig:
-    options = {"output_dir": str(tmp_path / "out"), "max_length": None, "per_device_train_batch_size": 4,
-               "per_device_eval_batch_size": 4, "max_steps": 1, "report_to": "none", "save_strategy": "no",
-               "logging_steps": 1, "learning_rate": 1e-3, "disable_tqdm": True, "precompute_ref_log_probs": False,
-               "gradient_checkpointing": False}
+    options = {
+        "output_dir": str(tmp_path / "out"),
+        "max_length": None,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 4,
+        "max_steps": 1,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "learning_rate": 1e-3,
+        "disable_tqdm": True,
+        "precompute_ref_log_probs": False,
+        "gradient_checkpointing": False,
+    }
     options.update(overrides)
     return DPOConfig(**options)
 
@@ -62,8 +80,12 @@ def png(color=(255, 0, 0)) -> bytes:
 def test_every_loss_type_trains_a_step_with_images(tmp_path, processor, loss_type):
     model = vlm(processor)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = DPOTrainer(model=model, args=config(tmp_path, loss_type=[loss_type], label_smoothing=0.1),
-                         train_dataset=datasets.Dataset.from_list(rows()), processing_class=processor)
+    trainer = DPOTrainer(
+        model=model,
+        args=config(tmp_path, loss_type=[loss_type], label_smoothing=0.1),
+        train_dataset=datasets.Dataset.from_list(rows()),
+        processing_class=processor,
+    )
     assert isinstance(trainer.data_collator, DataCollatorForVisionPreference)
     trainer.train()
     logged = trainer.state.log_history[0]
@@ -73,14 +95,29 @@ def test_every_loss_type_trains_a_step_with_images(tmp_path, processor, loss_typ
 
 
 def test_all_documented_metrics_are_logged_and_the_chunked_head_is_used(tmp_path, processor, caplog):
-    trainer = DPOTrainer(model=vlm(processor), args=config(tmp_path), train_dataset=datasets.Dataset.from_list(rows()),
-                         eval_dataset=datasets.Dataset.from_list(rows(4, seed=9)), processing_class=processor)
+    trainer = DPOTrainer(
+        model=vlm(processor),
+        args=config(tmp_path),
+        train_dataset=datasets.Dataset.from_list(rows()),
+        eval_dataset=datasets.Dataset.from_list(rows(4, seed=9)),
+        processing_class=processor,
+    )
     with caplog.at_level(logging.WARNING):
         trainer.train()
         metrics = trainer.evaluate()
     assert "full-vocabulary logits" not in caplog.text  # the language head is chunked
-    names = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-             "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy")
+    names = (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+        "entropy",
+        "mean_token_accuracy",
+    )
     assert set(names) <= set(trainer.state.log_history[0]) and "num_tokens" in trainer.state.log_history[0]
     assert {f"eval_{n}" for n in names} <= set(metrics)
 
@@ -88,8 +125,9 @@ def test_all_documented_metrics_are_logged_and_the_chunked_head_is_used(tmp_path
 def test_row_logps_equal_a_plain_forward_on_the_processor_output(tmp_path, processor):
     model = vlm(processor).eval()
     row = rows(1)[0]
-    trainer = DPOTrainer(model=model, args=config(tmp_path), train_dataset=datasets.Dataset.from_list([row]),
-                         processing_class=processor)
+    trainer = DPOTrainer(
+        model=model, args=config(tmp_path), train_dataset=datasets.Dataset.from_list([row]), processing_class=processor
+    )
     batch = trainer.data_collator([trainer.train_dataset[0]])
     with torch.no_grad():
         per_token, _ = trainer._token_values(model, batch, diagnostics=False)
@@ -103,7 +141,7 @@ def test_row_logps_equal_a_plain_forward_on_the_processor_output(tmp_path, proce
         with torch.no_grad():
             logits = model(**inputs).logits[0, :-1].float()
         labels = inputs["input_ids"][0, 1:]
-        want = torch.log_softmax(logits, -1).gather(-1, labels[:, None])[prompt_len - 1:].sum()
+        want = torch.log_softmax(logits, -1).gather(-1, labels[:, None])[prompt_len - 1 :].sum()
         torch.testing.assert_close(got[k], want, **TOL)
 
 
@@ -111,9 +149,12 @@ def test_precomputed_and_online_reference_agree(tmp_path, processor):
     data = datasets.Dataset.from_list(rows())
     losses = []
     for precompute in (True, False):
-        trainer = DPOTrainer(model=vlm(processor), args=config(tmp_path, precompute_ref_log_probs=precompute,
-                                                               max_steps=2, seed=3),
-                             train_dataset=data, processing_class=processor)
+        trainer = DPOTrainer(
+            model=vlm(processor),
+            args=config(tmp_path, precompute_ref_log_probs=precompute, max_steps=2, seed=3),
+            train_dataset=data,
+            processing_class=processor,
+        )
         trainer.train()
         losses.append([(h["loss"], h["rewards/margins"]) for h in trainer.state.log_history if "loss" in h])
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), **TOL)
@@ -125,8 +166,13 @@ def test_lora_trains_only_the_adapter_on_the_language_model(tmp_path, processor)
     model = vlm(processor)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model=model, args=config(tmp_path, max_steps=2), train_dataset=datasets.Dataset.from_list(rows()),
-                         processing_class=processor, peft_config=peft_config)
+    trainer = DPOTrainer(
+        model=model,
+        args=config(tmp_path, max_steps=2),
+        train_dataset=datasets.Dataset.from_list(rows()),
+        processing_class=processor,
+        peft_config=peft_config,
+    )
     trainer.train()
     trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in n and "language_model" in n for n in trained)
@@ -144,8 +190,13 @@ def test_a_custom_data_collator_is_honoured(tmp_path, processor):
             return super().__call__(features)
 
     collator = Counting(processor.tokenizer.pad_token_id, processor=processor)
-    trainer = DPOTrainer(model=vlm(processor), args=config(tmp_path), train_dataset=datasets.Dataset.from_list(rows()),
-                         processing_class=processor, data_collator=collator)
+    trainer = DPOTrainer(
+        model=vlm(processor),
+        args=config(tmp_path),
+        train_dataset=datasets.Dataset.from_list(rows()),
+        processing_class=processor,
+        data_collator=collator,
+    )
     trainer.train()
     assert trainer.data_collator is collator and calls
 
@@ -155,8 +206,12 @@ def test_export_reloads_with_the_auto_classes_and_generates(tmp_path, processor)
 
     from pipeline.publish.export import export_model
 
-    trainer = DPOTrainer(model=vlm(processor), args=config(tmp_path), train_dataset=datasets.Dataset.from_list(rows()),
-                         processing_class=processor)
+    trainer = DPOTrainer(
+        model=vlm(processor),
+        args=config(tmp_path),
+        train_dataset=datasets.Dataset.from_list(rows()),
+        processing_class=processor,
+    )
     trainer.train()
     trainer.save_model(str(tmp_path / "model"))
     export_model(tmp_path / "model", tmp_path / "export")
@@ -175,48 +230,85 @@ def test_export_reloads_with_the_auto_classes_and_generates(tmp_path, processor)
 
 def test_max_length_that_cuts_image_tokens_is_refused_with_the_advice(tmp_path, processor):
     with pytest.raises(PipelineError, match=r"rule image_truncated.*max_length") as err:
-        DPOTrainer(model=vlm(processor), args=config(tmp_path, max_length=8),
-                   train_dataset=datasets.Dataset.from_list(rows()), processing_class=processor)
+        DPOTrainer(
+            model=vlm(processor),
+            args=config(tmp_path, max_length=8),
+            train_dataset=datasets.Dataset.from_list(rows()),
+            processing_class=processor,
+        )
     assert "None" in str(err.value) or "null" in str(err.value)
 
 
-def test_vision_data_with_a_text_model_or_keep_end_or_a_tokenizer_is_refused(tmp_path, processor, tiny_model,
-                                                                           tiny_tokenizer):
+def test_vision_data_with_a_text_model_or_keep_end_or_a_tokenizer_is_refused(
+    tmp_path, processor, tiny_model, tiny_tokenizer
+):
     with pytest.raises(PipelineError, match="text-only"):
-        DPOTrainer(model=tiny_model, args=config(tmp_path), train_dataset=datasets.Dataset.from_list(rows()),
-                   processing_class=tiny_tokenizer)
+        DPOTrainer(
+            model=tiny_model,
+            args=config(tmp_path),
+            train_dataset=datasets.Dataset.from_list(rows()),
+            processing_class=tiny_tokenizer,
+        )
     with pytest.raises(PipelineError, match="not the model's processor"):
-        DPOTrainer(model=vlm(processor), args=config(tmp_path), train_dataset=datasets.Dataset.from_list(rows()),
-                   processing_class=processor.tokenizer)
+        DPOTrainer(
+            model=vlm(processor),
+            args=config(tmp_path),
+            train_dataset=datasets.Dataset.from_list(rows()),
+            processing_class=processor.tokenizer,
+        )
     with pytest.raises(PipelineError, match="keep_end"):
-        DPOTrainer(model=vlm(processor), args=config(tmp_path, truncation_mode="keep_end"),
-                   train_dataset=datasets.Dataset.from_list(rows()), processing_class=processor)
+        DPOTrainer(
+            model=vlm(processor),
+            args=config(tmp_path, truncation_mode="keep_end"),
+            train_dataset=datasets.Dataset.from_list(rows()),
+            processing_class=processor,
+        )
 
 
 def image_row(images=None, prompt_parts=1, **extra) -> dict:
     content = [{"type": "image"}] * prompt_parts + [{"type": "text", "text": "what colour ?"}]
-    row = {"prompt": [{"role": "user", "content": content}],
-           "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
-           "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "blue"}]}]}
+    row = {
+        "prompt": [{"role": "user", "content": content}],
+        "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
+        "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "blue"}]}],
+    }
     if images is not None:
         row["images"] = images
     row.update(extra)
     return row
 
 
-@pytest.mark.parametrize("row, rule", [
-    (image_row([b"not an image"]), "bad_image"),
-    (image_row(["missing.png"]), "bad_image"),
-    (image_row([png()], image=png()), "bad_image"),
-    (image_row([png(), png()]), "image_count_mismatch"),
-    (image_row([], prompt_parts=1), "image_count_mismatch"),
-    (image_row([png()], prompt_parts=0), "image_count_mismatch"),
-    ({**image_row([png()]), "chosen": [{"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": "red"}]}]},
-     "image_count_mismatch"),
-    ({"prompt": "what colour ?", "chosen": " red", "rejected": " blue", "images": [png()]}, "images_on_text"),
-    ({**image_row([png()]), "prompt": [{"role": "user", "content": [{"type": "video"}]}]}, "non_string_content"),
-], ids=["undecodable", "missing_file", "image_and_images", "too_many_images", "no_images", "no_placeholder",
-        "image_in_completion", "text_row", "unknown_part"])
+@pytest.mark.parametrize(
+    "row, rule",
+    [
+        (image_row([b"not an image"]), "bad_image"),
+        (image_row(["missing.png"]), "bad_image"),
+        (image_row([png()], image=png()), "bad_image"),
+        (image_row([png(), png()]), "image_count_mismatch"),
+        (image_row([], prompt_parts=1), "image_count_mismatch"),
+        (image_row([png()], prompt_parts=0), "image_count_mismatch"),
+        (
+            {
+                **image_row([png()]),
+                "chosen": [{"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": "red"}]}],
+            },
+            "image_count_mismatch",
+        ),
+        ({"prompt": "what colour ?", "chosen": " red", "rejected": " blue", "images": [png()]}, "images_on_text"),
+        ({**image_row([png()]), "prompt": [{"role": "user", "content": [{"type": "video"}]}]}, "non_string_content"),
+    ],
+    ids=[
+        "undecodable",
+        "missing_file",
+        "image_and_images",
+        "too_many_images",
+        "no_images",
+        "no_placeholder",
+        "image_in_completion",
+        "text_row",
+        "unknown_part",
+    ],
+)
 def test_every_vision_rule_refuses_its_row(tmp_path, row, rule):
     with pytest.raises(InvalidRow) as err:
         canonical_pair(row, image_files=ImageFiles(base=tmp_path))
@@ -229,8 +321,13 @@ def test_images_are_stored_as_bytes_from_every_kind_of_value(tmp_path):
     data = png((0, 255, 0))
     (tmp_path / "pics").mkdir()
     (tmp_path / "pics" / "a.png").write_bytes(data)
-    values = [data, "pics/a.png", {"bytes": data, "path": None}, {"bytes": None, "path": str(tmp_path / "pics/a.png")},
-              Image.open(io.BytesIO(data))]
+    values = [
+        data,
+        "pics/a.png",
+        {"bytes": data, "path": None},
+        {"bytes": None, "path": str(tmp_path / "pics/a.png")},
+        Image.open(io.BytesIO(data)),
+    ]
     stored = row_images({"images": values}, ImageFiles(base=tmp_path, inside=(tmp_path.resolve(),)))
     assert [s["format"] for s in stored] == ["png"] * 5
     assert all(s["bytes"] == data for s in stored[:4])  # files and bytes are kept as they are
@@ -250,8 +347,12 @@ def test_drop_skips_invalid_vision_rows_and_logs_them(tmp_path, processor, caplo
     bad = [{**good[0], "images": []}, {**good[1], "images": good[1]["images"] * 2}]
     data = datasets.Dataset.from_list(good + bad)
     with caplog.at_level(logging.WARNING):
-        trainer = DPOTrainer(model=vlm(processor), args=config(tmp_path, on_invalid="drop"), train_dataset=data,
-                             processing_class=processor)
+        trainer = DPOTrainer(
+            model=vlm(processor),
+            args=config(tmp_path, on_invalid="drop"),
+            train_dataset=data,
+            processing_class=processor,
+        )
     assert len(trainer.train_dataset) == 4
     assert "row 4: " in caplog.text and "row 5: " in caplog.text and "image_count_mismatch" in caplog.text
 
@@ -260,8 +361,9 @@ def test_a_trainer_built_without_data_evaluates_images_as_the_training_one(tmp_p
     """The evaluate stage builds its trainer with no dataset and predicts later: the batches still carry pixels."""
     model = vlm(processor).eval()
     data = datasets.Dataset.from_list(rows(6, seed=4))
-    with_data = DPOTrainer(model=model, args=config(tmp_path), train_dataset=data, eval_dataset=data,
-                           processing_class=processor)
+    with_data = DPOTrainer(
+        model=model, args=config(tmp_path), train_dataset=data, eval_dataset=data, processing_class=processor
+    )
     want = with_data.evaluate()
     without = DPOScorer(model=model, args=config(tmp_path), processing_class=processor)
     assert isinstance(without.data_collator, DataCollatorForVisionPreference)
@@ -299,8 +401,9 @@ def test_the_reference_example_runs_from_a_model_path_alone(tmp_path, processor)
     with AutoModelForImageTextToText and its processor with AutoProcessor."""
     vlm(processor).save_pretrained(tmp_path / "vlm")
     processor.save_pretrained(tmp_path / "vlm")
-    trainer = DPOTrainer(model=str(tmp_path / "vlm"), args=config(tmp_path),
-                         train_dataset=datasets.Dataset.from_list(rows()))
+    trainer = DPOTrainer(
+        model=str(tmp_path / "vlm"), args=config(tmp_path), train_dataset=datasets.Dataset.from_list(rows())
+    )
     assert type(trainer.processing_class).__name__ == "LlavaProcessor"
     assert type(trainer.model).__name__ == "LlavaForConditionalGeneration"
     trainer.train()

@@ -1,6 +1,6 @@
 """The embedded defaults, built in code: a tiny chat model and its tokenizer with a judged preference task
 (`builtin:sentiment`), and a tiny vision-language model and its processor with a judged picture task
-(`builtin:vision-colors`, `params-vision.yaml`)."""
+(`builtin:vision-colors`, `vision/params.yaml`)."""
 
 BUILTIN_MODEL = "builtin:tiny-llama"
 BUILTIN_DATA = "builtin:sentiment"

@@ -11,16 +11,76 @@ import random
 import re
 
 NOUNS = (
-    "movie", "book", "song", "album", "meal", "hotel", "phone", "laptop", "game", "show",
-    "car", "bike", "camera", "coffee", "pizza", "concert", "museum", "park", "course", "lecture",
-    "play", "novel", "podcast", "restaurant", "garden", "beach", "train", "flight", "chair", "lamp",
-    "jacket", "watch", "festival", "bakery", "library", "theater", "bridge", "tablet", "keyboard", "sofa",
+    "movie",
+    "book",
+    "song",
+    "album",
+    "meal",
+    "hotel",
+    "phone",
+    "laptop",
+    "game",
+    "show",
+    "car",
+    "bike",
+    "camera",
+    "coffee",
+    "pizza",
+    "concert",
+    "museum",
+    "park",
+    "course",
+    "lecture",
+    "play",
+    "novel",
+    "podcast",
+    "restaurant",
+    "garden",
+    "beach",
+    "train",
+    "flight",
+    "chair",
+    "lamp",
+    "jacket",
+    "watch",
+    "festival",
+    "bakery",
+    "library",
+    "theater",
+    "bridge",
+    "tablet",
+    "keyboard",
+    "sofa",
 )
 PLACES = ("town", "city", "market", "north", "south", "station", "shop", "club", "school", "harbor")
-POSITIVE = ("great", "wonderful", "delightful", "excellent", "charming", "superb", "lovely", "brilliant",
-            "pleasant", "fantastic", "impressive", "enjoyable")
-NEGATIVE = ("awful", "terrible", "dreadful", "boring", "dull", "poor", "horrible", "disappointing",
-            "annoying", "bland", "mediocre", "unpleasant")
+POSITIVE = (
+    "great",
+    "wonderful",
+    "delightful",
+    "excellent",
+    "charming",
+    "superb",
+    "lovely",
+    "brilliant",
+    "pleasant",
+    "fantastic",
+    "impressive",
+    "enjoyable",
+)
+NEGATIVE = (
+    "awful",
+    "terrible",
+    "dreadful",
+    "boring",
+    "dull",
+    "poor",
+    "horrible",
+    "disappointing",
+    "annoying",
+    "bland",
+    "mediocre",
+    "unpleasant",
+)
 PROMPTS = (
     "Write a review of the {noun} from the {place} .",
     "What did you think of the {noun} from the {place} ?",
@@ -42,8 +102,10 @@ def vocabulary() -> list[str]:
 
 
 def prompt_messages(noun: str, place: str, template: int) -> list[dict]:
-    return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": PROMPTS[template].format(noun=noun, place=place)}]
+    return [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": PROMPTS[template].format(noun=noun, place=place)},
+    ]
 
 
 def answer(noun: str, rng: random.Random, positive: bool) -> str:
@@ -66,8 +128,10 @@ def split_prompts(seed: int, eval_fraction: float) -> tuple[list, list]:
 def pair_capacity(num_prompts: int) -> int:
     """How many distinct pairs `preference_pairs` can make from `num_prompts` prompts: per prompt, every
     praising answer (a template and an ordered pair of adjectives) against every panning one."""
+
     def answers(adjectives: tuple) -> int:
         return len(ANSWERS) * len(adjectives) * (len(adjectives) - 1)
+
     return num_prompts * answers(POSITIVE) * answers(NEGATIVE)
 
 
@@ -91,11 +155,13 @@ def preference_pairs(prompts: list, num_pairs: int, seed: int) -> list[dict]:
             if (i % len(prompts), chosen, rejected) not in seen:
                 seen.add((i % len(prompts), chosen, rejected))
                 break
-        rows.append({
-            "prompt": prompt_messages(noun, place, template),
-            "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}],
-        })
+        rows.append(
+            {
+                "prompt": prompt_messages(noun, place, template),
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
     return rows
 
 
@@ -107,8 +173,12 @@ def warmup_examples(prompts: list, num_examples: int, positive_fraction: float, 
     for _ in range(num_examples):
         noun, place, template = rng.choice(prompts)
         positive = rng.random() < positive_fraction
-        rows.append({"prompt": prompt_messages(noun, place, template),
-                     "completion": [{"role": "assistant", "content": answer(noun, rng, positive)}]})
+        rows.append(
+            {
+                "prompt": prompt_messages(noun, place, template),
+                "completion": [{"role": "assistant", "content": answer(noun, rng, positive)}],
+            }
+        )
     return rows
 
 
@@ -138,7 +208,9 @@ def judge(prompt: list[dict], completion: str) -> float:
     return score + (0.5 if match["noun"] == subject_of(prompt) else 0.0)
 
 
-def win_rate(prompts: list[list[dict]], policy_answers: list[str], reference_answers: list[str]) -> tuple[float, list[float]]:
+def win_rate(
+    prompts: list[list[dict]], policy_answers: list[str], reference_answers: list[str]
+) -> tuple[float, list[float]]:
     """Judged win rate of the policy over the reference; a tie counts as half a win."""
     outcomes = []
     for prompt, mine, theirs in zip(prompts, policy_answers, reference_answers, strict=True):

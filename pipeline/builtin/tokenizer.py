@@ -15,7 +15,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def word_level_tokenizer(words: list[str], special_tokens: tuple[str, ...], chat_template: str) -> PreTrainedTokenizerFast:
+def word_level_tokenizer(
+    words: list[str], special_tokens: tuple[str, ...], chat_template: str
+) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over `special_tokens` (pad, unk, BOS, EOS, then the additional ones) and `words`,
     split on whitespace and decoded with single spaces, with `chat_template`."""
     vocab = {token: i for i, token in enumerate([*special_tokens, *words])}
@@ -23,8 +25,14 @@ def word_level_tokenizer(words: list[str], special_tokens: tuple[str, ...], chat
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
     pad, unk, bos, eos, *more = special_tokens
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=pad,
-                                        unk_token=unk, additional_special_tokens=list(more))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token=unk,
+        additional_special_tokens=list(more),
+    )
     tokenizer.chat_template = chat_template
     return tokenizer
 

@@ -53,36 +53,64 @@ def build_vision_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_vision_processor(image_size: int = vision_task.IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> LlavaProcessor:
     """A LlavaProcessor that expands each `<image>` into exactly the model's number of image features."""
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                                            crop_size={"height": image_size, "width": image_size})
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=build_vision_tokenizer(), patch_size=patch_size,
-        vision_feature_select_strategy=FEATURE_STRATEGY, chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN,
+        image_processor=image_processor,
+        tokenizer=build_vision_tokenizer(),
+        patch_size=patch_size,
+        vision_feature_select_strategy=FEATURE_STRATEGY,
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1,  # CLIP's CLS position, removed again by the "default" strategy
     )
 
 
-def build_vision_model(processor: LlavaProcessor, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
-                       num_heads: int = 4, vision_hidden_size: int = 32, vision_layers: int = 2,
-                       vision_heads: int = 2, max_positions: int = 128) -> LlavaForConditionalGeneration:
+def build_vision_model(
+    processor: LlavaProcessor,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 2,
+    vision_heads: int = 2,
+    max_positions: int = 128,
+) -> LlavaForConditionalGeneration:
     """A tiny Llava: a CLIP vision tower over the processor's crop and patch size, a Llama text model."""
     tokenizer = processor.tokenizer
     image_size = processor.image_processor.crop_size["height"]
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
-        hidden_size=vision_hidden_size, intermediate_size=vision_hidden_size * 2, num_hidden_layers=vision_layers,
-        num_attention_heads=vision_heads, image_size=image_size, patch_size=processor.patch_size, projection_dim=vision_hidden_size,
+        hidden_size=vision_hidden_size,
+        intermediate_size=vision_hidden_size * 2,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        image_size=image_size,
+        patch_size=processor.patch_size,
+        projection_dim=vision_hidden_size,
     )
     text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
-        max_position_embeddings=max_positions, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=processor.image_token_id,
+        vision_config=vision,
+        text_config=text,
+        image_token_index=processor.image_token_id,
         image_seq_length=num_image_tokens(image_size, processor.patch_size),
-        vision_feature_select_strategy=FEATURE_STRATEGY, vision_feature_layer=-1,
+        vision_feature_select_strategy=FEATURE_STRATEGY,
+        vision_feature_layer=-1,
     )
     model = LlavaForConditionalGeneration(config)
     model.generation_config.bos_token_id = tokenizer.bos_token_id

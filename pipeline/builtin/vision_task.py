@@ -107,12 +107,14 @@ def preference_pairs(num_pairs: int, seed: int) -> list[dict]:
         seen.add(image.tobytes())
         template = rng.choice(ANSWERS)
         wrong = rng.choice([c for c in COLOR_NAMES if c != color])
-        rows.append({
-            "images": [image],
-            "prompt": prompt_messages(rng.choice(QUESTIONS)),
-            "chosen": answer_messages(template.format(color=color)),
-            "rejected": answer_messages(template.format(color=wrong)),
-        })
+        rows.append(
+            {
+                "images": [image],
+                "prompt": prompt_messages(rng.choice(QUESTIONS)),
+                "chosen": answer_messages(template.format(color=color)),
+                "rejected": answer_messages(template.format(color=wrong)),
+            }
+        )
     return rows
 
 
@@ -126,8 +128,13 @@ def warmup_examples(num_examples: int, positive_fraction: float, seed: int) -> l
         color = rng.choice(COLOR_NAMES)
         image = make_image(color, rng)
         named = color if rng.random() < positive_fraction else CONFUSION[color]
-        rows.append({"images": [image], "prompt": prompt_messages(rng.choice(QUESTIONS)),
-                     "completion": answer_messages(rng.choice(ANSWERS).format(color=named))})
+        rows.append(
+            {
+                "images": [image],
+                "prompt": prompt_messages(rng.choice(QUESTIONS)),
+                "completion": answer_messages(rng.choice(ANSWERS).format(color=named)),
+            }
+        )
     return rows
 
 

@@ -10,36 +10,48 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from pipeline.core.errors import PipelineError
 from pipeline.config.loss_options import check_loss_options
-from pipeline.config.options import (BF16_HELP, DPO_OPTION_NAMES, DPO_OPTIONS, TRAINING_DEFAULTS, TRAINING_RULES,
-                                     check_finite, field_rules, from_pretrained_kwargs)
+from pipeline.config.options import (
+    BF16_HELP,
+    DPO_OPTION_NAMES,
+    DPO_OPTIONS,
+    TRAINING_DEFAULTS,
+    TRAINING_RULES,
+    check_finite,
+    field_rules,
+    from_pretrained_kwargs,
+)
 from pipeline.config.rules import check
+from pipeline.core.errors import PipelineError
 from pipeline.core.redaction import credential_fields, redact
 
 # transformers 5.2x renamed gradient_checkpointing* to activation_checkpointing*, warning on the old names; DPOConfig
 # takes the reference documentation's names and passes them on under the new ones where the installed transformers
 # has them (an older one reads the old names itself)
-CHECKPOINTING_NAMES = (("gradient_checkpointing", "activation_checkpointing"),
-                       ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"))
-
+CHECKPOINTING_NAMES = (
+    ("gradient_checkpointing", "activation_checkpointing"),
+    ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+)
 
 
 def option(name: str):
     """A DPOConfig field whose default and help are `DPO_OPTIONS[name]`'s (HfArgumentParser hands the help to
     argparse; the value rule is checked in `__post_init__`)."""
     entry = DPO_OPTIONS[name]
-    return field(default_factory=entry.default_value, metadata={"help": entry.help}) \
-        if isinstance(entry.default, (list, dict)) else field(default=entry.default, metadata={"help": entry.help})
+    return (
+        field(default_factory=entry.default_value, metadata={"help": entry.help})
+        if isinstance(entry.default, (list, dict))
+        else field(default=entry.default, metadata={"help": entry.help})
+    )
 
 
 def overridden(name: str, **metadata):
     """A TrainingArguments field with DPOConfig's default (`TRAINING_DEFAULTS`)."""
     return field(default=TRAINING_DEFAULTS[name], **({"metadata": metadata} if metadata else {}))
 
+
 def as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
-
 
 
 def check_dpo_options(options: dict[str, Any], name=lambda key: key) -> None:
@@ -56,22 +68,29 @@ def check_dpo_options(options: dict[str, Any], name=lambda key: key) -> None:
     check_loss_options(options, name)
     epochs, max_steps = options.get("num_train_epochs"), options.get("max_steps", -1)
     if epochs is not None and not (max_steps or -1) > 0 and not epochs > 0:
-        raise PipelineError(f"{name('num_train_epochs')} must be > 0 (got {epochs!r}) unless {name('max_steps')} > 0: "
-                            "a run of no steps would publish the untrained model as trained.")
+        raise PipelineError(
+            f"{name('num_train_epochs')} must be > 0 (got {epochs!r}) unless {name('max_steps')} > 0: "
+            "a run of no steps would publish the untrained model as trained."
+        )
     loss_types = as_list(options.get("loss_type", []))
     precompute = options.get("precompute_ref_log_probs", False)
     if options.get("use_liger_kernel"):
         if len(loss_types) > 1:
-            raise PipelineError(f"use_liger_kernel=True supports a single loss_type only; drop the extra types of "
-                                f"{name('loss_type')} or turn off {name('use_liger_kernel')}.")
+            raise PipelineError(
+                f"use_liger_kernel=True supports a single loss_type only; drop the extra types of "
+                f"{name('loss_type')} or turn off {name('use_liger_kernel')}."
+            )
         if precompute:
-            raise PipelineError(f"use_liger_kernel=True is not supported with precompute_ref_log_probs=True; turn off "
-                                f"{name('use_liger_kernel')} or {name('precompute_ref_log_probs')}.")
+            raise PipelineError(
+                f"use_liger_kernel=True is not supported with precompute_ref_log_probs=True; turn off "
+                f"{name('use_liger_kernel')} or {name('precompute_ref_log_probs')}."
+            )
     if options.get("sync_ref_model") and precompute:
-        raise PipelineError(f"sync_ref_model=True cannot be combined with precompute_ref_log_probs=True (the reference "
-                            f"changes during training); turn off {name('sync_ref_model')} or "
-                            f"{name('precompute_ref_log_probs')}.")
-
+        raise PipelineError(
+            f"sync_ref_model=True cannot be combined with precompute_ref_log_probs=True (the reference "
+            f"changes during training); turn off {name('sync_ref_model')} or "
+            f"{name('precompute_ref_log_probs')}."
+        )
 
 
 def bf16_supported() -> bool:
@@ -155,8 +174,12 @@ class DPOConfig(TrainingArguments):
                 # MULTI_CPU); without use_cpu the Trainer would run each process alone, silently
                 self.use_cpu = True
         check_finite({f.name: getattr(self, f.name) for f in fields(self)})
-        check_dpo_options({name: getattr(self, name) for name in (*DPO_OPTION_NAMES, *TRAINING_RULES, "num_train_epochs",
-                                                                  "max_steps")})
+        check_dpo_options(
+            {
+                name: getattr(self, name)
+                for name in (*DPO_OPTION_NAMES, *TRAINING_RULES, "num_train_epochs", "max_steps")
+            }
+        )
         super().__post_init__()
         if self.accelerator_config.dispatch_batches is None:
             # an IterableDataset's batches would be fetched by the main process and concatenated across processes
@@ -188,5 +211,3 @@ class DPOConfig(TrainingArguments):
     def reference_init_kwargs(self) -> dict[str, Any]:
         """from_pretrained() keywords of a reference loaded by name (its own, else the policy's)."""
         return from_pretrained_kwargs(self, reference=True)
-
-

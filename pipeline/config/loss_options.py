@@ -37,8 +37,11 @@ def _exo_pair_rule(o: Mapping[str, Any]) -> str | None:
 
 def _robust_rule(o: Mapping[str, Any]) -> str | None:
     eps = o["label_smoothing"]
-    return None if 0 <= eps < 0.5 else (
-        f"needs label_smoothing in [0, 0.5) (got {eps}); it is the label-flip rate, e.g. 0.1.")
+    return (
+        None
+        if 0 <= eps < 0.5
+        else (f"needs label_smoothing in [0, 0.5) (got {eps}); it is the label-flip rate, e.g. 0.1.")
+    )
 
 
 _G = ("f_divergence_type", "f_alpha_divergence_coef")  # read through s± = g(ρ±)
@@ -58,8 +61,7 @@ LOSS_OPTIONS: dict[str, LossOptions] = {
     "apo_down": LossOptions("APO, arXiv 2408.06266", ("beta", *_G)),
     "discopop": LossOptions("DiscoPOP, arXiv 2406.08414", ("beta", "discopop_tau", *_G)),
     "sft": LossOptions("SFT term of MPO, arXiv 2411.10442", (), needs=("sft_nll",)),
-    "sigmoid_norm": LossOptions("length-normalised DPO (Tülu 3, arXiv 2411.15124)", ("beta", *_G),
-                                needs=("lengths",)),
+    "sigmoid_norm": LossOptions("length-normalised DPO (Tülu 3, arXiv 2411.15124)", ("beta", *_G), needs=("lengths",)),
 }
 
 _SETTING_WORD = re.compile(r"\b(" + "|".join(SETTING_NAMES) + r")\b")
@@ -78,19 +80,24 @@ def check_loss_options(options: Mapping[str, Any], name: Callable[[str], str] = 
         if unknown:
             raise PipelineError(f"unknown {name('loss_type')} {unknown}; choose from {list(LOSS_OPTIONS)}.")
         if not types:
-            raise PipelineError(f"{name('loss_type')} is empty; give at least one, "
-                                f"e.g. {name('loss_type')}=['sigmoid'].")
+            raise PipelineError(
+                f"{name('loss_type')} is empty; give at least one, e.g. {name('loss_type')}=['sigmoid']."
+            )
     else:
         types = []
     weights = options.get("loss_weights")
     if types and weights is not None:
         weights = list(weights) if isinstance(weights, (list, tuple)) else [weights]
         if len(weights) != len(types):
-            raise PipelineError(f"{name('loss_weights')} has {len(weights)} entries but {name('loss_type')} has "
-                                f"{len(types)} ({types}); give one weight per loss type.")
+            raise PipelineError(
+                f"{name('loss_weights')} has {len(weights)} entries but {name('loss_type')} has "
+                f"{len(types)} ({types}); give one weight per loss type."
+            )
     if "f_divergence_type" in options and options["f_divergence_type"] not in F_DIVERGENCE_TYPES:
-        raise PipelineError(f"unknown {name('f_divergence_type')} {options['f_divergence_type']!r}; "
-                            f"choose from {list(F_DIVERGENCE_TYPES)}.")
+        raise PipelineError(
+            f"unknown {name('f_divergence_type')} {options['f_divergence_type']!r}; "
+            f"choose from {list(F_DIVERGENCE_TYPES)}."
+        )
     if all(key in options for key in SETTING_NAMES):
         for loss_type in types:
             rule = LOSS_OPTIONS[loss_type].rule
@@ -104,4 +111,5 @@ def check_loss_options(options: Mapping[str, Any], name: Callable[[str], str] = 
                 raise PipelineError(
                     f"{name('use_weighting')}=True is not supported with {name('loss_type')} {loss_type!r}: its losses "
                     f"are indexed by sorted rank, so per-pair weights cannot apply; turn off {name('use_weighting')} "
-                    "or pick another loss.")
+                    "or pick another loss."
+                )

@@ -21,16 +21,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
-
-from pipeline.builtin import BUILTIN_DATA, BUILTIN_DATASETS, BUILTIN_MODEL, BUILTIN_MODELS
 from transformers import TrainingArguments
 
-from pipeline.config.options import (DPO_OPTION_NAMES, DPO_OPTIONS, HUB_TIMEOUT_S, HUB_TRIES, TRAINING_DEFAULTS, check_finite,
-                                     field_rules)
+from pipeline.builtin import BUILTIN_DATA, BUILTIN_DATASETS, BUILTIN_MODEL, BUILTIN_MODELS
+from pipeline.builtin.task import split_capacities
+from pipeline.config.options import (
+    DPO_OPTION_NAMES,
+    DPO_OPTIONS,
+    HUB_TIMEOUT_S,
+    HUB_TRIES,
+    TRAINING_DEFAULTS,
+    check_finite,
+    field_rules,
+)
+from pipeline.config.rules import at_least, check, dtype_name, greater_than, one_of, within
 from pipeline.core.errors import PipelineError
 from pipeline.core.redaction import credential_keys, looks_like_token
-from pipeline.config.rules import at_least, check, dtype_name, greater_than, one_of, within
-from pipeline.builtin.task import split_capacities
 
 
 def knob(default: Any = None, help: str = "", rule=None, fix: str = "", factory=None):
@@ -51,14 +57,17 @@ def owned(name: str):
 
 @dataclass
 class PeftParams:
-    enabled: bool = knob(False, "Train a new LoRA adapter (the reference is the base with the adapter off); "
-                                "false: full fine-tuning.")
+    enabled: bool = knob(
+        False, "Train a new LoRA adapter (the reference is the base with the adapter off); false: full fine-tuning."
+    )
     r: int = knob(16, "LoRA rank.", at_least(1))
     lora_alpha: int = knob(32, "LoRA scaling numerator (scale = lora_alpha / r).", greater_than(0))
-    lora_dropout: float = knob(0.05, "Dropout on the LoRA input (turned off with train.disable_dropout).",
-                               within(0, 1, high_open=True))
-    target_modules: str | list[str] = knob("all-linear", "Modules that get adapters: all-linear or a list of names, "
-                                                         "e.g. [q_proj, v_proj].")
+    lora_dropout: float = knob(
+        0.05, "Dropout on the LoRA input (turned off with train.disable_dropout).", within(0, 1, high_open=True)
+    )
+    target_modules: str | list[str] = knob(
+        "all-linear", "Modules that get adapters: all-linear or a list of names, e.g. [q_proj, v_proj]."
+    )
     bias: str = knob("none", "Which biases train: none, all or lora_only.", one_of("none", "all", "lora_only"))
     modules_to_save: list[str] | None = knob(None, "Modules trained in full next to the adapters, e.g. [lm_head].")
     use_rslora: bool = knob(False, "Rank-stabilised LoRA scaling (lora_alpha / sqrt(r)).")
@@ -67,8 +76,9 @@ class PeftParams:
 
 @dataclass
 class QuantizationParams:
-    load_in_4bit: bool = knob(False, "QLoRA: load the base in 4 bits through bitsandbytes (CUDA only); needs "
-                                     "peft.enabled or adapter.")
+    load_in_4bit: bool = knob(
+        False, "QLoRA: load the base in 4 bits through bitsandbytes (CUDA only); needs peft.enabled or adapter."
+    )
     bnb_4bit_quant_type: str = knob("nf4", "4-bit data type: nf4 or fp4.", one_of("nf4", "fp4"))
     bnb_4bit_compute_dtype: str = knob("bfloat16", "dtype of the 4-bit layers' matrix products.", dtype_name)
     bnb_4bit_use_double_quant: bool = knob(True, "Quantize the quantization constants too.")
@@ -82,31 +92,44 @@ class BuiltinModelParams:
     warmup_steps: int = knob(800, "Optimizer steps of the base stage's supervised warm start.", at_least(1))
     warmup_batch_size: int = knob(32, "Batch size of the warm start.", at_least(1))
     warmup_learning_rate: float = knob(3e-3, "Learning rate of the warm start.", greater_than(0))
-    warmup_positive_fraction: float = knob(0.3, "Share of praising answers in the warm start (the rest pan): "
-                                                "below 0.5 the reference prefers the dispreferred behaviour.",
-                                           within(0, 1))
+    warmup_positive_fraction: float = knob(
+        0.3,
+        "Share of praising answers in the warm start (the rest pan): "
+        "below 0.5 the reference prefers the dispreferred behaviour.",
+        within(0, 1),
+    )
 
 
 @dataclass
 class ModelParams:
-    name_or_path: str = knob(BUILTIN_MODEL, "The base model: builtin:tiny-llama (builtin:tiny-llava, the "
-                             "vision-language one), a Hub id or a local directory.")
+    name_or_path: str = knob(
+        BUILTIN_MODEL,
+        "The base model: builtin:tiny-llama (builtin:tiny-llava, the "
+        "vision-language one), a Hub id or a local directory.",
+    )
     revision: str | None = knob(None, "Hub revision (branch, tag or commit) of the base model.")
     trust_remote_code: bool = owned("trust_remote_code")
-    attn_implementation: str | None = knob(None, "Attention kernel: sdpa, eager, flex_attention (on a GPU the "
-                                                 "fastest with prefix sharing), flash_attention_2, ...; null: the "
-                                                 "transformers default.")
+    attn_implementation: str | None = knob(
+        None,
+        "Attention kernel: sdpa, eager, flex_attention (on a GPU the "
+        "fastest with prefix sharing), flash_attention_2, ...; null: the "
+        "transformers default.",
+    )
     model_init_kwargs: dict | None = owned("model_init_kwargs")
-    ref_name_or_path: str | None = knob(None, "An explicit reference model; null: the initial policy (for a new "
-                                              "adapter: the base with the adapter off).")
+    ref_name_or_path: str | None = knob(
+        None,
+        "An explicit reference model; null: the initial policy (for a new adapter: the base with the adapter off).",
+    )
     ref_revision: str | None = knob(None, "Hub revision of the reference model.")
     ref_model_init_kwargs: dict | None = owned("ref_model_init_kwargs")
-    adapter: str | None = knob(None, "A PEFT adapter (directory or Hub id) to continue training; its starting "
-                                     "state is the reference.")
+    adapter: str | None = knob(
+        None, "A PEFT adapter (directory or Hub id) to continue training; its starting state is the reference."
+    )
     peft: PeftParams = knob(help="A new LoRA adapter (peft.LoraConfig fields).", factory=PeftParams)
     quantization: QuantizationParams = knob(help="QLoRA loading of the base.", factory=QuantizationParams)
-    builtin: BuiltinModelParams = knob(help="The built-in model only: its size and warm start.",
-                                       factory=BuiltinModelParams)
+    builtin: BuiltinModelParams = knob(
+        help="The built-in model only: its size and warm start.", factory=BuiltinModelParams
+    )
 
 
 @dataclass
@@ -117,22 +140,32 @@ class BuiltinDataParams:
 
 @dataclass
 class DataParams:
-    train: str = knob(BUILTIN_DATA, "Training data: builtin:sentiment (builtin:vision-colors, the picture "
-                                    "task), a local file/glob/directory or a Hub dataset id.")
+    train: str = knob(
+        BUILTIN_DATA,
+        "Training data: builtin:sentiment (builtin:vision-colors, the picture "
+        "task), a local file/glob/directory or a Hub dataset id.",
+    )
     eval: str | None = knob(None, "Eval data with its own source; null: carve eval_fraction of train's prompts.")
-    eval_fraction: float = knob(0.1, "Share of train's prompts carved out for eval (seeded).",
-                                within(0, 1, low_open=True, high_open=True))
+    eval_fraction: float = knob(
+        0.1, "Share of train's prompts carved out for eval (seeded).", within(0, 1, low_open=True, high_open=True)
+    )
     name: str | None = knob(None, "Hub dataset configuration name.")
     split: str = knob("train", "Split of the training source.")
     eval_split: str | None = knob(None, "Split of the eval source; null: split.")
     revision: str | None = knob(None, "Hub dataset revision.")
-    prompt_marker: str | None = knob(None, "Implicit-prompt text: the prompt ends after the marker's last shared "
-                                           "occurrence, e.g. \"\\n\\nAssistant:\" for HH-RLHF.")
+    prompt_marker: str | None = knob(
+        None,
+        "Implicit-prompt text: the prompt ends after the marker's last shared "
+        'occurrence, e.g. "\\n\\nAssistant:" for HH-RLHF.',
+    )
     columns: dict = knob(help="Canonical name → the source's column, e.g. {chosen: accepted}.", factory=dict)
     preprocess: str | None = knob(None, "module:function or path/to/file.py:function: raw row → canonical columns.")
-    image_root: str | None = knob(None, "A directory image paths may also point into (absolute, or relative to the "
-                                         "data file's directory), e.g. a shared image folder; null: the data file's "
-                                         "directory only.")
+    image_root: str | None = knob(
+        None,
+        "A directory image paths may also point into (absolute, or relative to the "
+        "data file's directory), e.g. a shared image folder; null: the data file's "
+        "directory only.",
+    )
     on_invalid: str = owned("on_invalid")
     builtin: BuiltinDataParams = knob(help="The built-in task only.", factory=BuiltinDataParams)
 
@@ -143,9 +176,13 @@ class TokenizeParams:
     truncation_mode: str = owned("truncation_mode")
     batch_size: int = knob(1000, "Rows tokenized per record batch.", at_least(1))
     dataset_num_proc: int | None = owned("dataset_num_proc")
-    max_unknown_rate: float = knob(0.05, "Largest share of a split's tokens that may be the tokenizer's unknown token "
-                                         "(<unk>) before tokenize refuses: above it the tokenizer does not cover the "
-                                         "data; 1: never refuse.", within(0, 1))
+    max_unknown_rate: float = knob(
+        0.05,
+        "Largest share of a split's tokens that may be the tokenizer's unknown token "
+        "(<unk>) before tokenize refuses: above it the tokenizer does not cover the "
+        "data; 1: never refuse.",
+        within(0, 1),
+    )
 
 
 @dataclass
@@ -156,9 +193,12 @@ class RefLogpsParams:
 @dataclass
 class EvaluateParams:
     batch_size: int = knob(32, "Pairs per forward pass and prompts per generation batch.", at_least(1))
-    num_generations: int = knob(120, "Held-out prompts answered greedily by policy and reference, on any data "
-                                "(judged on the built-in tasks; 0: none).",
-                                at_least(0))
+    num_generations: int = knob(
+        120,
+        "Held-out prompts answered greedily by policy and reference, on any data "
+        "(judged on the built-in tasks; 0: none).",
+        at_least(0),
+    )
     max_new_tokens: int = knob(24, "Tokens generated per answer.", at_least(1))
 
 
@@ -177,27 +217,43 @@ class ExportParams:
 
 @dataclass
 class DistributedParams:
-    num_processes: int = knob(1, "Processes per machine for ref-logps, train and evaluate (one per GPU); 1: no "
-                                 "launcher.", at_least(1))
-    num_machines: int = knob(1, "Machines taking part; run the same command on each, with its machine_rank.",
-                             at_least(1))
+    num_processes: int = knob(
+        1, "Processes per machine for ref-logps, train and evaluate (one per GPU); 1: no launcher.", at_least(1)
+    )
+    num_machines: int = knob(
+        1, "Machines taking part; run the same command on each, with its machine_rank.", at_least(1)
+    )
     machine_rank: int = knob(0, "This machine's rank, 0 .. num_machines-1 (0 hosts the rendezvous).", at_least(0))
     main_process_ip: str | None = knob(None, "Address of machine 0, needed with num_machines > 1; null: 127.0.0.1.")
     main_process_port: int = knob(29500, "Rendezvous port on machine 0.", within(1, 65535))
-    mixed_precision: str | None = knob(None, "Passed to accelerate launch with config_file: no, fp16 or bf16; null: "
-                                             "the config file's (train.bf16/fp16 decide otherwise).",
-                                       one_of("no", "fp16", "bf16"))
-    config_file: str | None = knob(None, "An accelerate config file for FSDP or DeepSpeed (examples in "
-                                         "configs/accelerate/); null: plain data parallelism through torchrun.")
+    mixed_precision: str | None = knob(
+        None,
+        "Passed to accelerate launch with config_file: no, fp16 or bf16; null: "
+        "the config file's (train.bf16/fp16 decide otherwise).",
+        one_of("no", "fp16", "bf16"),
+    )
+    config_file: str | None = knob(
+        None,
+        "An accelerate config file for FSDP or DeepSpeed (examples in "
+        "configs/accelerate/); null: plain data parallelism through torchrun.",
+    )
 
 
 @dataclass
 class HubParams:
-    timeout_s: float = knob(HUB_TIMEOUT_S, "Seconds any Hub request (revision lookup, model or dataset download, "
-                                               "the push) waits for a connection or an answer.", at_least(0.1))
-    tries: int = knob(HUB_TRIES, "Tries of the pipeline's own Hub requests (revision lookup, the push) on a "
-                                     "time-out or a dropped connection, with a short growing pause; downloads are "
-                                     "retried by huggingface_hub.", at_least(1))
+    timeout_s: float = knob(
+        HUB_TIMEOUT_S,
+        "Seconds any Hub request (revision lookup, model or dataset download, "
+        "the push) waits for a connection or an answer.",
+        at_least(0.1),
+    )
+    tries: int = knob(
+        HUB_TRIES,
+        "Tries of the pipeline's own Hub requests (revision lookup, the push) on a "
+        "time-out or a dropped connection, with a short growing pause; downloads are "
+        "retried by huggingface_hub.",
+        at_least(1),
+    )
 
 
 @dataclass
@@ -207,30 +263,40 @@ class Params:
     data: DataParams = knob(help="The preference data and its validation.", factory=DataParams)
     tokenize: TokenizeParams = knob(help="Tokenization and truncation.", factory=TokenizeParams)
     ref_logps: RefLogpsParams = knob(help="The reference log-prob pass.", factory=RefLogpsParams)
-    train: dict = knob(help="Any DPOConfig option (and TrainingArguments field), checked against DPOConfig.",
-                       factory=dict)
+    train: dict = knob(
+        help="Any DPOConfig option (and TrainingArguments field), checked against DPOConfig.", factory=dict
+    )
     evaluate: EvaluateParams = knob(help="Held-out evaluation.", factory=EvaluateParams)
     export: ExportParams = knob(help="Export and push.", factory=ExportParams)
-    distributed: DistributedParams = knob(help="Processes and machines for ref-logps, train and evaluate.",
-                                          factory=DistributedParams)
-    hub: HubParams = knob(help="The network: time-out and tries of Hub requests (no stage's result depends on it).",
-                          factory=HubParams)
+    distributed: DistributedParams = knob(
+        help="Processes and machines for ref-logps, train and evaluate.", factory=DistributedParams
+    )
+    hub: HubParams = knob(
+        help="The network: time-out and tries of Hub requests (no stage's result depends on it).", factory=HubParams
+    )
 
 
 # DPOConfig options whose one home in params.yaml is another section: the stage that owns them applies
 # them once for every later stage (the tokenize stage truncates the data train and evaluate read).
 OWNED_ELSEWHERE = {
     f.metadata["dpo_option"]: f"{section}.{f.name}"
-    for section, schema in (("model", ModelParams), ("data", DataParams), ("tokenize", TokenizeParams),
-                            ("ref_logps", RefLogpsParams))
-    for f in dataclasses.fields(schema) if "dpo_option" in f.metadata
+    for section, schema in (
+        ("model", ModelParams),
+        ("data", DataParams),
+        ("tokenize", TokenizeParams),
+        ("ref_logps", RefLogpsParams),
+    )
+    for f in dataclasses.fields(schema)
+    if "dpo_option" in f.metadata
 }
 
 # keys of the train section that are the train stage's own, not DPOConfig options
-TRAIN_STAGE_KEYS = {"resume": "train.resume: true (continue from the newest complete checkpoint of this run's "
-                              "fingerprint; refuse when there is none), auto (the same, else start fresh; the "
-                              "default, also for null), false (start fresh) or a checkpoint path (refused if made "
-                              "for other params or inputs)"}
+TRAIN_STAGE_KEYS = {
+    "resume": "train.resume: true (continue from the newest complete checkpoint of this run's "
+    "fingerprint; refuse when there is none), auto (the same, else start fresh; the "
+    "default, also for null), false (start fresh) or a checkpoint path (refused if made "
+    "for other params or inputs)"
+}
 TRAIN_STAGE_DEFAULTS = {"resume": "auto"}
 # what the train section takes: every TrainingArguments field and DPO option (output_dir is the stage's)
 TRAIN_KEYS = (set(TrainingArguments.__dataclass_fields__) | set(DPO_OPTIONS)) - {"output_dir"}
@@ -323,8 +389,10 @@ def check_section(raw: Any, schema: type, key: str) -> dict:
     unknown = sorted(set(raw) - set(known))
     if unknown:
         where = f"{key}." if key else ""
-        raise PipelineError(f"params: unknown key {where}{unknown[0]}{did_you_mean(unknown[0], known)}; known keys of "
-                            f"{key or 'the top level'}: {sorted(known)}; {KEYS_DOCUMENTED}.")
+        raise PipelineError(
+            f"params: unknown key {where}{unknown[0]}{did_you_mean(unknown[0], known)}; known keys of "
+            f"{key or 'the top level'}: {sorted(known)}; {KEYS_DOCUMENTED}."
+        )
     out = {}
     for name, f in known.items():
         dotted = f"{key}.{name}" if key else name
@@ -344,9 +412,11 @@ def check_section(raw: Any, schema: type, key: str) -> dict:
 def _refuse_credentials(keys, where: str) -> None:
     """params.yaml is recorded (manifests, the model card, DVC experiments, git): a credential never belongs there."""
     for key in sorted(set(keys) & credential_keys()):
-        raise PipelineError(f"params: {where}.{key} holds a credential, and params.yaml is recorded in manifests, "
-                            f"the model card and git; remove it and set the HF_TOKEN environment variable instead "
-                            f"(the Hub token is read from there, or from `hf auth login`).")
+        raise PipelineError(
+            f"params: {where}.{key} holds a credential, and params.yaml is recorded in manifests, "
+            f"the model card and git; remove it and set the HF_TOKEN environment variable instead "
+            f"(the Hub token is read from there, or from `hf auth login`)."
+        )
 
 
 def _refuse_tokens(value: Any, where: str) -> None:
@@ -354,10 +424,12 @@ def _refuse_tokens(value: Any, where: str) -> None:
     reach the Trainer's pickled training_args.bin: refused, naming the key (never the value)."""
     if isinstance(value, str):
         if looks_like_token(value):
-            raise PipelineError(f"params: {where} holds what looks like a Hugging Face token (hf_...), and params.yaml "
-                                f"is recorded in manifests, the model card and git; remove it and set the HF_TOKEN "
-                                f"environment variable instead (the Hub token is read from there, or from "
-                                f"`hf auth login`).")
+            raise PipelineError(
+                f"params: {where} holds what looks like a Hugging Face token (hf_...), and params.yaml "
+                f"is recorded in manifests, the model card and git; remove it and set the HF_TOKEN "
+                f"environment variable instead (the Hub token is read from there, or from "
+                f"`hf auth login`)."
+            )
     elif isinstance(value, dict):
         for key, item in value.items():
             _refuse_tokens(key, f"a key of {where}")
@@ -374,13 +446,17 @@ def check_train_keys(train: dict) -> dict:
     _refuse_credentials(train, "train")
     unknown = sorted(set(train) - TRAIN_KEYS - set(TRAIN_STAGE_KEYS))
     if unknown:
-        raise PipelineError(f"params: unknown key train.{unknown[0]}"
-                            f"{did_you_mean(unknown[0], TRAIN_KEYS | set(TRAIN_STAGE_KEYS))}; train takes DPOConfig "
-                            f"options (e.g. beta, loss_type, learning_rate); {KEYS_DOCUMENTED}, and "
-                            f"`python -c 'import pipeline; help(pipeline.DPOConfig)'` documents every DPOConfig option.")
+        raise PipelineError(
+            f"params: unknown key train.{unknown[0]}"
+            f"{did_you_mean(unknown[0], TRAIN_KEYS | set(TRAIN_STAGE_KEYS))}; train takes DPOConfig "
+            f"options (e.g. beta, loss_type, learning_rate); {KEYS_DOCUMENTED}, and "
+            f"`python -c 'import pipeline; help(pipeline.DPOConfig)'` documents every DPOConfig option."
+        )
     for key in sorted(set(train) & set(OWNED_ELSEWHERE)):
-        raise PipelineError(f"params: train.{key} belongs in {OWNED_ELSEWHERE[key]} in the pipeline (that stage applies "
-                            f"it for every later one); move it there.")
+        raise PipelineError(
+            f"params: train.{key} belongs in {OWNED_ELSEWHERE[key]} in the pipeline (that stage applies "
+            f"it for every later one); move it there."
+        )
     resume = train.get("resume")
     if resume is not None and not isinstance(resume, (bool, str)):
         raise PipelineError(f"params: {TRAIN_STAGE_KEYS['resume']} (got {resume!r}).")
@@ -413,6 +489,7 @@ def train_option(params: dict, name: str) -> Any:
 
 # ---- the whole file ---------------------------------------------------------------------------------
 
+
 def _check_models(params: dict) -> None:
     """Model, adapter and reference combinations that cannot work, refused before anything is loaded."""
     model, train = params["model"], params["train"]
@@ -423,38 +500,52 @@ def _check_models(params: dict) -> None:
             if dtype_key in kwargs:
                 check(kwargs[dtype_key], dtype_name, f"params: model.{key}.{dtype_key}")
     if model["peft"]["enabled"] and model["adapter"]:
-        raise PipelineError("params: model.adapter continues a PeftModel and model.peft.enabled adds a new adapter "
-                            "(you passed a PeftModel and a peft_config): set model.peft.enabled: false to continue "
-                            "training the adapter, or model.adapter: null to train a new one.")
+        raise PipelineError(
+            "params: model.adapter continues a PeftModel and model.peft.enabled adds a new adapter "
+            "(you passed a PeftModel and a peft_config): set model.peft.enabled: false to continue "
+            "training the adapter, or model.adapter: null to train a new one."
+        )
     adapters = model["peft"]["enabled"] or bool(model["adapter"])
     if model["quantization"]["load_in_4bit"] and not adapters:
-        raise PipelineError("params: model.quantization.load_in_4bit (QLoRA) trains an adapter on a frozen 4-bit base; "
-                            "set model.peft.enabled: true (or model.adapter) as well.")
+        raise PipelineError(
+            "params: model.quantization.load_in_4bit (QLoRA) trains an adapter on a frozen 4-bit base; "
+            "set model.peft.enabled: true (or model.adapter) as well."
+        )
     if train.get("sync_ref_model") and adapters and not model["ref_name_or_path"]:
-        raise PipelineError("params: train.sync_ref_model is not supported when training with PEFT models that do "
-                            "not keep a standalone ref_model; set model.ref_name_or_path or turn sync_ref_model off.")
+        raise PipelineError(
+            "params: train.sync_ref_model is not supported when training with PEFT models that do "
+            "not keep a standalone ref_model; set model.ref_name_or_path or turn sync_ref_model off."
+        )
     builtin = model["builtin"]
     if model["name_or_path"].startswith("builtin:") and model["name_or_path"] not in BUILTIN_MODELS:
-        raise PipelineError(f"params: model.name_or_path {model['name_or_path']!r} is not a built-in model; the built-in "
-                            f"ones are {list(BUILTIN_MODELS)}.")
+        raise PipelineError(
+            f"params: model.name_or_path {model['name_or_path']!r} is not a built-in model; the built-in "
+            f"ones are {list(BUILTIN_MODELS)}."
+        )
     if model["name_or_path"] in BUILTIN_MODELS and builtin["hidden_size"] % builtin["num_heads"]:
-        raise PipelineError(f"params: model.builtin.hidden_size ({builtin['hidden_size']}) must be a multiple of "
-                            f"model.builtin.num_heads ({builtin['num_heads']}); e.g. hidden_size: "
-                            f"{builtin['num_heads'] * max(1, builtin['hidden_size'] // builtin['num_heads'])}.")
+        raise PipelineError(
+            f"params: model.builtin.hidden_size ({builtin['hidden_size']}) must be a multiple of "
+            f"model.builtin.num_heads ({builtin['num_heads']}); e.g. hidden_size: "
+            f"{builtin['num_heads'] * max(1, builtin['hidden_size'] // builtin['num_heads'])}."
+        )
 
 
 def _check_builtin_data(data: dict) -> None:
     """The built-in task makes a bounded number of distinct pairs: asking for more is refused before generating."""
     if str(data["train"]).startswith("builtin:") and data["train"] not in BUILTIN_DATASETS:
-        raise PipelineError(f"params: data.train {data['train']!r} is not a built-in task; the built-in ones are "
-                            f"{list(BUILTIN_DATASETS)}.")
+        raise PipelineError(
+            f"params: data.train {data['train']!r} is not a built-in task; the built-in ones are "
+            f"{list(BUILTIN_DATASETS)}."
+        )
     if data["train"] != BUILTIN_DATA:  # the picture task draws a new picture per pair: no bound to check
         return
     for key, most in zip(("num_pairs", "num_eval_pairs"), split_capacities(data["eval_fraction"])):
         if data["builtin"][key] > most:
-            raise PipelineError(f"params: data.builtin.{key} is {data['builtin'][key]}, but the built-in task can make "
-                                f"only {most} distinct pairs at data.eval_fraction {data['eval_fraction']}; set "
-                                f"data.builtin.{key} to at most {most}.")
+            raise PipelineError(
+                f"params: data.builtin.{key} is {data['builtin'][key]}, but the built-in task can make "
+                f"only {most} distinct pairs at data.eval_fraction {data['eval_fraction']}; set "
+                f"data.builtin.{key} to at most {most}."
+            )
 
 
 def check_params(raw: dict | None) -> dict:
@@ -464,13 +555,17 @@ def check_params(raw: dict | None) -> dict:
     _check_models(params)
     d = params["distributed"]
     if d["machine_rank"] >= d["num_machines"]:
-        raise PipelineError(f"params: distributed.machine_rank is {d['machine_rank']} but distributed.num_machines is "
-                            f"{d['num_machines']}; machine ranks run from 0 to num_machines-1.")
+        raise PipelineError(
+            f"params: distributed.machine_rank is {d['machine_rank']} but distributed.num_machines is "
+            f"{d['num_machines']}; machine ranks run from 0 to num_machines-1."
+        )
     _check_builtin_data(params["data"])
     push = params["export"]["push"]
     if push["enabled"] and not push["repo_id"]:
-        raise PipelineError("params: export.push.enabled is true but export.push.repo_id is not set; set it to "
-                            "'user/name' or turn the push off.")
+        raise PipelineError(
+            "params: export.push.enabled is true but export.push.repo_id is not set; set it to "
+            "'user/name' or turn the push off."
+        )
     for section, value in params.items():
         _refuse_tokens(value, section)
     return params
@@ -485,8 +580,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if key in lines:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"the key {key!r} is written twice (lines {lines[key]} and {key_node.start_mark.line + 1}); "
-                    "YAML would keep the second silently: remove one", key_node.start_mark)
+                    None,
+                    None,
+                    f"the key {key!r} is written twice (lines {lines[key]} and {key_node.start_mark.line + 1}); "
+                    "YAML would keep the second silently: remove one",
+                    key_node.start_mark,
+                )
             lines[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
 
@@ -502,8 +601,10 @@ def load_params(path: str | Path = "params.yaml", *checks: Callable[[dict], dict
     except yaml.YAMLError as err:
         raise PipelineError(f"{path}: not valid YAML: {err}") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise PipelineError(f"{path}: the params file cannot be read as text ({type(err).__name__}: {err}); it must be "
-                            "a UTF-8 YAML file (restore it with `git checkout`).") from None
+        raise PipelineError(
+            f"{path}: the params file cannot be read as text ({type(err).__name__}: {err}); it must be "
+            "a UTF-8 YAML file (restore it with `git checkout`)."
+        ) from None
     try:
         params = check_params(raw)
         for extra in checks:
@@ -518,6 +619,7 @@ def defaults() -> dict:
 
 
 # ---- documentation ----------------------------------------------------------------------------------
+
 
 def _rows(schema: type, prefix: str) -> list[tuple[str, Any, str]]:
     rows = []
@@ -538,8 +640,11 @@ def reference_rows() -> list[tuple[str, Any, str]]:
     for name in DPO_OPTION_NAMES:
         if name in OWNED_ELSEWHERE:
             continue
-        help_text = DPO_OPTIONS[name].help if name in DPO_OPTIONS else \
-            TrainingArguments.__dataclass_fields__[name].metadata.get("help", "").replace("%%", "%")  # argparse's escape
+        help_text = (
+            DPO_OPTIONS[name].help
+            if name in DPO_OPTIONS
+            else TrainingArguments.__dataclass_fields__[name].metadata.get("help", "").replace("%%", "%")
+        )  # argparse's escape
         rows.append((f"train.{name}", dpo_default(name), help_text))
     return rows
 
@@ -551,5 +656,3 @@ def reference_markdown() -> str:
         shown = yaml.safe_dump(default, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
         lines.append(f"| `{key}` | `{shown}` | {help_text.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
-
-

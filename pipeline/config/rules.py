@@ -14,12 +14,14 @@ Rule = Callable[[Any], "str | None"]
 def at_least(low: float) -> Rule:
     def rule(value):
         return None if value is None or value >= low else f"must be >= {low}"
+
     return rule
 
 
 def greater_than(low: float) -> Rule:
     def rule(value):
         return None if value is None or value > low else f"must be > {low}"
+
     return rule
 
 
@@ -33,12 +35,14 @@ def within(low: float, high: float, *, high_open: bool = False, low_open: bool =
         above = value > low if low_open else value >= low
         below = value < high if high_open else value <= high
         return None if above and below else f"must be in {shown}"
+
     return rule
 
 
 def one_of(*choices: Any) -> Rule:
     def rule(value):
         return None if value is None or value in choices else f"must be one of {list(choices)}"
+
     return rule
 
 

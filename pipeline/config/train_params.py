@@ -17,8 +17,14 @@ from transformers.integrations import get_available_reporting_integrations
 
 from pipeline.config.dpo_config import DPOConfig, check_dpo_options
 from pipeline.config.options import DPO_OPTION_NAMES
-from pipeline.config.params import (OWNED_ELSEWHERE, TRAIN_STAGE_KEYS, check_train_keys, dpo_default, dpo_options,
-                                    load_params)
+from pipeline.config.params import (
+    OWNED_ELSEWHERE,
+    TRAIN_STAGE_KEYS,
+    check_train_keys,
+    dpo_default,
+    dpo_options,
+    load_params,
+)
 from pipeline.core.errors import PipelineError
 
 
@@ -45,8 +51,11 @@ def coerce_train_value(key: str, value: Any) -> Any:
 def coerce_train_value_one(key: str, action, value: Any) -> Any:
     kind = action.type
     if kind in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)) or \
-                (kind is int and isinstance(value, float)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float, str))
+            or (kind is int and isinstance(value, float))
+        ):
             raise PipelineError(f"params: train.{key} must be {kind.__name__}, got {value!r}.")
         try:
             return kind(value)
@@ -56,21 +65,27 @@ def coerce_train_value_one(key: str, action, value: Any) -> Any:
         try:
             value = kind(value)
         except Exception:
-            raise PipelineError(f"params: train.{key}: {value!r} is not a valid value"
-                                + (f"; choose from {list(action.choices)}." if action.choices else ".")) from None
+            raise PipelineError(
+                f"params: train.{key}: {value!r} is not a valid value"
+                + (f"; choose from {list(action.choices)}." if action.choices else ".")
+            ) from None
     if action.choices and value not in action.choices and str(value) not in map(str, action.choices):
         raise PipelineError(f"params: train.{key} must be one of {list(action.choices)}, got {value!r}.")
     return value
 
 
-
 # `report_to` integration → the package that provides it, where the names differ
-REPORT_TO_PACKAGES = {"azure_ml": "azureml-core", "flyte": "flytekit", "kubeflow": "kubeflow-training",
-                      "tensorboard": "tensorboard"}
+REPORT_TO_PACKAGES = {
+    "azure_ml": "azureml-core",
+    "flyte": "flytekit",
+    "kubeflow": "kubeflow-training",
+    "tensorboard": "tensorboard",
+}
 
 
 def _check_report_to(value) -> None:
-    """Every `train.report_to` integration must be installed: transformers would fail in the Trainer with a traceback."""
+    """Every `train.report_to` integration must be installed: transformers would fail in the Trainer with a
+    traceback."""
     names = [value] if isinstance(value, str) else list(value or [])
     names = [n for n in names if n not in ("none", "all")]
     if not names:
@@ -78,9 +93,11 @@ def _check_report_to(value) -> None:
     available = set(get_available_reporting_integrations())
     for name in names:
         if name not in available:
-            raise PipelineError(f"params: train.report_to names {name!r}, which is not installed: "
-                                f"`pip install {REPORT_TO_PACKAGES.get(name, name.replace('_', '-'))}`, or remove it "
-                                f"from train.report_to (the pipeline's own curves go to dvclive/ either way).")
+            raise PipelineError(
+                f"params: train.report_to names {name!r}, which is not installed: "
+                f"`pip install {REPORT_TO_PACKAGES.get(name, name.replace('_', '-'))}`, or remove it "
+                f"from train.report_to (the pipeline's own curves go to dvclive/ either way)."
+            )
 
 
 def check_train(params: dict) -> dict:
@@ -110,8 +127,15 @@ def dpo_config(params: dict, output_dir: Path, **overrides) -> DPOConfig:
     """The DPOConfig of a stage: params.yaml's train section and the DPOConfig options other sections own
     (max_length from tokenize, ...), over the stage's own settings."""
     train = {k: v for k, v in params["train"].items() if k not in TRAIN_STAGE_KEYS}
-    settings = {"report_to": "none", "save_total_limit": 2, "seed": params["seed"], "data_seed": params["seed"],
-                **dpo_options(params), **train, **overrides}
+    settings = {
+        "report_to": "none",
+        "save_total_limit": 2,
+        "seed": params["seed"],
+        "data_seed": params["seed"],
+        **dpo_options(params),
+        **train,
+        **overrides,
+    }
     try:
         return DPOConfig(output_dir=str(output_dir), **settings)
     except PipelineError:

@@ -20,8 +20,6 @@ from typing import Any
 
 from pipeline.core.errors import PipelineError
 
-LAUNCHED_STAGES = ("ref-logps", "train", "evaluate")  # the heavy stages; the others run as one process
-
 
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -41,21 +39,29 @@ def check_distributed(params: dict) -> None:
     """What the launcher cannot start, refused before anything runs."""
     d = params["distributed"]
     if d["config_file"] is not None and not Path(d["config_file"]).is_file():
-        raise PipelineError(f"params: distributed.config_file: {d['config_file']} does not exist; use one of "
-                            "configs/accelerate/*.yaml or null.")
+        raise PipelineError(
+            f"params: distributed.config_file: {d['config_file']} does not exist; use one of "
+            "configs/accelerate/*.yaml or null."
+        )
     if d["config_file"] is not None:
         import yaml
+
         try:
             engine = str((yaml.safe_load(Path(d["config_file"]).read_text()) or {}).get("distributed_type", ""))
         except yaml.YAMLError as err:
-            raise PipelineError(f"params: distributed.config_file {d['config_file']} is not valid YAML: {err}") from None
+            raise PipelineError(
+                f"params: distributed.config_file {d['config_file']} is not valid YAML: {err}"
+            ) from None
         if engine in ("FSDP", "DEEPSPEED"):
             import torch
+
             if not torch.cuda.is_available():
                 name = "DeepSpeed" if engine == "DEEPSPEED" else "FSDP"
-                raise PipelineError(f"params: distributed.config_file {d['config_file']} uses {name}, which needs CUDA "
-                                    "GPUs, and this machine has none (accelerate would run plain data parallelism "
-                                    "instead); use configs/accelerate/ddp.yaml or no config file on the CPU.")
+                raise PipelineError(
+                    f"params: distributed.config_file {d['config_file']} uses {name}, which needs CUDA "
+                    "GPUs, and this machine has none (accelerate would run plain data parallelism "
+                    "instead); use configs/accelerate/ddp.yaml or no config file on the CPU."
+                )
 
 
 def launch_command(params: dict, argv: list[str]) -> list[str] | None:
@@ -68,16 +74,42 @@ def launch_command(params: dict, argv: list[str]) -> list[str] | None:
     host = d["main_process_ip"] or "127.0.0.1"
     target = ["-m", "stages.cli", *argv]
     if d["config_file"]:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", d["config_file"],
-                   "--num_processes", str(total_processes(params)), "--num_machines", str(d["num_machines"]),
-                   "--machine_rank", str(d["machine_rank"]), "--main_process_ip", host,
-                   "--main_process_port", str(d["main_process_port"])]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            d["config_file"],
+            "--num_processes",
+            str(total_processes(params)),
+            "--num_machines",
+            str(d["num_machines"]),
+            "--machine_rank",
+            str(d["machine_rank"]),
+            "--main_process_ip",
+            host,
+            "--main_process_port",
+            str(d["main_process_port"]),
+        ]
         if d["mixed_precision"]:
             command += ["--mixed_precision", d["mixed_precision"]]
         return command + target
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(d["num_processes"]),
-            "--nnodes", str(d["num_machines"]), "--node_rank", str(d["machine_rank"]),
-            "--master_addr", host, "--master_port", str(d["main_process_port"]), *target]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(d["num_processes"]),
+        "--nnodes",
+        str(d["num_machines"]),
+        "--node_rank",
+        str(d["machine_rank"]),
+        "--master_addr",
+        host,
+        "--master_port",
+        str(d["main_process_port"]),
+        *target,
+    ]
 
 
 def relaunch(params: dict, argv: list[str]) -> int | None:
@@ -94,10 +126,12 @@ def relaunch(params: dict, argv: list[str]) -> int | None:
 
 # ---- inside the processes ------------------------------------------------------------------------------
 
+
 def init_process_group() -> None:
     """Join the launcher's process group (once; accelerate's `PartialState`, which the Trainer then uses)."""
     if launched():
         from accelerate import PartialState
+
         PartialState()
 
 
@@ -171,6 +205,7 @@ def gather_shares(mine: list, total: int) -> list:
 
 # ---- a model before the Trainer has prepared it ----------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def ready_for_forward(model, device):
     """`model` able to run forward passes on `device` before the Trainer prepares it (the layout probe, the reference
@@ -184,9 +219,15 @@ def ready_for_forward(model, device):
 
             stack.enter_context(deepspeed.zero.GatheredParameters(params, modifier_rank=None))
         where = params[0].device if params else None
-        move = (where is not None and where.type == "cpu" and getattr(device, "type", device) == "cuda"
-                and not any(hasattr(p, "ds_id") for p in params) and not getattr(model, "is_loaded_in_4bit", False)
-                and not getattr(model, "is_loaded_in_8bit", False) and not getattr(model, "hf_device_map", None))
+        move = (
+            where is not None
+            and where.type == "cpu"
+            and getattr(device, "type", device) == "cuda"
+            and not any(hasattr(p, "ds_id") for p in params)
+            and not getattr(model, "is_loaded_in_4bit", False)
+            and not getattr(model, "is_loaded_in_8bit", False)
+            and not getattr(model, "hf_device_map", None)
+        )
         if move:
             model.to(device)
         try:

@@ -11,6 +11,7 @@ import platform
 import re
 from importlib import metadata
 from pathlib import Path
+
 from pipeline.core.distributed import world_size_from_env
 
 CPUINFO = Path("/proc/cpuinfo")
@@ -33,13 +34,33 @@ def cpu_flags(cpuinfo: str) -> str:
     return " ".join(sorted(f for f in (match.group(1).split() if match else []) if _NUMERIC_FLAGS.match(f)))
 
 
-def describe(cpuinfo: str, *, machine: str, python: str, torch_version: str, transformers_version: str,
-             cuda: str | None, cpu_capability: str | None, threads: int, processes: int, gpus: list[str]) -> dict:
+def describe(
+    cpuinfo: str,
+    *,
+    machine: str,
+    python: str,
+    torch_version: str,
+    transformers_version: str,
+    cuda: str | None,
+    cpu_capability: str | None,
+    threads: int,
+    processes: int,
+    gpus: list[str],
+) -> dict:
     """The environment record (pure): what `environment()` writes, from the facts it gathered."""
-    return {"cpu": cpu_model(cpuinfo, fallback=machine), "cpu_flags": cpu_flags(cpuinfo),
-            "cpu_capability": cpu_capability or "unknown", "machine": machine, "threads": threads,
-            "processes": processes, "gpu": ", ".join(gpus) if gpus else "none", "cuda": cuda or "none",
-            "torch": torch_version, "transformers": transformers_version, "python": python}
+    return {
+        "cpu": cpu_model(cpuinfo, fallback=machine),
+        "cpu_flags": cpu_flags(cpuinfo),
+        "cpu_capability": cpu_capability or "unknown",
+        "machine": machine,
+        "threads": threads,
+        "processes": processes,
+        "gpu": ", ".join(gpus) if gpus else "none",
+        "cuda": cuda or "none",
+        "torch": torch_version,
+        "transformers": transformers_version,
+        "python": python,
+    }
 
 
 def _version(package: str) -> str:
@@ -61,13 +82,20 @@ def environment() -> dict:
     """This process's environment record (see `describe`)."""
     import torch
 
-
     try:
         cpuinfo = CPUINFO.read_text(errors="replace")
     except OSError:
         cpuinfo = ""
     capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: None)()
-    return describe(cpuinfo, machine=platform.machine(), python=platform.python_version(),
-                    torch_version=torch.__version__, transformers_version=_version("transformers"),
-                    cuda=torch.version.cuda, cpu_capability=capability, threads=torch.get_num_threads(),
-                    processes=world_size_from_env(), gpus=_gpus(torch))
+    return describe(
+        cpuinfo,
+        machine=platform.machine(),
+        python=platform.python_version(),
+        torch_version=torch.__version__,
+        transformers_version=_version("transformers"),
+        cuda=torch.version.cuda,
+        cpu_capability=capability,
+        threads=torch.get_num_threads(),
+        processes=world_size_from_env(),
+        gpus=_gpus(torch),
+    )

@@ -2,7 +2,8 @@
 
 `machine_fault(err, stage, folders)` says what such an error means, where, with the free space and the fix (None for
 any other error); the stage commands (`stages.common.user_errors`) turn it into their one-line error. A stage's output
-is staged and renamed into place only when complete (`pipeline.store.artifacts.staged_dir`), so after such a fault nothing
+is staged and renamed into place only when complete (`pipeline.store.artifacts.staged_dir`), so after such a fault
+nothing
 is published and the previous artifact is as it was. `require_free_space` refuses up front a write whose size is
 known (a model, a checkpoint).
 """
@@ -18,26 +19,46 @@ from typing import Iterable
 from pipeline.core.errors import PipelineError
 
 FULL, QUOTA, READ_ONLY, DENIED, NOT_DIR = "full", "quota", "read-only", "denied", "not a folder"
-ERRNO_KIND = {errno.ENOSPC: FULL, errno.EDQUOT: QUOTA, errno.EFBIG: FULL, errno.EROFS: READ_ONLY,
-              errno.EACCES: DENIED, errno.EPERM: DENIED, errno.ENOTDIR: NOT_DIR}
+ERRNO_KIND = {
+    errno.ENOSPC: FULL,
+    errno.EDQUOT: QUOTA,
+    errno.EFBIG: FULL,
+    errno.EROFS: READ_ONLY,
+    errno.EACCES: DENIED,
+    errno.EPERM: DENIED,
+    errno.ENOTDIR: NOT_DIR,
+}
 # how writers that raise no OSError say it: torch's zip writer, safetensors (Rust), pyarrow
-SIGNS = {"No space left on device": FULL, "StorageFull": FULL, "Disk quota exceeded": QUOTA,
-         "QuotaExceeded": QUOTA, "Read-only file system": READ_ONLY, "ReadOnlyFilesystem": READ_ONLY,
-         "Permission denied": DENIED, "PermissionDenied": DENIED}
+SIGNS = {
+    "No space left on device": FULL,
+    "StorageFull": FULL,
+    "Disk quota exceeded": QUOTA,
+    "QuotaExceeded": QUOTA,
+    "Read-only file system": READ_ONLY,
+    "ReadOnlyFilesystem": READ_ONLY,
+    "Permission denied": DENIED,
+    "PermissionDenied": DENIED,
+}
 # torch's zip writer after a short write: the cause is not named, the free space tells
 SHORT_WRITE = ("unexpected pos", "file write failed")
 LOW_SPACE = 64 << 20  # bytes: below this, a short write is taken for a full disk
 
-WHAT = {FULL: "no space left on the device", QUOTA: "the disk quota is exceeded",
-        READ_ONLY: "the file system is read-only", DENIED: "permission denied",
-        NOT_DIR: "a file is where a folder must be"}
-FIX = {FULL: "free space there (old runs' checkpoints under artifacts/checkpoints/ and `dvc gc` for DVC's unused "
-             "cache are the usual culprits), or write elsewhere (the stage's --out/--checkpoints options, a bigger disk)",
-       QUOTA: "free space within your quota there, ask for a larger one, or write elsewhere (the stage's "
-              "--out/--checkpoints options)",
-       READ_ONLY: "remount it read-write, or write elsewhere (the stage's --out/--checkpoints options)",
-       DENIED: "make it readable and writable by this user (`ls -ld` it; chown or chmod), or use another folder",
-       NOT_DIR: "move the file away, or pass another path (the stage's --out/--checkpoints/--live options)"}
+WHAT = {
+    FULL: "no space left on the device",
+    QUOTA: "the disk quota is exceeded",
+    READ_ONLY: "the file system is read-only",
+    DENIED: "permission denied",
+    NOT_DIR: "a file is where a folder must be",
+}
+FIX = {
+    FULL: "free space there (old runs' checkpoints under artifacts/checkpoints/ and `dvc gc` for DVC's unused "
+    "cache are the usual culprits), or write elsewhere (the stage's --out/--checkpoints options, a bigger disk)",
+    QUOTA: "free space within your quota there, ask for a larger one, or write elsewhere (the stage's "
+    "--out/--checkpoints options)",
+    READ_ONLY: "remount it read-write, or write elsewhere (the stage's --out/--checkpoints options)",
+    DENIED: "make it readable and writable by this user (`ls -ld` it; chown or chmod), or use another folder",
+    NOT_DIR: "move the file away, or pass another path (the stage's --out/--checkpoints/--live options)",
+}
 
 
 def size_text(n: int) -> str:
@@ -100,8 +121,10 @@ def machine_fault(err: BaseException, stage: str, folders: Iterable[Path]) -> st
         where = Path(path) if path else (folders[0] if folders else Path.cwd())
         space = free_space(where) if kind in (FULL, QUOTA) else None
         room = f" ({size_text(space[0])} free of {size_text(space[1])})" if space else ""
-        return (f"{stage}: {where}: {WHAT[kind]}{room}. Fix: {FIX[kind]}. Nothing was published; the previous "
-                f"output is as it was.")
+        return (
+            f"{stage}: {where}: {WHAT[kind]}{room}. Fix: {FIX[kind]}. Nothing was published; the previous "
+            f"output is as it was."
+        )
     return None
 
 
@@ -113,8 +136,10 @@ def require_free_space(folder: Path, needed: int, what: str) -> None:
     free, total = space
     want = int(needed * 1.05)
     if free < want:
-        raise PipelineError(f"{folder}: {what} needs about {size_text(want)} but only {size_text(free)} of "
-                            f"{size_text(total)} is free on that file system. Fix: {FIX[FULL]}. Nothing was written.")
+        raise PipelineError(
+            f"{folder}: {what} needs about {size_text(want)} but only {size_text(free)} of "
+            f"{size_text(total)} is free on that file system. Fix: {FIX[FULL]}. Nothing was written."
+        )
 
 
 def same_file_system(a: Path, b: Path) -> bool:

@@ -29,12 +29,25 @@ from typing import Any
 from pipeline.data.images import IMAGE_COLUMNS, placeholders, row_images
 from pipeline.data.invalid import ROLES, InvalidRow
 
-
 COMPLETION_ROLES = ("assistant", "tool")  # a completion is assistant turns, with tool results between them
 # arguments of apply_chat_template that a row's chat_template_kwargs may not override
-RESERVED_TEMPLATE_KWARGS = ("conversation", "tools", "documents", "chat_template", "add_generation_prompt",
-                            "continue_final_message", "tokenize", "padding", "truncation", "max_length",
-                            "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs")
+RESERVED_TEMPLATE_KWARGS = (
+    "conversation",
+    "tools",
+    "documents",
+    "chat_template",
+    "add_generation_prompt",
+    "continue_final_message",
+    "tokenize",
+    "padding",
+    "truncation",
+    "max_length",
+    "return_tensors",
+    "return_dict",
+    "return_assistant_tokens_mask",
+    "tokenizer_kwargs",
+)
+
 
 def drop_nulls(value: Any) -> Any:
     """`value` with every null-valued mapping key removed, recursively (list items are kept)."""
@@ -50,8 +63,10 @@ def _kind(name: str, value: Any) -> str:
         return "text"
     if isinstance(value, list):
         return "messages"
-    raise InvalidRow("bad_type", f"{name} is {type(value).__name__}; expected a string (standard format) "
-                                 "or a list of messages (conversational)")
+    raise InvalidRow(
+        "bad_type",
+        f"{name} is {type(value).__name__}; expected a string (standard format) or a list of messages (conversational)",
+    )
 
 
 def _check_tool_calls(where: str, calls: Any) -> None:
@@ -60,11 +75,17 @@ def _check_tool_calls(where: str, calls: Any) -> None:
     for j, call in enumerate(calls):
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
-            raise InvalidRow("bad_tool_call", f"{where}.tool_calls[{j}] has no function name "
-                                              "(expected {'type': 'function', 'function': {'name': ..., 'arguments': ...}})")
+            raise InvalidRow(
+                "bad_tool_call",
+                f"{where}.tool_calls[{j}] has no function name "
+                "(expected {'type': 'function', 'function': {'name': ..., 'arguments': ...}})",
+            )
         if not isinstance(function.get("arguments", {}), (dict, str)):
-            raise InvalidRow("bad_tool_call", f"{where}.tool_calls[{j}].function.arguments is "
-                                              f"{type(function['arguments']).__name__}, expected an object or a JSON string")
+            raise InvalidRow(
+                "bad_tool_call",
+                f"{where}.tool_calls[{j}].function.arguments is "
+                f"{type(function['arguments']).__name__}, expected an object or a JSON string",
+            )
 
 
 def _check_messages(field: str, messages: list) -> None:
@@ -77,7 +98,9 @@ def _check_messages(field: str, messages: list) -> None:
             raise InvalidRow("unknown_role", f"{where} has role {role!r}; expected one of {list(ROLES)}")
         if "tool_calls" in message:
             if role != "assistant":
-                raise InvalidRow("bad_tool_call", f"{where} is a {role!r} turn with tool_calls; only assistant turns call tools")
+                raise InvalidRow(
+                    "bad_tool_call", f"{where} is a {role!r} turn with tool_calls; only assistant turns call tools"
+                )
             _check_tool_calls(where, message["tool_calls"])
         content = message.get("content")
         if content is None and "tool_calls" in message:
@@ -85,8 +108,10 @@ def _check_messages(field: str, messages: list) -> None:
         if isinstance(content, list):
             _check_parts(where, content)
         elif not isinstance(content, str):
-            raise InvalidRow("non_string_content", f"{where}.content is {type(content).__name__}, expected text or a "
-                                                   "list of content parts")
+            raise InvalidRow(
+                "non_string_content",
+                f"{where}.content is {type(content).__name__}, expected text or a list of content parts",
+            )
 
 
 def _check_parts(where: str, parts: list) -> None:
@@ -95,8 +120,11 @@ def _check_parts(where: str, parts: list) -> None:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "image" or (kind == "text" and isinstance(part.get("text"), str)):
             continue
-        raise InvalidRow("non_string_content", f"{where}.content[{j}] is not a content part {{'type': 'text', 'text': "
-                                               f"...}} or {{'type': 'image'}} (got {json.dumps(part, default=repr)[:80]})")
+        raise InvalidRow(
+            "non_string_content",
+            f"{where}.content[{j}] is not a content part {{'type': 'text', 'text': "
+            f"...}} or {{'type': 'image'}} (got {json.dumps(part, default=repr)[:80]})",
+        )
 
 
 def _content_text(content) -> str:
@@ -119,21 +147,28 @@ def extract_text_prompt(chosen: str, rejected: str, marker: str | None = None) -
     if marker:
         cut = chosen.rfind(marker, 0, n)
         if cut < 0:
-            raise InvalidRow("no_prompt", f"the turn marker {marker!r} does not occur in the text chosen and rejected "
-                                          "share, so the prompt cannot be extracted")
+            raise InvalidRow(
+                "no_prompt",
+                f"the turn marker {marker!r} does not occur in the text chosen and rejected "
+                "share, so the prompt cannot be extracted",
+            )
         n = cut + len(marker)
     else:
         # a cut is clean where the prompt ends in whitespace or both continuations start with it
         def clean(i: int) -> bool:
             return chosen[i - 1].isspace() or all(i == len(t) or t[i].isspace() for t in (chosen, rejected))
+
         while n > 0 and not clean(n):
             n -= 1
     prompt = chosen[:n].rstrip()
     if not prompt.strip():
         hint = "" if marker else " (or set data.prompt_marker, e.g. '\\n\\nAssistant:')"
-        raise InvalidRow("no_prompt", "chosen and rejected share no prompt text, so the prompt cannot be extracted; "
-                                      f"add an explicit 'prompt' column{hint}")
-    return prompt, chosen[len(prompt):], rejected[len(prompt):]
+        raise InvalidRow(
+            "no_prompt",
+            "chosen and rejected share no prompt text, so the prompt cannot be extracted; "
+            f"add an explicit 'prompt' column{hint}",
+        )
+    return prompt, chosen[len(prompt) :], rejected[len(prompt) :]
 
 
 def extract_message_prompt(chosen: list, rejected: list) -> tuple[list, list, list]:
@@ -164,7 +199,9 @@ def parse_tools(tools: Any) -> list | None:
     if tools is None or tools == []:
         return None
     if not isinstance(tools, list) or not all(isinstance(t, dict) and t for t in tools):
-        raise InvalidRow("bad_tools_json", f"'tools' must be a list of JSON schemas (objects), got {json.dumps(tools)[:80]}")
+        raise InvalidRow(
+            "bad_tools_json", f"'tools' must be a list of JSON schemas (objects), got {json.dumps(tools)[:80]}"
+        )
     return drop_nulls(tools)
 
 
@@ -173,11 +210,16 @@ def parse_template_kwargs(kwargs: Any) -> dict | None:
     if kwargs is None:
         return None
     if not isinstance(kwargs, dict):
-        raise InvalidRow("bad_chat_template_kwargs", f"'chat_template_kwargs' is {type(kwargs).__name__}, expected a mapping")
+        raise InvalidRow(
+            "bad_chat_template_kwargs", f"'chat_template_kwargs' is {type(kwargs).__name__}, expected a mapping"
+        )
     reserved = sorted(set(kwargs) & set(RESERVED_TEMPLATE_KWARGS))
     if reserved:
-        raise InvalidRow("bad_chat_template_kwargs", f"'chat_template_kwargs' sets {reserved[0]!r}, which the pipeline "
-                                                     "sets itself (tools come from the 'tools' column)")
+        raise InvalidRow(
+            "bad_chat_template_kwargs",
+            f"'chat_template_kwargs' sets {reserved[0]!r}, which the pipeline "
+            "sets itself (tools come from the 'tools' column)",
+        )
     return drop_nulls(kwargs) or None
 
 
@@ -185,8 +227,10 @@ def empty_text_completion(name: str, implicit: bool) -> str:
     """What is empty when a text completion is blank: with an implicit prompt the full text is not, only what
     follows the shared prompt (typically a last assistant turn with no answer)."""
     if implicit:
-        return (f"{name} is empty after the prompt: the completion (the text after the prompt that chosen and "
-                f"rejected share, i.e. the last assistant turn) has no text")
+        return (
+            f"{name} is empty after the prompt: the completion (the text after the prompt that chosen and "
+            f"rejected share, i.e. the last assistant turn) has no text"
+        )
     return f"{name} is empty: the completion has no text"
 
 
@@ -211,8 +255,11 @@ def canonical_pair(raw: dict, prompt_marker: str | None = None, image_files=None
         if raw[column] is None:
             raise InvalidRow("null_field", f"{column!r} is null")
     prompt, chosen, rejected = raw.get("prompt"), raw["chosen"], raw["rejected"]
-    kinds = {_kind(name, value) for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected))
-             if value is not None}
+    kinds = {
+        _kind(name, value)
+        for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected))
+        if value is not None
+    }
     if len(kinds) > 1:
         raise InvalidRow("mixed_format", "prompt/chosen/rejected mix plain text and message lists")
     conversational = kinds == {"messages"}
@@ -235,14 +282,19 @@ def canonical_pair(raw: dict, prompt_marker: str | None = None, image_files=None
                 raise InvalidRow("empty_completion", f"{name} has no message after the prompt")
             if value[0]["role"] != "assistant" or any(m["role"] not in COMPLETION_ROLES for m in value):
                 roles = [m["role"] for m in value]
-                raise InvalidRow("completion_not_assistant", f"{name} completion has turns {roles}; it must start with "
-                                                             "an assistant turn and hold only assistant (and tool) turns")
+                raise InvalidRow(
+                    "completion_not_assistant",
+                    f"{name} completion has turns {roles}; it must start with "
+                    "an assistant turn and hold only assistant (and tool) turns",
+                )
             if not _has_text(value):
                 raise InvalidRow("empty_completion", f"{name} completion has no text and no tool call")
     else:
         if tools is not None or template_kwargs is not None:
-            raise InvalidRow("template_fields_on_text", "tools/chat_template_kwargs need the conversational format "
-                                                        "(only chat templates render them)")
+            raise InvalidRow(
+                "template_fields_on_text",
+                "tools/chat_template_kwargs need the conversational format (only chat templates render them)",
+            )
         if implicit:
             if chosen == rejected:
                 raise InvalidRow("identical_pair", "chosen and rejected are identical")
@@ -255,29 +307,46 @@ def canonical_pair(raw: dict, prompt_marker: str | None = None, image_files=None
     if chosen == rejected:
         raise InvalidRow("identical_pair", "chosen and rejected are identical")
     images = _checked_images(raw, conversational, prompt, chosen, rejected, image_files)
-    return {"conversational": conversational, "prompt": prompt, "chosen": chosen, "rejected": rejected,
-            "tools": tools, "chat_template_kwargs": template_kwargs, "images": images, "implicit_prompt": implicit}
+    return {
+        "conversational": conversational,
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "tools": tools,
+        "chat_template_kwargs": template_kwargs,
+        "images": images,
+        "implicit_prompt": implicit,
+    }
 
 
 def _checked_images(raw: dict, conversational: bool, prompt, chosen, rejected, image_files) -> list[dict] | None:
     """The row's stored images, checked against its `{"type": "image"}` parts: as many as the prompt has, none in
     the completions, none on a standard (text) row."""
-    if all(raw.get(column) is None or (isinstance(raw.get(column), list) and not raw[column]) for column in IMAGE_COLUMNS):
+    if all(
+        raw.get(column) is None or (isinstance(raw.get(column), list) and not raw[column]) for column in IMAGE_COLUMNS
+    ):
         images = None
     elif not conversational:
-        raise InvalidRow("images_on_text", "the row has images but is in the standard (text) format; write it as "
-                                           "conversational messages with {'type': 'image'} content parts")
+        raise InvalidRow(
+            "images_on_text",
+            "the row has images but is in the standard (text) format; write it as "
+            "conversational messages with {'type': 'image'} content parts",
+        )
     else:
         images = row_images(raw, image_files)
     if not conversational:
         return None
     for name, messages in (("chosen", chosen), ("rejected", rejected)):
         if placeholders(messages):
-            raise InvalidRow("image_count_mismatch", f"the {name} completion holds an image part; images belong to "
-                                                     "the prompt")
+            raise InvalidRow(
+                "image_count_mismatch", f"the {name} completion holds an image part; images belong to the prompt"
+            )
     wanted, given = placeholders(prompt), len(images or [])
     if wanted != given:
-        raise InvalidRow("image_count_mismatch", f"the prompt has {wanted} image part{'s' * (wanted != 1)} "
-                                                 f"({{'type': 'image'}}) but the row gives {given} image"
-                                                 f"{'s' * (given != 1)}; give one image per image part, in order")
+        raise InvalidRow(
+            "image_count_mismatch",
+            f"the prompt has {wanted} image part{'s' * (wanted != 1)} "
+            f"({{'type': 'image'}}) but the row gives {given} image"
+            f"{'s' * (given != 1)}; give one image per image part, in order",
+        )
     return images

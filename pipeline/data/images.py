@@ -37,7 +37,9 @@ def _pil():
     try:
         from PIL import Image
     except ImportError:
-        raise PipelineError("vision data needs pillow: pip install 'dpo-pipeline[vision]' (or pip install pillow).") from None
+        raise PipelineError(
+            "vision data needs pillow: pip install 'dpo-pipeline[vision]' (or pip install pillow)."
+        ) from None
     return Image
 
 
@@ -49,8 +51,10 @@ def _decoded_format(data: bytes, where: str) -> str:
             image.load()
             return (image.format or "unknown").lower()
     except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError, ...
-        raise InvalidRow("bad_image", f"{where} does not decode as an image ({type(err).__name__}: {err}); "
-                                      "re-export it as PNG or JPEG") from None
+        raise InvalidRow(
+            "bad_image",
+            f"{where} does not decode as an image ({type(err).__name__}: {err}); re-export it as PNG or JPEG",
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -73,19 +77,26 @@ class ImageFiles:
             real = path.resolve()
             if not any(real == root or root in real.parents for root in self.inside):
                 roots = " or ".join(repr(str(root)) for root in self.inside) or "no directory (a Hub dataset)"
-                raise InvalidRow("image_outside_source",
-                                 f"{where}: the image file {value!r} resolves to {str(real)!r}, outside {roots}; "
-                                 "images are read only from the data file's directory, so move it there or name "
-                                 "its directory in data.image_root")
+                raise InvalidRow(
+                    "image_outside_source",
+                    f"{where}: the image file {value!r} resolves to {str(real)!r}, outside {roots}; "
+                    "images are read only from the data file's directory, so move it there or name "
+                    "its directory in data.image_root",
+                )
             if self.covered is not None and not any(real == dep or dep in real.parents for dep in self.covered):
-                raise PipelineError(f"{where}: the image file {str(path)!r} is not a dependency of the normalize "
-                                    "stage in dvc.yaml, so DVC would not re-run normalize when it changes; move it "
-                                    "under data/ or add its directory to stages.normalize.deps in dvc.yaml.")
+                raise PipelineError(
+                    f"{where}: the image file {str(path)!r} is not a dependency of the normalize "
+                    "stage in dvc.yaml, so DVC would not re-run normalize when it changes; move it "
+                    "under data/ or add its directory to stages.normalize.deps in dvc.yaml."
+                )
         try:
             return path.read_bytes(), path
         except OSError as err:
-            raise InvalidRow("bad_image", f"{where}: the image file {str(path)!r} cannot be read ({err.strerror or err}); "
-                                          "paths are relative to the data file's directory") from None
+            raise InvalidRow(
+                "bad_image",
+                f"{where}: the image file {str(path)!r} cannot be read ({err.strerror or err}); "
+                "paths are relative to the data file's directory",
+            ) from None
 
 
 def stored_image(value: Any, where: str, files: ImageFiles | None = None) -> dict:
@@ -111,8 +122,11 @@ def stored_image(value: Any, where: str, files: ImageFiles | None = None) -> dic
     if isinstance(value, str) and value:
         data, path = (files or ImageFiles()).read(value, where)
         return {"bytes": data, "format": _decoded_format(data, f"{where} ({path})")}
-    raise InvalidRow("bad_image", f"{where} is {type(value).__name__}; expected a PIL image, encoded image bytes, "
-                                  "a path, or a datasets Image value")
+    raise InvalidRow(
+        "bad_image",
+        f"{where} is {type(value).__name__}; expected a PIL image, encoded image bytes, "
+        "a path, or a datasets Image value",
+    )
 
 
 def row_images(raw: dict, files: ImageFiles | None = None) -> list[dict] | None:
@@ -126,8 +140,9 @@ def row_images(raw: dict, files: ImageFiles | None = None) -> list[dict] | None:
     if column == "image":
         return [stored_image(value, "image", files)]
     if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
-        raise InvalidRow("bad_image", f"'images' is {type(value).__name__}; expected a list of images "
-                                      "(one image: an 'image' column)")
+        raise InvalidRow(
+            "bad_image", f"'images' is {type(value).__name__}; expected a list of images (one image: an 'image' column)"
+        )
     images = [stored_image(item, f"images[{i}]", files) for i, item in enumerate(value)]
     return images or None
 
@@ -165,14 +180,10 @@ def placeholders(messages: Any) -> int:
     """The `{"type": "image"}` content parts of a list of messages."""
     if not isinstance(messages, list):
         return 0
-    return sum(1 for message in messages if isinstance(message, dict) and isinstance(message.get("content"), list)
-               for part in message["content"] if isinstance(part, dict) and part.get("type") == "image")
-
-
-def has_images(table_or_rows) -> bool:
-    """Whether any row of a normalized/tokenized table (or an iterable of row dicts) holds images."""
-    if isinstance(table_or_rows, pa.Table):
-        if "images" not in table_or_rows.column_names:
-            return False
-        return table_or_rows.column("images").null_count < table_or_rows.num_rows
-    return any(row.get("images") for row in table_or_rows)
+    return sum(
+        1
+        for message in messages
+        if isinstance(message, dict) and isinstance(message.get("content"), list)
+        for part in message["content"]
+        if isinstance(part, dict) and part.get("type") == "image"
+    )

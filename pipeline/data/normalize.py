@@ -33,17 +33,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pipeline.store.artifacts import write_json
-from pipeline.store.dvc_deps import dvc_dep_paths, require_dvc_deps
 from pipeline.core.errors import PipelineError
 from pipeline.data.dropped import DROPPED_FILE, DroppedLog
 from pipeline.data.formats import canonical_pair, invalid_row_message
-from pipeline.data.invalid import InvalidRow
 from pipeline.data.images import ImageFiles
+from pipeline.data.invalid import InvalidRow
 from pipeline.data.schema import NORMALIZED_SCHEMA, encode_field, encode_optional, prompt_id_for, raw_row_id, row_id_for
+from pipeline.data.sources import (
+    builtin_rows,
+    hook_record,
+    is_builtin,
+    iter_rows,
+    load_hook,
+    local_paths,
+    local_reads,
+    source_record,
+)
+from pipeline.store.artifacts import write_json
 from pipeline.store.digests import glob_root, is_glob
-from pipeline.data.sources import (builtin_rows, hook_record, is_builtin, iter_rows, load_hook, local_paths,
-                      local_reads, source_record)
+from pipeline.store.dvc_deps import dvc_dep_paths, require_dvc_deps
 
 CHUNK_ROWS = 1000
 CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "tools", "chat_template_kwargs", "images", "image")
@@ -94,20 +102,33 @@ class SeenPairs:
 
 def canonical_record(pair: dict) -> dict:
     conv = pair["conversational"]
-    return {"row_id": row_id_for(pair["prompt"], pair["chosen"], pair["rejected"], pair["tools"],
-                                 pair["chat_template_kwargs"], pair["images"]),
-            "conversational": conv,
-            "prompt": encode_field(pair["prompt"], conv), "chosen": encode_field(pair["chosen"], conv),
-            "rejected": encode_field(pair["rejected"], conv), "tools": encode_optional(pair["tools"]),
-            "chat_template_kwargs": encode_optional(pair["chat_template_kwargs"]), "images": pair["images"]}
+    return {
+        "row_id": row_id_for(
+            pair["prompt"],
+            pair["chosen"],
+            pair["rejected"],
+            pair["tools"],
+            pair["chat_template_kwargs"],
+            pair["images"],
+        ),
+        "conversational": conv,
+        "prompt": encode_field(pair["prompt"], conv),
+        "chosen": encode_field(pair["chosen"], conv),
+        "rejected": encode_field(pair["rejected"], conv),
+        "tools": encode_optional(pair["tools"]),
+        "chat_template_kwargs": encode_optional(pair["chat_template_kwargs"]),
+        "images": pair["images"],
+    }
 
 
 def check_column_mapping(columns: dict) -> dict:
     """`data.columns`: canonical name → the source's column name."""
     for canonical, source in columns.items():
         if canonical not in CANONICAL_COLUMNS:
-            raise PipelineError(f"params: data.columns maps {canonical!r}, which is not a canonical column; "
-                                f"keys are canonical names {list(CANONICAL_COLUMNS)}, values the source's column names.")
+            raise PipelineError(
+                f"params: data.columns maps {canonical!r}, which is not a canonical column; "
+                f"keys are canonical names {list(CANONICAL_COLUMNS)}, values the source's column names."
+            )
         if not isinstance(source, str) or not source:
             raise PipelineError(f"params: data.columns.{canonical} must be the source's column name, got {source!r}.")
     return dict(columns)
@@ -130,29 +151,41 @@ class RowPreparer:
         if self.columns:
             missing = [source for source in self.columns.values() if source not in raw]
             if missing:
-                raise InvalidRow("missing_column", f"no {missing[0]!r} column, which data.columns maps "
-                                                   f"(columns: {sorted(map(str, raw))})")
+                raise InvalidRow(
+                    "missing_column",
+                    f"no {missing[0]!r} column, which data.columns maps (columns: {sorted(map(str, raw))})",
+                )
             mapped = set(self.columns.values())
-            raw = {**{k: v for k, v in raw.items() if k not in mapped},
-                   **{canonical: raw[source] for canonical, source in self.columns.items()}}
+            raw = {
+                **{k: v for k, v in raw.items() if k not in mapped},
+                **{canonical: raw[source] for canonical, source in self.columns.items()},
+            }
         if self.hook is not None:
             try:
                 out = self.hook(dict(raw))
             except Exception as err:
-                raise InvalidRow("preprocess_failed", f"the data.preprocess hook raised {type(err).__name__}: {err}") from None
+                raise InvalidRow(
+                    "preprocess_failed", f"the data.preprocess hook raised {type(err).__name__}: {err}"
+                ) from None
             if out is None:
                 raise InvalidRow("preprocess_skipped", "the data.preprocess hook returned None")
             if not isinstance(out, dict):
-                raise InvalidRow("preprocess_failed", f"the data.preprocess hook returned {type(out).__name__}, "
-                                                      "expected a mapping of canonical columns (or None to skip)")
+                raise InvalidRow(
+                    "preprocess_failed",
+                    f"the data.preprocess hook returned {type(out).__name__}, "
+                    "expected a mapping of canonical columns (or None to skip)",
+                )
             raw = {**raw, **out}
         pair = canonical_pair(raw, self.marker, self.image_files)
         if self.first_format is None:
             self.first_format = pair["conversational"]
         elif pair["conversational"] != self.first_format:
             kinds = {True: "conversational", False: "standard"}
-            raise InvalidRow("mixed_format", f"this row is {kinds[pair['conversational']]} but the dataset's first row "
-                                             f"is {kinds[self.first_format]}; one dataset holds one format")
+            raise InvalidRow(
+                "mixed_format",
+                f"this row is {kinds[pair['conversational']]} but the dataset's first row "
+                f"is {kinds[self.first_format]}; one dataset holds one format",
+            )
         return pair
 
 
@@ -161,8 +194,15 @@ def image_files(source: str, data: dict) -> ImageFiles:
     glob's, or the directory itself; `data.image_root` for a Hub dataset, which has none); any file must lie in
     that directory or in `data.image_root`, and under DVC in a dep of the normalize stage too."""
     path = Path(source)
-    own = (glob_root(source) if is_glob(source) else path if path.is_dir() else path.parent
-           if local_paths(source) else None)
+    own = (
+        glob_root(source)
+        if is_glob(source)
+        else path
+        if path.is_dir()
+        else path.parent
+        if local_paths(source)
+        else None
+    )
     named = Path(data["image_root"]) if data["image_root"] else None
     inside = tuple(root.resolve() for root in (own, named) if root is not None)
     deps = dvc_dep_paths()
@@ -202,9 +242,15 @@ class Normalizer:
                 if self.data["on_invalid"] == "error" and bad.rule != "preprocess_skipped":
                     invalid.append((source, index, bad))  # every one is named: the scan goes on, nothing is written
                     continue
-                self.dropped.add({"source": source, "row": index,
-                                  "row_id": row_id or (raw_row_id(raw) if isinstance(raw, dict) else None),
-                                  "rule": bad.rule, "detail": bad.detail})
+                self.dropped.add(
+                    {
+                        "source": source,
+                        "row": index,
+                        "row_id": row_id or (raw_row_id(raw) if isinstance(raw, dict) else None),
+                        "rule": bad.rule,
+                        "detail": bad.detail,
+                    }
+                )
                 continue
             self.implicit_prompts += pair["implicit_prompt"]
             split = split_of(pair)
@@ -226,8 +272,10 @@ def refuse_invalid(invalid: list) -> None:
     lines = [invalid_row_message(source, rows, rule, detail) for (source, rule, detail), rows in groups.items()]
     more = f"; ... and {len(invalid) - NAMED_ROWS} more invalid rows" if len(invalid) > NAMED_ROWS else ""
     fix = "Fix the row" if len(invalid) == 1 else f"{len(invalid)} invalid rows. Fix them"
-    raise PipelineError("; ".join(lines) + more + f". {fix}, or set data.on_invalid: drop to skip such rows (they "
-                        "are listed in the report).")
+    raise PipelineError(
+        "; ".join(lines) + more + f". {fix}, or set data.on_invalid: drop to skip such rows (they "
+        "are listed in the report)."
+    )
 
 
 def data_sources(data: dict) -> dict:
@@ -254,12 +302,16 @@ def normalize_dataset(params: dict, out_dir: Path) -> dict:
     """Write `train.parquet`, `eval.parquet`, `dropped.jsonl`, `report.json` and `manifest.json` into `out_dir`."""
     data = params["data"]
     if data["prompt_marker"] is not None and (not isinstance(data["prompt_marker"], str) or not data["prompt_marker"]):
-        raise PipelineError(f"params: data.prompt_marker must be a non-empty string or null, got {data['prompt_marker']!r}.")
+        raise PipelineError(
+            f"params: data.prompt_marker must be a non-empty string or null, got {data['prompt_marker']!r}."
+        )
     hook = load_hook(data["preprocess"])
     check_column_mapping(data["columns"])
     if data["image_root"] and not Path(data["image_root"]).is_dir():
-        raise PipelineError(f"params: data.image_root={data['image_root']} is not a directory; name the directory the "
-                            "data's image paths are read from (relative to the project), or null.")
+        raise PipelineError(
+            f"params: data.image_root={data['image_root']} is not a directory; name the directory the "
+            "data's image paths are read from (relative to the project), or null."
+        )
     require_dvc_deps(local_reads(data))
     sources = data_sources(data)
     needed = None if hook else set(data["columns"].values()) | set(CANONICAL_COLUMNS)
@@ -277,31 +329,61 @@ def normalize_dataset(params: dict, out_dir: Path) -> dict:
                 run.run(rows, lambda pair, s=split: s, RowPreparer({**data, "columns": {}}, None), f"normalize {split}")
             eval_from = "builtin"
         else:
-            train_rows = iter_rows(data["train"], data["split"], data["name"], revision_to_read(sources["train"], data),
-                                   columns=needed)
+            train_rows = iter_rows(
+                data["train"], data["split"], data["name"], revision_to_read(sources["train"], data), columns=needed
+            )
             if data["eval"] is None:
+
                 def carve(pair: dict) -> str:
                     prompt_id = prompt_id_for(pair["prompt"], pair["tools"], pair["images"])
                     return "eval" if _in_eval(prompt_id, params["seed"], data["eval_fraction"]) else "train"
+
                 run.run(train_rows, carve, RowPreparer(data, hook, image_files(data["train"], data)), "normalize")
-                eval_from = f"carved from train: eval_fraction {data['eval_fraction']} of the prompts, seed {params['seed']}"
+                eval_from = (
+                    f"carved from train: eval_fraction {data['eval_fraction']} of the prompts, seed {params['seed']}"
+                )
             else:
-                run.run(train_rows, lambda pair: "train", RowPreparer(data, hook, image_files(data["train"], data)), "normalize train")
-                eval_rows = iter_rows(data["eval"], data["eval_split"] or data["split"], data["name"],
-                                      revision_to_read(sources["eval"], data), columns=needed)
-                run.run(eval_rows, lambda pair: "eval", RowPreparer(data, hook, image_files(data["eval"], data)), "normalize eval")
+                run.run(
+                    train_rows,
+                    lambda pair: "train",
+                    RowPreparer(data, hook, image_files(data["train"], data)),
+                    "normalize train",
+                )
+                eval_rows = iter_rows(
+                    data["eval"],
+                    data["eval_split"] or data["split"],
+                    data["name"],
+                    revision_to_read(sources["eval"], data),
+                    columns=needed,
+                )
+                run.run(
+                    eval_rows,
+                    lambda pair: "eval",
+                    RowPreparer(data, hook, image_files(data["eval"], data)),
+                    "normalize eval",
+                )
                 eval_from = f"{data['eval']} (split {data['eval_split'] or data['split']})"
         for writer in writers.values():
             writer.close()
     rows = {split: w.count for split, w in writers.items()}
-    report = {"rows_read": run.rows_read, "rows_written": rows, "rows_dropped": dropped.count,
-              "dropped_by_reason": dict(sorted(dropped.by_reason.items())), "dropped_rows_file": DROPPED_FILE,
-              "implicit_prompts": run.implicit_prompts, "formats": run.formats, "eval_from": eval_from,
-              "on_invalid": data["on_invalid"], "sources": sources}
+    report = {
+        "rows_read": run.rows_read,
+        "rows_written": rows,
+        "rows_dropped": dropped.count,
+        "dropped_by_reason": dict(sorted(dropped.by_reason.items())),
+        "dropped_rows_file": DROPPED_FILE,
+        "implicit_prompts": run.implicit_prompts,
+        "formats": run.formats,
+        "eval_from": eval_from,
+        "on_invalid": data["on_invalid"],
+        "sources": sources,
+    }
     if report["rows_read"] != sum(rows.values()) + report["rows_dropped"]:
         raise RuntimeError("internal error: normalize counts do not add up")
     if rows["train"] == 0:
-        raise PipelineError(f"{data['train']}: no valid training rows remain ({report['rows_read']} read, "
-                            f"{report['rows_dropped']} dropped: {report['dropped_by_reason']}).")
+        raise PipelineError(
+            f"{data['train']}: no valid training rows remain ({report['rows_read']} read, "
+            f"{report['rows_dropped']} dropped: {report['dropped_by_reason']})."
+        )
     write_json(out_dir / "report.json", report)
     return report

@@ -22,9 +22,9 @@ import pyarrow.compute as pc
 
 from pipeline.core.errors import PipelineError
 from pipeline.data.formats import canonical_pair, invalid_row_message
+from pipeline.data.images import IMAGE_COLUMNS
 from pipeline.data.invalid import InvalidRow
 from pipeline.data.schema import row_id_for
-from pipeline.data.images import IMAGE_COLUMNS
 from pipeline.data.tokenize import PairTokenizer, image_tokens_cut, truncate_pair, warn_keep_end
 
 logger = logging.getLogger(__name__)
@@ -52,19 +52,27 @@ def as_dataset(dataset, name: str = "train_dataset"):
     if isinstance(dataset, (list, tuple)):
         bad = next((i for i, row in enumerate(dataset) if not isinstance(row, dict)), None)
         if bad is not None:
-            raise PipelineError(f"{name} is a list whose item {bad} is a {type(dataset[bad]).__name__}, not a row dict; "
-                                "pass a datasets.Dataset, or a list of dicts with prompt/chosen/rejected keys.")
+            raise PipelineError(
+                f"{name} is a list whose item {bad} is a {type(dataset[bad]).__name__}, not a row dict; "
+                "pass a datasets.Dataset, or a list of dicts with prompt/chosen/rejected keys."
+            )
         try:
             return datasets.Dataset.from_list(list(dataset))
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as err:
-            raise PipelineError(f"{name}: the list of rows cannot be made into a dataset ({err}); give every row the "
-                                "same keys with the same kinds of values, or build it with datasets.Dataset.from_list "
-                                "yourself.") from None
+            raise PipelineError(
+                f"{name}: the list of rows cannot be made into a dataset ({err}); give every row the "
+                "same keys with the same kinds of values, or build it with datasets.Dataset.from_list "
+                "yourself."
+            ) from None
     if isinstance(dataset, datasets.DatasetDict):
-        raise PipelineError(f"{name} is a DatasetDict with splits {list(dataset)}; pass one split, e.g. "
-                            f"{name}=dataset[{next(iter(dataset), 'train')!r}].")
-    raise PipelineError(f"{name} is a {type(dataset).__name__}; pass a datasets.Dataset (or IterableDataset), or a list "
-                        "of row dicts (e.g. datasets.Dataset.from_pandas(frame) for a DataFrame).")
+        raise PipelineError(
+            f"{name} is a DatasetDict with splits {list(dataset)}; pass one split, e.g. "
+            f"{name}=dataset[{next(iter(dataset), 'train')!r}]."
+        )
+    raise PipelineError(
+        f"{name} is a {type(dataset).__name__}; pass a datasets.Dataset (or IterableDataset), or a list "
+        "of row dicts (e.g. datasets.Dataset.from_pandas(frame) for a DataFrame)."
+    )
 
 
 def input_vocab_size(model) -> int | None:
@@ -83,8 +91,10 @@ def _listed(name: str, problems: list[tuple[int, str, str]]) -> str:
     groups: dict[tuple[str, str], list[int]] = {}
     for index, rule, detail in problems[:MAX_LISTED]:
         groups.setdefault((rule, detail), []).append(index)
-    shown = "; ".join(invalid_row_message(None if k else name, rows, rule, detail)
-                      for k, ((rule, detail), rows) in enumerate(groups.items()))
+    shown = "; ".join(
+        invalid_row_message(None if k else name, rows, rule, detail)
+        for k, ((rule, detail), rows) in enumerate(groups.items())
+    )
     more = len(problems) - MAX_LISTED
     return shown + (f"; ... and {more} more invalid rows" if more > 0 else "")
 
@@ -109,16 +119,24 @@ def tokenized_problems(dataset, vocab_size: int | None) -> list[tuple[int, str, 
             if column in COMPLETION_ID_COLUMNS:
                 lengths = pc.fill_null(pc.list_value_length(ids), 0)
                 for row in pc.indices_nonzero(pc.equal(lengths, 0)).to_pylist():
-                    problems.setdefault(start + row, (start + row, "empty_completion",
-                                                      f"{column} is empty (no completion tokens)"))
+                    problems.setdefault(
+                        start + row, (start + row, "empty_completion", f"{column} is empty (no completion tokens)")
+                    )
             if vocab_size is None:
                 continue
             values, parents = pc.list_flatten(ids), pc.list_parent_indices(ids)
             outside = pc.fill_null(pc.or_(pc.less(values, 0), pc.greater_equal(values, vocab_size)), False)
             for position in pc.indices_nonzero(outside).to_pylist():
                 row = start + parents[position].as_py()
-                problems.setdefault(row, (row, OUT_OF_VOCAB, f"{column} holds token id {values[position].as_py()}, "
-                                    f"outside the model's vocabulary of {vocab_size} ids [0, {vocab_size})"))
+                problems.setdefault(
+                    row,
+                    (
+                        row,
+                        OUT_OF_VOCAB,
+                        f"{column} holds token id {values[position].as_py()}, "
+                        f"outside the model's vocabulary of {vocab_size} ids [0, {vocab_size})",
+                    ),
+                )
     return sorted(problems.values())
 
 
@@ -127,7 +145,7 @@ def _chunks(dataset, column: str):
     values = dataset.with_format("arrow")[column]
     values = values.column(0) if isinstance(values, pa.Table) else values
     start = 0
-    for chunk in (values.chunks if isinstance(values, pa.ChunkedArray) else [values]):
+    for chunk in values.chunks if isinstance(values, pa.ChunkedArray) else [values]:
         yield start, chunk
         start += len(chunk)
 
@@ -145,8 +163,13 @@ def _tokenize(dataset, tokenizer, max_length: int | None, truncation_mode: str, 
     def convert(batch: dict, indices: list[int]) -> dict:
         columns = list(batch)
         rows = [{column: batch[column][k] for column in columns} for k in range(len(indices))]
-        out = {"row_id": [], **{column: [] for column in TOKENIZED_COLUMNS}, _RULE: [], _DETAIL: [],
-               **({"images": []} if vision else {})}
+        out = {
+            "row_id": [],
+            **{column: [] for column in TOKENIZED_COLUMNS},
+            _RULE: [],
+            _DETAIL: [],
+            **({"images": []} if vision else {}),
+        }
 
         def add(row_id, ids: dict | None, bad: InvalidRow | None, images: list | None = None) -> None:
             out["row_id"].append(row_id)
@@ -178,19 +201,33 @@ def _tokenize(dataset, tokenizer, max_length: int | None, truncation_mode: str, 
             if cut is not None:
                 add(None, None, cut)
                 continue
-            add(row_id_for(pair["prompt"], pair["chosen"], pair["rejected"], pair["tools"],
-                           pair["chat_template_kwargs"], pair["images"]), ids, None, pair["images"])
+            add(
+                row_id_for(
+                    pair["prompt"],
+                    pair["chosen"],
+                    pair["rejected"],
+                    pair["tools"],
+                    pair["chat_template_kwargs"],
+                    pair["images"],
+                ),
+                ids,
+                None,
+                pair["images"],
+            )
         return out
 
     import datasets
+
     kwargs = {"num_proc": num_proc, "desc": f"tokenizing {name}"} if isinstance(dataset, datasets.Dataset) else {}
-    return dataset.map(convert, batched=True, batch_size=256, with_indices=True,
-                       remove_columns=dataset.column_names, **kwargs)
+    return dataset.map(
+        convert, batched=True, batch_size=256, with_indices=True, remove_columns=dataset.column_names, **kwargs
+    )
 
 
 def _checked_iterable(prepared, name: str, on_invalid: str):
     """An IterableDataset is read lazily: an invalid row stops training when reached ("error") or is logged and
     skipped ("drop"), one at a time; truncation-emptied pairs are skipped."""
+
     def keep(row: dict, index: int) -> bool:
         if row[_RULE] is not None:
             message = invalid_row_message(name, index, row[_RULE], row[_DETAIL])
@@ -203,8 +240,16 @@ def _checked_iterable(prepared, name: str, on_invalid: str):
     return prepared.filter(keep, with_indices=True).remove_columns([_RULE, _DETAIL])
 
 
-def prepare_dataset(dataset, tokenizer, max_length: int | None, truncation_mode: str, num_proc: int | None = None,
-                    name: str = "train_dataset", on_invalid: str = "error", vocab_size: int | None = None):
+def prepare_dataset(
+    dataset,
+    tokenizer,
+    max_length: int | None,
+    truncation_mode: str,
+    num_proc: int | None = None,
+    name: str = "train_dataset",
+    on_invalid: str = "error",
+    vocab_size: int | None = None,
+):
     """Tokenize a raw preference dataset (any supported format) unless it already is tokenized, then check it:
     invalid rows refused or dropped per `on_invalid`, token ids below `vocab_size`, at least one row left."""
     import datasets
@@ -231,21 +276,30 @@ def prepare_dataset(dataset, tokenizer, max_length: int | None, truncation_mode:
         dataset = dataset.remove_columns([_RULE, _DETAIL])
         bad_rows = {i for i, _, _ in problems}
         # ids the tokenizer made that the model cannot embed (a tokenizer with tokens added, model not resized)
-        problems += [p for p in tokenized_problems(dataset, vocab_size) if p[0] not in bad_rows
-                     and p[1] == OUT_OF_VOCAB]
+        problems += [
+            p for p in tokenized_problems(dataset, vocab_size) if p[0] not in bad_rows and p[1] == OUT_OF_VOCAB
+        ]
         problems.sort()
         # a completion emptied by truncation carries no preference signal (dropped, as in the tokenize stage)
-        lengths = [[n for _, chunk in _chunks(dataset, c) for n in pc.list_value_length(chunk).to_pylist()]
-                   for c in COMPLETION_ID_COLUMNS]
+        lengths = [
+            [n for _, chunk in _chunks(dataset, c) for n in pc.list_value_length(chunk).to_pylist()]
+            for c in COMPLETION_ID_COLUMNS
+        ]
         emptied = [i for i in range(total) if i not in bad_rows and not (lengths[0][i] and lengths[1][i])]
     _refuse_or_log(problems, name, on_invalid, total)
     dropped = {i for i, _, _ in problems} | set(emptied)
     if emptied:
-        logger.warning("%s: dropped %d pairs whose completions max_length=%s leaves empty [rule emptied_by_truncation]",
-                       name, len(emptied), max_length)
+        logger.warning(
+            "%s: dropped %d pairs whose completions max_length=%s leaves empty [rule emptied_by_truncation]",
+            name,
+            len(emptied),
+            max_length,
+        )
     if dropped:
         dataset = dataset.select([i for i in range(total) if i not in dropped])
     if len(dataset) == 0:
-        raise PipelineError(f"{name}: all {total} rows were dropped ({len(problems)} invalid, {len(emptied)} emptied by "
-                            f"max_length={max_length}); fix the data, or raise max_length.")
+        raise PipelineError(
+            f"{name}: all {total} rows were dropped ({len(problems)} invalid, {len(emptied)} emptied by "
+            f"max_length={max_length}); fix the data, or raise max_length."
+        )
     return dataset

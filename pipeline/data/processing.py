@@ -1,7 +1,7 @@
 """The processing class: a tokenizer, or a vision-language model's processor (a tokenizer and an image processor).
 
 Everything that needs the tokenizer's ids (pad, BOS, EOS, the vocabulary) asks `tokenizer_of`; what needs the
-images asks `image_processor_of` and `image_token_id`. A processor is recognised by what it holds (a
+images asks `image_token_id`. A processor is recognised by what it holds (a
 `tokenizer` and an `image_processor`), not by its class, so any model family's processor works.
 """
 
@@ -12,17 +12,15 @@ from typing import Any
 
 def is_processor(processing_class: Any) -> bool:
     """Whether `processing_class` is a multimodal processor (holds a tokenizer and an image processor)."""
-    return getattr(processing_class, "tokenizer", None) is not None and \
-        getattr(processing_class, "image_processor", None) is not None
+    return (
+        getattr(processing_class, "tokenizer", None) is not None
+        and getattr(processing_class, "image_processor", None) is not None
+    )
 
 
 def tokenizer_of(processing_class: Any):
     """The tokenizer of a processing class (itself when it is a tokenizer)."""
     return processing_class.tokenizer if is_processor(processing_class) else processing_class
-
-
-def image_processor_of(processing_class: Any):
-    return processing_class.image_processor if is_processor(processing_class) else None
 
 
 def image_token_id(processing_class: Any) -> int | None:

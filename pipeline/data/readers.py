@@ -45,8 +45,10 @@ BOM = codecs.BOM_UTF8
 # what a decompressor raises on data it cannot read (zstandard's error is an Exception subclass, added below)
 DECOMPRESS_ERRORS: tuple = (OSError, EOFError, lzma.LZMAError, zlib.error)
 TOOLS = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstd"}
-_LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
-                                    r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+_LONE_SURROGATE_ESCAPE = re.compile(
+    r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
 _SURROGATE = re.compile("[\\ud800-\\udfff]")
 _LONE_CR = re.compile(rb"\r(?!\n)")
 # deeper rows are refused when read: later steps walk rows recursively and would hit Python's recursion limit
@@ -94,8 +96,9 @@ def open_binary(path: Path) -> io.BufferedIOBase:
         try:
             import zstandard
         except ImportError:
-            raise PipelineError(f"{path}: reading .zst needs the zstandard package (pip install zstandard), "
-                                "or decompress the file.") from None
+            raise PipelineError(
+                f"{path}: reading .zst needs the zstandard package (pip install zstandard), or decompress the file."
+            ) from None
         return io.BufferedReader(_ZstdStream(zstandard, path))
     return open(path, "rb")
 
@@ -130,7 +133,7 @@ class _ZstdStream(io.RawIOBase):
                     self.frame = None
             self.pending, self.at = memoryview(b"".join(out)), 0
         n = min(len(buffer), len(self.pending) - self.at)
-        buffer[:n] = self.pending[self.at:self.at + n]
+        buffer[:n] = self.pending[self.at : self.at + n]
         self.at += n
         return n
 
@@ -151,9 +154,12 @@ def reading(path: Path, where: Callable[[], str]):
         yield
     except _decompress_errors() as err:
         tool = TOOLS.get(path.suffix.lower())
-        fix = (f"The file is truncated or corrupt, or is not {tool} data despite its {path.suffix} suffix: "
-               f"re-download or re-create it (`{tool} -t {path.name}` checks it), or rename it to its real format."
-               if tool else "Check the file and the disk, then re-run.")
+        fix = (
+            f"The file is truncated or corrupt, or is not {tool} data despite its {path.suffix} suffix: "
+            f"re-download or re-create it (`{tool} -t {path.name}` checks it), or rename it to its real format."
+            if tool
+            else "Check the file and the disk, then re-run."
+        )
         raise PipelineError(f"{path}: cannot read it {where()} ({type(err).__name__}: {err}). {fix}") from None
 
 
@@ -164,7 +170,7 @@ def physical_lines(path: Path, handle) -> Iterator[tuple[int, int, bytes]]:
     with reading(path, lambda: f"after line {line_number}" if line_number else "at its start"):
         for raw in handle:
             if line_number == 0 and raw.startswith(BOM):
-                raw, offset = raw[len(BOM):], len(BOM)
+                raw, offset = raw[len(BOM) :], len(BOM)
             parts = _LONE_CR.split(raw) if b"\r" in raw else [raw]
             for index, part in enumerate(parts):
                 line_number += 1
@@ -175,9 +181,13 @@ def physical_lines(path: Path, handle) -> Iterator[tuple[int, int, bytes]]:
 def not_utf8(err: UnicodeDecodeError, line: bytes, line_offset: int) -> str:
     """What is wrong with a line that is not UTF-8, with the byte, its column and its offset in the file."""
     if line_offset + err.start == 0 and line.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return "the file is UTF-16 (it starts with a UTF-16 byte-order mark); convert it with `iconv -f utf-16 -t utf-8`"
-    return (f"byte 0x{line[err.start]:02x} at column {err.start + 1} (byte offset {line_offset + err.start} in the "
-            "file) is not UTF-8; save the file as UTF-8 (e.g. `iconv -f cp1252 -t utf-8`)")
+        return (
+            "the file is UTF-16 (it starts with a UTF-16 byte-order mark); convert it with `iconv -f utf-16 -t utf-8`"
+        )
+    return (
+        f"byte 0x{line[err.start]:02x} at column {err.start + 1} (byte offset {line_offset + err.start} in the "
+        "file) is not UTF-8; save the file as UTF-8 (e.g. `iconv -f cp1252 -t utf-8`)"
+    )
 
 
 def _lone_surrogate(text: str, value) -> str | None:
@@ -215,8 +225,10 @@ def _too_deep(text: str, value) -> bool:
     return False
 
 
-SURROGATE_FIX = ("is not a character and cannot be written as UTF-8; fix the escape (a pair such as \\ud83d\\ude00 "
-                 "encodes one character) or remove it")
+SURROGATE_FIX = (
+    "is not a character and cannot be written as UTF-8; fix the escape (a pair such as \\ud83d\\ude00 "
+    "encodes one character) or remove it"
+)
 CONSTANT_FIX = "which is not JSON (write null, or the number as a string)"
 DEPTH_FIX = f"nests arrays or objects more than {MAX_DEPTH} levels deep; flatten the row"
 DUPLICATE_FIX = "JSON would keep only the last value; remove one of them"
@@ -283,11 +295,13 @@ class _ArrayText:
         except UnicodeDecodeError as err:
             pending = len(self.decoder.getstate()[0])
             offset = self.bytes_read - pending + err.start
-            raise PipelineError(f"{self.label}: byte offset {offset} (near line {self.line()}) is not UTF-8; save the "
-                                "file as UTF-8 (e.g. `iconv -f cp1252 -t utf-8`).") from None
+            raise PipelineError(
+                f"{self.label}: byte offset {offset} (near line {self.line()}) is not UTF-8; save the "
+                "file as UTF-8 (e.g. `iconv -f cp1252 -t utf-8`)."
+            ) from None
         self.bytes_read += len(data)
         self.lines_before += self.buffer.count("\n", 0, self.pos)
-        self.buffer, self.pos = self.buffer[self.pos:] + text, 0
+        self.buffer, self.pos = self.buffer[self.pos :] + text, 0
         self.eof = not data
         return bool(data)
 
@@ -300,7 +314,7 @@ class _ArrayText:
             while self.pos < len(self.buffer) and self.buffer[self.pos].isspace():
                 self.pos += 1
             if self.pos < len(self.buffer) or not self.more():
-                return self.buffer[self.pos:self.pos + 1]
+                return self.buffer[self.pos : self.pos + 1]
 
 
 def read_json_array(path: Path, handle, label: str, chunk: int) -> RowStream:
@@ -310,16 +324,20 @@ def read_json_array(path: Path, handle, label: str, chunk: int) -> RowStream:
     text.pos += 1  # the "[" (starts_with_array checked it)
 
     def broken(problem: str) -> PipelineError:
-        return PipelineError(f"{label}: row {index}: {problem} at line {text.line()} [rule malformed_row]; a JSON array "
-                             "cannot be resynchronised after an error, so fix the file (or convert it to JSON Lines, "
-                             "where a bad line can be dropped).")
+        return PipelineError(
+            f"{label}: row {index}: {problem} at line {text.line()} [rule malformed_row]; a JSON array "
+            "cannot be resynchronised after an error, so fix the file (or convert it to JSON Lines, "
+            "where a bad line can be dropped)."
+        )
 
     if text.skip_space() == "]":
         text.pos += 1
     else:
         while True:
             if text.skip_space() == "":
-                raise PipelineError(f"{label}: the JSON array is not closed (after row {index - 1}); the file is truncated.")
+                raise PipelineError(
+                    f"{label}: the JSON array is not closed (after row {index - 1}); the file is truncated."
+                )
             while True:
                 try:
                     row, end = STRICT_DECODER.raw_decode(text.buffer, text.pos)
@@ -334,7 +352,7 @@ def read_json_array(path: Path, handle, label: str, chunk: int) -> RowStream:
                     raise broken(f"an object has the key {err.args[0]!r} twice ({DUPLICATE_FIX})") from None
                 except RecursionError:
                     raise broken(f"the item {DEPTH_FIX},") from None
-            start, item_text = text.pos, text.buffer[text.pos:end]
+            start, item_text = text.pos, text.buffer[text.pos : end]
             text.pos = end
             surrogate = _lone_surrogate(item_text, row)
             if _too_deep(item_text, row):
@@ -342,8 +360,10 @@ def read_json_array(path: Path, handle, label: str, chunk: int) -> RowStream:
             elif surrogate:
                 row = InvalidRow("malformed_row", f"array item at line {text.line(start)}: {surrogate} {SURROGATE_FIX}")
             elif not isinstance(row, dict):
-                row = InvalidRow("malformed_row", f"array item at line {text.line(start)} is a JSON "
-                                                  f"{type(row).__name__}, not an object")
+                row = InvalidRow(
+                    "malformed_row",
+                    f"array item at line {text.line(start)} is a JSON {type(row).__name__}, not an object",
+                )
             yield label, index, row
             index += 1
             separator = text.skip_space()
@@ -356,8 +376,10 @@ def read_json_array(path: Path, handle, label: str, chunk: int) -> RowStream:
             if text.skip_space() == "]":
                 raise broken("a trailing comma before ']' (strict JSON has none; remove it)")
     if text.skip_space() != "":
-        raise PipelineError(f"{label}: text after the closing ']' of the JSON array at line {text.line()}; a JSON file "
-                            "holds one array (several arrays or objects: use JSON Lines, one object per line).")
+        raise PipelineError(
+            f"{label}: text after the closing ']' of the JSON array at line {text.line()}; a JSON file "
+            "holds one array (several arrays or objects: use JSON Lines, one object per line)."
+        )
 
 
 def read_json(path: Path, chunk: int) -> RowStream:
@@ -385,8 +407,10 @@ class _CsvLines:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise PipelineError(f"{self.label}: CSV line {line_number}: {not_utf8(err, raw, offset)}. A CSV record may "
-                                "span lines, so this line cannot be dropped alone.") from None
+            raise PipelineError(
+                f"{self.label}: CSV line {line_number}: {not_utf8(err, raw, offset)}. A CSV record may "
+                "span lines, so this line cannot be dropped alone."
+            ) from None
         self.record.append((line_number, text))
         return text
 
@@ -409,10 +433,12 @@ class _CsvLines:
 def _runaway_quote(label: str, lines: _CsvLines, problem: str) -> PipelineError:
     line, column = lines.open_quote()
     last = lines.record[-1][0]
-    return PipelineError(f"{label}: CSV line {line}: the quoted field opening at column {column} {problem} (the record "
-                         f"runs to line {last}); a quote that is not closed reads the lines after it as one field, and "
-                         "those rows would be lost. Close the quote, double a quote inside a quoted field (\"\"), or "
-                         "quote a field that starts with a quote.")
+    return PipelineError(
+        f"{label}: CSV line {line}: the quoted field opening at column {column} {problem} (the record "
+        f"runs to line {last}); a quote that is not closed reads the lines after it as one field, and "
+        'those rows would be lost. Close the quote, double a quote inside a quoted field (""), or '
+        "quote a field that starts with a quote."
+    )
 
 
 def read_csv(path: Path) -> RowStream:
@@ -437,17 +463,30 @@ def read_csv(path: Path) -> RowStream:
                 header = fields
                 duplicates = sorted({name for name in header if header.count(name) > 1})
                 if duplicates:
-                    raise PipelineError(f"{label}: the CSV header names {duplicates} more than once, so one of each "
-                                        "would be lost; rename the columns.")
+                    raise PipelineError(
+                        f"{label}: the CSV header names {duplicates} more than once, so one of each "
+                        "would be lost; rename the columns."
+                    )
                 continue
             first, last = lines.record[0][0], lines.record[-1][0]
             if len(fields) != len(header):
                 if last > first:  # a quoted newline swallowed lines: a runaway quote
-                    raise _runaway_quote(label, lines, f"holds a newline and leaves the record with {len(fields)} "
-                                                       f"fields, the header has {len(header)}")
+                    raise _runaway_quote(
+                        label,
+                        lines,
+                        f"holds a newline and leaves the record with {len(fields)} "
+                        f"fields, the header has {len(header)}",
+                    )
                 more = "more" if len(fields) > len(header) else "fewer"
-                yield label, index, InvalidRow("malformed_row", f"CSV line {first} has {more} fields than the header "
-                                                                f"({len(fields)}, the header has {len(header)})")
+                yield (
+                    label,
+                    index,
+                    InvalidRow(
+                        "malformed_row",
+                        f"CSV line {first} has {more} fields than the header "
+                        f"({len(fields)}, the header has {len(header)})",
+                    ),
+                )
             else:
                 yield label, index, {k: (v if v != "" else None) for k, v in zip(header, fields)}
             index += 1

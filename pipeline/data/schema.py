@@ -17,33 +17,39 @@ import pyarrow as pa
 
 from pipeline.data.images import IMAGE_TYPE, image_digests
 
-NORMALIZED_SCHEMA = pa.schema([
-    ("row_id", pa.string()),
-    ("conversational", pa.bool_()),
-    ("prompt", pa.string()),
-    ("chosen", pa.string()),
-    ("rejected", pa.string()),
-    ("tools", pa.string()),
-    ("chat_template_kwargs", pa.string()),
-    ("images", pa.list_(IMAGE_TYPE)),
-])
+NORMALIZED_SCHEMA = pa.schema(
+    [
+        ("row_id", pa.string()),
+        ("conversational", pa.bool_()),
+        ("prompt", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("tools", pa.string()),
+        ("chat_template_kwargs", pa.string()),
+        ("images", pa.list_(IMAGE_TYPE)),
+    ]
+)
 
-TOKENIZED_SCHEMA = pa.schema([
-    ("row_id", pa.string()),
-    ("prompt_ids", pa.list_(pa.int32())),
-    ("chosen_ids", pa.list_(pa.int32())),
-    ("rejected_ids", pa.list_(pa.int32())),
-])
+TOKENIZED_SCHEMA = pa.schema(
+    [
+        ("row_id", pa.string()),
+        ("prompt_ids", pa.list_(pa.int32())),
+        ("chosen_ids", pa.list_(pa.int32())),
+        ("rejected_ids", pa.list_(pa.int32())),
+    ]
+)
 TOKENIZED_VISION_SCHEMA = TOKENIZED_SCHEMA.append(pa.field("images", pa.list_(IMAGE_TYPE)))
 
-REF_LOGPS_SCHEMA = pa.schema([
-    ("row_id", pa.string()),
-    ("ref_chosen_logps", pa.float64()),
-    ("ref_rejected_logps", pa.float64()),
-    # per completion token, so options that re-weight tokens (ld_alpha) need no second pass
-    ("ref_chosen_token_logps", pa.list_(pa.float32())),
-    ("ref_rejected_token_logps", pa.list_(pa.float32())),
-])
+REF_LOGPS_SCHEMA = pa.schema(
+    [
+        ("row_id", pa.string()),
+        ("ref_chosen_logps", pa.float64()),
+        ("ref_rejected_logps", pa.float64()),
+        # per completion token, so options that re-weight tokens (ld_alpha) need no second pass
+        ("ref_chosen_token_logps", pa.list_(pa.float32())),
+        ("ref_rejected_token_logps", pa.list_(pa.float32())),
+    ]
+)
 
 SPLITS = ("train", "eval")
 
@@ -64,8 +70,14 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
 
 
-def row_id_for(prompt: Any, chosen: Any, rejected: Any, tools: Any = None, chat_template_kwargs: Any = None,
-               images: list[dict] | None = None) -> str:
+def row_id_for(
+    prompt: Any,
+    chosen: Any,
+    rejected: Any,
+    tools: Any = None,
+    chat_template_kwargs: Any = None,
+    images: list[dict] | None = None,
+) -> str:
     """A content digest of the canonical pair: stable across re-runs, reorderings and source formats
     (an implicit-prompt row and its explicit form get the same id); equal for duplicated pairs. It covers
     the images' bytes: the same question about another picture is another pair."""
@@ -84,7 +96,10 @@ def prompt_id_for(prompt: Any, tools: Any = None, images: list[dict] | None = No
 
 def raw_row_id(raw: Any) -> str:
     """A digest of a raw row that could not be made canonical, so reports can still name it."""
-    return "raw:" + hashlib.sha256(json.dumps(raw, sort_keys=True, ensure_ascii=False, default=repr).encode()).hexdigest()[:16]
+    return (
+        "raw:"
+        + hashlib.sha256(json.dumps(raw, sort_keys=True, ensure_ascii=False, default=repr).encode()).hexdigest()[:16]
+    )
 
 
 def decoded_row(record: dict) -> dict:
@@ -97,6 +112,8 @@ def decoded_row(record: dict) -> dict:
         "chosen": decode_field(record["chosen"], conv),
         "rejected": decode_field(record["rejected"], conv),
         "tools": json.loads(record["tools"]) if record.get("tools") else None,
-        "chat_template_kwargs": json.loads(record["chat_template_kwargs"]) if record.get("chat_template_kwargs") else None,
+        "chat_template_kwargs": json.loads(record["chat_template_kwargs"])
+        if record.get("chat_template_kwargs")
+        else None,
         "images": record.get("images") or None,
     }

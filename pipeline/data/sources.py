@@ -34,12 +34,12 @@ import sysconfig
 from pathlib import Path
 from typing import Callable, Iterator
 
-from pipeline.store.digests import MISSING_FIX, file_digest, glob_files, is_glob, source_digest
 from pipeline.builtin import BUILTIN_DATASETS, BUILTIN_VISION_DATA, task
 from pipeline.core.errors import PipelineError
-from pipeline.store.hub import resolve_commit
 from pipeline.data import readers
 from pipeline.data.invalid import InvalidRow
+from pipeline.store.digests import MISSING_FIX, file_digest, glob_files, is_glob, source_digest
+from pipeline.store.hub import resolve_commit
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet", ".csv": "csv"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
@@ -65,8 +65,13 @@ def read_csv(path: Path) -> RowStream:
 ARROW_ERRORS = (OSError, ValueError)  # pyarrow.ArrowInvalid is a ValueError; ArrowIOError an OSError
 
 
-def _arrow_batches(tables, label: str, columns: set | None, where: Callable[[int], str] = lambda index: "",
-                   fix: str = "re-create it, or re-download it") -> RowStream:
+def _arrow_batches(
+    tables,
+    label: str,
+    columns: set | None,
+    where: Callable[[int], str] = lambda index: "",
+    fix: str = "re-create it, or re-download it",
+) -> RowStream:
     """The rows of Arrow batches; a batch that cannot be read stops with the row it got to and the fix."""
     index, tables = 0, iter(tables)
     while True:
@@ -80,8 +85,10 @@ def _arrow_batches(tables, label: str, columns: set | None, where: Callable[[int
         except PipelineError:
             raise
         except ARROW_ERRORS as err:
-            raise PipelineError(f"{label}: cannot read the rows from row {index}{where(index)} ({type(err).__name__}: "
-                                f"{err}); the data is corrupt or truncated: {fix}.") from None
+            raise PipelineError(
+                f"{label}: cannot read the rows from row {index}{where(index)} ({type(err).__name__}: "
+                f"{err}); the data is corrupt or truncated: {fix}."
+            ) from None
         for row in rows:
             yield label, index, row
             index += 1
@@ -98,7 +105,9 @@ def _row_group_at(parquet, row: int) -> str:
             meta = parquet.metadata.row_group(group)
             if row < first + meta.num_rows:
                 column = meta.column(0)
-                return f" (row group {group}, from byte offset {column.dictionary_page_offset or column.data_page_offset})"
+                return (
+                    f" (row group {group}, from byte offset {column.dictionary_page_offset or column.data_page_offset})"
+                )
             first += meta.num_rows
     except Exception:  # the metadata itself is damaged: the row number has to do
         pass
@@ -113,23 +122,31 @@ def read_parquet(path: Path, columns: set | None = None) -> RowStream:
         names = None if columns is None else [c for c in parquet.schema_arrow.names if c in columns]
         batches = parquet.iter_batches(batch_size=BATCH_ROWS, columns=names)
     except ARROW_ERRORS as err:
-        raise PipelineError(f"{path}: not a readable Parquet file ({path.stat().st_size} bytes; {type(err).__name__}: "
-                            f"{err}); {PARQUET_FIX}. If it is another format, give it that format's suffix.") from None
+        raise PipelineError(
+            f"{path}: not a readable Parquet file ({path.stat().st_size} bytes; {type(err).__name__}: "
+            f"{err}); {PARQUET_FIX}. If it is another format, give it that format's suffix."
+        ) from None
     yield from _arrow_batches(batches, str(path), None, lambda row: _row_group_at(parquet, row), PARQUET_FIX)
 
 
 def read_dataset(dataset, label: str, columns: set | None = None) -> RowStream:
     """A `datasets.Dataset`, read in Arrow batches (memory-mapped: nothing is copied whole)."""
-    yield from _arrow_batches(dataset.with_format("arrow").iter(batch_size=BATCH_ROWS), label, columns,
-                              fix="re-create it (Dataset.save_to_disk), or for a Hub dataset clear its datasets cache")
+    yield from _arrow_batches(
+        dataset.with_format("arrow").iter(batch_size=BATCH_ROWS),
+        label,
+        columns,
+        fix="re-create it (Dataset.save_to_disk), or for a Hub dataset clear its datasets cache",
+    )
 
 
 def is_save_to_disk_dir(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in ("state.json", "dataset_dict.json"))
 
 
-HUB_FIX = ("For a Hub id check the name, config (data.name), split and revision, and the network (HF_HUB_OFFLINE); "
-           "for a local file check its format.")
+HUB_FIX = (
+    "For a Hub id check the name, config (data.name), split and revision, and the network (HF_HUB_OFFLINE); "
+    "for a local file check its format."
+)
 
 
 def _load(loader: Callable, source: str, fix: str = HUB_FIX):
@@ -144,8 +161,10 @@ def _load(loader: Callable, source: str, fix: str = HUB_FIX):
 def _read_file(path: Path, columns: set | None) -> RowStream:
     kind = LOCAL_FORMATS.get(_suffix(path))
     if kind is None:
-        raise PipelineError(f"{path}: unsupported file type; use .json, .jsonl, .parquet or .csv "
-                            f"(optionally compressed: {', '.join(COMPRESSIONS)}).")
+        raise PipelineError(
+            f"{path}: unsupported file type; use .json, .jsonl, .parquet or .csv "
+            f"(optionally compressed: {', '.join(COMPRESSIONS)})."
+        )
     if kind == "parquet":
         return read_parquet(path, columns)
     return read_csv(path) if kind == "csv" else read_json(path)
@@ -158,8 +177,9 @@ def _require_existing_path(source: str, key: str | None = None) -> None:
         raise PipelineError(f"{f'{key}=' if key else ''}{source}: no such file or directory; {MISSING_FIX}.")
 
 
-def iter_rows(source: str, split: str = "train", name: str | None = None, revision: str | None = None,
-              columns: set | None = None) -> RowStream:
+def iter_rows(
+    source: str, split: str = "train", name: str | None = None, revision: str | None = None, columns: set | None = None
+) -> RowStream:
     """Stream the rows of `source` (see the module docstring); `columns` limits what Arrow sources read."""
     import datasets
 
@@ -173,11 +193,16 @@ def iter_rows(source: str, split: str = "train", name: str | None = None, revisi
         return
     label = f"{source}[{split}]"
     if is_save_to_disk_dir(path):
-        loaded = _load(lambda: datasets.load_from_disk(str(path)), source,
-                       "The save_to_disk directory is corrupt or truncated: re-create it with Dataset.save_to_disk.")
+        loaded = _load(
+            lambda: datasets.load_from_disk(str(path)),
+            source,
+            "The save_to_disk directory is corrupt or truncated: re-create it with Dataset.save_to_disk.",
+        )
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise PipelineError(f"{source}: no split {split!r} (splits: {sorted(loaded)}); set data.split / data.eval_split.")
+                raise PipelineError(
+                    f"{source}: no split {split!r} (splits: {sorted(loaded)}); set data.split / data.eval_split."
+                )
             loaded = loaded[split]
         yield from read_dataset(loaded, label, columns)
         return
@@ -192,10 +217,14 @@ def load_hook(spec: str | None) -> Callable[[dict], dict | None] | None:
     if not spec:
         return None
     if not isinstance(spec, str):
-        raise PipelineError(f"params: data.preprocess must be 'module:function' or 'path/to/file.py:function', got {spec!r}.")
+        raise PipelineError(
+            f"params: data.preprocess must be 'module:function' or 'path/to/file.py:function', got {spec!r}."
+        )
     module_name, sep, function_name = spec.rpartition(":")
     if not sep or not module_name or not function_name:
-        raise PipelineError(f"params: data.preprocess must be 'module:function' or 'path/to/file.py:function', got {spec!r}.")
+        raise PipelineError(
+            f"params: data.preprocess must be 'module:function' or 'path/to/file.py:function', got {spec!r}."
+        )
     try:
         if module_name.endswith(".py"):
             path = Path(module_name)
@@ -211,7 +240,9 @@ def load_hook(spec: str | None) -> Callable[[dict], dict | None] | None:
     except PipelineError:
         raise
     except Exception as err:
-        raise PipelineError(f"params: data.preprocess: cannot import {module_name} ({type(err).__name__}: {err}).") from None
+        raise PipelineError(
+            f"params: data.preprocess: cannot import {module_name} ({type(err).__name__}: {err})."
+        ) from None
     function = getattr(module, function_name, None)
     if not callable(function):
         raise PipelineError(f"params: data.preprocess: {module_name} has no function {function_name!r}.")
@@ -223,6 +254,7 @@ def builtin_rows(params: dict, split: str) -> list[dict]:
     cfg = params["data"]["builtin"]
     if params["data"]["train"] == BUILTIN_VISION_DATA:
         from pipeline.builtin import vision_task
+
         seed = params["seed"] + (1 if split == "train" else 2)
         return vision_task.preference_pairs(cfg["num_pairs" if split == "train" else "num_eval_pairs"], seed=seed)
     train_prompts, eval_prompts = task.split_prompts(params["seed"], params["data"]["eval_fraction"])
@@ -236,6 +268,7 @@ def is_builtin(source: str | None) -> bool:
 
 
 # ---- what a source is, for the normalized manifest and the DVC check ---------------------------------
+
 
 def local_paths(source: str) -> list[Path]:
     """The local files and directories `source` reads (a file, a directory, a glob's matches); [] for a Hub id
@@ -291,8 +324,11 @@ def _installed(path: Path) -> bool:
 def local_reads(data: dict) -> list[tuple[str, str, list[Path]]]:
     """(params key, value as given, local paths) of every local input of normalize: the train and eval sources,
     data.image_root, and the preprocess hook's file (a module's too, unless it is installed)."""
-    reads = [(key, data[field], local_paths(data[field])) for key, field in (("data.train", "train"), ("data.eval", "eval"))
-             if data[field]]
+    reads = [
+        (key, data[field], local_paths(data[field]))
+        for key, field in (("data.train", "train"), ("data.eval", "eval"))
+        if data[field]
+    ]
     if data.get("image_root"):
         reads.append(("data.image_root", data["image_root"], [Path(data["image_root"])]))
     hook = hook_file(data["preprocess"])

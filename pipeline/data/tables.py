@@ -7,8 +7,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.store.artifacts import manifest_digest, read_manifest, require_same_input
 from pipeline.core.errors import PipelineError
+from pipeline.store.artifacts import manifest_digest, read_manifest, require_same_input
 
 
 def read_tokenized(tokenized_dir: Path, split: str) -> pa.Table:
@@ -28,14 +28,17 @@ def join_ref_logps(pairs: pa.Table, ref_dir: Path, split: str) -> pa.Table:
     ref = pq.read_table(Path(ref_dir) / f"{split}.parquet")
     missing = set(pairs.column("row_id").to_pylist()) - set(ref.column("row_id").to_pylist())
     if missing:
-        raise PipelineError(f"{ref_dir}/{split}.parquet lacks reference log-probs for {len(missing)} row(s) "
-                            f"(e.g. {sorted(missing)[0]}); re-run `dpo ref-logps`.")
+        raise PipelineError(
+            f"{ref_dir}/{split}.parquet lacks reference log-probs for {len(missing)} row(s) "
+            f"(e.g. {sorted(missing)[0]}); re-run `dpo ref-logps`."
+        )
     position = {row_id: i for i, row_id in enumerate(ref.column("row_id").to_pylist())}
     aligned = ref.take([position[row_id] for row_id in pairs.column("row_id").to_pylist()])
     for name in ref.column_names:
         if name != "row_id":
             pairs = pairs.append_column(name, aligned.column(name))
     return pairs
+
 
 def load_pairs(tokenized_dir: Path, split: str, ref_dir: Path | None = None):
     """A `datasets.Dataset` of tokenized pairs, with reference columns when `ref_dir` is given."""

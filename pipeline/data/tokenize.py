@@ -50,20 +50,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pipeline.store.artifacts import write_json
 from pipeline.builtin import BUILTIN_MODELS
 from pipeline.core.errors import PipelineError
 from pipeline.data.dropped import DROPPED_FILE, DroppedLog
-from pipeline.data.processing import chat_renderer, image_token_id, is_processor, tokenizer_of
-from pipeline.data.invalid import InvalidRow
 from pipeline.data.images import open_image
+from pipeline.data.invalid import InvalidRow
+from pipeline.data.processing import chat_renderer, image_token_id, is_processor, tokenizer_of
 from pipeline.data.schema import SPLITS, TOKENIZED_SCHEMA, TOKENIZED_VISION_SCHEMA, decoded_row
-
-
-
-def _ids(encoded) -> list[int]:
-    """apply_chat_template returns a list or a BatchEncoding depending on the transformers version."""
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+from pipeline.store.artifacts import write_json
 
 
 def special_prefix(tokenizer) -> list[int]:
@@ -71,7 +65,7 @@ def special_prefix(tokenizer) -> list[int]:
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a")["input_ids"]
     for i in range(len(full) - len(plain) + 1):
-        if full[i:i + len(plain)] == plain:
+        if full[i : i + len(plain)] == plain:
             return list(full[:i])
     return []
 
@@ -119,19 +113,23 @@ class PairTokenizer:
             prompt = render(row["prompt"], add_generation_prompt=True, tokenize=False, **kwargs)
             fulls = [render(row["prompt"] + row[name], tokenize=False, **kwargs) for name in ("chosen", "rejected")]
         except Exception as err:  # jinja raises TemplateError, TypeError, ...; the row is what the user must fix
-            raise InvalidRow("template_error", f"the chat template fails on this row ({type(err).__name__}: {err})") from None
+            raise InvalidRow(
+                "template_error", f"the chat template fails on this row ({type(err).__name__}: {err})"
+            ) from None
         for name, full in zip(("chosen", "rejected"), fulls):
             if not full.startswith(prompt):
                 at = _common_prefix_length(list(prompt), list(full))
-                raise InvalidRow("template_changes_prompt",
-                                 f"the chat template renders the prompt differently once the {name} completion follows "
-                                 f"(from character {at}: {prompt[at:at + 30]!r} becomes {full[at:at + 30]!r}), so the "
-                                 "completion cannot be located")
+                raise InvalidRow(
+                    "template_changes_prompt",
+                    f"the chat template renders the prompt differently once the {name} completion follows "
+                    f"(from character {at}: {prompt[at : at + 30]!r} becomes {full[at : at + 30]!r}), so the "
+                    "completion cannot be located",
+                )
         return prompt, fulls[0], fulls[1]
 
     def _finish(self, ids: list[int], conversational: bool, completion: bool) -> list[int]:
         if not conversational:
-            if self.prefix and ids[:len(self.prefix)] != self.prefix:
+            if self.prefix and ids[: len(self.prefix)] != self.prefix:
                 ids = self.prefix + ids
             if completion and self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
                 ids = ids + [self.eos_id]
@@ -165,7 +163,7 @@ class PairTokenizer:
             except InvalidRow as bad:
                 outcomes[i] = bad
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-        triples = [(i, encoded[3 * k:3 * k + 3]) for k, i in enumerate(owners)] + pictured
+        triples = [(i, encoded[3 * k : 3 * k + 3]) for k, i in enumerate(owners)] + pictured
         for i, triple in triples:
             try:
                 outcomes[i] = self.split(rows[i], *(list(ids) for ids in triple))
@@ -176,15 +174,23 @@ class PairTokenizer:
     def with_images(self, row: dict, texts: tuple[str, str, str]) -> list[list[int]]:
         """The ids of a row's three texts as its processor makes them with the row's images."""
         if self.processor is None:
-            raise InvalidRow("images_on_text", "the row has images but the model's processing class is a tokenizer "
-                                               "(a text-only model); use a vision-language model and its processor")
+            raise InvalidRow(
+                "images_on_text",
+                "the row has images but the model's processing class is a tokenizer "
+                "(a text-only model); use a vision-language model and its processor",
+            )
         images = [open_image(image) for image in row["images"]]
         try:
-            return [list(self.processor(text=[text], images=images, add_special_tokens=False)["input_ids"][0])
-                    for text in texts]
+            return [
+                list(self.processor(text=[text], images=images, add_special_tokens=False)["input_ids"][0])
+                for text in texts
+            ]
         except Exception as err:  # the processor's own check of placeholders against images, a bad image mode, ...
-            raise InvalidRow("template_error", f"the processor fails on this row with its {len(images)} image"
-                                               f"{'s' * (len(images) != 1)} ({type(err).__name__}: {err})") from None
+            raise InvalidRow(
+                "template_error",
+                f"the processor fails on this row with its {len(images)} image"
+                f"{'s' * (len(images) != 1)} ({type(err).__name__}: {err})",
+            ) from None
 
 
 def tokenize_pair(tokenizer, row: dict) -> dict:
@@ -203,7 +209,7 @@ def truncate_pair(ids: dict, max_length: int | None, mode: str, bos_id: int | No
         return ids
     if mode == "keep_end":
         head = prompt[:1] if bos_id is not None and prompt[:1] == [bos_id] and len(prompt) > 1 else []
-        body = prompt[len(head):]
+        body = prompt[len(head) :]
         keep = max(1, max_length - len(head) - longest)
         prompt = head + body[-keep:]
     else:
@@ -217,18 +223,27 @@ def image_tokens_cut(full: dict, ids: dict, image_token: int | None, max_length:
     cannot take an image with part of its tokens (the reference documentation's advice: max_length None)."""
     if image_token is None:
         return None
-    count = lambda pair: sum(token == image_token for name in ("prompt_ids", "chosen_ids", "rejected_ids")  # noqa: E731
-                             for token in pair[name])
+
+    def count(pair: dict) -> int:
+        return sum(
+            token == image_token for name in ("prompt_ids", "chosen_ids", "rejected_ids") for token in pair[name]
+        )
+
     before, after = count(full), count(ids)
     if after == before:
         return None
-    return InvalidRow("image_truncated", f"max_length={max_length} would cut {before - after} of the row's {before} image "
-                                         "tokens; set max_length to null (tokenize.max_length: null, or "
-                                         "DPOConfig(max_length=None)) or raise it above the row's length "
-                                         f"({len(full['prompt_ids']) + max(len(full['chosen_ids']), len(full['rejected_ids']))} tokens)")
+    return InvalidRow(
+        "image_truncated",
+        f"max_length={max_length} would cut {before - after} of the row's {before} image "
+        "tokens; set max_length to null (tokenize.max_length: null, or "
+        "DPOConfig(max_length=None)) or raise it above the row's length "
+        f"({len(full['prompt_ids']) + max(len(full['chosen_ids']), len(full['rejected_ids']))} tokens)",
+    )
 
 
-def tokenize_records(pair_tokenizer: PairTokenizer, records: list[dict], max_length: int | None, mode: str) -> list[dict]:
+def tokenize_records(
+    pair_tokenizer: PairTokenizer, records: list[dict], max_length: int | None, mode: str
+) -> list[dict]:
     """Normalized Parquet records → one outcome per record: ids, or the rule that dropped it, + counts."""
     rows = [decoded_row(record) for record in records]
     outcomes = []
@@ -243,8 +258,16 @@ def tokenize_records(pair_tokenizer: PairTokenizer, records: list[dict], max_len
             outcomes.append({"row_id": row["row_id"], "invalid": bad})
             continue
         cut = {name: len(full[f"{name}_ids"]) - len(ids[f"{name}_ids"]) for name in ("prompt", "chosen", "rejected")}
-        outcomes.append({"row_id": row["row_id"], "ids": ids, "moved": moved, "cut": cut, "images": row["images"],
-                         "emptied": [name for name in ("chosen", "rejected") if not ids[f"{name}_ids"]]})
+        outcomes.append(
+            {
+                "row_id": row["row_id"],
+                "ids": ids,
+                "moved": moved,
+                "cut": cut,
+                "images": row["images"],
+                "emptied": [name for name in ("chosen", "rejected") if not ids[f"{name}_ids"]],
+            }
+        )
     return outcomes
 
 
@@ -259,7 +282,9 @@ def _worker_task(batch: pa.RecordBatch, max_length: int | None, mode: str) -> li
     return tokenize_records(_WORKER["tokenizer"], batch.to_pylist(), max_length, mode)
 
 
-def _outcome_batches(tokenizer, batches: Iterable[pa.RecordBatch], max_length, mode, num_proc: int | None) -> Iterator[list[dict]]:
+def _outcome_batches(
+    tokenizer, batches: Iterable[pa.RecordBatch], max_length, mode, num_proc: int | None
+) -> Iterator[list[dict]]:
     """Outcomes batch by batch, in input order; with num_proc > 1 at most 2 * num_proc batches in flight."""
     if not num_proc or num_proc <= 1:
         pair_tokenizer = PairTokenizer(tokenizer)
@@ -299,13 +324,30 @@ class LengthStats:
                 if seen > rank:
                     return length
             return lengths[-1]
+
         total = sum(length * n for length, n in self.histogram.items())
-        return {"count": count, "min": lengths[0], "max": lengths[-1], "mean": total / count,
-                "p50": quantile(0.5), "p95": quantile(0.95)}
+        return {
+            "count": count,
+            "min": lengths[0],
+            "max": lengths[-1],
+            "mean": total / count,
+            "p50": quantile(0.5),
+            "p95": quantile(0.95),
+        }
 
 
-def tokenize_split(tokenizer, in_path: Path, out_path: Path, max_length: int | None, mode: str, batch_size: int,
-                   on_invalid: str = "error", dropped_log=None, num_proc: int | None = None, split: str = "") -> dict:
+def tokenize_split(
+    tokenizer,
+    in_path: Path,
+    out_path: Path,
+    max_length: int | None,
+    mode: str,
+    batch_size: int,
+    on_invalid: str = "error",
+    dropped_log=None,
+    num_proc: int | None = None,
+    split: str = "",
+) -> dict:
     """Stream one normalized split through the tokenizer in record batches; returns its report."""
     counts = Counter()
     reasons = Counter()
@@ -315,12 +357,15 @@ def tokenize_split(tokenizer, in_path: Path, out_path: Path, max_length: int | N
     parquet = pq.ParquetFile(in_path)
     vision = split_has_images(parquet)
     if vision and not is_processor(tokenizer):
-        raise PipelineError(f"{in_path}: the rows have images but the model's processing class is a tokenizer (a "
-                            "text-only model); use a vision-language model (model.name_or_path) whose processor has "
-                            "an image processor, or data without images.")
+        raise PipelineError(
+            f"{in_path}: the rows have images but the model's processing class is a tokenizer (a "
+            "text-only model); use a vision-language model (model.name_or_path) whose processor has "
+            "an image processor, or data without images."
+        )
     schema = TOKENIZED_VISION_SCHEMA if vision else TOKENIZED_SCHEMA
-    progress = tqdm(total=parquet.metadata.num_rows, desc=f"tokenize {split}".strip(), unit=" rows", mininterval=2,
-                    disable=None)
+    progress = tqdm(
+        total=parquet.metadata.num_rows, desc=f"tokenize {split}".strip(), unit=" rows", mininterval=2, disable=None
+    )
     with pq.ParquetWriter(out_path, schema) as writer, progress:
         batches = parquet.iter_batches(batch_size=batch_size)
         for outcomes in _outcome_batches(tokenizer, batches, max_length, mode, num_proc):
@@ -330,17 +375,28 @@ def tokenize_split(tokenizer, in_path: Path, out_path: Path, max_length: int | N
                 counts["rows_read"] += 1
                 bad = outcome.get("invalid")
                 if bad is None and outcome["emptied"]:
-                    bad = InvalidRow("emptied_by_truncation", f"max_length={max_length} leaves no tokens to "
-                                                              f"{' and '.join(outcome['emptied'])}")
+                    bad = InvalidRow(
+                        "emptied_by_truncation",
+                        f"max_length={max_length} leaves no tokens to {' and '.join(outcome['emptied'])}",
+                    )
                 if bad is not None:
                     if on_invalid == "error" and bad.rule != "emptied_by_truncation":
-                        raise PipelineError(f"{in_path}: row {index} (row_id {outcome['row_id']}): {bad.detail} "
-                                            f"[rule {bad.rule}]. Fix the row, or set data.on_invalid: drop to skip "
-                                            "such rows (they are listed in the report).")
+                        raise PipelineError(
+                            f"{in_path}: row {index} (row_id {outcome['row_id']}): {bad.detail} "
+                            f"[rule {bad.rule}]. Fix the row, or set data.on_invalid: drop to skip "
+                            "such rows (they are listed in the report)."
+                        )
                     reasons[bad.rule] += 1
                     if dropped_log is not None:
-                        dropped_log.add({"split": split, "row": index, "row_id": outcome["row_id"],
-                                         "rule": bad.rule, "detail": bad.detail})
+                        dropped_log.add(
+                            {
+                                "split": split,
+                                "row": index,
+                                "row_id": outcome["row_id"],
+                                "rule": bad.rule,
+                                "detail": bad.detail,
+                            }
+                        )
                 if outcome.get("invalid") is None:  # truncation counts include the rows it emptied
                     cut = outcome["cut"]
                     counts["rows_truncated"] += any(cut.values())
@@ -360,20 +416,42 @@ def tokenize_split(tokenizer, in_path: Path, out_path: Path, max_length: int | N
                         counts["tokens"] += len(ids[f"{name}_ids"])
                         counts["unknown_tokens"] += ids[f"{name}_ids"].count(unk_id)
                 lengths["total"].add(len(ids["prompt_ids"]) + max(len(ids["chosen_ids"]), len(ids["rejected_ids"])))
-                records.append({"row_id": outcome["row_id"], **ids, **({"images": outcome["images"]} if vision else {})})
+                records.append(
+                    {"row_id": outcome["row_id"], **ids, **({"images": outcome["images"]} if vision else {})}
+                )
             writer.write_table(pa.Table.from_pylist(records, schema=schema))
             counts["rows_written"] += len(records)
             progress.update(len(outcomes))
     counts["rows_dropped"] = sum(reasons.values())
     if counts["rows_read"] != counts["rows_written"] + counts["rows_dropped"]:
         raise RuntimeError("internal error: tokenize counts do not add up")
-    keys = ("rows_read", "rows_written", "rows_dropped", "boundary_merges", "boundary_tokens_moved", "rows_truncated",
-            "prompts_truncated", "chosen_truncated", "rejected_truncated", "completions_truncated", "completions_emptied")
-    return {**{key: int(counts[key]) for key in keys}, "dropped_by_reason": dict(sorted(reasons.items())),
-            "dropped_rows_file": DROPPED_FILE, "lengths": {name: s.summary() for name, s in lengths.items()},
-            "unknown_tokens": None if unk_id is None else {
-                "token": text_tokenizer.unk_token, "count": int(counts["unknown_tokens"]), "of": int(counts["tokens"]),
-                "rate": round(counts["unknown_tokens"] / counts["tokens"], 6) if counts["tokens"] else 0.0}}
+    keys = (
+        "rows_read",
+        "rows_written",
+        "rows_dropped",
+        "boundary_merges",
+        "boundary_tokens_moved",
+        "rows_truncated",
+        "prompts_truncated",
+        "chosen_truncated",
+        "rejected_truncated",
+        "completions_truncated",
+        "completions_emptied",
+    )
+    return {
+        **{key: int(counts[key]) for key in keys},
+        "dropped_by_reason": dict(sorted(reasons.items())),
+        "dropped_rows_file": DROPPED_FILE,
+        "lengths": {name: s.summary() for name, s in lengths.items()},
+        "unknown_tokens": None
+        if unk_id is None
+        else {
+            "token": text_tokenizer.unk_token,
+            "count": int(counts["unknown_tokens"]),
+            "of": int(counts["tokens"]),
+            "rate": round(counts["unknown_tokens"] / counts["tokens"], 6) if counts["tokens"] else 0.0,
+        },
+    }
 
 
 def split_has_images(parquet: pq.ParquetFile) -> bool:
@@ -389,20 +467,28 @@ def check_unknown_rate(report: dict, in_path: Path, max_rate: float, builtin_mod
     unknown = report.get("unknown_tokens")
     if not unknown or unknown["rate"] <= max_rate:
         return
-    own = ("the built-in model's word-level tokenizer covers only the built-in task's words; set model.name_or_path "
-           "to a Hub model or local directory whose tokenizer covers this data" if builtin_model else
-           "e.g. the model's own tokenizer")
-    raise PipelineError(f"{in_path}: {unknown['rate']:.1%} of the tokens ({unknown['count']} of {unknown['of']}) are "
-                        f"the tokenizer's unknown token {unknown['token']!r}, above tokenize.max_unknown_rate "
-                        f"({max_rate:g}). Use a tokenizer that covers the data ({own}), or raise "
-                        "tokenize.max_unknown_rate.")
+    own = (
+        "the built-in model's word-level tokenizer covers only the built-in task's words; set model.name_or_path "
+        "to a Hub model or local directory whose tokenizer covers this data"
+        if builtin_model
+        else "e.g. the model's own tokenizer"
+    )
+    raise PipelineError(
+        f"{in_path}: {unknown['rate']:.1%} of the tokens ({unknown['count']} of {unknown['of']}) are "
+        f"the tokenizer's unknown token {unknown['token']!r}, above tokenize.max_unknown_rate "
+        f"({max_rate:g}). Use a tokenizer that covers the data ({own}), or raise "
+        "tokenize.max_unknown_rate."
+    )
 
 
 def warn_keep_end(mode: str) -> None:
     if mode == "keep_end":
-        warnings.warn("truncation_mode='keep_end' is deprecated: it cuts the oldest prompt tokens, and cuts "
-                      "completions at their end only when they alone overflow; prefer keep_start.",
-                      FutureWarning, stacklevel=3)
+        warnings.warn(
+            "truncation_mode='keep_end' is deprecated: it cuts the oldest prompt tokens, and cuts "
+            "completions at their end only when they alone overflow; prefer keep_start.",
+            FutureWarning,
+            stacklevel=3,
+        )
 
 
 def tokenize_dataset(tokenizer, normalized_dir: Path, out_dir: Path, params: dict) -> dict:
@@ -414,9 +500,18 @@ def tokenize_dataset(tokenizer, normalized_dir: Path, out_dir: Path, params: dic
     with DroppedLog(out_dir / DROPPED_FILE) as dropped_log:
         for split in SPLITS:
             in_path = normalized_dir / f"{split}.parquet"
-            report[split] = tokenize_split(tokenizer, in_path, out_dir / f"{split}.parquet", cfg["max_length"],
-                                           cfg["truncation_mode"], cfg["batch_size"], on_invalid, dropped_log,
-                                           cfg.get("dataset_num_proc"), split)
+            report[split] = tokenize_split(
+                tokenizer,
+                in_path,
+                out_dir / f"{split}.parquet",
+                cfg["max_length"],
+                cfg["truncation_mode"],
+                cfg["batch_size"],
+                on_invalid,
+                dropped_log,
+                cfg.get("dataset_num_proc"),
+                split,
+            )
             check_unknown_rate(report[split], in_path, cfg["max_unknown_rate"], builtin_model)
     write_json(out_dir / "report.json", report)
     return report

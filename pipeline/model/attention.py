@@ -46,6 +46,7 @@ def prefix_shared_mask(model: torch.nn.Module, inputs: dict):
             same = segment_ids[b, q] == segment_ids[b, k]
             seen = (part_ids[b, k] == PROMPT) | (part_ids[b, k] == part_ids[b, q])
             return (same & (k <= q) & seen) | (q == k)
+
         rows, t = segment_ids.shape
         return create_block_mask(mask_mod, rows, None, t, t, device=segment_ids.device)
     mask = allowed(segment_ids, part_ids)

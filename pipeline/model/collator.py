@@ -32,13 +32,28 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from pipeline.data.images import open_image
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # part_ids of a prefix-shared segment
 # what the collators put in a batch besides the model's extra inputs (pixel values and the like)
-PAIR_BATCH_KEYS = frozenset({"input_ids", "attention_mask", "position_ids", "completion_mask", "packed_index",
-                             "packed_valid", "label_ids", "num_tokens", "segment_ids", "part_ids", "ref_chosen_logps",
-                             "ref_rejected_logps", "ref_token_logps"})
+PAIR_BATCH_KEYS = frozenset(
+    {
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "completion_mask",
+        "packed_index",
+        "packed_valid",
+        "label_ids",
+        "num_tokens",
+        "segment_ids",
+        "part_ids",
+        "ref_chosen_logps",
+        "ref_rejected_logps",
+        "ref_token_logps",
+    }
+)
 
 
 def _pad(rows: list[list], value, multiple: int | None, dtype) -> torch.Tensor:
@@ -47,7 +62,7 @@ def _pad(rows: list[list], value, multiple: int | None, dtype) -> torch.Tensor:
         length = -(-length // multiple) * multiple
     out = torch.full((len(rows), length), value, dtype=dtype)
     for i, row in enumerate(rows):
-        out[i, :len(row)] = torch.tensor(row, dtype=dtype)
+        out[i, : len(row)] = torch.tensor(row, dtype=dtype)
     return out
 
 
@@ -145,14 +160,20 @@ class DataCollatorForPreference:
                 segment_ids[r, start:end] = k
                 part_ids[r, start:end] = torch.tensor(parts)
                 for sequence, columns in maps:
-                    index[sequence, :len(columns)] = r * row_width + start + torch.tensor(columns, dtype=torch.long)
-                    valid[sequence, :len(columns)] = True
-                    labels[sequence, :len(columns)] = torch.tensor(sequences[sequence][1:], dtype=torch.long)
+                    index[sequence, : len(columns)] = r * row_width + start + torch.tensor(columns, dtype=torch.long)
+                    valid[sequence, : len(columns)] = True
+                    labels[sequence, : len(columns)] = torch.tensor(sequences[sequence][1:], dtype=torch.long)
                 start = end
             # the row's padding: positions restarting at 0, so it reads as one more sequence of its own
             position_ids[r, start:] = torch.arange(row_width - start)
-        batch = {"input_ids": input_ids, "position_ids": position_ids, "packed_index": index, "packed_valid": valid,
-                 "label_ids": labels, "num_tokens": torch.tensor(sum(len(s) for s in sequences))}
+        batch = {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "packed_index": index,
+            "packed_valid": valid,
+            "label_ids": labels,
+            "num_tokens": torch.tensor(sum(len(s) for s in sequences)),
+        }
         if self.prefix_sharing:
             batch.update(segment_ids=segment_ids, part_ids=part_ids)
         return batch

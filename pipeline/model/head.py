@@ -55,8 +55,9 @@ class OutputLayer:
         return requested or max(1, LOGITS_PER_CHUNK // self.vocab_size)
 
 
-def token_values(model: torch.nn.Module, inputs: dict, mask: torch.Tensor, diagnostics: bool = False,
-                 chunk_tokens: int | None = None) -> TokenValues:
+def token_values(
+    model: torch.nn.Module, inputs: dict, mask: torch.Tensor, diagnostics: bool = False, chunk_tokens: int | None = None
+) -> TokenValues:
     """Per-token log-probs (and diagnostics) of the completion tokens `mask` ([2N, L-1]) of a collated batch
     (any layout of `pipeline.model.collator`): chunked through the output layer when the model
     allows it, else from its full logits. `chunk_tokens`: positions per chunk; None: LOGITS_PER_CHUNK logits."""
@@ -69,8 +70,11 @@ def token_values(model: torch.nn.Module, inputs: dict, mask: torch.Tensor, diagn
     where, labels = completion_positions(inputs, mask)
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)
     logps, diag = head_logps(rows, labels, layer.head, layer.chunk_tokens(chunk_tokens), diagnostics)
-    return TokenValues(at_positions(mask, logps), {k: at_positions(mask, v) for k, v in diag.items()} if diagnostics else None,
-                       getattr(outputs, "aux_loss", None))
+    return TokenValues(
+        at_positions(mask, logps),
+        {k: at_positions(mask, v) for k, v in diag.items()} if diagnostics else None,
+        getattr(outputs, "aux_loss", None),
+    )
 
 
 def full_logits_values(model: torch.nn.Module, inputs: dict, diagnostics: bool = False) -> TokenValues:
@@ -92,14 +96,20 @@ def full_logits_values(model: torch.nn.Module, inputs: dict, diagnostics: bool =
 
 
 def forward(model: torch.nn.Module, inputs: dict, **kwargs):
-    """The model on a collated batch (`pipeline.model.collator`): a padded one with its attention mask, a packed one with
+    """The model on a collated batch (`pipeline.model.collator`): a padded one with its attention mask, a packed one
+    with
     restarting position_ids alone, a prefix-shared one with position_ids and the mask `pipeline.model.attention` builds;
     the batch's other model inputs (a vision batch's pixel values) go along as they are."""
     kwargs.update(extra_model_inputs(inputs))
     if "segment_ids" in inputs:
         mask = prefix_shared_mask(model, inputs)
-        return model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], attention_mask=mask,
-                     use_cache=False, **kwargs)
+        return model(
+            input_ids=inputs["input_ids"],
+            position_ids=inputs["position_ids"],
+            attention_mask=mask,
+            use_cache=False,
+            **kwargs,
+        )
     if "position_ids" in inputs:
         return model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False, **kwargs)
     return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False, **kwargs)
@@ -129,8 +139,9 @@ def at_positions(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 # ---- the chunked output layer ---------------------------------------------------------------------
 
 
-def head_logps(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_tokens: int,
-               diagnostics: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def head_logps(
+    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_tokens: int, diagnostics: bool = False
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """log p(label) of each row of `hidden` ([K, H]) under `head`, and the diagnostics when asked for, with at
     most `chunk_tokens` rows of logits alive at once, in the forward pass and in the backward pass."""
     if any(hasattr(p, "ds_id") for p in head.parameters()):
@@ -140,8 +151,9 @@ def head_logps(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module
     return logps, dict(zip(DIAGNOSTICS, diag))
 
 
-def checkpointed_head_logps(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_tokens: int,
-                            diagnostics: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def checkpointed_head_logps(
+    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_tokens: int, diagnostics: bool = False
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`head_logps` through ordinary autograd, each chunk under activation checkpointing (its logits recomputed in
     the backward pass, none kept): for a head whose parameters DeepSpeed ZeRO-3 partitions. Those are gathered by
     its hooks only while the head itself runs, and their gradients go through DeepSpeed's own hooks, so they
@@ -154,8 +166,10 @@ def checkpointed_head_logps(hidden: torch.Tensor, labels: torch.Tensor, head: to
         diag = vocab_diagnostics(logits.detach(), y) if diagnostics else {}
         return (logp, *(diag[name] for name in DIAGNOSTICS if diag))
 
-    parts = [checkpoint(chunk, h, y, use_reentrant=False) if torch.is_grad_enabled() else chunk(h, y)
-             for h, y in zip(hidden.split(chunk_tokens), labels.split(chunk_tokens))]
+    parts = [
+        checkpoint(chunk, h, y, use_reentrant=False) if torch.is_grad_enabled() else chunk(h, y)
+        for h, y in zip(hidden.split(chunk_tokens), labels.split(chunk_tokens))
+    ]
     logps = torch.cat([p[0] for p in parts])
     diag = {name: torch.cat([p[1 + i] for p in parts]) for i, name in enumerate(DIAGNOSTICS)} if diagnostics else {}
     return logps, diag
@@ -227,8 +241,11 @@ def linear_backward(head: torch.nn.Linear, h, logits, grad_logits, trained, grad
 
 def autograd_backward(head, h, logits, grad_logits, trained, grad_params, wants_hidden):
     """Any other head's chunk: autograd through the recomputed logits; the parameters' gradients accumulated."""
-    grads = list(torch.autograd.grad(logits, ([h] if wants_hidden else []) + [param for _, param in trained],
-                                     grad_logits, allow_unused=True))
+    grads = list(
+        torch.autograd.grad(
+            logits, ([h] if wants_hidden else []) + [param for _, param in trained], grad_logits, allow_unused=True
+        )
+    )
     grad_h = grads.pop(0) if wants_hidden else None
     for (i, _), grad in zip(trained, grads):
         if grad is not None:
@@ -238,8 +255,11 @@ def autograd_backward(head, h, logits, grad_logits, trained, grad_params, wants_
 
 def autocast_state(device_type: str) -> dict:
     """The autocast settings in force, so the backward's recomputation runs as the forward did."""
-    return {"device_type": device_type, "enabled": torch.is_autocast_enabled(device_type),
-            "dtype": torch.get_autocast_dtype(device_type)}
+    return {
+        "device_type": device_type,
+        "enabled": torch.is_autocast_enabled(device_type),
+        "dtype": torch.get_autocast_dtype(device_type),
+    }
 
 
 # ---- finding the body and the head ------------------------------------------------------------------
@@ -281,7 +301,9 @@ def _split(model, base, body, head) -> tuple[OutputLayer | None, str]:
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         return None, "its forward takes no logits_to_keep"
     config = getattr(base, "config", None)
-    configs = {id(c): c for c in (config, config.get_text_config() if hasattr(config, "get_text_config") else None) if c}
+    configs = {
+        id(c): c for c in (config, config.get_text_config() if hasattr(config, "get_text_config") else None) if c
+    }
     for name in LOGIT_TRANSFORMS:
         values = {getattr(c, name, None) for c in configs.values()} - {None, 1, 1.0}
         if values:
@@ -294,8 +316,11 @@ def _probe(model: torch.nn.Module, body: torch.nn.Module, head: torch.nn.Module)
     device = next(model.parameters()).device
     ids = torch.zeros((1, 2), dtype=torch.long, device=device)
     # in eval mode and on a forked RNG: the probe must not draw dropout masks a (resumed) run would otherwise draw
-    with evaluating(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-            captured_output(body) as captured:
+    with (
+        evaluating(model),
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        captured_output(body) as captured,
+    ):
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=1).logits
     try:
         hidden = last_hidden_state(captured)
@@ -326,7 +351,9 @@ def evaluating(model: torch.nn.Module):
 def captured_output(module: torch.nn.Module):
     """The output of `module`'s first call inside the block (a list that holds it once called)."""
     captured: list = []
-    handle = module.register_forward_hook(lambda _module, _args, output: captured.append(output) if not captured else None)
+    handle = module.register_forward_hook(
+        lambda _module, _args, output: captured.append(output) if not captured else None
+    )
     try:
         yield captured
     finally:

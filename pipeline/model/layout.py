@@ -27,8 +27,13 @@ def _probe_pairs(vocab: int, changed: bool = False) -> list[dict]:
     pairs = []
     for prompt, chosen, rejected in _PROBE:
         chosen = [t + 3 for t in chosen] if changed else chosen  # other tokens in the first completion
-        pairs.append({"prompt_ids": [t % vocab for t in prompt], "chosen_ids": [t % vocab for t in chosen],
-                      "rejected_ids": [t % vocab for t in rejected]})
+        pairs.append(
+            {
+                "prompt_ids": [t % vocab for t in prompt],
+                "chosen_ids": [t % vocab for t in chosen],
+                "rejected_ids": [t % vocab for t in rejected],
+            }
+        )
     return pairs
 
 
@@ -52,8 +57,10 @@ def _problem(model: torch.nn.Module, layout: str) -> str | None:
             return f"its attention implementation {kind!r} takes no custom mask (sdpa, eager and flex_attention do)"
         config = getattr(inner, "config", None)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        if getattr(text, "sliding_window", None) and (getattr(text, "use_sliding_window", False)
-                                                      or "sliding_attention" in (getattr(text, "layer_types", None) or [])):
+        if getattr(text, "sliding_window", None) and (
+            getattr(text, "use_sliding_window", False)
+            or "sliding_attention" in (getattr(text, "layer_types", None) or [])
+        ):
             return "it uses sliding-window attention"
     try:
         return _probe(model, layout)
@@ -100,9 +107,17 @@ def batch_layout(models: list[torch.nn.Module], prefix_sharing: bool, packing: b
             problem = layout_problem(model, layout)
             if problem:
                 fallback = "packed" if layout == "prefix_shared" and (packing or padding_free) else "padded"
-                logger.warning("%s cannot take %s batches (%s); using %s batches", type(model).__name__,
-                               layout.replace("_", "-"), problem, fallback)
+                logger.warning(
+                    "%s cannot take %s batches (%s); using %s batches",
+                    type(model).__name__,
+                    layout.replace("_", "-"),
+                    problem,
+                    fallback,
+                )
                 wanted = fallback
                 break
-    return {"prefix_sharing": wanted == "prefix_shared", "packing": wanted != "padded" and packing,
-            "padding_free": wanted != "padded" and padding_free}
+    return {
+        "prefix_sharing": wanted == "prefix_shared",
+        "packing": wanted != "padded" and packing,
+        "padding_free": wanted != "padded" and padding_free,
+    }

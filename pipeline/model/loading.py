@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from pipeline.config.dpo_config import from_pretrained_kwargs
-from pipeline.store.base_record import adapter_source, base_source, reference_source
+from pipeline.config.options import from_pretrained_kwargs
 from pipeline.core.errors import PipelineError
 from pipeline.data.processing import tokenizer_of
+from pipeline.store.base_record import adapter_source, base_source, reference_source
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +48,11 @@ def require_bitsandbytes(options: dict[str, Any]) -> None:
     if not (options.get("load_in_4bit") or options.get("load_in_8bit")):
         return
     if not torch.cuda.is_available():
-        raise PipelineError("4-bit/8-bit loading (QLoRA: model.quantization.load_in_4bit) needs a CUDA GPU and "
-                            "bitsandbytes; this machine has no CUDA device. Set model.quantization.load_in_4bit: false "
-                            "(LoRA on the unquantized base) or run on a GPU.")
+        raise PipelineError(
+            "4-bit/8-bit loading (QLoRA: model.quantization.load_in_4bit) needs a CUDA GPU and "
+            "bitsandbytes; this machine has no CUDA device. Set model.quantization.load_in_4bit: false "
+            "(LoRA on the unquantized base) or run on a GPU."
+        )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise PipelineError("4-bit/8-bit loading (QLoRA) needs bitsandbytes: pip install bitsandbytes.")
 
@@ -96,11 +98,14 @@ def load_causal_lm(name_or_path: str, kwargs: dict[str, Any] | None = None) -> P
     try:
         if is_vision_source(name_or_path, kwargs):
             from transformers import AutoModelForImageTextToText
+
             return AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
-        raise PipelineError(f"model {name_or_path!r}: could not be loaded ({err}). Give a local directory or a Hub "
-                            "id that is reachable (check HF_HUB_OFFLINE and the network).") from None
+        raise PipelineError(
+            f"model {name_or_path!r}: could not be loaded ({err}). Give a local directory or a Hub "
+            "id that is reachable (check HF_HUB_OFFLINE and the network)."
+        ) from None
 
 
 def announce_hub(name_or_path: str, what: str) -> None:
@@ -109,12 +114,17 @@ def announce_hub(name_or_path: str, what: str) -> None:
     from huggingface_hub import constants
 
     if not constants.HF_HUB_OFFLINE and not Path(str(name_or_path)).expanduser().exists():
-        logger.warning("%s %r: asking the Hub (without a network this waits for the connection to time out, about a "
-                       "minute; HF_HUB_OFFLINE=1 uses the local cache alone and fails at once)", what, name_or_path)
+        logger.warning(
+            "%s %r: asking the Hub (without a network this waits for the connection to time out, about a "
+            "minute; HF_HUB_OFFLINE=1 uses the local cache alone and fails at once)",
+            what,
+            name_or_path,
+        )
 
 
-def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
-                   pad_token: str | None = None):
+def load_tokenizer(
+    name_or_path: str, revision: str | None = None, trust_remote_code: bool = False, pad_token: str | None = None
+):
     """The processing class of the model at `name_or_path`: its tokenizer, or for a vision-language model its
     processor (`AutoProcessor`: the tokenizer and the image processor)."""
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
@@ -122,6 +132,7 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
     try:
         if is_vision_source(name_or_path, kwargs):
             from transformers import AutoProcessor
+
             processing_class = AutoProcessor.from_pretrained(name_or_path, **kwargs)
         else:
             processing_class = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
@@ -154,6 +165,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 # ---- adapters ---------------------------------------------------------------------------------
 
+
 def is_peft_model(model) -> bool:
     try:
         from peft import PeftModel
@@ -181,21 +193,26 @@ def load_adapter(base_model: PreTrainedModel, adapter: str | Path, trainable: bo
     try:
         return PeftModel.from_pretrained(base_model, str(adapter), is_trainable=trainable, **kwargs)
     except (OSError, ValueError) as err:
-        raise PipelineError(f"adapter {str(adapter)!r}: could not be loaded ({err}). Give an adapter directory "
-                            "(adapter_config.json + weights) or a reachable Hub id.") from None
+        raise PipelineError(
+            f"adapter {str(adapter)!r}: could not be loaded ({err}). Give an adapter directory "
+            "(adapter_config.json + weights) or a reachable Hub id."
+        ) from None
 
 
 def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").exists()
 
 
-def load_trained_model(model_dir, kwargs: dict[str, Any] | None = None, base_model: PreTrainedModel | None = None) -> torch.nn.Module:
+def load_trained_model(
+    model_dir, kwargs: dict[str, Any] | None = None, base_model: PreTrainedModel | None = None
+) -> torch.nn.Module:
     """A trained policy directory: a full model, or an adapter (on `base_model` when given, else on the
     base its adapter_config names)."""
     if is_adapter_dir(model_dir):
         if base_model is not None:
             return load_adapter(base_model, model_dir, trainable=False)
         from peft import PeftConfig
+
         base = PeftConfig.from_pretrained(str(model_dir)).base_model_name_or_path
         return load_adapter(load_causal_lm(base, kwargs), model_dir, trainable=False)
     return load_causal_lm(str(model_dir), kwargs)
@@ -224,12 +241,13 @@ def effective_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         parts = name.replace(".base_layer.", ".").split(".")
         if "modules_to_save" in parts:  # the trained copy of a fully trained module
             i = parts.index("modules_to_save")
-            parts = parts[:i] + parts[i + 2:]
+            parts = parts[:i] + parts[i + 2 :]
         weights.setdefault(".".join(parts), param)
     return weights
 
 
 # ---- the pipeline's models, through the base artifact ------------------------------------------------
+
 
 def model_kwargs(params: dict, reference: bool = False) -> dict:
     """`from_pretrained` keywords of the policy (or of an explicit reference) from the model.* params."""
@@ -245,8 +263,12 @@ def model_kwargs(params: dict, reference: bool = False) -> dict:
 
 def load_base_tokenizer(base_dir: Path, params: dict):
     source, revision = base_source(base_dir)
-    return load_tokenizer(source, revision=revision, trust_remote_code=params["model"]["trust_remote_code"],
-                          pad_token=params["train"].get("pad_token"))
+    return load_tokenizer(
+        source,
+        revision=revision,
+        trust_remote_code=params["model"]["trust_remote_code"],
+        pad_token=params["train"].get("pad_token"),
+    )
 
 
 def load_base_model(base_dir: Path, params: dict, quantized: bool = True):
@@ -261,8 +283,10 @@ def load_base_model(base_dir: Path, params: dict, quantized: bool = True):
     model = load_causal_lm(source, kwargs)
     if is_quantized(model):
         from peft import prepare_model_for_kbit_training
+
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=params["train"].get("gradient_checkpointing", True))
+            model, use_gradient_checkpointing=params["train"].get("gradient_checkpointing", True)
+        )
     return model
 
 

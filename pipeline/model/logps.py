@@ -23,8 +23,9 @@ def label_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
-def label_logps_backward(logits: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor,
-                         grad: torch.Tensor) -> torch.Tensor:
+def label_logps_backward(
+    logits: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor, grad: torch.Tensor
+) -> torch.Tensor:
     """The gradient through `label_logps` to the logits: g·(onehot(label) − softmax z), softmax z = exp(z − logsumexp z)
     from the forward's `normalizer`; in the logits' dtype (one [.., V] float32 buffer, updated in place)."""
     grad_logits = (logits.float() - normalizer.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))
@@ -51,14 +52,18 @@ def vocab_diagnostics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, t
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(label_t) per position of whole `[rows, T, V]` logits, a few rows at a time."""
-    return torch.cat([label_logps(rows, row_labels)[0]
-                      for rows, row_labels in zip(logits.split(ROW_CHUNK), labels.split(ROW_CHUNK))])
+    return torch.cat(
+        [label_logps(rows, row_labels)[0] for rows, row_labels in zip(logits.split(ROW_CHUNK), labels.split(ROW_CHUNK))]
+    )
 
 
 @torch.no_grad()
 def token_diagnostics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """`vocab_diagnostics` per position of whole `[rows, T, V]` logits, a few rows at a time."""
-    parts = [vocab_diagnostics(rows, row_labels) for rows, row_labels in zip(logits.split(ROW_CHUNK), labels.split(ROW_CHUNK))]
+    parts = [
+        vocab_diagnostics(rows, row_labels)
+        for rows, row_labels in zip(logits.split(ROW_CHUNK), labels.split(ROW_CHUNK))
+    ]
     return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
 
@@ -69,10 +74,18 @@ def ld_token_weights(mask: torch.Tensor, shared_lengths: torch.Tensor, alpha: fl
     return torch.where(inside, 1.0, alpha) * mask
 
 
-def sequence_logps(per_token: torch.Tensor, mask: torch.Tensor, ld_alpha: float | None = None,
-                   shared_lengths: torch.Tensor | None = None) -> torch.Tensor:
+def sequence_logps(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    ld_alpha: float | None = None,
+    shared_lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Summed completion log-prob of each row; with `ld_alpha`, the LD-DPO length-desensitised sum."""
-    weights = mask.to(per_token.dtype) if ld_alpha is None else ld_token_weights(mask, shared_lengths, ld_alpha).to(per_token.dtype)
+    weights = (
+        mask.to(per_token.dtype)
+        if ld_alpha is None
+        else ld_token_weights(mask, shared_lengths, ld_alpha).to(per_token.dtype)
+    )
     return (per_token * weights).sum(-1)
 
 

@@ -23,21 +23,29 @@ What Liger computes, against losses.md (liger-kernel >= 0.8.1):
   second pass over the vocabulary would give back what the fused loss saves).
 
 What it cannot express is refused when the trainer is built (`check_liger_route`). CUDA runs the loss under
-torch.compile (`compiled=True`); other devices run it eagerly, and without Liger's model kernels (`model_kernel_config`).
+torch.compile (`compiled=True`); other devices run it eagerly, and without Liger's model kernels
+(`model_kernel_config`).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pipeline.core.errors import PipelineError
-from pipeline.model.head import OutputLayer, captured_output, completion_positions, forward, last_hidden_state, output_layer
+from pipeline.model.head import (
+    OutputLayer,
+    captured_output,
+    completion_positions,
+    forward,
+    last_hidden_state,
+    output_layer,
+)
 from pipeline.objective.losses import LOSS_TYPES
 from pipeline.objective.reference import Reference
 
@@ -45,8 +53,18 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # target of the positions that are not completion tokens
 # the loss types whose Liger arithmetic is losses.md's (checked against the installed package in tests/test_liger.py)
-LIGER_LOSS_TYPES = ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero",
-                    "apo_down", "discopop")
+LIGER_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+)
 TURN_OFF = "turn off use_liger_kernel (the default route computes it)"
 
 
@@ -69,38 +87,53 @@ class LigerDPO:
 
 # ---- what the route cannot express: refused when the trainer is built ----------------------------------
 
+
 def check_liger_route(args: Any, model: torch.nn.Module, reference: Reference, datasets: Iterable = ()) -> None:
     """Refuse, with the option and the fix, what `liger_dpo_loss` cannot compute as losses.md defines it (the
     documented constraints, one loss type and no precomputed reference, are DPOConfig's)."""
     loss_type = args.loss_type[0]
     if loss_type not in LIGER_LOSS_TYPES:
-        raise PipelineError(f"use_liger_kernel=True does not support loss_type {loss_type!r} (Liger's fused DPO loss "
-                            f"has {', '.join(LIGER_LOSS_TYPES)}); pick one of those or {TURN_OFF}.")
+        raise PipelineError(
+            f"use_liger_kernel=True does not support loss_type {loss_type!r} (Liger's fused DPO loss "
+            f"has {', '.join(LIGER_LOSS_TYPES)}); pick one of those or {TURN_OFF}."
+        )
     if args.f_divergence_type != "reverse_kl" and "f_divergence_type" in LOSS_TYPES[loss_type].settings:
-        raise PipelineError(f"use_liger_kernel=True does not support f_divergence_type={args.f_divergence_type!r} "
-                            f"(Liger's loss reads the raw log-ratios); set f_divergence_type='reverse_kl' or {TURN_OFF}.")
+        raise PipelineError(
+            f"use_liger_kernel=True does not support f_divergence_type={args.f_divergence_type!r} "
+            f"(Liger's loss reads the raw log-ratios); set f_divergence_type='reverse_kl' or {TURN_OFF}."
+        )
     if args.use_weighting:
-        raise PipelineError(f"use_liger_kernel=True does not support use_weighting=True (WPO weights need the "
-                            f"policy's full distribution, which the fused loss does not return); turn off "
-                            f"use_weighting or {TURN_OFF}.")
+        raise PipelineError(
+            f"use_liger_kernel=True does not support use_weighting=True (WPO weights need the "
+            f"policy's full distribution, which the fused loss does not return); turn off "
+            f"use_weighting or {TURN_OFF}."
+        )
     if args.ld_alpha is not None:
-        raise PipelineError(f"use_liger_kernel=True does not support ld_alpha (Liger sums every completion token "
-                            f"alike); set ld_alpha=None or {TURN_OFF}.")
+        raise PipelineError(
+            f"use_liger_kernel=True does not support ld_alpha (Liger sums every completion token "
+            f"alike); set ld_alpha=None or {TURN_OFF}."
+        )
     for dataset in datasets:
         if "ref_chosen_logps" in (getattr(dataset, "column_names", None) or []):
-            raise PipelineError(f"use_liger_kernel=True computes the reference log-probs online, but the dataset "
-                                f"carries precomputed ones (ref_chosen_logps); drop those columns or {TURN_OFF}.")
+            raise PipelineError(
+                f"use_liger_kernel=True computes the reference log-probs online, but the dataset "
+                f"carries precomputed ones (ref_chosen_logps); drop those columns or {TURN_OFF}."
+            )
     for name, part in (("the model", model), ("the reference model", reference.model)):
         if part is None:
             raise PipelineError(f"use_liger_kernel=True needs a reference model to run; {TURN_OFF}.")
         layer = output_layer(part)
         if layer is None:
-            raise PipelineError(f"use_liger_kernel=True needs {name}'s logits to be its output layer applied to its "
-                                f"last hidden states, and they are not (see the log line of pipeline.model.head); {TURN_OFF}.")
+            raise PipelineError(
+                f"use_liger_kernel=True needs {name}'s logits to be its output layer applied to its "
+                f"last hidden states, and they are not (see the log line of pipeline.model.head); {TURN_OFF}."
+            )
         if type(layer.head) is not torch.nn.Linear:
-            raise PipelineError(f"use_liger_kernel=True needs {name}'s output layer to be a plain torch.nn.Linear, "
-                                f"not {type(layer.head).__name__} (an adapter on lm_head: leave lm_head out of the "
-                                f"adapter's target_modules/modules_to_save); or {TURN_OFF}.")
+            raise PipelineError(
+                f"use_liger_kernel=True needs {name}'s output layer to be a plain torch.nn.Linear, "
+                f"not {type(layer.head).__name__} (an adapter on lm_head: leave lm_head out of the "
+                f"adapter's target_modules/modules_to_save); or {TURN_OFF}."
+            )
 
 
 def model_kernel_config(args: Any) -> dict[str, bool] | None:
@@ -111,16 +144,25 @@ def model_kernel_config(args: Any) -> dict[str, bool] | None:
         return args.liger_kernel_config
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
-    logger.warning("use_liger_kernel=True on %s: Liger's model kernels need a GPU and stay off; the fused DPO loss "
-                   "runs without torch.compile.", args.device.type)
-    return {name: False for apply in MODEL_TYPE_TO_APPLY_LIGER_FN.values()
-            for name, p in inspect.signature(apply).parameters.items() if isinstance(p.default, bool)}
+    logger.warning(
+        "use_liger_kernel=True on %s: Liger's model kernels need a GPU and stay off; the fused DPO loss "
+        "runs without torch.compile.",
+        args.device.type,
+    )
+    return {
+        name: False
+        for apply in MODEL_TYPE_TO_APPLY_LIGER_FN.values()
+        for name, p in inspect.signature(apply).parameters.items()
+        if isinstance(p.default, bool)
+    }
 
 
 # ---- the loss --------------------------------------------------------------------------------------
 
-def liger_dpo_loss(model: torch.nn.Module, reference: Reference, inputs: dict, args: Any,
-                   chunk_tokens: int | None = None) -> LigerDPO:
+
+def liger_dpo_loss(
+    model: torch.nn.Module, reference: Reference, inputs: dict, args: Any, chunk_tokens: int | None = None
+) -> LigerDPO:
     """The objective of a collated batch (`pipeline.model.collator`, any layout) through Liger's fused linear DPO loss,
     with the options `check_liger_route` allows: `loss_weights[0]` times Liger's loss, plus a mixture-of-experts
     router's load-balancing loss as on the default route. `chunk_tokens` bounds the positions whose logits live
@@ -139,13 +181,27 @@ def liger_dpo_loss(model: torch.nn.Module, reference: Reference, inputs: dict, a
     if not torch.is_grad_enabled():  # evaluation: nothing for Liger to differentiate
         hidden, weight, bias = hidden.detach(), weight.detach(), None if bias is None else bias.detach()
     fused = LigerFusedLinearDPOLoss(
-        ignore_index=IGNORE_INDEX, beta=args.beta, compute_nll_loss=False, compiled=hidden.device.type == "cuda",
-        use_ref_model=True, average_log_prob=False, loss_type=args.loss_type[0], label_smoothing=args.label_smoothing,
-        discopop_tau=args.discopop_tau, chunk_size=max(1, policy.chunk_tokens(chunk_tokens) // (2 * width)))
+        ignore_index=IGNORE_INDEX,
+        beta=args.beta,
+        compute_nll_loss=False,
+        compiled=hidden.device.type == "cuda",
+        use_ref_model=True,
+        average_log_prob=False,
+        loss_type=args.loss_type[0],
+        label_smoothing=args.label_smoothing,
+        discopop_tau=args.discopop_tau,
+        chunk_size=max(1, policy.chunk_tokens(chunk_tokens) // (2 * width)),
+    )
     ref_bias = None if ref_layer.head.bias is None else ref_layer.head.bias.detach()
     loss, (chosen_logps, rejected_logps, chosen_mean, rejected_mean, _nll, chosen_rewards, rejected_rewards) = fused(
-        weight, left_aligned(hidden, lengths, width), left_aligned(labels, lengths, width, IGNORE_INDEX), bias,
-        left_aligned(ref_hidden, lengths, width), ref_layer.head.weight.detach(), ref_bias)
+        weight,
+        left_aligned(hidden, lengths, width),
+        left_aligned(labels, lengths, width, IGNORE_INDEX),
+        bias,
+        left_aligned(ref_hidden, lengths, width),
+        ref_layer.head.weight.detach(),
+        ref_bias,
+    )
 
     weights = args.loss_weights or [1.0]
     total, terms = weights[0] * loss, {args.loss_type[0]: loss.detach()}
@@ -154,9 +210,18 @@ def liger_dpo_loss(model: torch.nn.Module, reference: Reference, inputs: dict, a
         total = total + args.router_aux_loss_coef * aux_loss
         terms["aux_loss"] = aux_loss.detach()
     chosen_tokens, rejected_tokens = lengths[:n].sum(), lengths[n:].sum()
-    return LigerDPO(total, terms, chosen_logps.detach(), rejected_logps.detach(), chosen_rewards.detach(),
-                    rejected_rewards.detach(), completion_logit_sum(chosen_mean, n * width, chosen_tokens, bias),
-                    completion_logit_sum(rejected_mean, n * width, rejected_tokens, bias), chosen_tokens, rejected_tokens)
+    return LigerDPO(
+        total,
+        terms,
+        chosen_logps.detach(),
+        rejected_logps.detach(),
+        chosen_rewards.detach(),
+        rejected_rewards.detach(),
+        completion_logit_sum(chosen_mean, n * width, chosen_tokens, bias),
+        completion_logit_sum(rejected_mean, n * width, rejected_tokens, bias),
+        chosen_tokens,
+        rejected_tokens,
+    )
 
 
 def completion_hidden_states(model: torch.nn.Module, layer: OutputLayer, inputs: dict, mask: torch.Tensor):
@@ -178,8 +243,9 @@ def left_aligned(values: torch.Tensor, lengths: torch.Tensor, width: int, fill=0
     return out.masked_scatter(slots.view(*slots.shape, *[1] * (values.dim() - 1)), values)
 
 
-def completion_logit_sum(logits_mean: torch.Tensor, slots: int, tokens: torch.Tensor,
-                         bias: torch.Tensor | None) -> torch.Tensor:
+def completion_logit_sum(
+    logits_mean: torch.Tensor, slots: int, tokens: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """Σ over one side's completion tokens of the vocabulary-mean logit (the numerator of losses.md's logits/*),
     from Liger's mean of every logit of that side's `[N, Lc, V]` block: its `slots` = N·Lc positions hold the
     completion tokens and, after them, zero hidden states, whose logits are the bias."""

@@ -51,9 +51,8 @@ class LossSettings:
         return cls(**{f.name: get(f.name) for f in fields(cls)})
 
 
-
-
 # ---- f-divergence transform g(ρ, a) (f-DPO, arXiv 2309.16240) -------------------------------------
+
 
 def _alpha_divergence(rho: Tensor, a: float) -> Tensor:
     if a == 1:
@@ -78,6 +77,7 @@ def f_divergence_score(log_ratio: Tensor, f_divergence_type: str, alpha_coef: fl
 
 
 # ---- the notation, computed once per batch --------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Scores:
@@ -119,6 +119,7 @@ def _sorted_gap(a: Tensor, b: Tensor) -> Tensor:
 
 # ---- the losses, one per row of losses.md: ℓ_i from the scores x and the settings o ---------------
 
+
 def _sigmoid(x: Scores, o: LossSettings) -> Tensor:
     return -F.logsigmoid(x.z)
 
@@ -134,8 +135,9 @@ def _ipo(x: Scores, o: LossSettings) -> Tensor:
 def _exo_pair(x: Scores, o: LossSettings) -> Tensor:
     # KL between the model's pair distribution σ(±βΔ) and the smoothed label (1−ε, ε).
     eps = o.label_smoothing
-    return (torch.sigmoid(x.z) * (F.logsigmoid(x.z) - math.log(1 - eps))
-            + torch.sigmoid(-x.z) * (F.logsigmoid(-x.z) - math.log(eps)))
+    return torch.sigmoid(x.z) * (F.logsigmoid(x.z) - math.log(1 - eps)) + torch.sigmoid(-x.z) * (
+        F.logsigmoid(-x.z) - math.log(eps)
+    )
 
 
 def _nca_pair(x: Scores, o: LossSettings) -> Tensor:
@@ -190,6 +192,7 @@ def _sigmoid_norm(x: Scores, o: LossSettings) -> Tensor:
 
 # ---- the registry ---------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class LossType:
     """One row of the registry: the loss's function and what configuration knows of it (`LossOptions`: its paper,
@@ -212,14 +215,27 @@ class LossType:
 
 
 FUNCTIONS: dict[str, Callable[[Scores, LossSettings], Tensor]] = {
-    "sigmoid": _sigmoid, "hinge": _hinge, "ipo": _ipo, "exo_pair": _exo_pair, "nca_pair": _nca_pair,
-    "robust": _robust, "bco_pair": _bco_pair, "sppo_hard": _sppo_hard, "aot": _aot, "aot_unpaired": _aot_unpaired,
-    "apo_zero": _apo_zero, "apo_down": _apo_down, "discopop": _discopop, "sft": _sft, "sigmoid_norm": _sigmoid_norm,
+    "sigmoid": _sigmoid,
+    "hinge": _hinge,
+    "ipo": _ipo,
+    "exo_pair": _exo_pair,
+    "nca_pair": _nca_pair,
+    "robust": _robust,
+    "bco_pair": _bco_pair,
+    "sppo_hard": _sppo_hard,
+    "aot": _aot,
+    "aot_unpaired": _aot_unpaired,
+    "apo_zero": _apo_zero,
+    "apo_down": _apo_down,
+    "discopop": _discopop,
+    "sft": _sft,
+    "sigmoid_norm": _sigmoid_norm,
 }
 LOSS_TYPES: dict[str, LossType] = {name: LossType(FUNCTIONS[name], options) for name, options in LOSS_OPTIONS.items()}
 
 
 # ---- the objective --------------------------------------------------------------------------------
+
 
 def pair_losses(loss_type: str, x: Scores, o: LossSettings) -> Tensor:
     """ℓ_i [N] of one loss type (for aot/aot_unpaired indexed by sorted rank k rather than by pair), after checking
@@ -247,8 +263,14 @@ def dpo_objective(
     pair_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
     """(Σ_k w_k · mean_i(pair_weights_i · ℓ_i^(k)), each term's mean keyed by loss type, βρ⁺, βρ⁻)."""
-    check_loss_options({**vars(settings), "loss_type": loss_types, "loss_weights": loss_weights,
-                        "use_weighting": pair_weights is not None})  # the config's rules, also for direct callers
+    check_loss_options(
+        {
+            **vars(settings),
+            "loss_type": loss_types,
+            "loss_weights": loss_weights,
+            "use_weighting": pair_weights is not None,
+        }
+    )  # the config's rules, also for direct callers
     types = [loss_types] if isinstance(loss_types, str) else list(loss_types)
     weights = [1.0] * len(types) if loss_weights is None else list(loss_weights)
     x = Scores.of(logps, settings)

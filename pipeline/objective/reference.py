@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Callable, Literal
 from pathlib import Path
+from typing import Callable, Literal
 
 import torch
 
@@ -62,10 +62,16 @@ def initial_policy_copy(model: Model) -> Model:
     return frozen(copy.deepcopy(model, memo=shared))
 
 
-def resolve_reference(policy: Model, *, explicit: Model | Callable[[], Model | None] | None = None,
-                      new_adapter: bool = False, when: When = "training",
-                      initial: Callable[[], Model] | None = None, precomputed: bool = False,
-                      sync_ref_model: bool = False) -> Reference:
+def resolve_reference(
+    policy: Model,
+    *,
+    explicit: Model | Callable[[], Model | None] | None = None,
+    new_adapter: bool = False,
+    when: When = "training",
+    initial: Callable[[], Model] | None = None,
+    precomputed: bool = False,
+    sync_ref_model: bool = False,
+) -> Reference:
     """The one decision of what the reference is, in this order:
 
     1. `precomputed`: nothing to run; the log-probs come with the data.
@@ -83,12 +89,16 @@ def resolve_reference(policy: Model, *, explicit: Model | Callable[[], Model | N
         explicit = explicit()
     if explicit is not None:
         if explicit is policy:
-            raise PipelineError("model and ref_model are the same object; pass ref_model=None to use a frozen copy "
-                                "of the initial policy, or a separate model instance.")
+            raise PipelineError(
+                "model and ref_model are the same object; pass ref_model=None to use a frozen copy "
+                "of the initial policy, or a separate model instance."
+            )
         return Reference("explicit", frozen(explicit), "explicit")
     if sync_ref_model and (new_adapter or is_peft_model(policy)):
-        raise PipelineError("sync_ref_model=True is not supported with a PEFT model that keeps no standalone "
-                            "ref_model; pass ref_model=... (model.ref_name_or_path) or turn sync_ref_model off.")
+        raise PipelineError(
+            "sync_ref_model=True is not supported with a PEFT model that keeps no standalone "
+            "ref_model; pass ref_model=... (model.ref_name_or_path) or turn sync_ref_model off."
+        )
     if new_adapter:
         return Reference("adapter_off", policy, "base (the policy with its adapter off)")
     description = "starting adapter" if is_peft_model(policy) else "base"
@@ -104,7 +114,11 @@ def resolve_reference(policy: Model, *, explicit: Model | Callable[[], Model | N
 def stage_reference(base_dir: Path, params: dict, policy: Model, when: When, precomputed: bool = False) -> Reference:
     """`resolve_reference` for a stage: the explicit model and the initial policy come through the base artifact."""
     return resolve_reference(
-        policy, explicit=lambda: load_explicit_reference(base_dir, params),
-        new_adapter=params["model"]["peft"]["enabled"] and is_peft_model(policy), when=when,
-        initial=lambda: load_policy(base_dir, params, trainable=False), precomputed=precomputed,
-        sync_ref_model=bool(params["train"].get("sync_ref_model")))
+        policy,
+        explicit=lambda: load_explicit_reference(base_dir, params),
+        new_adapter=params["model"]["peft"]["enabled"] and is_peft_model(policy),
+        when=when,
+        initial=lambda: load_policy(base_dir, params, trainable=False),
+        precomputed=precomputed,
+        sync_ref_model=bool(params["train"].get("sync_ref_model")),
+    )

@@ -14,8 +14,14 @@ import numbers
 
 KEY_METRICS = ("rewards/accuracies", "rewards/margins", "win_rate")  # the eval metrics a comparison shows
 # the curves shown first (then the rest alphabetically)
-LEADING_CURVES = ("eval/rewards/accuracies", "eval/rewards/margins", "eval/loss", "train/loss",
-                  "train/rewards/margins", "train/rewards/accuracies")
+LEADING_CURVES = (
+    "eval/rewards/accuracies",
+    "eval/rewards/margins",
+    "eval/loss",
+    "train/loss",
+    "train/rewards/margins",
+    "train/rewards/accuracies",
+)
 COLORS = ("#3465a4", "#d1495b", "#2a9d55", "#e08a00", "#7b4fa0", "#00a3a3", "#8c564b", "#c2185b")
 MACHINE_KEYS = ("cpu", "cpu_flags", "threads", "processes", "gpu", "cuda", "torch", "transformers")
 
@@ -69,16 +75,20 @@ def machine_warning(runs: list[Run]) -> str | None:
     labels = machine_labels(runs)
     if len(labels) < 2 and "not recorded" not in labels:
         return None
-    return ("These runs were not all made on one machine (or a run did not record where it ran): their differences "
-            "mix the machine with the change. Run the baseline on this machine (`dvc repro`, commit) and the "
-            "experiments after it, or `dvc pull` one shared baseline, before comparing.")
+    return (
+        "These runs were not all made on one machine (or a run did not record where it ran): their differences "
+        "mix the machine with the change. Run the baseline on this machine (`dvc repro`, commit) and the "
+        "experiments after it, or `dvc pull` one shared baseline, before comparing."
+    )
 
 
 def dedupe_workspace(runs: list[Run]) -> list[Run]:
     """The runs without the workspace when it holds the same params, metrics and environment as another run (after
     `dvc exp run` the workspace holds the last experiment's results)."""
+
     def same(a: Run, b: Run) -> bool:
         return (a.params, a.metrics, a.environment) == (b.params, b.metrics, b.environment)
+
     return [r for r in runs if r.rev != "workspace" or not any(same(r, o) for o in runs if o is not r)]
 
 
@@ -97,9 +107,16 @@ def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the comparison: run, rev, the changed params, KEY_METRICS, machine (when they differ)."""
     params, labels = changed_params(runs), machine_labels(runs)
     header = ["run", "rev", *params, *KEY_METRICS] + (["machine"] if len(labels) > 1 else [])
-    rows = [[run.name, run.rev[:7], *(format_value(run.params.get(k)) for k in params),
-             *(format_value(run.metrics.get(k)) for k in KEY_METRICS)]
-            + ([labels[machine(run.environment)]] if len(labels) > 1 else []) for run in runs]
+    rows = [
+        [
+            run.name,
+            run.rev[:7],
+            *(format_value(run.params.get(k)) for k in params),
+            *(format_value(run.metrics.get(k)) for k in KEY_METRICS),
+        ]
+        + ([labels[machine(run.environment)]] if len(labels) > 1 else [])
+        for run in runs
+    ]
     return header, rows
 
 
@@ -111,8 +128,11 @@ def comparison_text(runs: list[Run]) -> str:
     lines = [line(header), line("-" * w for w in widths), *(line(row) for row in rows)]
     labels = machine_labels(runs)
     lines.append("")
-    lines += [f"machine {label}: {name}" for name, label in labels.items()] if len(labels) > 1 else \
-        [f"machine: {next(iter(labels), 'not recorded')}"]
+    lines += (
+        [f"machine {label}: {name}" for name, label in labels.items()]
+        if len(labels) > 1
+        else [f"machine: {next(iter(labels), 'not recorded')}"]
+    )
     warning = machine_warning(runs)
     if warning:
         lines += ["", f"warning: {warning}"]
@@ -146,8 +166,9 @@ def _span(values: list[float], pad: float) -> tuple[float, float]:
     return low - margin, high + margin
 
 
-def curve_svg(title: str, series: list[tuple[int, list[tuple[int, float]]]], width: int = 480,
-              height: int = 260) -> str:
+def curve_svg(
+    title: str, series: list[tuple[int, list[tuple[int, float]]]], width: int = 480, height: int = 260
+) -> str:
     """An inline SVG plot of one curve: `series` is (run index, points) per run that logged it; run i is drawn
     in COLORS[i] (dashed after the palette's length)."""
     left, right, top, bottom = 58, 12, 22, 34
@@ -156,20 +177,28 @@ def curve_svg(title: str, series: list[tuple[int, list[tuple[int, float]]]], wid
     y0, y1 = _span([v for _, v in points], 0.05)
     sx = lambda s: left + (s - x0) / (x1 - x0) * (width - left - right)  # noqa: E731
     sy = lambda v: height - bottom - (v - y0) / (y1 - y0) * (height - top - bottom)  # noqa: E731
-    parts = [f'<svg viewBox="0 0 {width} {height}" role="img" '
-             f'aria-label="{html.escape(title)}" font-family="sans-serif" font-size="10">',
-             f'<text x="{width / 2:.1f}" y="14" text-anchor="middle" font-size="12">{html.escape(title)}</text>']
+    parts = [
+        f'<svg viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="{html.escape(title)}" font-family="sans-serif" font-size="10">',
+        f'<text x="{width / 2:.1f}" y="14" text-anchor="middle" font-size="12">{html.escape(title)}</text>',
+    ]
     for tick in nice_ticks(y0, y1):
         y = sy(tick)
-        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e6e6e6"/>'
-                     f'<text x="{left - 4}" y="{y + 3:.1f}" text-anchor="end">{tick:.4g}</text>')
+        parts.append(
+            f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e6e6e6"/>'
+            f'<text x="{left - 4}" y="{y + 3:.1f}" text-anchor="end">{tick:.4g}</text>'
+        )
     for tick in nice_ticks(x0, x1):
         x = sx(tick)
-        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{height - bottom}" stroke="#f0f0f0"/>'
-                     f'<text x="{x:.1f}" y="{height - bottom + 13}" text-anchor="middle">{tick:.4g}</text>')
-    parts.append(f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
-                 'fill="none" stroke="#999"/>'
-                 f'<text x="{(left + width - right) / 2:.1f}" y="{height - 4}" text-anchor="middle">step</text>')
+        parts.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{height - bottom}" stroke="#f0f0f0"/>'
+            f'<text x="{x:.1f}" y="{height - bottom + 13}" text-anchor="middle">{tick:.4g}</text>'
+        )
+    parts.append(
+        f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
+        'fill="none" stroke="#999"/>'
+        f'<text x="{(left + width - right) / 2:.1f}" y="{height - 4}" text-anchor="middle">step</text>'
+    )
     for index, pts in series:
         color = COLORS[index % len(COLORS)]
         dash = ' stroke-dasharray="5 3"' if index >= len(COLORS) else ""
@@ -186,9 +215,12 @@ def _finite(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
 
 
 def _legend(runs: list[Run]) -> str:
-    keys = "".join(f'<span class="key"><span class="swatch" style="border-color:{COLORS[i % len(COLORS)]};'
-                   f'border-top-style:{"dashed" if i >= len(COLORS) else "solid"}"></span>{html.escape(run.name)}'
-                   "</span>" for i, run in enumerate(runs))
+    keys = "".join(
+        f'<span class="key"><span class="swatch" style="border-color:{COLORS[i % len(COLORS)]};'
+        f'border-top-style:{"dashed" if i >= len(COLORS) else "solid"}"></span>{html.escape(run.name)}'
+        "</span>"
+        for i, run in enumerate(runs)
+    )
     return f'<p class="legend">{keys}</p>'
 
 
@@ -197,12 +229,15 @@ def _table_html(runs: list[Run]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     labels = machine_labels(runs)
-    machines = "".join(f"<li>{html.escape(label if len(labels) > 1 else 'machine')}: {html.escape(name)}</li>"
-                       for name, label in labels.items())
+    machines = "".join(
+        f"<li>{html.escape(label if len(labels) > 1 else 'machine')}: {html.escape(name)}</li>"
+        for name, label in labels.items()
+    )
     warning = machine_warning(runs)
-    return (f'<table id="runs"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-            f'<ul class="machines">{machines}</ul>'
-            + (f'<p class="warning">{html.escape(warning)}</p>' if warning else ""))
+    return (
+        f'<table id="runs"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+        f'<ul class="machines">{machines}</ul>' + (f'<p class="warning">{html.escape(warning)}</p>' if warning else "")
+    )
 
 
 _CSS = """
@@ -229,11 +264,16 @@ def render_comparison(runs: list[Run], title: str = "DPO runs compared") -> str:
         series = [(i, pts) for i, pts in series if pts]
         if series:
             figures.append(f'<figure class="plot" data-group="{html.escape(name)}">{curve_svg(name, series)}</figure>')
-    curves = (_legend(runs) + f'<div class="plots">{"".join(figures)}</div>' if figures
-              else '<p class="empty">No training curves were logged.</p>')
-    return ("<!DOCTYPE html>\n"
-            '<html lang="en"><head><meta charset="utf-8">'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n"
-            f"<body><h1>{html.escape(title)}</h1>\n<section id=\"table\"><h2>Runs</h2>{_table_html(runs)}</section>\n"
-            f'<section id="curves"><h2>Curves</h2>{curves}</section>\n</body></html>\n')
+    curves = (
+        _legend(runs) + f'<div class="plots">{"".join(figures)}</div>'
+        if figures
+        else '<p class="empty">No training curves were logged.</p>'
+    )
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n"
+        f'<body><h1>{html.escape(title)}</h1>\n<section id="table"><h2>Runs</h2>{_table_html(runs)}</section>\n'
+        f'<section id="curves"><h2>Curves</h2>{curves}</section>\n</body></html>\n'
+    )

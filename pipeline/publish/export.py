@@ -16,14 +16,13 @@ from typing import Callable
 
 import yaml
 
-from pipeline.core.errors import PipelineError
-from pipeline.store.hub import hub_token, push_failure, with_tries
-from pipeline.core.redaction import redact
 from pipeline.config.params import train_option
-from pipeline.model.loading import is_adapter_dir, load_causal_lm, load_tokenizer, load_trained_model
-from pipeline.model.loading import is_vision_model
+from pipeline.core.errors import PipelineError
+from pipeline.core.redaction import redact
 from pipeline.data.processing import is_processor
+from pipeline.model.loading import is_adapter_dir, is_vision_model, load_causal_lm, load_tokenizer, load_trained_model
 from pipeline.store.artifacts import manifest_digest
+from pipeline.store.hub import hub_token, push_failure, with_tries
 
 ADAPTER_SUBDIR = "adapter"
 
@@ -81,14 +80,24 @@ def _base_description(base_model: str, kind: str, base_revision: str | None) -> 
     if kind == "hub":
         return f"`{base_model}`" + (f" (revision `{base_revision}`)" if base_revision else "")
     if kind == "builtin":
-        return (f"dpo-pipeline's built-in model `{base_model}` (a tiny model built in code, warm-started by the "
-                f"`base` stage; not on the Hugging Face Hub)")
+        return (
+            f"dpo-pipeline's built-in model `{base_model}` (a tiny model built in code, warm-started by the "
+            f"`base` stage; not on the Hugging Face Hub)"
+        )
     return f"a local directory, `{base_model}` (not on the Hugging Face Hub)"
 
 
-def model_card(title: str, base_model: str, params: dict, metrics: dict, data_digests: dict[str, str] | str,
-               base_revision: str | None = None, adapter: dict | None = None, merged: bool = False,
-               base_kind: str | None = None) -> str:
+def model_card(
+    title: str,
+    base_model: str,
+    params: dict,
+    metrics: dict,
+    data_digests: dict[str, str] | str,
+    base_revision: str | None = None,
+    adapter: dict | None = None,
+    merged: bool = False,
+    base_kind: str | None = None,
+) -> str:
     """The model card: base model, weights kind (adapter/merged/full), loss types, data digests, eval metrics, params.
 
     The metadata's `base_model` (which the Hub links to a model page) is written only for a Hub base; a built-in or
@@ -102,27 +111,42 @@ def model_card(title: str, base_model: str, params: dict, metrics: dict, data_di
 
     tags = ["dpo", "preference-optimization"] + (["peft", "lora"] if adapter else [])
     base_kind = base_kind or base_model_kind(base_model)
-    card_data = ModelCardData(tags=tags, library_name="transformers",
-                              base_model=base_model if base_kind == "hub" else None)
+    card_data = ModelCardData(
+        tags=tags, library_name="transformers", base_model=base_model if base_kind == "hub" else None
+    )
     if adapter:
-        lora = ", ".join(f"{k}={adapter[k]}" for k in ("r", "lora_alpha", "lora_dropout", "target_modules") if k in adapter)
-        weights = (f"LoRA adapter ({lora}) in `{ADAPTER_SUBDIR}/`"
-                   + ("; the full model with the adapter merged at the top level" if merged else ""))
+        lora = ", ".join(
+            f"{k}={adapter[k]}" for k in ("r", "lora_alpha", "lora_dropout", "target_modules") if k in adapter
+        )
+        weights = f"LoRA adapter ({lora}) in `{ADAPTER_SUBDIR}/`" + (
+            "; the full model with the adapter merged at the top level" if merged else ""
+        )
     else:
         weights = "full fine-tuned model"
     body = CARD_TEMPLATE.format(
-        title=title, base_description=_base_description(base_model, base_kind, base_revision), weights=weights,
-        loss_types=", ".join(loss_types), loss_weights=train_option(params, "loss_weights") or "all 1.0",
+        title=title,
+        base_description=_base_description(base_model, base_kind, base_revision),
+        weights=weights,
+        loss_types=", ".join(loss_types),
+        loss_weights=train_option(params, "loss_weights") or "all 1.0",
         beta=train_option(params, "beta"),
-        data_source=params["data"]["train"], data_table=_table(("artifact", "digest"), data_digests),
-        metrics_table=_table(("metric", "value"), metrics), params_yaml=yaml.safe_dump(redact(params), sort_keys=True))
+        data_source=params["data"]["train"],
+        data_table=_table(("artifact", "digest"), data_digests),
+        metrics_table=_table(("metric", "value"), metrics),
+        params_yaml=yaml.safe_dump(redact(params), sort_keys=True),
+    )
     # huggingface_hub writes the metadata block the Hub reads (tags, library, base model)
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}"))
 
 
-def export_model(model_dir: Path, out_dir: Path, merge_adapter: bool = True,
-                 load_base: Callable[[], object] | None = None, base_name: str | None = None,
-                 base_revision: str | None = None) -> dict:
+def export_model(
+    model_dir: Path,
+    out_dir: Path,
+    merge_adapter: bool = True,
+    load_base: Callable[[], object] | None = None,
+    base_name: str | None = None,
+    base_revision: str | None = None,
+) -> dict:
     """Write the trained model and its tokenizer to `out_dir`.
 
     A full model is re-saved as safetensors. An adapter goes to `out_dir/adapter` (its config naming
@@ -146,8 +170,11 @@ def export_model(model_dir: Path, out_dir: Path, merge_adapter: bool = True,
         config.update({"base_model_name_or_path": base_name, "revision": base_revision})
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     lora = model.peft_config[model.active_adapter].to_dict()
-    adapter = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora.items()
-               if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "peft_type")}
+    adapter = {
+        k: (sorted(v) if isinstance(v, set) else v)
+        for k, v in lora.items()
+        if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "peft_type")
+    }
     if merge_adapter:
         merged = model.merge_and_unload()
         merged.save_pretrained(out_dir, safe_serialization=True)
@@ -166,6 +193,7 @@ def processing_class_for_adapter(model_dir: Path, model):
 
 # ---- the Hub -----------------------------------------------------------------------------------
 
+
 def push_to_hub(folder: Path, repo_id: str | None, private: bool = True, api=None) -> list[str]:
     """Upload `folder` (all but its manifest) to the Hub model repo `repo_id`, private by default.
 
@@ -180,17 +208,31 @@ def push_to_hub(folder: Path, repo_id: str | None, private: bool = True, api=Non
     token = hub_token()
     if api is None:
         if not token:
-            raise PipelineError(f"push to the Hub repo {repo_id!r}: not authenticated: no Hub token. Set HF_TOKEN in the "
-                                f"environment to a token with write access (or run `hf auth login`). {intact}")
+            raise PipelineError(
+                f"push to the Hub repo {repo_id!r}: not authenticated: no Hub token. Set HF_TOKEN in the "
+                f"environment to a token with write access (or run `hf auth login`). {intact}"
+            )
         from huggingface_hub import HfApi
+
         api = HfApi(token=token)
-    paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json")
+    paths = sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"
+    )
     try:
-        with_tries(f"creating the Hub repo {repo_id!r}",
-                   lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
-        with_tries(f"uploading {folder} to the Hub repo {repo_id!r}",
-                   lambda: api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                                             allow_patterns=paths, commit_message="Upload DPO model"))
+        with_tries(
+            f"creating the Hub repo {repo_id!r}",
+            lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"),
+        )
+        with_tries(
+            f"uploading {folder} to the Hub repo {repo_id!r}",
+            lambda: api.upload_folder(
+                folder_path=str(folder),
+                repo_id=repo_id,
+                repo_type="model",
+                allow_patterns=paths,
+                commit_message="Upload DPO model",
+            ),
+        )
     except PipelineError as err:  # no answer within the tries
         raise PipelineError(f"push to the Hub repo {repo_id!r} failed: {err} {intact}") from None
     except Exception as err:
@@ -200,7 +242,7 @@ def push_to_hub(folder: Path, repo_id: str | None, private: bool = True, api=Non
 
 def data_digests(normalized: Path, manifest: dict) -> dict[str, str]:
     """The normalized data's identity for the model card: its manifest digest and each split file's digest."""
-    return {"normalized/manifest.json": manifest_digest(normalized),
-            **{f"normalized/{name}": digest for name, digest in manifest["files"].items() if name.endswith(".parquet")}}
-
-
+    return {
+        "normalized/manifest.json": manifest_digest(normalized),
+        **{f"normalized/{name}": digest for name, digest in manifest["files"].items() if name.endswith(".parquet")},
+    }

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.store.artifacts import read_json, write_json
 from pipeline.core.errors import PipelineError
+from pipeline.store.artifacts import read_json, write_json
 
 ENVIRONMENT = "environment"  # the record of where the run ran: beside the metrics, not one of them
 
@@ -47,11 +47,16 @@ def write_metrics(path: Path, flat: dict, environment: dict | None = None) -> No
 def _read(path: Path) -> dict:
     if not Path(path).exists():
         return {}
-    data = read_json(path, "this metrics file", "run `dvc repro evaluate` (or `dpo evaluate`) to write it again, or "
-                                                 "`git checkout` it")
+    data = read_json(
+        path,
+        "this metrics file",
+        "run `dvc repro evaluate` (or `dpo evaluate`) to write it again, or `git checkout` it",
+    )
     if not isinstance(data, dict):
-        raise PipelineError(f"{path}: this metrics file is damaged: it holds a JSON {type(data).__name__}, not an "
-                            "object; run `dvc repro evaluate` (or `dpo evaluate`) to write it again, or `git checkout` it.")
+        raise PipelineError(
+            f"{path}: this metrics file is damaged: it holds a JSON {type(data).__name__}, not an "
+            "object; run `dvc repro evaluate` (or `dpo evaluate`) to write it again, or `git checkout` it."
+        )
     return data
 
 

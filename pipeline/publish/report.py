@@ -15,8 +15,9 @@ import re
 from pathlib import Path
 
 import yaml
-from pipeline.store.artifacts import write_text
+
 from pipeline.core.redaction import redact
+from pipeline.store.artifacts import write_text
 
 TEXT_LIMIT = 600  # characters of prompt/completion text shown before an ellipsis
 MAX_EXAMPLES = 8  # generations shown
@@ -60,8 +61,10 @@ def _read_history(path: Path) -> list[tuple[int, float]]:
         reader = csv.DictReader(handle, delimiter="\t")
         columns = [c for c in (reader.fieldnames or []) if c not in ("step", "timestamp")]
         if "step" not in (reader.fieldnames or []) or len(columns) != 1:
-            raise ValueError(f"{path}: expected a DVCLive history with a `step` column and one value column "
-                             f"(and optionally `timestamp`), got columns {reader.fieldnames}")
+            raise ValueError(
+                f"{path}: expected a DVCLive history with a `step` column and one value column "
+                f"(and optionally `timestamp`), got columns {reader.fieldnames}"
+            )
         by_step: dict[int, float] = {}
         for row in reader:
             value = _as_float(row[columns[0]])
@@ -82,7 +85,8 @@ def _as_float(text: str | None) -> float | None:
 
 
 def plot_group(name: str) -> str:
-    """The plot a series belongs to: its name without the train/eval prefix and without a chosen/rejected/margins tail."""
+    """The plot a series belongs to: its name without the train/eval prefix and without a chosen/rejected/margins
+    tail."""
     parts = name.split("/")
     if len(parts) > 1 and parts[0] in _SPLITS:
         parts = parts[1:]
@@ -105,8 +109,12 @@ def _group_order(group: str) -> tuple[int, str]:
 
 def _series_order(name: str) -> tuple:
     split, side = _split_and_side(name)
-    return (_SPLITS.index(split) if split in _SPLITS else len(_SPLITS), split or "",
-            _SIDES.index(side) if side in _SIDES else -1, name)
+    return (
+        _SPLITS.index(split) if split in _SPLITS else len(_SPLITS),
+        split or "",
+        _SIDES.index(side) if side in _SIDES else -1,
+        name,
+    )
 
 
 def _split_and_side(name: str) -> tuple[str | None, str | None]:
@@ -125,8 +133,14 @@ def _plot_svg(group: str, names: list[str], curves: Curves, salt: str) -> str:
     from matplotlib.backends.backend_svg import FigureCanvasSVG
     from matplotlib.figure import Figure
 
-    style = {"svg.hashsalt": salt, "svg.fonttype": "none", "font.size": 9, "axes.titlesize": 10,
-             "axes.spines.top": False, "axes.spines.right": False}
+    style = {
+        "svg.hashsalt": salt,
+        "svg.fonttype": "none",
+        "font.size": 9,
+        "axes.titlesize": 10,
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+    }
     with matplotlib.rc_context(style):
         figure = Figure(figsize=(5, 3))
         FigureCanvasSVG(figure)
@@ -139,8 +153,9 @@ def _plot_svg(group: str, names: list[str], curves: Curves, salt: str) -> str:
             color = _SIDE_COLORS[side] if side else (_SPLIT_SHADES.get(split) or _SIDE_COLORS[None])
             label = " ".join(part for part in (split, side) if part) or name
             if split == "eval":
-                axes.plot(steps, values, color=color, marker="o", markersize=4, linestyle=":", linewidth=0.8,
-                          label=label)
+                axes.plot(
+                    steps, values, color=color, marker="o", markersize=4, linestyle=":", linewidth=0.8, label=label
+                )
             else:
                 axes.plot(steps, values, color=color, linewidth=1.4, label=label)
         axes.set_title(group)
@@ -158,7 +173,7 @@ def _plot_svg(group: str, names: list[str], curves: Curves, salt: str) -> str:
 def _inline_svg(document: str) -> str:
     """An SVG document as an element to inline: no XML prolog/DOCTYPE/metadata, no unreferenced group ids
     (matplotlib numbers them per figure, so two plots on one page would repeat them)."""
-    svg = document[document.index("<svg"):]
+    svg = document[document.index("<svg") :]
     svg = re.sub(r"\s*<metadata>.*?</metadata>", "", svg, flags=re.S)
     return re.sub(r'<g id="[^"]*"', "<g", svg).strip()
 
@@ -177,8 +192,11 @@ def _text(value) -> str:
 
 def _pictures(uris: list | None) -> str:
     """A prompt's images, inline (`data:image/...` URIs only: the page stays self-contained)."""
-    return "".join(f'<img class="picture" alt="prompt image" src="{html.escape(uri, quote=True)}">'
-                   for uri in uris or [] if isinstance(uri, str) and uri.startswith("data:image/"))
+    return "".join(
+        f'<img class="picture" alt="prompt image" src="{html.escape(uri, quote=True)}">'
+        for uri in uris or []
+        if isinstance(uri, str) and uri.startswith("data:image/")
+    )
 
 
 def format_number(value) -> str:
@@ -203,14 +221,19 @@ def _e(value) -> str:
 
 def _curves_section(curves: Curves) -> str:
     if not curves:
-        return '<section id="curves"><h2>Training curves</h2><p class="empty">No training curves were logged.</p></section>'
+        return (
+            '<section id="curves"><h2>Training curves</h2>'
+            '<p class="empty">No training curves were logged.</p></section>'
+        )
     figures = []
     for index, (group, names) in enumerate(group_curves(curves)):
         svg = _plot_svg(group, names, curves, salt=f"dpo-report-{index}")
         figures.append(f'<figure class="plot" data-group="{_e(group)}">{svg}</figure>')
-    return ('<section id="curves"><h2>Training curves</h2>'
-            '<p class="note">Lines: train; markers: eval.</p>'
-            f'<div class="plots">{"".join(figures)}</div></section>')
+    return (
+        '<section id="curves"><h2>Training curves</h2>'
+        '<p class="note">Lines: train; markers: eval.</p>'
+        f'<div class="plots">{"".join(figures)}</div></section>'
+    )
 
 
 def metric_rows(eval_metrics: dict, reference_metrics: dict) -> list[tuple[str, object, object]]:
@@ -220,8 +243,10 @@ def metric_rows(eval_metrics: dict, reference_metrics: dict) -> list[tuple[str, 
     `win_rate`) become JUDGE_ROWS, each side in its column: the reference's win rate over the policy is 1 − win_rate
     (ties count half to each)."""
     judge = {"policy_mean_score", "reference_mean_score", "win_rate"}
-    names = sorted((set(eval_metrics) | set(reference_metrics)) - set(COUNTS) - judge,
-                   key=lambda n: (_group_order(plot_group(n)), _series_order(n)))
+    names = sorted(
+        (set(eval_metrics) | set(reference_metrics)) - set(COUNTS) - judge,
+        key=lambda n: (_group_order(plot_group(n)), _series_order(n)),
+    )
     rows = [(name, eval_metrics.get(name), reference_metrics.get(name)) for name in names]
     if "policy_mean_score" in eval_metrics or "reference_mean_score" in eval_metrics:
         rows.append((JUDGE_ROWS[0], eval_metrics.get("policy_mean_score"), eval_metrics.get("reference_mean_score")))
@@ -242,13 +267,17 @@ def _metrics_section(eval_metrics: dict[str, float], reference_metrics: dict[str
     cells = "".join(
         f"<tr><th>{_e(name)}</th><td>{'–' if mine is None else format_number(mine)}</td>"
         f"<td>{'–' if theirs is None else format_number(theirs)}</td></tr>"
-        for name, mine, theirs in rows)
-    return ('<section id="eval"><h2>Evaluation: policy vs reference</h2>' + _counts(eval_metrics) +
-            '<table id="metrics" class="numbers"><thead><tr><th>metric</th><th>policy</th><th>reference</th></tr>'
-            f"</thead><tbody>{cells}</tbody></table>"
-            '<p class="note">The reference is scored like the policy, against itself: its implicit rewards '
-            "β·log(π_ref/π_ref) are 0 by definition, so its rewards/accuracies (chosen reward strictly above "
-            "rejected) is 0 and its loss is the objective at zero rewards.</p></section>")
+        for name, mine, theirs in rows
+    )
+    return (
+        '<section id="eval"><h2>Evaluation: policy vs reference</h2>'
+        + _counts(eval_metrics)
+        + '<table id="metrics" class="numbers"><thead><tr><th>metric</th><th>policy</th><th>reference</th></tr>'
+        f"</thead><tbody>{cells}</tbody></table>"
+        '<p class="note">The reference is scored like the policy, against itself: its implicit rewards '
+        "β·log(π_ref/π_ref) are 0 by definition, so its rewards/accuracies (chosen reward strictly above "
+        "rejected) is 0 and its loss is the objective at zero rewards.</p></section>"
+    )
 
 
 def pick_examples(examples: list[dict], limit: int = MAX_EXAMPLES) -> list[dict]:
@@ -265,7 +294,7 @@ def pick_examples(examples: list[dict], limit: int = MAX_EXAMPLES) -> list[dict]
 
 
 def _outcome_counts(examples: list[dict]) -> str:
-    """"6 policy wins, 1 tie, 1 reference win" of the examples shown."""
+    """ "6 policy wins, 1 tie, 1 reference win" of the examples shown."""
     names = {1.0: ("policy win", "policy wins"), 0.5: ("tie", "ties"), 0.0: ("reference win", "reference wins")}
     counts = [(sum(e.get("outcome") == o for e in examples), names[o]) for o in OUTCOMES]
     return ", ".join(f"{n} {one if n == 1 else many}" for n, (one, many) in counts if n)
@@ -273,33 +302,50 @@ def _outcome_counts(examples: list[dict]) -> str:
 
 def _generations_section(generations: dict | None) -> str:
     if generations is None:
-        return ('<section id="generations"><h2>Generations</h2>'
-                '<p class="empty">No generations (evaluate.num_generations is 0).</p></section>')
+        return (
+            '<section id="generations"><h2>Generations</h2>'
+            '<p class="empty">No generations (evaluate.num_generations is 0).</p></section>'
+        )
     every = generations.get("examples", [])
     examples = pick_examples(every)
     judged = "win_rate" in generations
     rows = "".join(
-        f'<tr><td class="text">{_pictures(ex.get("images"))}{_text(ex["prompt"])}</td><td class="text">{_text(ex["policy"])}</td>'
+        f'<tr><td class="text">{_pictures(ex.get("images"))}{_text(ex["prompt"])}</td>'
+        f'<td class="text">{_text(ex["policy"])}</td>'
         f'<td class="text">{_text(ex["reference"])}</td>'
-        + (f'<td>{_e(OUTCOMES.get(ex.get("outcome"), ex.get("outcome")))}</td>' if judged else "") + "</tr>"
-        for ex in examples)
+        + (f"<td>{_e(OUTCOMES.get(ex.get('outcome'), ex.get('outcome')))}</td>" if judged else "")
+        + "</tr>"
+        for ex in examples
+    )
     outcome_col, outcome_head = ('<col class="narrow">', "<th>outcome</th>") if judged else ("", "")
-    table = (f'<table id="generation-examples" class="texts"><colgroup><col><col><col>{outcome_col}</colgroup>'
-             f"<thead><tr><th>prompt</th><th>policy</th><th>reference</th>{outcome_head}</tr></thead>"
-             f"<tbody>{rows}</tbody></table>") if rows else '<p class="empty">No examples.</p>'
+    table = (
+        (
+            f'<table id="generation-examples" class="texts"><colgroup><col><col><col>{outcome_col}</colgroup>'
+            f"<thead><tr><th>prompt</th><th>policy</th><th>reference</th>{outcome_head}</tr></thead>"
+            f"<tbody>{rows}</tbody></table>"
+        )
+        if rows
+        else '<p class="empty">No examples.</p>'
+    )
     count = generations.get("num_generations", len(every))
     if judged:
-        verdict = (f'<div class="win-rate"><span class="big">{100 * generations["win_rate"]:.1f}%</span> '
-                   f'<span>win rate of the policy over the reference on {_e(count)} held-out prompts (mean judge '
-                   f'score: policy {format_number(generations.get("policy_mean_score", "–"))}, '
-                   f'reference {format_number(generations.get("reference_mean_score", "–"))})</span></div>')
+        verdict = (
+            f'<div class="win-rate"><span class="big">{100 * generations["win_rate"]:.1f}%</span> '
+            f"<span>win rate of the policy over the reference on {_e(count)} held-out prompts (mean judge "
+            f"score: policy {format_number(generations.get('policy_mean_score', '–'))}, "
+            f"reference {format_number(generations.get('reference_mean_score', '–'))})</span></div>"
+        )
         shown = f"{len(examples)} of {len(every)}: {_outcome_counts(examples)}"
     else:
-        verdict = (f'<p class="note" id="no-judge">no judge: the greedy answers of both to {_e(count)} held-out '
-                   "prompts, unscored (a program judges the answers of the built-in tasks only).</p>")
+        verdict = (
+            f'<p class="note" id="no-judge">no judge: the greedy answers of both to {_e(count)} held-out '
+            "prompts, unscored (a program judges the answers of the built-in tasks only).</p>"
+        )
         shown = f"{len(examples)} of {len(every)}"
-    return ('<section id="generations"><h2>Generations: policy vs reference</h2>'
-            f"{verdict}<h3>Examples ({shown})</h3>{table}</section>")
+    return (
+        '<section id="generations"><h2>Generations: policy vs reference</h2>'
+        f"{verdict}<h3>Examples ({shown})</h3>{table}</section>"
+    )
 
 
 def _pairs_section(pairs: list[dict]) -> str:
@@ -307,40 +353,56 @@ def _pairs_section(pairs: list[dict]) -> str:
         return '<section id="pairs"><h2>Eval pairs</h2><p class="empty">No per-pair results.</p></section>'
     by_margin = sorted(pairs, key=lambda p: (p["margin"], p["row_id"]))
     largest = sorted(pairs, key=lambda p: (-p["margin"], p["row_id"]))[:PAIRS_SHOWN]
-    return ('<section id="pairs"><h2>Eval pairs by implicit reward margin</h2>'
-            f"<h3>Largest margins</h3>{_pairs_table('pairs-largest', largest)}"
-            f"<h3>Smallest margins</h3>{_pairs_table('pairs-smallest', by_margin[:PAIRS_SHOWN])}</section>")
+    return (
+        '<section id="pairs"><h2>Eval pairs by implicit reward margin</h2>'
+        f"<h3>Largest margins</h3>{_pairs_table('pairs-largest', largest)}"
+        f"<h3>Smallest margins</h3>{_pairs_table('pairs-smallest', by_margin[:PAIRS_SHOWN])}</section>"
+    )
 
 
 def _pairs_table(table_id: str, pairs: list[dict]) -> str:
     rows = "".join(
-        f'<tr><td title="{_e(p["row_id"])}">{_e(str(p["row_id"])[:10])}</td><td class="num">{format_number(p["margin"])}</td>'
-        f'<td class="num">{format_number(p["chosen_reward"])}</td><td class="num">{format_number(p["rejected_reward"])}</td>'
+        f'<tr><td title="{_e(p["row_id"])}">{_e(str(p["row_id"])[:10])}</td>'
+        f'<td class="num">{format_number(p["margin"])}</td>'
+        f'<td class="num">{format_number(p["chosen_reward"])}</td>'
+        f'<td class="num">{format_number(p["rejected_reward"])}</td>'
         f'<td class="text">{_text(p["prompt"])}</td><td class="text">{_text(p["chosen"])}</td>'
         f'<td class="text">{_text(p["rejected"])}</td></tr>'
-        for p in pairs)
-    return (f'<table id="{table_id}" class="texts"><colgroup><col class="narrow"><col class="narrow"><col class="narrow">'
-            '<col class="narrow"><col><col><col></colgroup>'
-            '<thead><tr><th>row</th><th>margin</th><th>chosen reward</th><th>rejected reward</th><th>prompt</th>'
-            f"<th>chosen</th><th>rejected</th></tr></thead><tbody>{rows}</tbody></table>")
+        for p in pairs
+    )
+    return (
+        f'<table id="{table_id}" class="texts"><colgroup><col class="narrow"><col class="narrow"><col class="narrow">'
+        '<col class="narrow"><col><col><col></colgroup>'
+        "<thead><tr><th>row</th><th>margin</th><th>chosen reward</th><th>rejected reward</th><th>prompt</th>"
+        f"<th>chosen</th><th>rejected</th></tr></thead><tbody>{rows}</tbody></table>"
+    )
 
 
 def _params_section(params: dict) -> str:
     model, data = params.get("model") or {}, params.get("data") or {}
-    sources = [("model", model.get("name_or_path")), ("model revision", model.get("revision")),
-               ("reference model", model.get("ref_name_or_path")), ("adapter", model.get("adapter")),
-               ("train data", data.get("train")), ("eval data", data.get("eval")), ("data subset", data.get("name")),
-               ("split", data.get("split"))]
-    source_rows = "".join(f"<tr><th>{_e(label)}</th><td>{_e(value)}</td></tr>"
-                          for label, value in sources if value is not None)
+    sources = [
+        ("model", model.get("name_or_path")),
+        ("model revision", model.get("revision")),
+        ("reference model", model.get("ref_name_or_path")),
+        ("adapter", model.get("adapter")),
+        ("train data", data.get("train")),
+        ("eval data", data.get("eval")),
+        ("data subset", data.get("name")),
+        ("split", data.get("split")),
+    ]
+    source_rows = "".join(
+        f"<tr><th>{_e(label)}</th><td>{_e(value)}</td></tr>" for label, value in sources if value is not None
+    )
     params = whole_numbers(params)
     train = _flatten(params.get("train") or {})
     train_rows = "".join(f"<tr><th>{_e(key)}</th><td>{_e(_yaml_scalar(value))}</td></tr>" for key, value in train)
     full = yaml.safe_dump(params, sort_keys=True, default_flow_style=False, allow_unicode=True)
-    return ('<section id="params"><h2>Run parameters</h2><div class="param-tables">'
-            f'<table id="sources" class="kv"><caption>sources</caption><tbody>{source_rows}</tbody></table>'
-            f'<table id="train-params" class="kv"><caption>train</caption><tbody>{train_rows}</tbody></table></div>'
-            f'<details><summary>all params (YAML)</summary><pre>{html.escape(full)}</pre></details></section>')
+    return (
+        '<section id="params"><h2>Run parameters</h2><div class="param-tables">'
+        f'<table id="sources" class="kv"><caption>sources</caption><tbody>{source_rows}</tbody></table>'
+        f'<table id="train-params" class="kv"><caption>train</caption><tbody>{train_rows}</tbody></table></div>'
+        f"<details><summary>all params (YAML)</summary><pre>{html.escape(full)}</pre></details></section>"
+    )
 
 
 def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -382,7 +444,8 @@ h3{font-size:15px;margin:18px 0 6px}
 .plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:12px}
 figure.plot{margin:0;border:1px solid #eee;border-radius:4px;padding:4px;background:#fff}
 figure.plot svg{display:block;width:100%;height:auto}
-table{border-collapse:collapse;margin:6px 0}th,td{border:1px solid #ddd;padding:4px 8px;vertical-align:top;text-align:left}
+table{border-collapse:collapse;margin:6px 0}
+th,td{border:1px solid #ddd;padding:4px 8px;vertical-align:top;text-align:left}
 thead th{background:#f4f4f4}
 table.numbers td,td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 table.texts{width:100%;table-layout:fixed}col.narrow{width:7em}
@@ -398,23 +461,45 @@ pre{white-space:pre-wrap;background:#f8f8f8;padding:8px;font-size:12px}.empty,.n
 """
 
 
-def render_report(*, title: str, curves: dict[str, list[tuple[int, float]]], eval_metrics: dict[str, float],
-                  reference_metrics: dict[str, float], generations: dict | None, pairs: list[dict], params: dict) -> str:
+def render_report(
+    *,
+    title: str,
+    curves: dict[str, list[tuple[int, float]]],
+    eval_metrics: dict[str, float],
+    reference_metrics: dict[str, float],
+    generations: dict | None,
+    pairs: list[dict],
+    params: dict,
+) -> str:
     """The run report as one self-contained HTML page (inline CSS and SVG, no scripts, nothing fetched)."""
-    sections = [_generations_section(generations), _metrics_section(eval_metrics, reference_metrics), _curves_section(curves),
-                _pairs_section(pairs), _params_section(params)]
-    return ("<!DOCTYPE html>\n"
-            '<html lang="en"><head><meta charset="utf-8">'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n"
-            f"<body><h1>{_e(title)}</h1>\n" + "\n".join(s for s in sections if s) + "\n</body></html>\n")
+    sections = [
+        _generations_section(generations),
+        _metrics_section(eval_metrics, reference_metrics),
+        _curves_section(curves),
+        _pairs_section(pairs),
+        _params_section(params),
+    ]
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n"
+        f"<body><h1>{_e(title)}</h1>\n" + "\n".join(s for s in sections if s) + "\n</body></html>\n"
+    )
 
 
 def write_report(path: Path, evaluation, live_dir: Path, params: dict) -> None:
-    """Write the run report of an `Evaluation` (pipeline.run.evaluation) with the curves DVCLive logged in `live_dir`."""
+    """Write the run report of an `Evaluation` (pipeline.run.evaluation) with the curves DVCLive logged in
+    `live_dir`."""
     params = redact(params)  # the page records params: credentials masked, as in manifests
     title = f"DPO run: {params['model']['name_or_path']} on {params['data']['train']}"
-    page = render_report(title=title, curves=read_curves(Path(live_dir)), eval_metrics=evaluation.metrics,
-                         reference_metrics=evaluation.reference_metrics, generations=evaluation.generations,
-                         pairs=evaluation.pairs, params=params)
+    page = render_report(
+        title=title,
+        curves=read_curves(Path(live_dir)),
+        eval_metrics=evaluation.metrics,
+        reference_metrics=evaluation.reference_metrics,
+        generations=evaluation.generations,
+        pairs=evaluation.pairs,
+        params=params,
+    )
     write_text(Path(path), page)

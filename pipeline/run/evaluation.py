@@ -17,15 +17,15 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.builtin import task
+from pipeline.config.train_params import dpo_config
+from pipeline.core.distributed import barrier, gather_shares, is_main, my_share
 from pipeline.data.images import data_uri, image_digests, open_image
+from pipeline.data.processing import chat_renderer, tokenizer_of
 from pipeline.data.schema import decoded_row
 from pipeline.data.sources import is_builtin
 from pipeline.data.tables import load_pairs
-from pipeline.core.distributed import barrier, gather_shares, is_main, my_share
-from pipeline.model.logps import sequence_logps
 from pipeline.model.loading import load_base_tokenizer, load_trained_policy
-from pipeline.config.train_params import dpo_config
-from pipeline.data.processing import chat_renderer, tokenizer_of
+from pipeline.model.logps import sequence_logps
 from pipeline.objective.reference import Reference, stage_reference
 from pipeline.run.trainer import DPOScorer
 
@@ -44,16 +44,30 @@ def greedy_answers(model, processing_class, prompts: list[dict], max_new_tokens:
     answers = []
     try:
         for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            texts = [p["prompt"] if isinstance(p["prompt"], str) else
-                     render(p["prompt"], add_generation_prompt=True, tokenize=False) for p in chunk]
+            chunk = prompts[start : start + batch_size]
+            texts = [
+                p["prompt"]
+                if isinstance(p["prompt"], str)
+                else render(p["prompt"], add_generation_prompt=True, tokenize=False)
+                for p in chunk
+            ]
             images = [open_image(image) for p in chunk for image in p.get("images") or []]
             encode = processing_class if images else tokenizer
-            batch = encode(text=texts, **({"images": images} if images else {}), return_tensors="pt", padding=True,
-                           add_special_tokens=isinstance(chunk[0]["prompt"], str)).to(device)
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            batch = encode(
+                text=texts,
+                **({"images": images} if images else {}),
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=isinstance(chunk[0]["prompt"], str),
+            ).to(device)
+            out = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
     return [a.strip() for a in answers]
@@ -63,6 +77,7 @@ def judge_answer(prompt: dict, answer: str) -> float:
     """The built-in judge of an answer to a held-out prompt: the picture task's for a prompt with images."""
     if prompt.get("images"):
         from pipeline.builtin import vision_task
+
         return vision_task.judge(open_image(prompt["images"][0]), answer)
     return task.judge(prompt["prompt"], answer)
 
@@ -77,8 +92,9 @@ def prompt_text(messages: list[dict] | str) -> str:
     return content
 
 
-def greedy_generations(policy, reference: Reference, processing_class, prompts: list[dict], max_new_tokens: int,
-                       batch_size: int) -> list[dict]:
+def greedy_generations(
+    policy, reference: Reference, processing_class, prompts: list[dict], max_new_tokens: int, batch_size: int
+) -> list[dict]:
     """The greedy answers of the policy and of the reference to each prompt: `{"prompt", "policy", "reference"}`
     (and the prompt's `images` as data URIs), in the prompts' order.
 
@@ -88,9 +104,15 @@ def greedy_generations(policy, reference: Reference, processing_class, prompts: 
     with reference.context():
         theirs = greedy_answers(reference.model, processing_class, share, max_new_tokens, batch_size)
     theirs = gather_shares(theirs, len(prompts))
-    return [{"prompt": prompt_text(p["prompt"]), "policy": a, "reference": b,
-             **({"images": [data_uri(i) for i in p["images"]]} if p.get("images") else {})}
-            for p, a, b in zip(prompts, mine, theirs)]
+    return [
+        {
+            "prompt": prompt_text(p["prompt"]),
+            "policy": a,
+            "reference": b,
+            **({"images": [data_uri(i) for i in p["images"]]} if p.get("images") else {}),
+        }
+        for p, a, b in zip(prompts, mine, theirs)
+    ]
 
 
 def judge_generations(prompts: list[dict], examples: list[dict]) -> dict:
@@ -102,10 +124,12 @@ def judge_generations(prompts: list[dict], examples: list[dict]) -> dict:
         outcome = 1.0 if mine > theirs else 0.5 if mine == theirs else 0.0
         scored.append({**example, "policy_score": mine, "reference_score": theirs, "outcome": outcome})
     count = max(1, len(scored))
-    return {"win_rate": sum(e["outcome"] for e in scored) / count,
-            "policy_mean_score": sum(e["policy_score"] for e in scored) / count,
-            "reference_mean_score": sum(e["reference_score"] for e in scored) / count,
-            "examples": scored}
+    return {
+        "win_rate": sum(e["outcome"] for e in scored) / count,
+        "policy_mean_score": sum(e["policy_score"] for e in scored) / count,
+        "reference_mean_score": sum(e["reference_score"] for e in scored) / count,
+        "examples": scored,
+    }
 
 
 def held_out_prompts(normalized: Path, limit: int) -> list[dict]:
@@ -198,8 +222,9 @@ class EvalScorer(DPOScorer):
         return sequence_logps(self._reference_per_token, mask, self.args.ld_alpha, shared)
 
 
-def evaluate_policy(params: dict, train: Path, tokenized: Path, ref_logps: Path, normalized: Path, base: Path,
-                    out_dir: Path) -> Evaluation:
+def evaluate_policy(
+    params: dict, train: Path, tokenized: Path, ref_logps: Path, normalized: Path, base: Path, out_dir: Path
+) -> Evaluation:
     """The DPO metrics of the trained policy on the eval split against the run's reference, and the reference's own;
     per-example results (with the pairs' text) in out_dir; greedy generations of both on held-out prompts in
     out_dir/generations.jsonl (unless evaluate.num_generations is 0), judged on a built-in task."""
@@ -211,8 +236,13 @@ def evaluate_policy(params: dict, train: Path, tokenized: Path, ref_logps: Path,
     policy = load_trained_policy(Path(train) / "model", base, params)  # a full model, or the adapter on the base
     # the training run's reference (a new adapter's: the adapter off): its own metrics and generations run it
     reference = stage_reference(base, params, policy, "after_training")
-    args = dpo_config(params, Path(out_dir) / "trainer", per_device_eval_batch_size=cfg["batch_size"],
-                      eval_strategy="no", gradient_checkpointing=False)
+    args = dpo_config(
+        params,
+        Path(out_dir) / "trainer",
+        per_device_eval_batch_size=cfg["batch_size"],
+        eval_strategy="no",
+        gradient_checkpointing=False,
+    )
     trainer = EvalScorer(model=policy, ref_model=reference, args=args, processing_class=tokenizer)
     eval_set = trainer.with_reference_logps(eval_set)  # computed once, when not precomputed
     prediction = trainer.predict(eval_set, metric_key_prefix="eval")
@@ -221,9 +251,16 @@ def evaluate_policy(params: dict, train: Path, tokenized: Path, ref_logps: Path,
     rewards = prediction.predictions
     row_ids = list(eval_set["row_id"])
     texts = pair_texts(normalized, row_ids)
-    pairs = [{"row_id": row_id, **texts.get(row_id, {"prompt": "", "chosen": "", "rejected": ""}),
-              "chosen_reward": float(c), "rejected_reward": float(r), "margin": float(c - r)}
-             for row_id, c, r in zip(row_ids, rewards[:, 0], rewards[:, 1])]
+    pairs = [
+        {
+            "row_id": row_id,
+            **texts.get(row_id, {"prompt": "", "chosen": "", "rejected": ""}),
+            "chosen_reward": float(c),
+            "rejected_reward": float(r),
+            "margin": float(c - r),
+        }
+        for row_id, c, r in zip(row_ids, rewards[:, 0], rewards[:, 1])
+    ]
     per_example = pa.Table.from_pylist([{**p, "correct": p["chosen_reward"] > p["rejected_reward"]} for p in pairs])
     if is_main():
         pq.write_table(per_example, Path(out_dir) / "per_example.parquet")
@@ -232,8 +269,9 @@ def evaluate_policy(params: dict, train: Path, tokenized: Path, ref_logps: Path,
     if prompts:
         if reference.standalone is not None:
             reference.standalone.to(trainer.model.device)
-        examples = greedy_generations(trainer.model, reference, tokenizer, prompts, cfg["max_new_tokens"],
-                                      cfg["batch_size"])
+        examples = greedy_generations(
+            trainer.model, reference, tokenizer, prompts, cfg["max_new_tokens"], cfg["batch_size"]
+        )
         generated = judge_generations(prompts, examples) if judge else {"examples": examples}
         generated["num_generations"] = metrics["num_generations"] = len(prompts)
         metrics.update({k: generated[k] for k in ("win_rate", "policy_mean_score", "reference_mean_score") if judge})

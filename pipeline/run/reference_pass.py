@@ -27,7 +27,6 @@ from pipeline.model.layout import batch_layout
 from pipeline.objective.reference import Reference
 from pipeline.store.artifacts import read_manifest
 
-
 REF_BLOCK_ROWS = 1024  # pairs read, scored and written at a time
 REF_BATCH_TOKENS = 2**14  # padded tokens of one forward pass (chosen and rejected rows together), at most
 ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -36,6 +35,8 @@ ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 def pair_columns(names) -> list[str]:
     """The columns a pair is scored from: its ids, and its images when the data has them."""
     return [*ID_COLUMNS, *(["images"] if "images" in names else [])]
+
+
 REF_VALUE_SCHEMA = pa.schema([f for f in REF_LOGPS_SCHEMA if f.name != "row_id"])
 
 
@@ -53,17 +54,24 @@ def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int = RE
 
 
 @torch.no_grad()
-def score_block(reference: Reference, block: pa.Table, collator: DataCollatorForPreference, batch_size: int,
-                max_tokens: int = REF_BATCH_TOKENS, chunk_tokens: int | None = None) -> pa.Table:
+def score_block(
+    reference: Reference,
+    block: pa.Table,
+    collator: DataCollatorForPreference,
+    batch_size: int,
+    max_tokens: int = REF_BATCH_TOKENS,
+    chunk_tokens: int | None = None,
+) -> pa.Table:
     """The reference's summed and per-token completion log-probs of chosen and rejected for the pairs of `block`
     (its `prompt_ids`, `chosen_ids`, `rejected_ids`), in its order, as REF_VALUE_SCHEMA columns (per-token values
     float32 lists, built from the tensors without Python floats)."""
     model = reference.model
     device = next(model.parameters()).device
     ids = block.select(pair_columns(block.column_names))
-    lengths = (np.asarray(pc.list_value_length(ids["prompt_ids"]).fill_null(0))
-               + np.maximum(np.asarray(pc.list_value_length(ids["chosen_ids"]).fill_null(0)),
-                            np.asarray(pc.list_value_length(ids["rejected_ids"]).fill_null(0))))
+    lengths = np.asarray(pc.list_value_length(ids["prompt_ids"]).fill_null(0)) + np.maximum(
+        np.asarray(pc.list_value_length(ids["chosen_ids"]).fill_null(0)),
+        np.asarray(pc.list_value_length(ids["rejected_ids"]).fill_null(0)),
+    )
     order, parts = [], []
     with evaluating(model):
         for index in length_batches(lengths.tolist(), batch_size, max_tokens):
@@ -89,13 +97,29 @@ def ref_columns(per_token: torch.Tensor, mask: torch.Tensor) -> pa.Table:
     def lists(side_lengths, side_values):
         offsets = np.concatenate([[0], np.cumsum(side_lengths)]).astype(np.int32)
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(side_values, pa.float32()))
-    return pa.Table.from_arrays([pa.array(sums[:n]), pa.array(sums[n:]), lists(lengths[:n], values[:split]),
-                                 lists(lengths[n:], values[split:])], schema=REF_VALUE_SCHEMA)
+
+    return pa.Table.from_arrays(
+        [
+            pa.array(sums[:n]),
+            pa.array(sums[n:]),
+            lists(lengths[:n], values[:split]),
+            lists(lengths[n:], values[split:]),
+        ],
+        schema=REF_VALUE_SCHEMA,
+    )
 
 
-def write_reference_logps(reference: Reference, tokenized_dir: Path, tokenizer, batch_size: int, out_dir: Path,
-                          max_tokens: int = REF_BATCH_TOKENS, prefix_sharing: bool = False, packing: bool = False,
-                          rows_per_rank: dict | None = None) -> dict:
+def write_reference_logps(
+    reference: Reference,
+    tokenized_dir: Path,
+    tokenizer,
+    batch_size: int,
+    out_dir: Path,
+    max_tokens: int = REF_BATCH_TOKENS,
+    prefix_sharing: bool = False,
+    packing: bool = False,
+    rows_per_rank: dict | None = None,
+) -> dict:
     """The reference log-probs of every split of a tokenized artifact, as `<split>.parquet` in out_dir, streamed:
     each block of REF_BLOCK_ROWS pairs is read, scored and written as one row group before the next is read.
     Batches are prefix-shared and packed as asked where the model takes it (`pipeline.model.layout.batch_layout`).
@@ -117,8 +141,9 @@ def write_reference_logps(reference: Reference, tokenized_dir: Path, tokenizer, 
         if "images" in columns:  # a vision split: padded batches with pixel inputs (as the trainer collates)
             collator = DataCollatorForVisionPreference(pad_token_id, processor=tokenizer)
         else:
-            collator = DataCollatorForPreference(pad_token_id, **batch_layout([reference.model], prefix_sharing, packing,
-                                                                              padding_free=False))
+            collator = DataCollatorForPreference(
+                pad_token_id, **batch_layout([reference.model], prefix_sharing, packing, padding_free=False)
+            )
         total = source.metadata.num_rows
         block_rows = max(1, min(REF_BLOCK_ROWS, -(-total // size)))
         blocks = source.iter_batches(batch_size=block_rows, columns=["row_id", *columns])
@@ -136,7 +161,7 @@ def write_reference_logps(reference: Reference, tokenized_dir: Path, tokenizer, 
                     scored = score_block(reference, block, collator, batch_size, max_tokens)
                     table = pa.Table.from_arrays([block["row_id"], *scored.columns], schema=REF_LOGPS_SCHEMA)
                     mine += block.num_rows
-                for done in (gather_to_main(table) if size > 1 else [table]):
+                for done in gather_to_main(table) if size > 1 else [table]:
                     if writer is not None and done is not None:
                         writer.write_table(done, row_group_size=max(1, done.num_rows))  # one row group per block
                         progress.update(done.num_rows)
@@ -148,8 +173,14 @@ def write_reference_logps(reference: Reference, tokenized_dir: Path, tokenizer, 
     return rows
 
 
-def add_reference_logps(dataset, reference: Reference, collator: DataCollatorForPreference, batch_size: int,
-                        max_tokens: int = REF_BATCH_TOKENS, chunk_tokens: int | None = None):
+def add_reference_logps(
+    dataset,
+    reference: Reference,
+    collator: DataCollatorForPreference,
+    batch_size: int,
+    max_tokens: int = REF_BATCH_TOKENS,
+    chunk_tokens: int | None = None,
+):
     """`dataset` (a `datasets.Dataset` of tokenized pairs) with the reference's log-prob columns, streamed: a
     `map` over blocks of REF_BLOCK_ROWS pairs writes them to an Arrow file in `datasets`' temporary cache
     directory (removed at exit), which the result reads memory-mapped, beside the dataset's own columns."""
@@ -165,9 +196,14 @@ def add_reference_logps(dataset, reference: Reference, collator: DataCollatorFor
         name += f"-rank{rank}"
     scored = ids.with_format("arrow").map(
         lambda block: score_block(reference, block, collator, batch_size, max_tokens, chunk_tokens),
-        batched=True, batch_size=REF_BLOCK_ROWS, remove_columns=columns, new_fingerprint=name,
+        batched=True,
+        batch_size=REF_BLOCK_ROWS,
+        remove_columns=columns,
+        new_fingerprint=name,
         cache_file_name=os.path.join(get_temporary_cache_files_directory(), f"{name}.arrow"),
-        load_from_cache_file=False, desc="reference log-probs")
+        load_from_cache_file=False,
+        desc="reference log-probs",
+    )
     if size > 1:
         scored = datasets.Dataset(pa.concat_tables(gather(scored.data.table.combine_chunks())))
     return datasets.concatenate_datasets([dataset, scored.with_format(None)], axis=1)

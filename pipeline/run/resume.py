@@ -17,11 +17,11 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from pipeline.store.artifacts import manifest_digest, write_json
-from pipeline.core.errors import PipelineError
-from pipeline.core.integrity import files_problem
 from pipeline.config.params import OWNED_ELSEWHERE, TRAIN_STAGE_DEFAULTS
 from pipeline.config.train_params import dpo_config
+from pipeline.core.errors import PipelineError
+from pipeline.core.integrity import files_problem
+from pipeline.store.artifacts import manifest_digest, write_json
 
 FINGERPRINT_NAME = "fingerprint.json"
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -30,27 +30,71 @@ INCOMPLETE = "no fingerprint.json or trainer_state.json: killed while saving?"
 # DPOConfig options that cannot change the trained model (the rest, conservatively, all can): where it writes
 # and resumes from, how often it logs and saves, progress bars, reporting, data-loading workers, the Hub.
 # (train.resume is the stage's own key, never a DPOConfig option.)
-UNFINGERPRINTED_TRAIN_KEYS = frozenset({
-    "output_dir", "local_rank", "resume_from_checkpoint",
-    "max_nonfinite_steps", "logging_strategy", "logging_steps", "logging_first_step", "logging_nan_inf_filter", "log_level",
-    "log_level_replica", "log_on_each_node", "disable_tqdm", "report_to", "run_name", "project",
-    "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id", "skip_memory_metrics",
-    "save_strategy", "save_steps", "save_total_limit", "save_on_each_node",
-    "dataloader_num_workers", "dataloader_prefetch_factor", "dataloader_persistent_workers",
-    "dataloader_pin_memory", "dataloader_multiprocessing_context",
-    "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push", "hub_revision",
-})
+UNFINGERPRINTED_TRAIN_KEYS = frozenset(
+    {
+        "output_dir",
+        "local_rank",
+        "resume_from_checkpoint",
+        "max_nonfinite_steps",
+        "logging_strategy",
+        "logging_steps",
+        "logging_first_step",
+        "logging_nan_inf_filter",
+        "log_level",
+        "log_level_replica",
+        "log_on_each_node",
+        "disable_tqdm",
+        "report_to",
+        "run_name",
+        "project",
+        "trackio_space_id",
+        "trackio_bucket_id",
+        "trackio_static_space_id",
+        "skip_memory_metrics",
+        "save_strategy",
+        "save_steps",
+        "save_total_limit",
+        "save_on_each_node",
+        "dataloader_num_workers",
+        "dataloader_prefetch_factor",
+        "dataloader_persistent_workers",
+        "dataloader_pin_memory",
+        "dataloader_multiprocessing_context",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_strategy",
+        "hub_token",
+        "hub_private_repo",
+        "hub_always_push",
+        "hub_revision",
+    }
+)
 # how evaluation batches and gathers: no effect on training unless the best checkpoint is kept at the end
 # (when evaluation runs does count: each eval dataloader draws from the RNG, which dropout then sees)
-EVAL_ONLY_TRAIN_KEYS = frozenset({"per_device_eval_batch_size", "eval_accumulation_steps", "eval_do_concat_batches",
-                                  "eval_use_gather_object", "batch_eval_metrics", "include_for_metrics",
-                                  "prediction_loss_only"})
+EVAL_ONLY_TRAIN_KEYS = frozenset(
+    {
+        "per_device_eval_batch_size",
+        "eval_accumulation_steps",
+        "eval_do_concat_batches",
+        "eval_use_gather_object",
+        "batch_eval_metrics",
+        "include_for_metrics",
+        "prediction_loss_only",
+    }
+)
 # model.* keys that change how the policy and reference are loaded (the rest are in the base artifact's identity)
-FINGERPRINTED_MODEL_KEYS = ("peft", "model_init_kwargs", "ref_model_init_kwargs", "attn_implementation",
-                            "quantization", "trust_remote_code")
+FINGERPRINTED_MODEL_KEYS = (
+    "peft",
+    "model_init_kwargs",
+    "ref_model_init_kwargs",
+    "attn_implementation",
+    "quantization",
+    "trust_remote_code",
+)
 
 
 # ---- the fingerprint ----------------------------------------------------------------------------------
+
 
 def canonical_json(value) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
@@ -77,8 +121,11 @@ def fingerprinted_train_values(params: dict) -> dict:
     args = dpo_config(params, "unused")
     values = args.to_dict()
     values.update({k: getattr(args, k) for k in values if k.endswith("_token")})  # to_dict masks them (pad_token)
-    excluded = UNFINGERPRINTED_TRAIN_KEYS | set(OWNED_ELSEWHERE) | (
-        set() if args.load_best_model_at_end else EVAL_ONLY_TRAIN_KEYS)
+    excluded = (
+        UNFINGERPRINTED_TRAIN_KEYS
+        | set(OWNED_ELSEWHERE)
+        | (set() if args.load_best_model_at_end else EVAL_ONLY_TRAIN_KEYS)
+    )
     return {k: v for k, v in sorted(values.items()) if k not in excluded}
 
 
@@ -123,8 +170,11 @@ def _shown(key: str, value) -> str:
 def fingerprint_differences(recorded: dict, current: dict) -> list[str]:
     """What differs between two fingerprint records, one 'key: old → new' per key (inputs by digest)."""
     old, new = _flat(recorded), _flat(current)
-    return [f"{key}: {_shown(key, old.get(key, _UNSET))} → {_shown(key, new.get(key, _UNSET))}"
-            for key in sorted(set(old) | set(new)) if old.get(key, _UNSET) != new.get(key, _UNSET)]
+    return [
+        f"{key}: {_shown(key, old.get(key, _UNSET))} → {_shown(key, new.get(key, _UNSET))}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key, _UNSET) != new.get(key, _UNSET)
+    ]
 
 
 class CheckpointFingerprintCallback(TrainerCallback):
@@ -139,11 +189,14 @@ class CheckpointFingerprintCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and checkpoint.is_dir():
-            write_json(checkpoint / FINGERPRINT_NAME, {"fingerprint": self.fingerprint.digest,
-                                                       "record": self.fingerprint.record})
+            write_json(
+                checkpoint / FINGERPRINT_NAME,
+                {"fingerprint": self.fingerprint.digest, "record": self.fingerprint.record},
+            )
 
 
 # ---- where to resume ----------------------------------------------------------------------------------
+
 
 def run_checkpoints(checkpoints: Path, fingerprint: Fingerprint | str) -> Path:
     """The directory of one run's checkpoints."""
@@ -239,11 +292,17 @@ def plan_resume(mode: str | bool, checkpoints: Path, fingerprint: Fingerprint) -
         chosen = complete[-1]
         skipped = f"; skipping incomplete checkpoint(s) {names} ({INCOMPLETE}; removed)" if incomplete else ""
         skipped += f"; skipping damaged checkpoint(s) ({broken}; removed)" if damaged else ""
-        return ResumePlan(chosen, f"train.resume={_mode_name(mode)}: resuming from {fingerprint.short}/{chosen.name}"
-                          f"{skipped}", [p for p in existing if p not in complete or _step(p) > _step(chosen)])
+        return ResumePlan(
+            chosen,
+            f"train.resume={_mode_name(mode)}: resuming from {fingerprint.short}/{chosen.name}{skipped}",
+            [p for p in existing if p not in complete or _step(p) > _step(chosen)],
+        )
     if damaged:
-        reason = f"every checkpoint of this run's fingerprint {fingerprint.short} is damaged or incomplete ({broken}" + \
-            (f"; incomplete: {names}" if names else "") + ")"
+        reason = (
+            f"every checkpoint of this run's fingerprint {fingerprint.short} is damaged or incomplete ({broken}"
+            + (f"; incomplete: {names}" if names else "")
+            + ")"
+        )
         if mode == "auto":
             reason += "; they are removed"
     elif incomplete:
@@ -252,11 +311,17 @@ def plan_resume(mode: str | bool, checkpoints: Path, fingerprint: Fingerprint) -
             reason += "; they are removed"
     else:
         others = _describe_others(checkpoints, run_dir, fingerprint) if checkpoints.is_dir() else []
-        reason = (f"no checkpoint of this run's fingerprint {fingerprint.short}; checkpoints exist for other "
-                  f"configs: {', '.join(others)}" if others else f"no checkpoints at all under {checkpoints}")
+        reason = (
+            f"no checkpoint of this run's fingerprint {fingerprint.short}; checkpoints exist for other "
+            f"configs: {', '.join(others)}"
+            if others
+            else f"no checkpoints at all under {checkpoints}"
+        )
     if mode is True:
-        raise PipelineError(f"params: train.resume=true but there is nothing to resume: {reason}. Set train.resume: "
-                            f"auto (or false, or --resume auto) to start fresh, or give a checkpoint path.")
+        raise PipelineError(
+            f"params: train.resume=true but there is nothing to resume: {reason}. Set train.resume: "
+            f"auto (or false, or --resume auto) to start fresh, or give a checkpoint path."
+        )
     return ResumePlan(None, f"train.resume=auto: {reason}; starting fresh", existing)
 
 
@@ -267,25 +332,34 @@ def _mode_name(mode) -> str:
 def _plan_from_path(checkpoint: Path, run_dir: Path, existing: list[Path], fingerprint: Fingerprint) -> ResumePlan:
     where = f"train.resume={str(checkpoint)!r}"
     if not (checkpoint / TRAINER_STATE_NAME).exists():
-        raise PipelineError(f"{where}: not a Trainer checkpoint (no {TRAINER_STATE_NAME} there); give a checkpoint-N "
-                            f"directory (e.g. under {run_dir}) or set train.resume: auto.")
+        raise PipelineError(
+            f"{where}: not a Trainer checkpoint (no {TRAINER_STATE_NAME} there); give a checkpoint-N "
+            f"directory (e.g. under {run_dir}) or set train.resume: auto."
+        )
     recorded = read_fingerprint(checkpoint)
     if recorded is None:
-        raise PipelineError(f"{where}: no readable {FINGERPRINT_NAME} there, so it is incomplete (killed while "
-                            f"saving) or not from this pipeline's train stage and cannot be checked against this run; "
-                            f"give another checkpoint-N or set train.resume: auto.")
+        raise PipelineError(
+            f"{where}: no readable {FINGERPRINT_NAME} there, so it is incomplete (killed while "
+            f"saving) or not from this pipeline's train stage and cannot be checked against this run; "
+            f"give another checkpoint-N or set train.resume: auto."
+        )
     if recorded["fingerprint"] != fingerprint.digest:
         differences = fingerprint_differences(recorded["record"], fingerprint.record)
-        raise PipelineError(f"{where}: that checkpoint was made for other params or inputs ({'; '.join(differences)}); "
-                            f"resuming it would not give this run. Restore those values, or set train.resume: auto "
-                            f"to start this run fresh.")
+        raise PipelineError(
+            f"{where}: that checkpoint was made for other params or inputs ({'; '.join(differences)}); "
+            f"resuming it would not give this run. Restore those values, or set train.resume: auto "
+            f"to start this run fresh."
+        )
     problem = checkpoint_problem(checkpoint)
     if problem:
-        raise PipelineError(f"{where}: that checkpoint is damaged: {problem}; give another checkpoint-N or set "
-                            f"train.resume: auto (it resumes from the newest checkpoint that loads, or starts fresh).")
+        raise PipelineError(
+            f"{where}: that checkpoint is damaged: {problem}; give another checkpoint-N or set "
+            f"train.resume: auto (it resumes from the newest checkpoint that loads, or starts fresh)."
+        )
     resolved = checkpoint.resolve()
-    discard = [p for p in existing
-               if p.resolve() != resolved and (_step(p) > _step(checkpoint) or not read_fingerprint(p))]
+    discard = [
+        p for p in existing if p.resolve() != resolved and (_step(p) > _step(checkpoint) or not read_fingerprint(p))
+    ]
     return ResumePlan(checkpoint, f"{where}: resuming from {checkpoint}", discard)
 
 

@@ -9,46 +9,61 @@ import json
 import logging
 import math
 import os
-from pathlib import Path
 import warnings
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
-from pipeline.objective import losses
-from pipeline.model.layout import batch_layout
-from pipeline.model.collator import DataCollatorForPreference, DataCollatorForVisionPreference
 from pipeline.config.dpo_config import DPOConfig
-from pipeline.data.prepare import as_dataset, input_vocab_size, prepare_dataset
 from pipeline.core.distributed import ready_for_forward
 from pipeline.core.errors import PipelineError
-from pipeline.model.head import token_values
-from pipeline.model.logps import sequence_logps, wpo_log_weights
-from pipeline.model.loading import (disable_dropout, effective_weights, is_peft_model, is_quantized, is_vision_model, load_causal_lm,
-                     load_tokenizer, with_pad_token)
+from pipeline.data.prepare import as_dataset, input_vocab_size, prepare_dataset
 from pipeline.data.processing import is_processor, tokenizer_of
+from pipeline.model.collator import DataCollatorForPreference, DataCollatorForVisionPreference
+from pipeline.model.head import token_values
+from pipeline.model.layout import batch_layout
+from pipeline.model.loading import (
+    disable_dropout,
+    effective_weights,
+    is_peft_model,
+    is_quantized,
+    is_vision_model,
+    load_causal_lm,
+    load_tokenizer,
+    with_pad_token,
+)
+from pipeline.model.logps import sequence_logps, wpo_log_weights
+from pipeline.objective import losses
+from pipeline.objective.liger import check_liger_route, liger_dpo_loss, model_kernel_config
 from pipeline.objective.reference import PRECOMPUTED, Reference, resolve_reference
 from pipeline.run.reference_pass import add_reference_logps
-from pipeline.objective.liger import check_liger_route, model_kernel_config
 from pipeline.store.hub import hub_token, push_failure, with_tries
-from pipeline.objective.liger import liger_dpo_loss
 
 logger = logging.getLogger(__name__)
 
-PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
-TOKEN_METRICS = ("logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy")
+PAIR_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
 def pair_metric_values(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards) -> dict[str, tuple]:
     """(sum, number of pairs) of each of PAIR_METRICS, from per-pair log-probs c, r and rewards βρ⁺, βρ⁻ ([N])."""
     n = len(chosen_rewards)
     return {
-        "rewards/chosen": (chosen_rewards.sum(), n), "rewards/rejected": (rejected_rewards.sum(), n),
+        "rewards/chosen": (chosen_rewards.sum(), n),
+        "rewards/rejected": (rejected_rewards.sum(), n),
         "rewards/margins": ((chosen_rewards - rejected_rewards).sum(), n),
         "rewards/accuracies": ((chosen_rewards > rejected_rewards).float().sum(), n),
-        "logps/chosen": (chosen_logps.sum(), n), "logps/rejected": (rejected_logps.sum(), n),
+        "logps/chosen": (chosen_logps.sum(), n),
+        "logps/rejected": (rejected_logps.sum(), n),
     }
 
 
@@ -68,15 +83,21 @@ def check_vision_inputs(datasets_: list, args: DPOConfig, model, processing_clas
     if not any(has_image_column(d) for d in datasets_):
         return False
     if args.truncation_mode == "keep_end":
-        raise PipelineError("truncation_mode='keep_end' is not supported with a vision dataset (it would cut the image "
-                            "tokens at the start); use truncation_mode='keep_start' or max_length=None.")
+        raise PipelineError(
+            "truncation_mode='keep_end' is not supported with a vision dataset (it would cut the image "
+            "tokens at the start); use truncation_mode='keep_start' or max_length=None."
+        )
     if not is_vision_model(model):
-        raise PipelineError("the dataset has an 'image'/'images' column but the model is text-only; use a "
-                            "vision-language model, or a text dataset without image columns.")
+        raise PipelineError(
+            "the dataset has an 'image'/'images' column but the model is text-only; use a "
+            "vision-language model, or a text dataset without image columns."
+        )
     if not is_processor(processing_class):
-        raise PipelineError(f"the dataset has images but processing_class is a {type(processing_class).__name__}, not "
-                            "the model's processor; pass processing_class=AutoProcessor.from_pretrained(<model>) or "
-                            "leave it None (it is then loaded with the model).")
+        raise PipelineError(
+            f"the dataset has images but processing_class is a {type(processing_class).__name__}, not "
+            "the model's processor; pass processing_class=AutoProcessor.from_pretrained(<model>) or "
+            "leave it None (it is then loaded with the model)."
+        )
     return True
 
 
@@ -111,6 +132,7 @@ class SyncRefModelCallback(TrainerCallback):
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if state.is_world_process_zero and os.path.isdir(checkpoint):
             from safetensors.torch import save_model
+
             save_model(self.trainer.ref_model, os.path.join(checkpoint, REF_CHECKPOINT_NAME))
 
 
@@ -120,8 +142,10 @@ def mix_into_reference(ref_model: torch.nn.Module, policy: torch.nn.Module, alph
         weights = effective_weights(policy)
         missing = [name for name, _ in ref_model.named_parameters() if name not in weights]
         if missing:
-            raise PipelineError(f"sync_ref_model: the reference's weight {missing[0]!r} has no counterpart in the "
-                                "PEFT policy; the reference must be a plain model of the policy's architecture.")
+            raise PipelineError(
+                f"sync_ref_model: the reference's weight {missing[0]!r} has no counterpart in the "
+                "PEFT policy; the reference must be a plain model of the policy's architecture."
+            )
         pairs = [(ref_param, weights[name]) for name, ref_param in ref_model.named_parameters()]
     else:
         pairs = list(zip(ref_model.parameters(), policy.parameters(), strict=True))
@@ -156,13 +180,23 @@ class DPOTrainer(Trainer):
     logits_chunk_tokens: int | None = None
     requires_data: bool = True  # a trainer built with neither train_dataset nor eval_dataset is refused
 
-    def __init__(self, model: str | PreTrainedModel | torch.nn.Module,
-                 ref_model: str | PreTrainedModel | Reference | None = None,
-                 args: DPOConfig | None = None, data_collator: Callable | None = None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, compute_metrics: Callable | None = None,
-                 callbacks: list[TrainerCallback] | None = None,
-                 optimizers: tuple = (None, None), peft_config: Any = None):
-        model_id = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
+    def __init__(
+        self,
+        model: str | PreTrainedModel | torch.nn.Module,
+        ref_model: str | PreTrainedModel | Reference | None = None,
+        args: DPOConfig | None = None,
+        data_collator: Callable | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics: Callable | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple = (None, None),
+        peft_config: Any = None,
+    ):
+        model_id = (
+            model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
+        )
         if args is None:
             args = DPOConfig(output_dir=f"{str(model_id).split('/')[-1]}-DPO")
         if not isinstance(args, DPOConfig):
@@ -176,39 +210,60 @@ class DPOTrainer(Trainer):
         elif args.model_init_kwargs:
             warnings.warn("model_init_kwargs is ignored because model is already instantiated.", stacklevel=2)
         if processing_class is None:
-            processing_class = load_tokenizer(model_id, revision=(args.model_init_kwargs or {}).get("revision"),
-                                              trust_remote_code=args.trust_remote_code)
+            processing_class = load_tokenizer(
+                model_id,
+                revision=(args.model_init_kwargs or {}).get("revision"),
+                trust_remote_code=args.trust_remote_code,
+            )
         with_pad_token(processing_class, args.pad_token)
         if train_dataset is None and eval_dataset is None and self.requires_data:
-            raise PipelineError("train_dataset is required: pass train_dataset=<a preference dataset> (to evaluate "
-                                "only, pass eval_dataset=... instead).")
+            raise PipelineError(
+                "train_dataset is required: pass train_dataset=<a preference dataset> (to evaluate "
+                "only, pass eval_dataset=... instead)."
+            )
         train_dataset = as_dataset(train_dataset, "train_dataset")
-        eval_dataset = {k: as_dataset(v, f"eval_dataset[{k}]") for k, v in eval_dataset.items()} \
-            if isinstance(eval_dataset, dict) else as_dataset(eval_dataset, "eval_dataset")
+        eval_dataset = (
+            {k: as_dataset(v, f"eval_dataset[{k}]") for k, v in eval_dataset.items()}
+            if isinstance(eval_dataset, dict)
+            else as_dataset(eval_dataset, "eval_dataset")
+        )
         # a vision-language model with its processor collates with pixels whatever the data at hand: evaluate and
         # predict may bring images later
-        vision = check_vision_inputs([train_dataset, *_datasets(eval_dataset)], args, model, processing_class) or \
-            (is_vision_model(model) and is_processor(processing_class))
+        vision = check_vision_inputs([train_dataset, *_datasets(eval_dataset)], args, model, processing_class) or (
+            is_vision_model(model) and is_processor(processing_class)
+        )
 
         new_adapter = peft_config is not None
         if new_adapter:
             if is_peft_model(model):
-                raise PipelineError("You passed a PeftModel and a peft_config: continue training the PeftModel without "
-                                    "peft_config, or pass the base model with peft_config to train a new adapter.")
+                raise PipelineError(
+                    "You passed a PeftModel and a peft_config: continue training the PeftModel without "
+                    "peft_config, or pass the base model with peft_config to train a new adapter."
+                )
             if ref_model is model:
-                raise PipelineError("model and ref_model are the same object; pass ref_model=None to use the base "
-                                    "with the adapter off, or a separate model instance.")
+                raise PipelineError(
+                    "model and ref_model are the same object; pass ref_model=None to use the base "
+                    "with the adapter off, or a separate model instance."
+                )
             from peft import get_peft_model, prepare_model_for_kbit_training
+
             with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
                 if is_quantized(model):  # QLoRA: norms in fp32, input grads for checkpointing (idempotent)
-                    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(args.gradient_checkpointing))
-                if is_vision_model(model) and getattr(peft_config, "target_modules", None) in ("all-linear", "all_linear"):
+                    model = prepare_model_for_kbit_training(
+                        model, use_gradient_checkpointing=bool(args.gradient_checkpointing)
+                    )
+                if is_vision_model(model) and getattr(peft_config, "target_modules", None) in (
+                    "all-linear",
+                    "all_linear",
+                ):
                     peft_config = dataclasses.replace(peft_config, target_modules=language_model_targets(model))
                 model = get_peft_model(model, peft_config)
         if is_quantized(model) and not is_peft_model(model):
-            raise PipelineError("a 4-bit/8-bit quantized model cannot be fine-tuned directly; pass peft_config "
-                                "(QLoRA: train a LoRA adapter on the frozen quantized base).")
+            raise PipelineError(
+                "a 4-bit/8-bit quantized model cannot be fine-tuned directly; pass peft_config "
+                "(QLoRA: train a LoRA adapter on the frozen quantized base)."
+            )
         if is_peft_model(model) and args.gradient_checkpointing:
             # the frozen embeddings give no grad to the checkpointed blocks' inputs; the adapters need one
             model.enable_input_require_grads()
@@ -234,9 +289,13 @@ class DPOTrainer(Trainer):
                 ref_model = load_causal_lm(ref_model, args.reference_init_kwargs())
             to_score = [d for d in (train_dataset, *_datasets(eval_dataset)) if not _has_reference_logps(d)]
             reference = resolve_reference(
-                model, explicit=ref_model, new_adapter=new_adapter,
+                model,
+                explicit=ref_model,
+                new_adapter=new_adapter,
                 when="before_training" if args.precompute_ref_log_probs else "training",
-                precomputed=args.precompute_ref_log_probs and not to_score, sync_ref_model=args.sync_ref_model)
+                precomputed=args.precompute_ref_log_probs and not to_score,
+                sync_ref_model=args.sync_ref_model,
+            )
         if args.disable_dropout:
             disable_dropout(model)
             if reference.standalone is not None:
@@ -249,10 +308,17 @@ class DPOTrainer(Trainer):
         self.layout = {"prefix_sharing": False, "packing": False, "padding_free": False}
         default_collator = data_collator is None
 
-        super().__init__(model=model, args=args,
-                         data_collator=self._collator(processing_class) if default_collator else data_collator,
-                         train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
-                         compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=self._collator(processing_class) if default_collator else data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
         self.reference = self._placed_reference(reference)
         # the batch layout every model that runs on the batches takes (prefix-shared, packed, else padded), probed
         # where the Trainer placed the models (a FlexAttention model probed on the CPU would fall back); with images,
@@ -268,8 +334,10 @@ class DPOTrainer(Trainer):
                 self.layout = batch_layout(models, args.prefix_sharing, args.packing, args.padding_free)
         if default_collator:
             self.data_collator = self._collator(processing_class, args.pad_to_multiple_of)
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(lambda: [0.0, 0.0]),
-                                                             "eval": defaultdict(lambda: [0.0, 0.0])}
+        self._metrics: dict[str, dict[str, list[float]]] = {
+            "train": defaultdict(lambda: [0.0, 0.0]),
+            "eval": defaultdict(lambda: [0.0, 0.0]),
+        }
         self._num_tokens = 0
         if args.sync_ref_model:
             self.add_callback(SyncRefModelCallback(self))
@@ -294,9 +362,11 @@ class DPOTrainer(Trainer):
         if model is None:
             return reference
         if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            raise PipelineError("DeepSpeed ZeRO-3 with a reference model of its own (an online reference) is not "
-                                "supported; set precompute_ref_log_probs=True (the pipeline's default) or train a "
-                                "LoRA adapter (its reference is the base with the adapter off).")
+            raise PipelineError(
+                "DeepSpeed ZeRO-3 with a reference model of its own (an online reference) is not "
+                "supported; set precompute_ref_log_probs=True (the pipeline's default) or train a "
+                "LoRA adapter (its reference is the base with the adapter off)."
+            )
         model.to(self.args.device)
         if self.is_fsdp_enabled:
             return dataclasses.replace(reference, model=self.accelerator.prepare_model(model, evaluation_mode=True))
@@ -311,8 +381,10 @@ class DPOTrainer(Trainer):
     @staticmethod
     def _require_liger() -> None:
         if importlib.util.find_spec("liger_kernel") is None:
-            raise PipelineError("use_liger_kernel=True needs the optional Liger Kernel: "
-                                "pip install 'dpo-pipeline[liger]', or set use_liger_kernel=False.")
+            raise PipelineError(
+                "use_liger_kernel=True needs the optional Liger Kernel: "
+                "pip install 'dpo-pipeline[liger]', or set use_liger_kernel=False."
+            )
 
     # ---- the reference --------------------------------------------------------------------------
 
@@ -348,20 +420,29 @@ class DPOTrainer(Trainer):
         self._nonfinite_steps = getattr(self, "_nonfinite_steps", 0) + 1
         self.control.should_save = False  # never a checkpoint of weights a non-finite step may have made
         if self._nonfinite_steps >= self.args.max_nonfinite_steps:
-            what = f"the loss was {loss}" if loss is not None else f"the gradient norm was {norm}" \
-                if norm is not None and not math.isfinite(norm) else "another process's loss was not finite"
+            what = (
+                f"the loss was {loss}"
+                if loss is not None
+                else f"the gradient norm was {norm}"
+                if norm is not None and not math.isfinite(norm)
+                else "another process's loss was not finite"
+            )
             raise PipelineError(
-                f"training stopped at step {self.state.global_step}: {what}, the {self._nonfinite_steps}. step in a row "
+                f"training stopped at step {self.state.global_step}: {what}, the {self._nonfinite_steps}. step in a "
+                "row "
                 f"with a NaN or infinite loss or gradient norm (max_nonfinite_steps={self.args.max_nonfinite_steps}). "
                 "Likely causes: a learning_rate or beta too large, fp16 overflow (use bf16), or pairs whose log-probs "
-                "overflow; lower them and re-run. Nothing was published; the last complete checkpoint is kept.")
+                "overflow; lower them and re-run. Nothing was published; the last complete checkpoint is kept."
+            )
         return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
 
     def train(self, *args, **kwargs):
         if not any(p.requires_grad for p in self.model.parameters()):
-            raise PipelineError("the model has no trainable parameters. To continue training a PEFT adapter, load it "
-                                "with PeftModel.from_pretrained(..., is_trainable=True); to train frozen weights, "
-                                "unfreeze them (requires_grad_(True)).")
+            raise PipelineError(
+                "the model has no trainable parameters. To continue training a PEFT adapter, load it "
+                "with PeftModel.from_pretrained(..., is_trainable=True); to train frozen weights, "
+                "unfreeze them (requires_grad_(True))."
+            )
         return super().train(*args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -371,6 +452,7 @@ class DPOTrainer(Trainer):
         path = os.path.join(resume_from_checkpoint, REF_CHECKPOINT_NAME)
         if self.args.sync_ref_model and self.ref_model is not None and os.path.isfile(path):
             from safetensors.torch import load_model
+
             load_model(self.ref_model, path, device=str(self.args.device))
         counts = os.path.join(resume_from_checkpoint, COUNTS_CHECKPOINT_NAME)
         if os.path.isfile(counts):
@@ -382,8 +464,10 @@ class DPOTrainer(Trainer):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-            folder = os.path.join(self._get_output_dir(trial=trial),
-                                  f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
             with open(os.path.join(folder, COUNTS_CHECKPOINT_NAME), "w") as f:
                 json.dump({"num_tokens": self._num_tokens}, f)
 
@@ -398,8 +482,7 @@ class DPOTrainer(Trainer):
         if not self.vision:
             collator.padding_free = False  # rows of at most one length, as the layout would pack them
         with ready_for_forward(reference.model, self.args.device):
-            return add_reference_logps(dataset, reference, collator,
-                                       batch_size, chunk_tokens=self.logits_chunk_tokens)
+            return add_reference_logps(dataset, reference, collator, batch_size, chunk_tokens=self.logits_chunk_tokens)
 
     # ---- data given later: evaluate, predict ------------------------------------------------------
 
@@ -409,11 +492,21 @@ class DPOTrainer(Trainer):
         import datasets
 
         processing_class, args = self._prepare_args
-        dataset = prepare_dataset(as_dataset(dataset, name), processing_class, args.max_length, args.truncation_mode,
-                                  args.dataset_num_proc, name, args.on_invalid, self._vocab_size)
+        dataset = prepare_dataset(
+            as_dataset(dataset, name),
+            processing_class,
+            args.max_length,
+            args.truncation_mode,
+            args.dataset_num_proc,
+            name,
+            args.on_invalid,
+            self._vocab_size,
+        )
         if args.precompute_ref_log_probs and isinstance(dataset, datasets.IterableDataset):
-            raise PipelineError(f"precompute_ref_log_probs=True is not supported with an IterableDataset ({name}); "
-                                "pass a map-style Dataset or set precompute_ref_log_probs=False.")
+            raise PipelineError(
+                f"precompute_ref_log_probs=True is not supported with an IterableDataset ({name}); "
+                "pass a map-style Dataset or set precompute_ref_log_probs=False."
+            )
         return dataset
 
     def _prepared_later(self, dataset, name: str):
@@ -427,10 +520,12 @@ class DPOTrainer(Trainer):
         if reference is None and self.state.global_step == 0:
             reference = Reference("policy", self.model, "the initial policy (no step taken yet)")
         if reference is None:
-            raise PipelineError(f"{name} has no reference log-probs, and with precompute_ref_log_probs=True the initial "
-                                "policy (the reference) is not kept once training has changed it: pass this dataset as "
-                                "the trainer's eval_dataset (its log-probs are precomputed then), add ref_chosen_logps/"
-                                "ref_rejected_logps columns (the ref-logps stage), or pass ref_model=... .")
+            raise PipelineError(
+                f"{name} has no reference log-probs, and with precompute_ref_log_probs=True the initial "
+                "policy (the reference) is not kept once training has changed it: pass this dataset as "
+                "the trainer's eval_dataset (its log-probs are precomputed then), add ref_chosen_logps/"
+                "ref_rejected_logps columns (the ref-logps stage), or pass ref_model=... ."
+            )
         return self.with_reference_logps(dataset, reference)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
@@ -450,21 +545,26 @@ class DPOTrainer(Trainer):
         error named with its fix (tried `hub.tries` times on a time-out); what output_dir holds is kept."""
         from huggingface_hub import constants
 
-
         repo = self.args.hub_model_id or os.path.basename(os.path.normpath(self.args.output_dir))
         if constants.HF_HUB_OFFLINE:
-            raise PipelineError(f"push_to_hub: the Hub repo {repo!r} cannot be reached: offline mode is on "
-                                f"(HF_HUB_OFFLINE=1); unset it, with network access, to push. {self._kept()}")
+            raise PipelineError(
+                f"push_to_hub: the Hub repo {repo!r} cannot be reached: offline mode is on "
+                f"(HF_HUB_OFFLINE=1); unset it, with network access, to push. {self._kept()}"
+            )
         try:
-            return with_tries(f"pushing to the Hub repo {repo!r}", lambda: super(DPOTrainer, self).push_to_hub(*args, **kwargs))
+            return with_tries(
+                f"pushing to the Hub repo {repo!r}", lambda: super(DPOTrainer, self).push_to_hub(*args, **kwargs)
+            )
         except PipelineError as err:
             raise PipelineError(f"push_to_hub to the Hub repo {repo!r} failed: {err} {self._kept()}") from None
         except Exception as err:
-            raise PipelineError(f"push_to_hub to the Hub repo {repo!r} failed: {push_failure(err, hub_token())} "
-                                f"{self._kept()}") from None
+            raise PipelineError(
+                f"push_to_hub to the Hub repo {repo!r} failed: {push_failure(err, hub_token())} {self._kept()}"
+            ) from None
 
     def _kept(self) -> str:
-        """What a failed push leaves: the model saved in output_dir, or nothing yet (the repo is made before the save)."""
+        """What a failed push leaves: the model saved in output_dir, or nothing yet (the repo is made before the
+        save)."""
         out = self.args.output_dir
         if any(Path(out).glob("*.safetensors")) or any(Path(out).glob("*.bin")):
             return f"The model saved in {out} is intact."
@@ -476,13 +576,17 @@ class DPOTrainer(Trainer):
         """Per-position log p(label) of the completion tokens, laid out [2N, L-1] whatever the batch layout
         (padded, packed or prefix-shared: `pipeline.model.collator`), plus the metric diagnostics (and, for a
         mixture-of-experts model that returns router logits, its load-balancing loss as `aux_loss`)."""
-        values = token_values(model, inputs, inputs["completion_mask"][:, 1:].bool(), diagnostics, self.logits_chunk_tokens)
+        values = token_values(
+            model, inputs, inputs["completion_mask"][:, 1:].bool(), diagnostics, self.logits_chunk_tokens
+        )
         diag = values.diagnostics
         if diag is not None and values.aux_loss is not None:
             diag["aux_loss"] = values.aux_loss
         return values.logps, diag
 
-    def compute_loss(self, model, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch=None):
+    def compute_loss(
+        self, model, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch=None
+    ):
         if self.args.use_liger_kernel:
             return self._liger_compute_loss(model, inputs, return_outputs)
         args = self.args
@@ -501,16 +605,25 @@ class DPOTrainer(Trainer):
         if args.use_weighting:
             log_w = wpo_log_weights(diag, mask)
             pair_weights = torch.exp(log_w[:n] + log_w[n:])
-        pair_logps = losses.PairLogps(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:],
-                                      chosen_lengths=lengths[:n], rejected_lengths=lengths[n:], sft_nll=sft_nll)
+        pair_logps = losses.PairLogps(
+            logps[:n],
+            logps[n:],
+            ref_logps[:n],
+            ref_logps[n:],
+            chosen_lengths=lengths[:n],
+            rejected_lengths=lengths[n:],
+            sft_nll=sft_nll,
+        )
         total, terms, chosen_rewards, rejected_rewards = losses.dpo_objective(
-            args.loss_type, args.loss_weights, pair_logps, losses.LossSettings.of(args), pair_weights)
+            args.loss_type, args.loss_weights, pair_logps, losses.LossSettings.of(args), pair_weights
+        )
         aux_loss = diag.pop("aux_loss", None)
         if aux_loss is not None:  # a mixture-of-experts router's load-balancing loss
             total = total + args.router_aux_loss_coef * aux_loss
             terms["aux_loss"] = aux_loss
-        self._record_metrics(mode, logps.detach(), chosen_rewards, rejected_rewards, diag, mask, n,
-                             terms if len(terms) > 1 else {})
+        self._record_metrics(
+            mode, logps.detach(), chosen_rewards, rejected_rewards, diag, mask, n, terms if len(terms) > 1 else {}
+        )
         if mode == "train":
             self._count_tokens(inputs)
         if return_outputs:
@@ -538,7 +651,8 @@ class DPOTrainer(Trainer):
         return out.loss
 
     def _offloading(self, mode: str) -> contextlib.AbstractContextManager:
-        """Where the policy's forward runs: with activation_offloading, in training, its saved activations on the CPU."""
+        """Where the policy's forward runs: with activation_offloading, in training, its saved activations on the
+        CPU."""
         if self.args.activation_offloading and mode == "train":
             return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
         return contextlib.nullcontext()
@@ -551,8 +665,10 @@ class DPOTrainer(Trainer):
     @torch.no_grad()
     def _reference_sequence_logps(self, inputs: dict, mask: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
         if "ref_chosen_logps" not in inputs and self.reference.model is None:
-            raise PipelineError("precompute_ref_log_probs=True but this batch has no reference log-probs: pass datasets "
-                                "to the trainer's constructor (they are precomputed there) or use the ref-logps stage.")
+            raise PipelineError(
+                "precompute_ref_log_probs=True but this batch has no reference log-probs: pass datasets "
+                "to the trainer's constructor (they are precomputed there) or use the ref-logps stage."
+            )
         if "ref_chosen_logps" in inputs and (self.args.ld_alpha is None or "ref_token_logps" not in inputs):
             if self.args.ld_alpha is not None:
                 raise PipelineError("ld_alpha needs per-token reference log-probs; re-run the ref-logps stage.")
@@ -566,8 +682,17 @@ class DPOTrainer(Trainer):
 
     # ---- metrics --------------------------------------------------------------------------------
 
-    def _record_metrics(self, mode: str, logps, chosen_rewards, rejected_rewards, diag: dict, mask, n: int,
-                        terms: dict[str, torch.Tensor]) -> None:
+    def _record_metrics(
+        self,
+        mode: str,
+        logps,
+        chosen_rewards,
+        rejected_rewards,
+        diag: dict,
+        mask,
+        n: int,
+        terms: dict[str, torch.Tensor],
+    ) -> None:
         """Accumulate (sum, count) per metric, reduced over ranks: pair metrics count pairs, token metrics tokens,
         the terms of a combined objective (`loss/<loss_type>`, a router's `aux_loss`) count batches."""
         m = mask.float()

@@ -10,12 +10,18 @@ from typing import Callable
 
 from transformers import set_seed
 
-from pipeline.data.tables import load_pairs
-from pipeline.core.faults import require_free_space, same_file_system
-from pipeline.model.loading import is_peft_model, load_base_tokenizer, load_explicit_reference, load_policy, peft_config
 from pipeline.config.train_params import dpo_config
-from pipeline.run.resume import (CheckpointFingerprintCallback, plan_resume, resume_mode, resumed_name, run_checkpoints,
-                     run_fingerprint)
+from pipeline.core.faults import require_free_space, same_file_system
+from pipeline.data.tables import load_pairs
+from pipeline.model.loading import is_peft_model, load_base_tokenizer, load_explicit_reference, load_policy, peft_config
+from pipeline.run.resume import (
+    CheckpointFingerprintCallback,
+    plan_resume,
+    resume_mode,
+    resumed_name,
+    run_checkpoints,
+    run_fingerprint,
+)
 from pipeline.run.tracking import run_log, timings, without_timings
 from pipeline.run.trainer import DPOTrainer
 
@@ -23,6 +29,7 @@ TRAINING_ARGS_NAME = "training_args.bin"  # a pickle that differs at every save:
 
 
 # ---- the run ------------------------------------------------------------------------------------------
+
 
 def sort_peft_sets(model) -> None:
     """PEFT keeps resolved names (target_modules for all-linear) in sets, which adapter_config.json would list in
@@ -71,8 +78,17 @@ def finite_entry(entry: dict) -> dict:
     return {**{k: (None if k in bad else v) for k, v in entry.items()}, **({"nonfinite": bad} if bad else {})}
 
 
-def train_policy(params: dict, tokenized: Path, ref_logps: Path, base: Path, out_dir: Path, checkpoints: Path,
-                 callbacks: list, resume: str | bool | None = None, say: Callable[[str], None] = print) -> dict:
+def train_policy(
+    params: dict,
+    tokenized: Path,
+    ref_logps: Path,
+    base: Path,
+    out_dir: Path,
+    checkpoints: Path,
+    callbacks: list,
+    resume: str | bool | None = None,
+    say: Callable[[str], None] = print,
+) -> dict:
     """Train the policy the base artifact names on the tokenized pairs; saves it to out_dir/model and the Trainer's
     log history (timings dropped) to out_dir/log_history.json. Checkpoints go under
     `run_checkpoints(checkpoints, fingerprint)`; a run resumes there according to `resume` (see `resume_mode`).
@@ -93,8 +109,16 @@ def train_policy(params: dict, tokenized: Path, ref_logps: Path, base: Path, out
     # the reference is resolved inside the trainer (`resolve_reference`): only an explicit one is loaded here
     ref_model = None if args.precompute_ref_log_probs else load_explicit_reference(base, params)
     set_seed(args.seed)  # a new adapter's initial weights are drawn in the constructor, before the Trainer seeds
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                         processing_class=tokenizer, callbacks=callbacks, peft_config=peft_config(params))
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        peft_config=peft_config(params),
+    )
     trainer.add_callback(CheckpointFingerprintCallback(fingerprint))  # last: after every other on_save
     if trainer.is_world_process_zero():  # checkpoints this run writes again: never mixed with their new files
         for stale in plan.discard:
@@ -109,10 +133,17 @@ def train_policy(params: dict, tokenized: Path, ref_logps: Path, base: Path, out
     if trainer.is_world_process_zero():
         (model_dir / TRAINING_ARGS_NAME).unlink(missing_ok=True)  # the params are in the manifest
         history = [finite_entry(entry) for entry in history]
-        (Path(out_dir) / "log_history.json").write_text(json.dumps(history, indent=1, sort_keys=True,
-                                                                   allow_nan=False) + "\n")
-    return {"train_metrics": run_log(without_timings(result.metrics), trainer.state.log_history),
-            "fingerprint": fingerprint.digest, "adapter": is_peft_model(trainer.model),
-            "rows": {"train": len(train_set)},
-            "run": {"fingerprint": fingerprint.digest, "resumed_from": resumed_name(plan.checkpoint, checkpoints),
-                    "timings": timings(result.metrics)}}
+        (Path(out_dir) / "log_history.json").write_text(
+            json.dumps(history, indent=1, sort_keys=True, allow_nan=False) + "\n"
+        )
+    return {
+        "train_metrics": run_log(without_timings(result.metrics), trainer.state.log_history),
+        "fingerprint": fingerprint.digest,
+        "adapter": is_peft_model(trainer.model),
+        "rows": {"train": len(train_set)},
+        "run": {
+            "fingerprint": fingerprint.digest,
+            "resumed_from": resumed_name(plan.checkpoint, checkpoints),
+            "timings": timings(result.metrics),
+        },
+    }

@@ -38,22 +38,29 @@ def collate(rows: list[dict], pad_token_id: int) -> dict:
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
         ids[i, :n], attention[i, :n], completion[i, :n] = r["input_ids"], 1, r["completion_mask"]
-    return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion,
-            "pixel_values": torch.cat([r["pixel_values"] for r in rows])}
+    return {
+        "input_ids": ids,
+        "attention_mask": attention,
+        "completion_mask": completion,
+        "pixel_values": torch.cat([r["pixel_values"] for r in rows]),
+    }
 
 
-def warm_start_vision(model, processor, examples: list[dict], steps: int, batch_size: int, learning_rate: float,
-                      seed: int) -> list[float]:
+def warm_start_vision(
+    model, processor, examples: list[dict], steps: int, batch_size: int, learning_rate: float, seed: int
+) -> list[float]:
     """A short supervised pass on image+prompt→completion examples (loss on completion tokens only)."""
     rows = [encode_example(processor, ex) for ex in examples]
 
     def completion_nll(index: list[int]) -> torch.Tensor:
         batch = collate([rows[i] for i in index], processor.tokenizer.pad_token_id)
         ids, mask = batch["input_ids"], batch["completion_mask"][:, 1:]
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
-                       use_cache=False).logits[:, :-1]
+        logits = model(
+            input_ids=ids, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"], use_cache=False
+        ).logits[:, :-1]
         logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         return -(logps * mask).sum() / mask.sum()
+
     return supervised_pass(model, len(rows), completion_nll, steps, batch_size, learning_rate, seed)
 
 
@@ -61,13 +68,21 @@ def build_builtin_vision_base(params: dict, out_dir: Path) -> dict:
     """Build the tiny built-in Llava and its processor, warm-start the model, and save both under out_dir/model."""
     cfg, seed = params["model"]["builtin"], params["seed"]
     processor = build_vision_processor()
-    model = build_vision_model(processor, seed=seed, hidden_size=cfg["hidden_size"], num_layers=cfg["num_layers"],
-                               num_heads=cfg["num_heads"])
-    examples = vision_task.warmup_examples(cfg["warmup_steps"] * cfg["warmup_batch_size"] // 4 + 1,
-                                           cfg["warmup_positive_fraction"], seed=seed + 3)
-    history = warm_start_vision(model, processor, examples, cfg["warmup_steps"], cfg["warmup_batch_size"],
-                                cfg["warmup_learning_rate"], seed)
+    model = build_vision_model(
+        processor, seed=seed, hidden_size=cfg["hidden_size"], num_layers=cfg["num_layers"], num_heads=cfg["num_heads"]
+    )
+    examples = vision_task.warmup_examples(
+        cfg["warmup_steps"] * cfg["warmup_batch_size"] // 4 + 1, cfg["warmup_positive_fraction"], seed=seed + 3
+    )
+    history = warm_start_vision(
+        model, processor, examples, cfg["warmup_steps"], cfg["warmup_batch_size"], cfg["warmup_learning_rate"], seed
+    )
     model.save_pretrained(out_dir / MODEL_SUBDIR)
     processor.save_pretrained(out_dir / MODEL_SUBDIR)
-    return {"source": BUILTIN_VLM, "revision": None, "warmup_loss_first": history[0], "warmup_loss_last": history[-1],
-            "num_parameters": sum(p.numel() for p in model.parameters())}
+    return {
+        "source": BUILTIN_VLM,
+        "revision": None,
+        "warmup_loss_first": history[0],
+        "warmup_loss_last": history[-1],
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+    }

@@ -29,16 +29,23 @@ from typing import Any, Iterator
 from pipeline.core.distributed import barrier, broadcast, is_main
 from pipeline.core.environment import environment
 from pipeline.core.errors import PipelineError
-from pipeline.store.digests import file_digest, source_digest
 from pipeline.core.redaction import redact
+from pipeline.store.digests import file_digest, source_digest
 
 SCHEMA_VERSION = 2  # 2: inputs record {digest, path}; file digests and lineage are checked on read
 MANIFEST = "manifest.json"
 MANIFEST_KEYS = ("schema_version", "stage", "inputs", "params", "files")  # what every reader of a manifest may use
 
 # which stage produces which artifact, for "re-run X" messages
-PRODUCER = {"base": "base", "normalized": "normalize", "tokenized": "tokenize", "ref_logps": "ref-logps",
-            "train": "train", "eval": "evaluate", "export": "export"}
+PRODUCER = {
+    "base": "base",
+    "normalized": "normalize",
+    "tokenized": "tokenize",
+    "ref_logps": "ref-logps",
+    "train": "train",
+    "eval": "evaluate",
+    "export": "export",
+}
 
 
 def params_digest(params: Any) -> str:
@@ -65,8 +72,9 @@ def read_json(path: Path, what: str, fix: str) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise PipelineError(f"{path}: {what} is damaged: it cannot be read as JSON ({type(err).__name__}: {err}); "
-                            f"{fix}.") from None
+        raise PipelineError(
+            f"{path}: {what} is damaged: it cannot be read as JSON ({type(err).__name__}: {err}); {fix}."
+        ) from None
 
 
 def _alive(pid: int) -> bool:
@@ -82,7 +90,7 @@ def _alive(pid: int) -> bool:
 def remove_orphans(final: Path) -> None:
     """Remove `final`'s staging leftovers (`.tmp-PID`, `.old-PID`) of processes that were killed."""
     for sibling in final.parent.glob(f"{final.name}.*-*"):
-        kind, _, pid = sibling.name[len(final.name) + 1:].partition("-")
+        kind, _, pid = sibling.name[len(final.name) + 1 :].partition("-")
         if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             shutil.rmtree(sibling, ignore_errors=True) if sibling.is_dir() else sibling.unlink(missing_ok=True)
 
@@ -100,8 +108,10 @@ def staged_dir(final: Path) -> Iterator[Path]:
     tmp = None
     if main:
         if final.exists() and not final.is_dir():
-            raise PipelineError(f"{final}: a file is there, not an artifact folder, and a stage never replaces a file; "
-                                "move it away, or pass another output path (--out).")
+            raise PipelineError(
+                f"{final}: a file is there, not an artifact folder, and a stage never replaces a file; "
+                "move it away, or pass another output path (--out)."
+            )
         final.parent.mkdir(parents=True, exist_ok=True)
         remove_orphans(final)
         tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
@@ -141,17 +151,35 @@ def publish(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_manifest(directory: Path, stage: str, inputs: dict[str, str], params: Any,
-                   rows: dict[str, int] | None = None, extra: dict | None = None) -> dict:
+def write_manifest(
+    directory: Path,
+    stage: str,
+    inputs: dict[str, str],
+    params: Any,
+    rows: dict[str, int] | None = None,
+    extra: dict | None = None,
+) -> dict:
     """Write `manifest.json` last: it lists every other file in `directory` with its digest, and where the stage
-    ran (`pipeline.core.environment`). Credentials in `params` are recorded as "<redacted>" (`pipeline.core.redaction`)."""
+    ran (`pipeline.core.environment`). Credentials in `params` are recorded as "<redacted>"
+    (`pipeline.core.redaction`)."""
     directory = Path(directory)
     params = redact(params)
-    files = {str(p.relative_to(directory)): file_digest(p)
-             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
-    manifest = {"schema_version": SCHEMA_VERSION, "stage": stage, "inputs": inputs,
-                "params": params, "params_digest": params_digest(params), "rows": rows or {},
-                "files": files, "environment": environment(), **(extra or {})}
+    files = {
+        str(p.relative_to(directory)): file_digest(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "stage": stage,
+        "inputs": inputs,
+        "params": params,
+        "params_digest": params_digest(params),
+        "rows": rows or {},
+        "files": files,
+        "environment": environment(),
+        **(extra or {}),
+    }
     write_json(directory / MANIFEST, manifest)
     return manifest
 
@@ -171,14 +199,20 @@ def read_manifest(directory: Path, kind: str) -> dict:
     manifest = read_json(path, f"the manifest of this {kind} artifact", f"{rerun} to write it again")
     missing = [key for key in MANIFEST_KEYS if key not in manifest] if isinstance(manifest, dict) else ["every key"]
     if missing:
-        raise PipelineError(f"{path}: this {kind} artifact is damaged: its manifest lacks {', '.join(missing)}; "
-                            f"{rerun} to write it again.")
+        raise PipelineError(
+            f"{path}: this {kind} artifact is damaged: its manifest lacks {', '.join(missing)}; "
+            f"{rerun} to write it again."
+        )
     if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise PipelineError(f"{path}: schema version {manifest.get('schema_version')} but this pipeline reads "
-                            f"version {SCHEMA_VERSION}; {rerun}.")
+        raise PipelineError(
+            f"{path}: schema version {manifest.get('schema_version')} but this pipeline reads "
+            f"version {SCHEMA_VERSION}; {rerun}."
+        )
     if manifest.get("stage") != PRODUCER[kind]:
-        raise PipelineError(f"{path}: written by stage {manifest.get('stage')!r}, expected a {kind} artifact "
-                            f"from {PRODUCER[kind]!r}; check the path or {rerun}.")
+        raise PipelineError(
+            f"{path}: written by stage {manifest.get('stage')!r}, expected a {kind} artifact "
+            f"from {PRODUCER[kind]!r}; check the path or {rerun}."
+        )
     return manifest
 
 
@@ -204,16 +238,22 @@ def verify_files(directory: Path, manifest: dict, kind: str) -> None:
     for name in sorted(listed):
         path = directory / name
         if name not in present:
-            raise PipelineError(f"{path}: missing from the {kind} artifact (its manifest lists it); the artifact was "
-                                f"altered after it was written: run {rerun(kind)} again, or `dvc checkout`.")
+            raise PipelineError(
+                f"{path}: missing from the {kind} artifact (its manifest lists it); the artifact was "
+                f"altered after it was written: run {rerun(kind)} again, or `dvc checkout`."
+            )
         if file_digest(path) != listed[name]:
-            raise PipelineError(f"{path}: its content differs from the digest in {directory / MANIFEST} (the file was "
-                                f"modified after the stage wrote it); run {rerun(kind)} again, or `dvc checkout` to "
-                                "restore the cached version.")
+            raise PipelineError(
+                f"{path}: its content differs from the digest in {directory / MANIFEST} (the file was "
+                f"modified after the stage wrote it); run {rerun(kind)} again, or `dvc checkout` to "
+                "restore the cached version."
+            )
     added = sorted(present - set(listed))
     if added:
-        raise PipelineError(f"{directory / added[0]}: not part of the {kind} artifact (its manifest does not list it); "
-                            f"remove it, or run {rerun(kind)} again.")
+        raise PipelineError(
+            f"{directory / added[0]}: not part of the {kind} artifact (its manifest does not list it); "
+            f"remove it, or run {rerun(kind)} again."
+        )
 
 
 def require_same_input(manifest: dict, directory: Path, input_name: str, expected_digest: str, kind: str) -> None:
@@ -236,8 +276,10 @@ def check_sources(directory: Path, manifest: dict) -> None:
         except (OSError, PipelineError):
             continue  # the source is gone or moved: nothing to compare with
         if current != record["sha256"]:
-            raise PipelineError(f"{record['path']} (data.{role}) changed after `normalize` made {directory}; the "
-                                f"artifacts made from it are stale: run {rerun('normalized')}.")
+            raise PipelineError(
+                f"{record['path']} (data.{role}) changed after `normalize` made {directory}; the "
+                f"artifacts made from it are stale: run {rerun('normalized')}."
+            )
 
 
 def check_inputs(inputs: dict[str, Path]) -> dict[str, dict]:
@@ -296,6 +338,7 @@ def stage_output(stage: str, out: Path, inputs: dict[str, Path], params: Any) ->
         yield output
         barrier()  # every rank's files are written: rank 0 digests them
         if is_main():
-            output.manifest = write_manifest(tmp, stage, inputs={**records, **output.inputs}, params=params,
-                                             rows=output.rows, extra=output.extra)
+            output.manifest = write_manifest(
+                tmp, stage, inputs={**records, **output.inputs}, params=params, rows=output.rows, extra=output.extra
+            )
     output.manifest = broadcast(output.manifest)

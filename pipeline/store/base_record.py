@@ -13,16 +13,16 @@ from pathlib import Path
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from pipeline.builtin import BUILTIN_MODELS
+from pipeline.core.errors import PipelineError
+from pipeline.core.integrity import files_problem
 from pipeline.store.artifacts import read_manifest
 from pipeline.store.digests import file_digest
-from pipeline.builtin import BUILTIN_MODELS
 from pipeline.store.dvc_deps import require_dvc_deps
-from pipeline.core.errors import PipelineError
 from pipeline.store.hub import resolve_commit
-from pipeline.core.integrity import files_problem
-
 
 MODEL_SUBDIR = "model"  # the built-in model (and its tokenizer or processor) inside the base artifact
+
 
 def describe_source(name: str, revision: str | None, key: str, revision_key: str | None = None) -> dict:
     """Record a model or adapter source: a local directory with its file digests, or a Hub id with the revision
@@ -35,36 +35,47 @@ def describe_source(name: str, revision: str | None, key: str, revision_key: str
             raise PipelineError(f"{key}={name}: the directory holds no weights (*.safetensors / *.bin).")
         problem = files_problem(path)
         if problem:
-            raise PipelineError(f"{key}={name}: {problem}: the file is damaged or incomplete (a cut download or copy); "
-                                "copy or download the model again.")
+            raise PipelineError(
+                f"{key}={name}: {problem}: the file is damaged or incomplete (a cut download or copy); "
+                "copy or download the model again."
+            )
         # as given: a relative path reads the same folder of a clone made elsewhere
         return {"source": path.as_posix(), "revision": None, "source_files": files}
     try:
         validate_repo_id(name)
     except HFValidationError:
-        raise PipelineError(f"{key}={name}: no such local directory, and not a Hub id (namespace/name); "
-                            "give an existing directory or a Hub model id.") from None
-    return {"source": name, "revision": revision,
-            "commit": resolve_commit(name, revision, "model", key=key, revision_key=revision_key)}
+        raise PipelineError(
+            f"{key}={name}: no such local directory, and not a Hub id (namespace/name); "
+            "give an existing directory or a Hub model id."
+        ) from None
+    return {
+        "source": name,
+        "revision": revision,
+        "commit": resolve_commit(name, revision, "model", key=key, revision_key=revision_key),
+    }
 
 
 def describe_external_base(params: dict) -> dict:
-    return describe_source(params["model"]["name_or_path"], params["model"]["revision"], "model.name_or_path",
-                           "model.revision")
+    return describe_source(
+        params["model"]["name_or_path"], params["model"]["revision"], "model.name_or_path", "model.revision"
+    )
 
 
 def describe_reference_and_adapter(params: dict) -> dict:
     """The base manifest's record of an explicit reference model and of an adapter to continue, when set."""
     cfg, info = params["model"], {}
     if cfg["ref_name_or_path"]:
-        info["reference"] = describe_source(cfg["ref_name_or_path"], cfg["ref_revision"], "model.ref_name_or_path",
-                                            "model.ref_revision")
+        info["reference"] = describe_source(
+            cfg["ref_name_or_path"], cfg["ref_revision"], "model.ref_name_or_path", "model.ref_revision"
+        )
     if cfg["adapter"]:
         adapter = describe_source(cfg["adapter"], None, "model.adapter")
         local_files = adapter.get("source_files")  # (a Hub adapter's files are checked when it is loaded)
         if local_files is not None and "adapter_config.json" not in local_files:
-            raise PipelineError(f"model.adapter={cfg['adapter']}: no adapter_config.json there; give a PEFT adapter "
-                                "directory (as saved by train with model.peft.enabled) or a Hub adapter id.")
+            raise PipelineError(
+                f"model.adapter={cfg['adapter']}: no adapter_config.json there; give a PEFT adapter "
+                "directory (as saved by train with model.peft.enabled) or a Hub adapter id."
+            )
         info["adapter"] = adapter
     return info
 
@@ -83,8 +94,10 @@ def require_local_files(entry: dict, base_dir: Path) -> None:
     missing = [name for name in entry["source_files"] if not (folder / name).is_file()]
     if missing:
         gone = "the folder is gone" if not folder.is_dir() else f"{', '.join(sorted(missing)[:3])} missing"
-        raise PipelineError(f"{folder}: the local model {base_dir} recorded has changed since ({gone}); restore it, "
-                            "or run `dvc repro base` (or `dpo base`) to record what is there now.")
+        raise PipelineError(
+            f"{folder}: the local model {base_dir} recorded has changed since ({gone}); restore it, "
+            "or run `dvc repro base` (or `dpo base`) to record what is there now."
+        )
 
 
 def base_source(base_dir: Path) -> tuple[str, str | None]:

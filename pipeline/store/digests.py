@@ -29,14 +29,19 @@ def glob_files(pattern: str) -> list[Path]:
     return [Path(file) for file in files]
 
 
-MISSING_FIX = ("check the path in params.yaml (a relative path starts where the command runs: the project root), "
-               "or restore the file (`dvc pull` / `git checkout` when it is tracked)")
+MISSING_FIX = (
+    "check the path in params.yaml (a relative path starts where the command runs: the project root), "
+    "or restore the file (`dvc pull` / `git checkout` when it is tracked)"
+)
 
 
 def visible_files(directory: Path) -> list[Path]:
     """Every file under `directory` but hidden ones (`.git`, `.cache`), which `datasets` does not read either."""
-    return sorted(p for p in directory.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+    return sorted(
+        p
+        for p in directory.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    )
 
 
 def glob_root(pattern: str) -> Path:

@@ -32,8 +32,10 @@ def stage_deps(dvc_yaml: Path, stage: str) -> list[Path]:
     except (OSError, yaml.YAMLError) as err:
         raise PipelineError(f"{dvc_yaml}: cannot read it to check the {stage} stage's deps ({err}).") from None
     if not isinstance(definition, dict):
-        raise PipelineError(f"{dvc_yaml}: no stage {stage!r} (DVC_STAGE), so its deps cannot be checked; run the stage "
-                            "through a plain stage of this dvc.yaml, or unset DVC_STAGE to run it outside DVC.")
+        raise PipelineError(
+            f"{dvc_yaml}: no stage {stage!r} (DVC_STAGE), so its deps cannot be checked; run the stage "
+            "through a plain stage of this dvc.yaml, or unset DVC_STAGE to run it outside DVC."
+        )
     wdir = dvc_yaml.parent / definition.get("wdir", ".")
     return [(wdir / dep).resolve() for dep in definition.get("deps") or [] if isinstance(dep, str) and "://" not in dep]
 
@@ -61,5 +63,7 @@ def require_dvc_deps(reads: Iterable[tuple[str, str, list[Path]]]) -> None:
         if all(any(covers(dep, path.resolve()) for dep in deps) for path in paths):
             continue
         fix = "move it under data/ or " if data_dir in deps else ""
-        raise PipelineError(f"{key}={given} is not a dependency of the {stage} stage in dvc.yaml, so DVC would not "
-                            f"re-run {stage} when it changes; {fix}add it to stages.{stage}.deps in dvc.yaml.")
+        raise PipelineError(
+            f"{key}={given} is not a dependency of the {stage} stage in dvc.yaml, so DVC would not "
+            f"re-run {stage} when it changes; {fix}add it to stages.{stage}.deps in dvc.yaml."
+        )

@@ -35,6 +35,7 @@ T = TypeVar("T")
 
 # ---- bounded network calls --------------------------------------------------------------------------------
 
+
 class Network:
     """This process's Hub time-out (seconds, per connection or read) and tries per call of the pipeline's own."""
 
@@ -82,8 +83,9 @@ def is_network_error(err: BaseException) -> bool:
 
     if isinstance(err, OfflineModeIsEnabled):  # a ConnectionError by type, but a setting, not the network
         return False
-    return isinstance(err, (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError,
-                            ConnectionError, TimeoutError))
+    return isinstance(
+        err, (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError, ConnectionError, TimeoutError)
+    )
 
 
 def with_tries(what: str, call: Callable[[], T], say: Callable[[str], None] | None = None) -> T:
@@ -104,10 +106,16 @@ def with_tries(what: str, call: Callable[[], T], say: Callable[[str], None] | No
                 time.sleep(min(2 ** (attempt - 1), 8))
     import httpx2
 
-    waited = (f"did not answer within {Network.timeout_s:g} s" if isinstance(last, (httpx2.TimeoutException, TimeoutError))
-              else "could not be reached")
-    raise PipelineError(f"{what}: {host()} {waited}, {Network.tries} times ({type(last).__name__}). Check the network (or HF_ENDPOINT), raise hub.timeout_s or hub.tries "
-                        "in params.yaml for a slow link, or set HF_HUB_OFFLINE=1 to work from the local Hub cache.")
+    waited = (
+        f"did not answer within {Network.timeout_s:g} s"
+        if isinstance(last, (httpx2.TimeoutException, TimeoutError))
+        else "could not be reached"
+    )
+    raise PipelineError(
+        f"{what}: {host()} {waited}, {Network.tries} times ({type(last).__name__}). Check the network (or "
+        f"HF_ENDPOINT), raise hub.timeout_s or hub.tries "
+        "in params.yaml for a slow link, or set HF_HUB_OFFLINE=1 to work from the local Hub cache."
+    )
 
 
 def is_commit(revision: str | None) -> bool:
@@ -116,7 +124,12 @@ def is_commit(revision: str | None) -> bool:
 
 def cached_commit(repo_id: str, revision: str | None, repo_type: str = "model") -> str | None:
     """The commit the local Hub cache last saw `revision` at (its `refs/<revision>` file), or None."""
-    ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type) / "refs" / (revision or "main")
+    ref = (
+        Path(constants.HF_HUB_CACHE)
+        / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+        / "refs"
+        / (revision or "main")
+    )
     try:
         sha = ref.read_text().strip()
     except OSError:
@@ -124,8 +137,13 @@ def cached_commit(repo_id: str, revision: str | None, repo_type: str = "model") 
     return sha if is_commit(sha) else None
 
 
-def resolve_commit(repo_id: str, revision: str | None, repo_type: str = "model", key: str | None = None,
-                   revision_key: str | None = None) -> str | None:
+def resolve_commit(
+    repo_id: str,
+    revision: str | None,
+    repo_type: str = "model",
+    key: str | None = None,
+    revision_key: str | None = None,
+) -> str | None:
     """The commit sha (40 hex) that `revision` of the Hub repository `repo_id` points at.
 
     A commit is returned as is. Otherwise the Hub is asked, unless offline (HF_HUB_OFFLINE); offline or on a
@@ -138,31 +156,42 @@ def resolve_commit(repo_id: str, revision: str | None, repo_type: str = "model",
     named = f"{key}={repo_id}" if key else repo_id
     if not constants.HF_HUB_OFFLINE:
         try:
-            return with_tries(f"resolving {named}@{revision or 'main'}",
-                              lambda: HfApi().repo_info(repo_id, revision=revision, repo_type=repo_type).sha)
+            return with_tries(
+                f"resolving {named}@{revision or 'main'}",
+                lambda: HfApi().repo_info(repo_id, revision=revision, repo_type=repo_type).sha,
+            )
         except GatedRepoError:
-            raise PipelineError(f"{named}: this {repo_type} repository is gated or private; accept its terms on the Hub "
-                                "and log in (`hf auth login` or HF_TOKEN), or use a local copy.") from None
+            raise PipelineError(
+                f"{named}: this {repo_type} repository is gated or private; accept its terms on the Hub "
+                "and log in (`hf auth login` or HF_TOKEN), or use a local copy."
+            ) from None
         except RepositoryNotFoundError:
-            raise PipelineError(f"{named}: no such {repo_type} repository on the Hub (or it is private); check the "
-                                "id, log in for a private one (HF_TOKEN), or give a local path.") from None
+            raise PipelineError(
+                f"{named}: no such {repo_type} repository on the Hub (or it is private); check the "
+                "id, log in for a private one (HF_TOKEN), or give a local path."
+            ) from None
         except RevisionNotFoundError:
-            raise PipelineError(f"{named}: the Hub repository has no revision {revision!r}; set "
-                                f"{revision_key or 'the revision'} to an existing branch, tag or commit (null for main)."
-                                ) from None
+            raise PipelineError(
+                f"{named}: the Hub repository has no revision {revision!r}; set "
+                f"{revision_key or 'the revision'} to an existing branch, tag or commit (null for main)."
+            ) from None
         except PipelineError as err:  # no answer within the tries: the local cache answers, with the reason
             warnings.warn(str(err), stacklevel=2)
         except Exception:  # no connection, a server error (the HTTP client's own types): the cache answers
             pass
     commit = cached_commit(repo_id, revision, repo_type)
     if commit is None:
-        warnings.warn(f"{named}: the Hub is offline or unreachable and the local Hub cache has no revision "
-                      f"{revision or 'main'}, so the commit is unresolved: later stages load the revision as asked, "
-                      "which can move.", stacklevel=2)
+        warnings.warn(
+            f"{named}: the Hub is offline or unreachable and the local Hub cache has no revision "
+            f"{revision or 'main'}, so the commit is unresolved: later stages load the revision as asked, "
+            "which can move.",
+            stacklevel=2,
+        )
     return commit
 
 
 # ---- pushing: the token, and a failure in a sentence (the export stage and DPOTrainer.push_to_hub) ----
+
 
 def hub_token() -> str | None:
     """The Hub token: HF_TOKEN from the environment, else the huggingface_hub login; None if neither."""
@@ -184,9 +213,15 @@ def push_failure(err: Exception, token: str | None) -> str:
     if isinstance(err, OfflineModeIsEnabled):
         return f"offline mode is on (HF_HUB_OFFLINE=1); unset it, with network access, to push ({detail})."
     if status in (401, 403):
-        return (f"the Hub refused the credentials (HTTP {status}); set HF_TOKEN to a token with write access "
-                f"to this repo ({detail}).")
-    if isinstance(err, (ConnectionError, TimeoutError)) or "connect" in type(err).__name__.lower() \
-            or "network" in type(err).__name__.lower() or "timeout" in type(err).__name__.lower():
+        return (
+            f"the Hub refused the credentials (HTTP {status}); set HF_TOKEN to a token with write access "
+            f"to this repo ({detail})."
+        )
+    if (
+        isinstance(err, (ConnectionError, TimeoutError))
+        or "connect" in type(err).__name__.lower()
+        or "network" in type(err).__name__.lower()
+        or "timeout" in type(err).__name__.lower()
+    ):
         return f"the Hub could not be reached; check the network or HF_ENDPOINT ({detail})."
     return f"{detail}. Check the network and that HF_TOKEN holds a token with write access."
