@@ -10,16 +10,10 @@ import importlib
 
 import click
 
+from pipeline.store.stage_list import STAGES
+
 # subcommand -> module under stages/, in pipeline order
-STAGE_MODULES = {
-    "base": "base",
-    "normalize": "normalize",
-    "tokenize": "tokenize",
-    "ref-logps": "ref_logps",
-    "train": "train",
-    "evaluate": "evaluate",
-    "export": "export",
-}
+STAGE_MODULES = {stage.name: stage.module for stage in STAGES}
 # commands that are not pipeline stages (dvc.yaml runs none of them)
 TOOL_MODULES = {"compare": "compare"}
 

@@ -7,15 +7,13 @@ metrics, run report) are small, deterministic and tracked by git, so every commi
 
 from pathlib import Path
 
+from pipeline.store.stage_list import STAGES
+
 ARTIFACTS = Path("artifacts")
-BASE = ARTIFACTS / "base"
-NORMALIZED = ARTIFACTS / "normalized"
-TOKENIZED = ARTIFACTS / "tokenized"
-REF_LOGPS = ARTIFACTS / "ref_logps"
-TRAIN = ARTIFACTS / "train"
-CHECKPOINTS = ARTIFACTS / "checkpoints"
-EVAL = ARTIFACTS / "eval"
-EXPORT = ARTIFACTS / "export"
+_OUT = {stage.name: ARTIFACTS / stage.artifact for stage in STAGES}  # each stage's artifact
+BASE, NORMALIZED, TOKENIZED = _OUT["base"], _OUT["normalize"], _OUT["tokenize"]
+REF_LOGPS, TRAIN, EVAL, EXPORT = _OUT["ref-logps"], _OUT["train"], _OUT["evaluate"], _OUT["export"]
+CHECKPOINTS = ARTIFACTS / "checkpoints"  # the train stage's resumable state, beside its artifact
 LIVE = Path("dvclive")
 RESULTS = Path("results")
 METRICS = RESULTS / "eval.json"

@@ -38,6 +38,12 @@ def test_dvc_yaml_lists_exactly_the_files_each_stage_executes(stage):
     assert not extra, f"dvc.yaml stage {stage!r} lists files it never executes: {extra}"
 
 
+def test_dvc_yaml_runs_the_stage_list_in_order():
+    from pipeline.store.stage_list import STAGE_NAMES
+
+    assert tuple(dvc_stages()) == STAGE_NAMES, "dvc.yaml's stages and pipeline/store/stage_list.py disagree"
+
+
 def test_the_walker_follows_lazy_and_relative_imports():
     files = executed_files("stages.evaluate")
     assert (

@@ -27,10 +27,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.store.stage_list import STAGE_NAMES
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["base", "normalize", "tokenize", "ref-logps", "train", "evaluate", "export"]
+STAGES = list(STAGE_NAMES)
 
 
 def sh(cmd, cwd, env, check=True):

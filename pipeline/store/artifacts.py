@@ -31,21 +31,11 @@ from pipeline.core.environment import environment
 from pipeline.core.errors import PipelineError
 from pipeline.core.redaction import redact
 from pipeline.store.digests import file_digest, source_digest
+from pipeline.store.stage_list import PRODUCER
 
 SCHEMA_VERSION = 2  # 2: inputs record {digest, path}; file digests and lineage are checked on read
 MANIFEST = "manifest.json"
 MANIFEST_KEYS = ("schema_version", "stage", "inputs", "params", "files")  # what every reader of a manifest may use
-
-# which stage produces which artifact, for "re-run X" messages
-PRODUCER = {
-    "base": "base",
-    "normalized": "normalize",
-    "tokenized": "tokenize",
-    "ref_logps": "ref-logps",
-    "train": "train",
-    "eval": "evaluate",
-    "export": "export",
-}
 
 
 def params_digest(params: Any) -> str:
