@@ -6,7 +6,7 @@ Parts, in the order they run (`--parts` picks some):
 - `fp32_cuda_vs_cpu`: one DPO step (loss and every gradient, reference log-probs precomputed on each device) of a
   small Qwen2-shaped model in fp32 on CUDA equals the CPU result (≤ 1e-4, TF32 off).
 - `bf16_layouts`: in bf16, the packed, prefix-shared SDPA and prefix-shared Flex layouts give the padded layout's
-  loss and gradients within bf16 tolerance; the layout probe picks what the README says (sdpa, eager and
+  loss and gradients within bf16 tolerance; the layout probe picks what docs/speed-and-memory.md says (sdpa, eager and
   flex_attention take prefix sharing on CUDA; sliding-window attention falls back to packed).
 - `speed`: a Qwen2.5-0.5B-shaped model built from its config, bf16, gradient checkpointing (the default), pairs of
   up to 2,048 tokens with HH-RLHF's prompt/completion split, precomputed reference: tokens/s, model FLOP utilisation
@@ -458,7 +458,7 @@ def _fp32_compare(s: Settings, device: str) -> dict:
 
 
 def expected_layout(attn: str, cuda: bool) -> str:
-    """What the README says the probe picks: prefix-shared for every implementation that takes a custom mask, except
+    """What docs/speed-and-memory.md says the probe picks: prefix-shared for every implementation that takes a custom mask, except
     FlexAttention on the CPU, whose block mask the CPU build does not honour (it falls back to packed)."""
     return "packed" if attn == "flex_attention" and not cuda else "prefix_shared"
 
@@ -466,11 +466,13 @@ def expected_layout(attn: str, cuda: bool) -> str:
 NO_FLEX_ON_CPU = "FlexAttention has no backward pass on the CPU (and its compile is slow there): CUDA only"
 
 
-def layout_name(layout: dict) -> str:
-    return "prefix_shared" if layout["prefix_sharing"] else "packed" if layout["packing"] else "padded"
+def layout_name(layout) -> str:
+    """The kind of a `pipeline.model.batch_layout.BatchLayout`."""
+    return layout.kind
 
 
 def part_bf16_layouts(s: Settings) -> dict:
+    from pipeline.model.batch_layout import BatchLayout
     from pipeline.model.layout import batch_layout
 
     shape = s.sizes["check_shape"]
@@ -514,7 +516,7 @@ def part_bf16_layouts(s: Settings) -> dict:
     for attn in ("sdpa", "eager", "flex_attention") if s.cuda else ("sdpa", "eager"):
         model = qwen2(shape, attn, s.dtype, s.device)
         probe[attn] = {
-            "took": layout_name(batch_layout([model], True, True, False)),
+            "took": layout_name(batch_layout([model], BatchLayout.of_options(True, True))),
             "wanted": expected_layout(attn, s.cuda),
         }
     # a model given on the CPU (as loading by path leaves it) is probed where the Trainer places it
@@ -523,7 +525,10 @@ def part_bf16_layouts(s: Settings) -> dict:
         trainer = trainer_for(s, qwen2(shape, attn, s.dtype, "cpu"), rows, tmp, precompute_ref_log_probs=True)
         probe[f"{attn}, model given on the CPU"] = {"took": layout_name(trainer.layout), "wanted": "prefix_shared"}
     window = qwen2(shape, "sdpa", s.dtype, s.device, use_sliding_window=True, sliding_window=16, max_window_layers=0)
-    probe["sdpa, sliding window"] = {"took": layout_name(batch_layout([window], True, True, False)), "wanted": "packed"}
+    probe["sdpa, sliding window"] = {
+        "took": layout_name(batch_layout([window], BatchLayout.of_options(True, True))),
+        "wanted": "packed",
+    }
     out["probe"] = probe
     out["ok"] = ok and all(p["took"] == p["wanted"] for p in probe.values())
     out["tolerance"] = {"loss": BF16_LOSS_TOL, "grad_cosine": BF16_GRAD_COS, "grad_rel_l2": BF16_GRAD_REL}

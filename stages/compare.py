@@ -79,7 +79,9 @@ def curves_at(rev: str, live: Path) -> dict:
         for path in listing.split():
             target = Path(tmp) / path
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, check=True).stdout)
+            # ls-tree names paths from the current folder (vision/ in the vision project); `rev:./path` reads them so
+            shown = subprocess.run(["git", "show", f"{rev}:./{path}"], capture_output=True, check=True)
+            target.write_bytes(shown.stdout)
         return read_curves(Path(tmp) / live)
 
 
@@ -98,7 +100,7 @@ def curves_at(rev: str, live: Path) -> dict:
     "params_path",
     default="params.yaml",
     show_default=True,
-    help="The params file the runs read (vision/params.yaml for the vision pipeline).",
+    help="The params file the runs read, in the DVC project run from (inside vision/ for the vision default).",
 )
 @click.option("--metrics", default=str(paths.METRICS), show_default=True, help="The eval metrics file of the runs.")
 @click.option(

@@ -17,6 +17,7 @@ import pipeline.model.layout
 from conftest import random_pairs
 from pipeline import DPOConfig, DPOTrainer
 from pipeline.model.attention import allowed
+from pipeline.model.batch_layout import BatchLayout
 from pipeline.model.collator import CHOSEN, PROMPT, REJECTED, DataCollatorForPreference, first_fit
 from pipeline.model.layout import batch_layout, layout_problem
 from pipeline.objective.losses import LOSS_TYPES
@@ -223,7 +224,8 @@ def test_the_reference_pass_prefix_shared_equals_padded(tiny_tokenizer):
 
 def test_the_default_layout_is_prefix_shared_and_packed_and_can_be_turned_off(tmp_path, tiny_model, tiny_tokenizer):
     trainer = make_trainer(tmp_path, tiny_model, tiny_tokenizer)
-    assert trainer.layout == {"prefix_sharing": True, "packing": True, "padding_free": False}
+    assert trainer.layout == BatchLayout("prefix_shared", "first_fit")
+    assert trainer.layout.options() == {"prefix_sharing": True, "packing": True, "padding_free": False}
     assert "segment_ids" in trainer.data_collator(PAIRS)
     off = make_trainer(tmp_path, tiny_model, tiny_tokenizer, prefix_sharing=False, packing=False)
     assert "attention_mask" in off.data_collator(PAIRS)
@@ -245,7 +247,7 @@ def test_a_model_that_cannot_take_the_mask_falls_back_with_one_log_line(tmp_path
     assert layout_problem(model, "packed") is None
     with caplog.at_level(logging.WARNING, logger="pipeline.model.layout"):
         trainer = make_trainer(tmp_path, model, tiny_tokenizer, ref_model=build(tiny_tokenizer, seed=1))
-    assert trainer.layout == {"prefix_sharing": False, "packing": True, "padding_free": False}
+    assert trainer.layout == BatchLayout("packed", "first_fit")
     [line] = [r.getMessage() for r in caplog.records if r.name == "pipeline.model.layout"]
     assert line.startswith("DropsTheMask cannot take prefix-shared batches (its log-probs differ")
     assert line.endswith("); using packed batches")
@@ -259,14 +261,33 @@ def test_an_attention_implementation_without_custom_masks_is_not_given_one(tiny_
     model = build(tiny_tokenizer)
     model.config._attn_implementation = "flash_attention_2"  # as configured; never run here
     assert "takes no custom mask" in layout_problem(model, "prefix_shared")
-    assert batch_layout([model], True, False, False) == {
-        "prefix_sharing": False,
-        "packing": False,
-        "padding_free": False,
-    }
+    assert batch_layout([model], BatchLayout.of_options(prefix_sharing=True)) == BatchLayout("padded")
     window = build(tiny_tokenizer)
     window.config.sliding_window, window.config.use_sliding_window = 4, True
     assert "sliding-window" in layout_problem(window, "prefix_shared")
+
+
+@pytest.mark.parametrize(
+    "options, kind, rows, fallback",
+    [
+        ({}, "padded", "each", "padded"),
+        ({"packing": True}, "packed", "first_fit", "padded"),
+        ({"padding_free": True}, "packed", "one", "padded"),
+        ({"prefix_sharing": True, "packing": True}, "prefix_shared", "first_fit", "packed"),
+        ({"prefix_sharing": True}, "prefix_shared", "each", "padded"),
+        ({"prefix_sharing": True, "padding_free": True}, "prefix_shared", "one", "packed"),
+    ],
+)
+def test_the_batch_layout_is_one_type_from_the_options_to_the_batch(options, kind, rows, fallback):
+    layout = BatchLayout.of_options(**options)
+    assert (layout.kind, layout.rows, layout.fallback().kind) == (kind, rows, fallback)
+    assert BatchLayout.of_options(**layout.options()) == layout
+    batch = DataCollatorForPreference(0, **layout.options())(PAIRS)
+    assert BatchLayout.of_batch(batch) == kind  # what the head reads off a collated batch
+    if kind != "padded":  # rows: several segments, one each, or all in one
+        segments = len(PAIRS) * (1 if kind == "prefix_shared" else 2)
+        expected = {"one": 1, "each": segments}.get(rows)
+        assert batch["input_ids"].shape[0] == expected if expected else batch["input_ids"].shape[0] <= segments
 
 
 def test_a_layout_problem_is_decided_once_per_model(tiny_tokenizer, monkeypatch):

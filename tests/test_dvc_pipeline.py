@@ -5,7 +5,7 @@
 - editing a file a stage executes, or the local data file, makes exactly that stage and the stages
   after it run; a params edit re-runs what reads it;
 - `dvc exp run -S train.beta=0.2`: `dvc exp show`, `dvc metrics diff`, `dvc plots diff` have numbers
-  for both runs, with the same metric names for train and eval; the README's comparison recipe (`dpo compare`,
+  for both runs, with the same metric names for train and eval; docs/caching.md's comparison recipe (`dpo compare`,
   its offline curves page, a machine change named) runs;
 - a queued 2×1 grid (`dvc exp run --queue`, `dvc queue start -j 2`) reuses the cached tokens and
   reference log-probs;

@@ -44,7 +44,7 @@ def config(tmp_path, **options):
 def test_an_iterable_dataset_trains_at_the_default_layout(tmp_path, tiny_model, tiny_tokenizer):
     train = datasets.Dataset.from_list(RAW).to_iterable_dataset()
     trainer = DPOTrainer(model=tiny_model, args=config(tmp_path), train_dataset=train, processing_class=tiny_tokenizer)
-    assert trainer.layout["prefix_sharing"] and trainer.layout["packing"]
+    assert trainer.layout.options()["prefix_sharing"] and trainer.layout.options()["packing"]
     trainer.train()
     assert trainer.state.global_step == 1
     assert trainer.state.log_history[-1]["train_loss"] > 0

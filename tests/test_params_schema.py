@@ -1,4 +1,4 @@
-"""The params schema is the one home of every key: params.yaml is valid, the README documents every key."""
+"""The params schema is the one home of every key: params.yaml is valid, docs/configuration.md documents every key."""
 
 from __future__ import annotations
 
@@ -45,14 +45,14 @@ def test_the_vision_params_are_valid_has_every_key_of_params_yaml_and_selects_th
     assert keys(vision) == keys(text)  # vision/dvc.yaml tracks the same keys, one by one
 
 
-def test_every_schema_key_has_help_and_the_readme_table_is_generated_from_the_schema():
+def test_every_schema_key_has_help_and_the_docs_table_is_generated_from_the_schema():
     rows = reference_rows()
     assert all(help_text for _, _, help_text in rows), [key for key, _, h in rows if not h]
     keys = {key for key, _, _ in rows}
     assert {"model.peft.r", "ref_logps.precompute_ref_batch_size", "train.beta", "train.router_aux_loss_coef"} <= keys
     assert not {f"train.{name}" for name in OWNED_ELSEWHERE} & keys  # an option is documented at its one home
-    readme = (ROOT / "README.md").read_text()
-    table = re.search(r"<!-- params:begin -->\n(.*?)<!-- params:end -->", readme, re.S).group(1)
+    page = (ROOT / "docs" / "configuration.md").read_text()  # the "Every params.yaml key" table
+    table = re.search(r"<!-- params:begin -->\n(.*?)<!-- params:end -->", page, re.S).group(1)
     assert table == reference_markdown()
 
 
@@ -138,8 +138,8 @@ def test_an_unknown_key_suggests_the_near_miss_and_points_to_documentation_that_
     message = str(err.value)
     assert f"unknown key {key}" in message and f"did you mean `{suggestion}`" in message, message
     assert "--help-keys" not in message, message
-    assert '"Every params.yaml key"' in message, message  # the README section the message names
-    assert "## Every params.yaml key" in (ROOT / "README.md").read_text()
+    assert "docs/configuration.md" in message and '"Every params.yaml key"' in message, message  # the page it names
+    assert "## Every params.yaml key" in (ROOT / "docs" / "configuration.md").read_text()
 
 
 def test_a_misspelt_train_option_names_the_one_meant_and_where_every_option_is_documented():

@@ -179,7 +179,7 @@ class TokenizeParams:
     max_unknown_rate: float = knob(
         0.05,
         "Largest share of a split's tokens that may be the tokenizer's unknown token "
-        "(<unk>) before tokenize refuses: above it the tokenizer does not cover the "
+        "(`<unk>`) before tokenize refuses: above it the tokenizer does not cover the "
         "data; 1: never refuse.",
         within(0, 1),
     )
@@ -314,8 +314,11 @@ def dpo_default(name: str) -> Any:
 
 # ---- checking a section against its dataclass -------------------------------------------------------
 
-# where an unknown-key message sends the reader: the README's generated table of every key (reference_markdown)
-KEYS_DOCUMENTED = 'every key is listed, with its default and meaning, in README.md\'s "Every params.yaml key" table'
+# where an unknown-key message sends the reader: docs/configuration.md's generated table of every key
+# (reference_markdown)
+KEYS_DOCUMENTED = (
+    'every key is listed, with its default and meaning, in docs/configuration.md\'s "Every params.yaml key" table'
+)
 
 
 def did_you_mean(name: str, valid) -> str:
@@ -650,7 +653,7 @@ def reference_rows() -> list[tuple[str, Any, str]]:
 
 
 def reference_markdown() -> str:
-    """The README's table of every key: generated from the schema, so the two cannot drift (a test compares)."""
+    """docs/configuration.md's table of every key: generated from the schema, so the two cannot drift (a test compares)."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for key, default, help_text in reference_rows():
         shown = yaml.safe_dump(default, default_flow_style=True, width=1000).strip().removesuffix("...").strip()

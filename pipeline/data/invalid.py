@@ -1,7 +1,7 @@
 """The rules a preference row can break, and the error that names one.
 
 `RULES` lists every rule with what it means (the normalize and tokenize stages, and the in-process API, refuse
-or drop a row by these names; the README's rule table is checked against it). `InvalidRow` carries the rule and
+or drop a row by these names; docs/data.md's rule table is checked against it). `InvalidRow` carries the rule and
 the row's detail.
 """
 

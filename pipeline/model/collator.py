@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from pipeline.data.images import open_image
+from pipeline.model.batch_layout import PADDED, PREFIX_SHARED, BatchLayout
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # part_ids of a prefix-shared segment
 # what the collators put in a batch besides the model's extra inputs (pixel values and the like)
@@ -85,8 +86,9 @@ def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
 
 @dataclass
 class DataCollatorForPreference:
-    """Collates tokenized pairs (`prompt_ids`, `chosen_ids`, `rejected_ids`) in the padded layout, or packed
-    (`padding_free`, or `packing`), or prefix-shared (`prefix_sharing`, packed unless `packing` is off)."""
+    """Collates tokenized pairs (`prompt_ids`, `chosen_ids`, `rejected_ids`) in the layout its options ask for
+    (`BatchLayout.of_options`): padded, or packed (`padding_free`, or `packing`), or prefix-shared (`prefix_sharing`,
+    several segments per row unless `packing` is off)."""
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
@@ -95,8 +97,8 @@ class DataCollatorForPreference:
     packing: bool = False
 
     @property
-    def layout(self) -> str:
-        return "prefix_shared" if self.prefix_sharing else "packed" if (self.padding_free or self.packing) else "padded"
+    def layout(self) -> BatchLayout:
+        return BatchLayout.of_options(self.prefix_sharing, self.packing, self.padding_free)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         sequences, completion_masks, ref_tokens = [], [], []
@@ -108,11 +110,12 @@ class DataCollatorForPreference:
                 if "ref_chosen_token_logps" in f:
                     ref_tokens.append([0.0] * len(prompt) + list(f[f"ref_{side}_token_logps"]))
         batch = {"completion_mask": _pad(completion_masks, 0, self.pad_to_multiple_of, torch.long)}
-        if self.layout == "padded":
+        layout = self.layout
+        if layout.kind == PADDED:
             batch["input_ids"] = _pad(sequences, self.pad_token_id, self.pad_to_multiple_of, torch.long)
             batch["attention_mask"] = _pad([[1] * len(s) for s in sequences], 0, self.pad_to_multiple_of, torch.long)
         else:
-            batch.update(self._rows(features, sequences, batch["completion_mask"].shape[1]))
+            batch.update(self._rows(layout, features, sequences, batch["completion_mask"].shape[1]))
         if "ref_chosen_logps" in features[0]:
             batch["ref_chosen_logps"] = torch.tensor([f["ref_chosen_logps"] for f in features], dtype=torch.float32)
             batch["ref_rejected_logps"] = torch.tensor([f["ref_rejected_logps"] for f in features], dtype=torch.float32)
@@ -120,12 +123,14 @@ class DataCollatorForPreference:
             batch["ref_token_logps"] = _pad(ref_tokens, 0.0, self.pad_to_multiple_of, torch.float32)
         return batch
 
-    def _rows(self, features: list[dict], sequences: list[list[int]], width: int) -> dict[str, torch.Tensor]:
+    def _rows(
+        self, layout: BatchLayout, features: list[dict], sequences: list[list[int]], width: int
+    ) -> dict[str, torch.Tensor]:
         """The packed or prefix-shared rows of the batch and the map back to its 2N sequences (see the module)."""
         n = len(features)
         # segments: (token ids, position ids, part ids, [(sequence, [column of the output predicting its token t+1])])
         segments = []
-        if self.prefix_sharing:
+        if layout.kind == PREFIX_SHARED:
             for i, f in enumerate(features):
                 p, c, r = len(f["prompt_ids"]), len(f["chosen_ids"]), len(f["rejected_ids"])
                 ids = list(f["prompt_ids"]) + list(f["chosen_ids"]) + list(f["rejected_ids"])
@@ -138,10 +143,13 @@ class DataCollatorForPreference:
             for i, s in enumerate(sequences):
                 segments.append((s, list(range(len(s))), [PROMPT] * len(s), [(i, list(range(len(s) - 1)))]))
         lengths = [len(s[0]) for s in segments]
-        row_width = sum(lengths) if self.padding_free else max(lengths)
+        row_width = sum(lengths) if layout.rows == "one" else max(lengths)
         if self.pad_to_multiple_of:
             row_width = -(-row_width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        rows = [list(range(len(segments)))] if self.padding_free else first_fit(lengths, row_width)
+        if layout.rows == "one":
+            rows = [list(range(len(segments)))]
+        else:
+            rows = first_fit(lengths, row_width) if layout.rows == "first_fit" else [[k] for k in range(len(segments))]
         shape = (len(rows), row_width)
         input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
         position_ids = torch.zeros(shape, dtype=torch.long)
@@ -174,7 +182,7 @@ class DataCollatorForPreference:
             "label_ids": labels,
             "num_tokens": torch.tensor(sum(len(s) for s in sequences)),
         }
-        if self.prefix_sharing:
+        if layout.kind == PREFIX_SHARED:
             batch.update(segment_ids=segment_ids, part_ids=part_ids)
         return batch
 

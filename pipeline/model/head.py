@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.model.attention import prefix_shared_mask
+from pipeline.model.batch_layout import PACKED, PADDED, PREFIX_SHARED, BatchLayout
 from pipeline.model.collator import PAIR_BATCH_KEYS
 from pipeline.model.logps import label_logps, label_logps_backward, token_diagnostics, token_logps, vocab_diagnostics
 
@@ -81,14 +82,14 @@ def full_logits_values(model: torch.nn.Module, inputs: dict, diagnostics: bool =
     """The plain path: the model's full logits, then log-probs and diagnostics at every position (of a packed or
     prefix-shared batch: gathered into the per-sequence layout first)."""
     outputs = forward(model, inputs)
-    if "packed_index" in inputs:
+    if BatchLayout.of_batch(inputs) != PADDED:
         logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])[inputs["packed_index"]]
         labels = inputs["label_ids"]
     else:
         logits, labels = outputs.logits[:, :-1], inputs["input_ids"][:, 1:]
     per_token = token_logps(logits, labels)
     diag = token_diagnostics(logits, labels) if diagnostics else None
-    if "packed_index" in inputs:
+    if BatchLayout.of_batch(inputs) != PADDED:
         valid = inputs["packed_valid"].to(per_token.dtype)
         per_token = per_token * valid
         diag = {k: v * valid for k, v in diag.items()} if diag else None
@@ -101,7 +102,8 @@ def forward(model: torch.nn.Module, inputs: dict, **kwargs):
     restarting position_ids alone, a prefix-shared one with position_ids and the mask `pipeline.model.attention` builds;
     the batch's other model inputs (a vision batch's pixel values) go along as they are."""
     kwargs.update(extra_model_inputs(inputs))
-    if "segment_ids" in inputs:
+    kind = BatchLayout.of_batch(inputs)
+    if kind == PREFIX_SHARED:
         mask = prefix_shared_mask(model, inputs)
         return model(
             input_ids=inputs["input_ids"],
@@ -110,7 +112,7 @@ def forward(model: torch.nn.Module, inputs: dict, **kwargs):
             use_cache=False,
             **kwargs,
         )
-    if "position_ids" in inputs:
+    if kind == PACKED:
         return model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False, **kwargs)
     return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False, **kwargs)
 
@@ -123,7 +125,7 @@ def extra_model_inputs(inputs: dict) -> dict:
 def completion_positions(inputs: dict, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each completion position of `mask` (row-major, as `masked_scatter` fills), the index in the flattened
     `[rows·T]` positions of the batch as the model saw it of the output that predicts its label, and the label."""
-    if "packed_index" in inputs:
+    if BatchLayout.of_batch(inputs) != PADDED:
         return inputs["packed_index"][mask], inputs["label_ids"][mask]
     ids = inputs["input_ids"]
     rows, cols = mask.nonzero(as_tuple=True)

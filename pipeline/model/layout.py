@@ -14,6 +14,7 @@ import weakref
 import torch
 
 from pipeline.model.attention import MASKED_IMPLEMENTATIONS, implementation
+from pipeline.model.batch_layout import PACKED, PREFIX_SHARED, BatchLayout
 from pipeline.model.collator import DataCollatorForPreference
 from pipeline.model.head import evaluating, token_values
 
@@ -74,7 +75,7 @@ def _probe(model: torch.nn.Module, layout: str) -> str | None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     vocab = int(getattr(text, "vocab_size", 10) or 10)
     device = next(model.parameters()).device
-    candidate = DataCollatorForPreference(0, prefix_sharing=layout == "prefix_shared", packing=True)
+    candidate = DataCollatorForPreference(0, **BatchLayout(layout, "first_fit").options())
     padded = DataCollatorForPreference(0)
 
     def logps(collator, pairs):
@@ -95,29 +96,24 @@ def _probe(model: torch.nn.Module, layout: str) -> str | None:
     return None
 
 
-def batch_layout(models: list[torch.nn.Module], prefix_sharing: bool, packing: bool, padding_free: bool) -> dict:
-    """The collator options (`prefix_sharing`, `packing`, `padding_free`) that every model of `models` takes,
-    falling back from prefix-shared to packed to padded with one log line each. `padding_free` is honoured as
-    documented (one packed row) unless a model cannot take packed rows at all."""
-    wanted = "prefix_shared" if prefix_sharing else "packed" if (packing or padding_free) else "padded"
-    for layout in ("prefix_shared", "packed"):
-        if wanted != layout:
+def batch_layout(models: list[torch.nn.Module], wanted: BatchLayout) -> BatchLayout:
+    """The layout closest to `wanted` that every model of `models` takes, falling back from prefix-shared to packed
+    to padded (`BatchLayout.fallback`) with one log line each. `padding_free` (one packed row) is honoured as
+    documented unless a model cannot take packed rows at all."""
+    for kind in (PREFIX_SHARED, PACKED):
+        if wanted.kind != kind:
             continue
         for model in models:
-            problem = layout_problem(model, layout)
+            problem = layout_problem(model, kind)
             if problem:
-                fallback = "packed" if layout == "prefix_shared" and (packing or padding_free) else "padded"
+                fallback = wanted.fallback()
                 logger.warning(
                     "%s cannot take %s batches (%s); using %s batches",
                     type(model).__name__,
-                    layout.replace("_", "-"),
+                    kind.replace("_", "-"),
                     problem,
-                    fallback,
+                    fallback.kind,
                 )
                 wanted = fallback
                 break
-    return {
-        "prefix_sharing": wanted == "prefix_shared",
-        "packing": wanted != "padded" and packing,
-        "padding_free": wanted != "padded" and padding_free,
-    }
+    return wanted

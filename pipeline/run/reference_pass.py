@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from pipeline.core.distributed import gather, gather_to_main, rank_and_size
 from pipeline.data.processing import tokenizer_of
 from pipeline.data.schema import REF_LOGPS_SCHEMA, SPLITS
+from pipeline.model.batch_layout import BatchLayout
 from pipeline.model.collator import DataCollatorForPreference, DataCollatorForVisionPreference
 from pipeline.model.head import evaluating, token_values
 from pipeline.model.layout import batch_layout
@@ -141,9 +142,8 @@ def write_reference_logps(
         if "images" in columns:  # a vision split: padded batches with pixel inputs (as the trainer collates)
             collator = DataCollatorForVisionPreference(pad_token_id, processor=tokenizer)
         else:
-            collator = DataCollatorForPreference(
-                pad_token_id, **batch_layout([reference.model], prefix_sharing, packing, padding_free=False)
-            )
+            layout = batch_layout([reference.model], BatchLayout.of_options(prefix_sharing, packing))
+            collator = DataCollatorForPreference(pad_token_id, **layout.options())
         total = source.metadata.num_rows
         block_rows = max(1, min(REF_BLOCK_ROWS, -(-total // size)))
         blocks = source.iter_batches(batch_size=block_rows, columns=["row_id", *columns])

@@ -22,6 +22,7 @@ from pipeline.core.distributed import ready_for_forward
 from pipeline.core.errors import PipelineError
 from pipeline.data.prepare import as_dataset, input_vocab_size, prepare_dataset
 from pipeline.data.processing import is_processor, tokenizer_of
+from pipeline.model.batch_layout import BatchLayout
 from pipeline.model.collator import DataCollatorForPreference, DataCollatorForVisionPreference
 from pipeline.model.head import token_values
 from pipeline.model.layout import batch_layout
@@ -305,7 +306,7 @@ class DPOTrainer(Trainer):
             args.liger_kernel_config = model_kernel_config(args)
         self.vision = vision
         self._pad_token_id = tokenizer_of(processing_class).pad_token_id
-        self.layout = {"prefix_sharing": False, "packing": False, "padding_free": False}
+        self.layout = BatchLayout()  # padded until the models are placed and probed
         default_collator = data_collator is None
 
         super().__init__(
@@ -331,7 +332,8 @@ class DPOTrainer(Trainer):
             with contextlib.ExitStack() as ready:
                 for m in models:
                     ready.enter_context(ready_for_forward(m, args.device))
-                self.layout = batch_layout(models, args.prefix_sharing, args.packing, args.padding_free)
+                wanted = BatchLayout.of_options(args.prefix_sharing, args.packing, args.padding_free)
+                self.layout = batch_layout(models, wanted)
         if default_collator:
             self.data_collator = self._collator(processing_class, args.pad_to_multiple_of)
         self._metrics: dict[str, dict[str, list[float]]] = {
@@ -376,7 +378,7 @@ class DPOTrainer(Trainer):
         """The default collator: for text in the layout chosen, for images the vision collator."""
         if self.vision:
             return DataCollatorForVisionPreference(self._pad_token_id, pad_to_multiple_of, processor=processing_class)
-        return DataCollatorForPreference(self._pad_token_id, pad_to_multiple_of, **self.layout)
+        return DataCollatorForPreference(self._pad_token_id, pad_to_multiple_of, **self.layout.options())
 
     @staticmethod
     def _require_liger() -> None:
