@@ -653,7 +653,8 @@ def reference_rows() -> list[tuple[str, Any, str]]:
 
 
 def reference_markdown() -> str:
-    """docs/configuration.md's table of every key: generated from the schema, so the two cannot drift (a test compares)."""
+    """docs/configuration.md's table of every key: generated from the schema, so the two cannot drift (a test
+    compares)."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for key, default, help_text in reference_rows():
         shown = yaml.safe_dump(default, default_flow_style=True, width=1000).strip().removesuffix("...").strip()

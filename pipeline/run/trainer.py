@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from peft import get_peft_model, prepare_model_for_kbit_training
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from pipeline.config.dpo_config import DPOConfig
@@ -156,6 +157,11 @@ def mix_into_reference(ref_model: torch.nn.Module, policy: torch.nn.Module, alph
         ref_param.mul_(1 - alpha).add_(param.detach().to(ref_param.dtype), alpha=alpha)
 
 
+def _model_id(model) -> str:
+    """The name a model was given by, or the one its config records."""
+    return model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
+
+
 def _datasets(dataset) -> list:
     return [] if dataset is None else list(dataset.values()) if isinstance(dataset, dict) else [dataset]
 
@@ -195,21 +201,77 @@ class DPOTrainer(Trainer):
         optimizers: tuple = (None, None),
         peft_config: Any = None,
     ):
-        model_id = (
-            model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
+        """Build the trainer in five steps, each a method below: the model and its adapter, the data, the
+        reference, the batch layout, the collator; then, with `precompute_ref_log_probs`, the reference pass."""
+        args = self._checked_args(model, args, compute_metrics)
+        model, processing_class = self._loaded(model, args, processing_class)
+        train_dataset, eval_dataset = self._as_datasets(train_dataset, eval_dataset)
+        # a vision-language model with its processor collates with pixels whatever the data at hand: evaluate and
+        # predict may bring images later
+        self.vision = check_vision_inputs([train_dataset, *_datasets(eval_dataset)], args, model, processing_class) or (
+            is_vision_model(model) and is_processor(processing_class)
         )
+        model = self._with_adapter(model, ref_model, peft_config, args)  # 1. the model and its adapter
+        train_dataset, eval_dataset = self._tokenized(model, processing_class, args, train_dataset, eval_dataset)  # 2.
+        reference = self._reference(model, ref_model, peft_config is not None, args, train_dataset, eval_dataset)  # 3.
+        if args.disable_dropout:
+            disable_dropout(model)
+            if reference.standalone is not None:
+                disable_dropout(reference.standalone)
+        if args.use_liger_kernel:  # what the fused loss cannot express is refused here, not at the first step
+            check_liger_route(args, model, reference, (train_dataset, *_datasets(eval_dataset)))
+            args.liger_kernel_config = model_kernel_config(args)
+        self._pad_token_id = tokenizer_of(processing_class).pad_token_id
+        self.layout = BatchLayout()  # padded until the models are placed and probed
+        default_collator = data_collator is None
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=self._collator(processing_class) if default_collator else data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self.reference = self._placed_reference(reference)
+        self.layout = self._probed_layout(args)  # 4. the batch layout, probed where the Trainer placed the models
+        if default_collator:  # 5. the collator, in that layout
+            self.data_collator = self._collator(processing_class, args.pad_to_multiple_of)
+        self._metrics: dict[str, dict[str, list[float]]] = {
+            "train": defaultdict(lambda: [0.0, 0.0]),
+            "eval": defaultdict(lambda: [0.0, 0.0]),
+        }
+        self._num_tokens = 0
+        if args.sync_ref_model:
+            self.add_callback(SyncRefModelCallback(self))
+        if args.precompute_ref_log_probs:
+            self._precompute_reference(resolved_by_caller=isinstance(ref_model, Reference))
+
+    @classmethod
+    def _checked_args(cls, model, args: DPOConfig | None, compute_metrics) -> DPOConfig:
+        """`args`, or the reference documentation's default DPOConfig (output to `<model name>-DPO`), refused when
+        it is not a DPOConfig or asks for Liger where Liger cannot run."""
         if args is None:
-            args = DPOConfig(output_dir=f"{str(model_id).split('/')[-1]}-DPO")
+            args = DPOConfig(output_dir=f"{str(_model_id(model)).split('/')[-1]}-DPO")
         if not isinstance(args, DPOConfig):
             raise PipelineError(f"args must be a DPOConfig, got {type(args).__name__}; build it with DPOConfig(...).")
         if args.use_liger_kernel:
             if compute_metrics is not None:
                 raise PipelineError("use_liger_kernel=True does not support compute_metrics; drop one of them.")
-            self._require_liger()
+            cls._require_liger()
+        return args
+
+    @staticmethod
+    def _loaded(model, args: DPOConfig, processing_class) -> tuple[torch.nn.Module, Any]:
+        """The policy (loaded with `model_init_kwargs` when given by name) and its tokenizer or processor (loaded
+        from the model's name when not given), with a pad token."""
+        model_id = _model_id(model)
         if isinstance(model, str):
             model = load_causal_lm(model, args.policy_init_kwargs())
         elif args.model_init_kwargs:
-            warnings.warn("model_init_kwargs is ignored because model is already instantiated.", stacklevel=2)
+            warnings.warn("model_init_kwargs is ignored because model is already instantiated.", stacklevel=3)
         if processing_class is None:
             processing_class = load_tokenizer(
                 model_id,
@@ -217,25 +279,27 @@ class DPOTrainer(Trainer):
                 trust_remote_code=args.trust_remote_code,
             )
         with_pad_token(processing_class, args.pad_token)
+        return model, processing_class
+
+    def _as_datasets(self, train_dataset, eval_dataset) -> tuple:
+        """The datasets as `datasets` objects (a list of rows or a pandas frame is converted), refused when
+        neither is given and the trainer needs data."""
         if train_dataset is None and eval_dataset is None and self.requires_data:
             raise PipelineError(
                 "train_dataset is required: pass train_dataset=<a preference dataset> (to evaluate "
                 "only, pass eval_dataset=... instead)."
             )
-        train_dataset = as_dataset(train_dataset, "train_dataset")
-        eval_dataset = (
-            {k: as_dataset(v, f"eval_dataset[{k}]") for k, v in eval_dataset.items()}
-            if isinstance(eval_dataset, dict)
-            else as_dataset(eval_dataset, "eval_dataset")
-        )
-        # a vision-language model with its processor collates with pixels whatever the data at hand: evaluate and
-        # predict may bring images later
-        vision = check_vision_inputs([train_dataset, *_datasets(eval_dataset)], args, model, processing_class) or (
-            is_vision_model(model) and is_processor(processing_class)
-        )
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: as_dataset(v, f"eval_dataset[{k}]") for k, v in eval_dataset.items()}
+        else:
+            eval_dataset = as_dataset(eval_dataset, "eval_dataset")
+        return as_dataset(train_dataset, "train_dataset"), eval_dataset
 
-        new_adapter = peft_config is not None
-        if new_adapter:
+    @staticmethod
+    def _with_adapter(model: torch.nn.Module, ref_model, peft_config, args: DPOConfig) -> torch.nn.Module:
+        """Step 1: the policy as it trains: with a new LoRA adapter when `peft_config` is given (on a 4-bit base:
+        QLoRA), tagged for the Hub card; a quantized model without an adapter is refused."""
+        if peft_config is not None:
             if is_peft_model(model):
                 raise PipelineError(
                     "You passed a PeftModel and a peft_config: continue training the PeftModel without "
@@ -246,8 +310,6 @@ class DPOTrainer(Trainer):
                     "model and ref_model are the same object; pass ref_model=None to use the base "
                     "with the adapter off, or a separate model instance."
                 )
-            from peft import get_peft_model, prepare_model_for_kbit_training
-
             with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
                 if is_quantized(model):  # QLoRA: norms in fp32, input grads for checkpointing (idempotent)
@@ -268,92 +330,68 @@ class DPOTrainer(Trainer):
         if is_peft_model(model) and args.gradient_checkpointing:
             # the frozen embeddings give no grad to the checkpointed blocks' inputs; the adapters need one
             model.enable_input_require_grads()
-
         tagged = model.get_base_model() if is_peft_model(model) else model
         if hasattr(tagged, "add_model_tags"):  # the Hub card and push_to_hub read them
             tagged.add_model_tags(MODEL_TAGS)
+        return model
 
+    def _tokenized(self, model, processing_class, args: DPOConfig, train_dataset, eval_dataset) -> tuple:
+        """Step 2: the datasets tokenized and checked against the model's vocabulary (`_prepared`)."""
         self._vocab_size = input_vocab_size(model)
         self._prepare_args = (processing_class, args)
         train_dataset = self._prepared(train_dataset, "train_dataset")
         if isinstance(eval_dataset, dict):
-            eval_dataset = {k: self._prepared(v, f"eval_dataset[{k}]") for k, v in eval_dataset.items()}
-        else:
-            eval_dataset = self._prepared(eval_dataset, "eval_dataset")
+            return train_dataset, {k: self._prepared(v, f"eval_dataset[{k}]") for k, v in eval_dataset.items()}
+        return train_dataset, self._prepared(eval_dataset, "eval_dataset")
 
-        # The reference. With precomputed log-probs it only runs here, before the first step, on the data
-        # that lacks them; nothing is kept for training.
+    @staticmethod
+    def _reference(model, ref_model, new_adapter: bool, args: DPOConfig, train_dataset, eval_dataset) -> Reference:
+        """Step 3: the reference (`resolve_reference`). With precomputed log-probs it runs only before the first
+        step, on the data that lacks them; nothing is kept for training."""
         if isinstance(ref_model, Reference):
-            reference = ref_model
-        else:
-            if isinstance(ref_model, str):
-                ref_model = load_causal_lm(ref_model, args.reference_init_kwargs())
-            to_score = [d for d in (train_dataset, *_datasets(eval_dataset)) if not _has_reference_logps(d)]
-            reference = resolve_reference(
-                model,
-                explicit=ref_model,
-                new_adapter=new_adapter,
-                when="before_training" if args.precompute_ref_log_probs else "training",
-                precomputed=args.precompute_ref_log_probs and not to_score,
-                sync_ref_model=args.sync_ref_model,
-            )
-        if args.disable_dropout:
-            disable_dropout(model)
-            if reference.standalone is not None:
-                disable_dropout(reference.standalone)
-        if args.use_liger_kernel:  # what the fused loss cannot express is refused here, not at the first step
-            check_liger_route(args, model, reference, (train_dataset, *_datasets(eval_dataset)))
-            args.liger_kernel_config = model_kernel_config(args)
-        self.vision = vision
-        self._pad_token_id = tokenizer_of(processing_class).pad_token_id
-        self.layout = BatchLayout()  # padded until the models are placed and probed
-        default_collator = data_collator is None
-
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=self._collator(processing_class) if default_collator else data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
+            return ref_model
+        if isinstance(ref_model, str):
+            ref_model = load_causal_lm(ref_model, args.reference_init_kwargs())
+        to_score = [d for d in (train_dataset, *_datasets(eval_dataset)) if not _has_reference_logps(d)]
+        return resolve_reference(
+            model,
+            explicit=ref_model,
+            new_adapter=new_adapter,
+            when="before_training" if args.precompute_ref_log_probs else "training",
+            precomputed=args.precompute_ref_log_probs and not to_score,
+            sync_ref_model=args.sync_ref_model,
         )
-        self.reference = self._placed_reference(reference)
-        # the batch layout every model that runs on the batches takes (prefix-shared, packed, else padded), probed
-        # where the Trainer placed the models (a FlexAttention model probed on the CPU would fall back); with images,
-        # padded: a model meets the pixel inputs in sequence order, and vision models compute their own position ids
-        # (multimodal rotary positions) that packed rows would contradict
-        if vision and (args.prefix_sharing or args.packing or args.padding_free):
-            logger.info("a vision-language model: padded batches (the prefix-shared and packed layouts are for text)")
-        if not vision:
-            models = list({id(m): m for m in (self.model, self.reference.model) if m is not None}.values())
-            with contextlib.ExitStack() as ready:
-                for m in models:
-                    ready.enter_context(ready_for_forward(m, args.device))
-                wanted = BatchLayout.of_options(args.prefix_sharing, args.packing, args.padding_free)
-                self.layout = batch_layout(models, wanted)
-        if default_collator:
-            self.data_collator = self._collator(processing_class, args.pad_to_multiple_of)
-        self._metrics: dict[str, dict[str, list[float]]] = {
-            "train": defaultdict(lambda: [0.0, 0.0]),
-            "eval": defaultdict(lambda: [0.0, 0.0]),
-        }
-        self._num_tokens = 0
-        if args.sync_ref_model:
-            self.add_callback(SyncRefModelCallback(self))
-        if args.precompute_ref_log_probs:
-            self.train_dataset = self.with_reference_logps(self.train_dataset)
-            if isinstance(self.eval_dataset, dict):
-                self.eval_dataset = {k: self.with_reference_logps(v) for k, v in self.eval_dataset.items()}
-            else:
-                self.eval_dataset = self.with_reference_logps(self.eval_dataset)
-            if not isinstance(ref_model, Reference):
-                # computed: the policy may now change, the values stay; a reference that stays valid after training
-                # (a model of its own, the base with the adapter off) still scores data given to evaluate/predict
-                self._later_reference = self.reference if self.reference.kind in ("explicit", "adapter_off") else None
-                self.reference = PRECOMPUTED
+
+    def _probed_layout(self, args: DPOConfig) -> BatchLayout:
+        """Step 4: the batch layout every model that runs on the batches takes (prefix-shared, packed, else padded),
+        probed where the Trainer placed the models (a FlexAttention model probed on the CPU would fall back). With
+        images, padded: a model meets the pixel inputs in sequence order, and vision models compute their own
+        position ids (multimodal rotary positions) that packed rows would contradict."""
+        if self.vision:
+            if args.prefix_sharing or args.packing or args.padding_free:
+                logger.info(
+                    "a vision-language model: padded batches (the prefix-shared and packed layouts are for text)"
+                )
+            return BatchLayout()
+        models = list({id(m): m for m in (self.model, self.reference.model) if m is not None}.values())
+        with contextlib.ExitStack() as ready:
+            for m in models:
+                ready.enter_context(ready_for_forward(m, args.device))
+            return batch_layout(models, BatchLayout.of_options(args.prefix_sharing, args.packing, args.padding_free))
+
+    def _precompute_reference(self, resolved_by_caller: bool) -> None:
+        """The reference pass of `precompute_ref_log_probs`: the reference's log-probs added to the datasets; then
+        the reference is PRECOMPUTED (the policy may change, the values stay). A reference that stays valid after
+        training (a model of its own, the base with the adapter off) is kept to score data given to evaluate or
+        predict later."""
+        self.train_dataset = self.with_reference_logps(self.train_dataset)
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {k: self.with_reference_logps(v) for k, v in self.eval_dataset.items()}
+        else:
+            self.eval_dataset = self.with_reference_logps(self.eval_dataset)
+        if not resolved_by_caller:
+            self._later_reference = self.reference if self.reference.kind in ("explicit", "adapter_off") else None
+            self.reference = PRECOMPUTED
 
     def _placed_reference(self, reference: Reference) -> Reference:
         """A standalone reference where it runs: on this process's device; under FSDP then sharded like the policy
@@ -589,6 +627,12 @@ class DPOTrainer(Trainer):
     def compute_loss(
         self, model, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch=None
     ):
+        """One batch from collator to loss. `inputs` holds N pairs in the trainer's `BatchLayout` with
+        `completion_mask` [2N, L] (rows 0..N-1 chosen, N..2N-1 rejected); the chunked head gives each completion
+        token's log-prob [2N, L-1] without [2N, L, V] logits (`pipeline.model.head`); `sequence_logps` sums them per
+        sequence (LD-DPO's α past the shorter completion); the reference's sums come precomputed with the batch or
+        from its own forward; `dpo_objective` combines the loss types (docs/losses.md) into the scalar returned, and
+        the rewards, log-probs and token diagnostics are recorded as this step's metrics."""
         if self.args.use_liger_kernel:
             return self._liger_compute_loss(model, inputs, return_outputs)
         args = self.args
