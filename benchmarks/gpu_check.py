@@ -490,7 +490,7 @@ def part_bf16_layouts(s: Settings) -> dict:
                 s, model, rows, tmp, precompute_ref_log_probs=True, per_device_train_batch_size=len(rows), **options
             )
             loss, grads = loss_and_grads(trainer, rows)
-        wanted = layout_name({**options, "padding_free": False})
+        wanted = BatchLayout.of_options(options.get("prefix_sharing", False), options.get("packing", False)).kind
         out["layouts"][name] = {"loss": loss, "took": layout_name(trainer.layout), "wanted": wanted, "grads": grads}
         del trainer, model
         release()
