@@ -1,4 +1,5 @@
-"""dpo evaluate: DPO metrics on the held-out pairs (+ judged win rate on the built-in task), and the run report."""
+"""dpo evaluate: DPO metrics on the held-out pairs, judged generations (evaluate.judge), the lm-evaluation-harness
+regression check, and the run report."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def run(
     with stage_output("evaluate", out, inputs, {"evaluate": params["evaluate"], "train": params["train"]}) as output:
         result = evaluate_policy(params, train, tokenized, ref_logps, normalized, base, output.dir)
         output.rows = {"eval": result.metrics["num_pairs"]}
+        output.extra["judge"] = result.judge  # which judge, and its model's identity: a changed judge re-runs
     if is_main():
         write_metrics(metrics_path, result.metrics, environment())  # where it ran, beside the metrics
         write_report(report or Path(metrics_path).with_name("report.html"), result, live, params)
@@ -69,8 +71,9 @@ def command(
     live: Path,
     report: Path,
 ) -> None:
-    """Evaluate the trained policy on the eval split: DPO metrics, the judged win rate on the built-in task, and a
-    self-contained HTML report of the run."""
+    """Evaluate the trained policy on the eval split: DPO metrics, the answers of policy and reference to held-out
+    prompts judged into a win rate (evaluate.judge), optional lm-evaluation-harness tasks, and a self-contained HTML
+    report of the run."""
     result = run(
         load(params_path, check_train), train, tokenized, ref_logps, normalized, base, out, metrics, live, report
     )

@@ -148,11 +148,13 @@ def test_user_data_gets_generations_without_a_judge(user_data_run):
     lines = (root / "eval" / "generations.jsonl").read_text().splitlines()
     examples = [json.loads(line) for line in lines]
     assert len(examples) == metrics["num_generations"] == params["evaluate"]["num_generations"]
-    assert all(set(e) == {"prompt", "policy", "reference"} for e in examples)
+    unjudged = {"prompt", "policy", "reference", "prompt_index", "sample", "policy_length", "reference_length"}
+    assert all(set(e) == unjudged for e in examples)  # no verdict, no score
     held_out = [json.loads(line)["prompt"] for line in (root / "data" / "eval.jsonl").read_text().splitlines()]
     assert [e["prompt"] for e in examples] == list(dict.fromkeys(held_out))[: len(examples)]  # text prompts, in order
     assert any(e["policy"] for e in examples) and any(e["reference"] for e in examples)
-    assert "win_rate" not in metrics and "policy_mean_score" not in metrics
+    assert "win_rate" not in metrics and "policy_mean_score" not in metrics and "unparsed_verdicts" not in metrics
+    assert metrics["policy_mean_length"] > 0 and metrics["reference_mean_length"] > 0  # lengths need no judge
     page = (root / "results" / "report.html").read_text()
     section = re.search(r'<section id="generations">.*?</section>', page, re.S).group(0)
     assert "no judge" in section and examples[0]["prompt"].strip() in section

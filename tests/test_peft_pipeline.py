@@ -182,8 +182,8 @@ def test_evaluating_a_new_adapter_generates_the_reference_with_the_adapter_off(p
     the base a second time, and the reference's generations are the base model's (the policy's differ)."""
     import shutil
 
+    from pipeline.judge.sampling import Sampling, generate_answers, held_out_prompts
     from pipeline.model.loading import load_base_tokenizer, load_causal_lm
-    from pipeline.run.evaluation import greedy_answers, held_out_prompts
 
     params, root = prepared
     params = with_changes(params, model={"peft": LORA})
@@ -208,13 +208,13 @@ def test_evaluating_a_new_adapter_generates_the_reference_with_the_adapter_off(p
     )
     examples = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
     cfg = params["evaluate"]
-    answers = greedy_answers(
+    answers = generate_answers(
         load_causal_lm(str(base / "model")),
         load_base_tokenizer(base, params),
         held_out_prompts(root / "normalized", cfg["num_generations"]),
-        cfg["max_new_tokens"],
-        cfg["batch_size"],
+        Sampling(cfg["max_new_tokens"], cfg["batch_size"]),
     )
+    answers = [samples[0] for samples in answers]
     assert answers == [e["reference"] for e in examples]
     assert answers != [e["policy"] for e in examples]
 

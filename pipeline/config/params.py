@@ -190,16 +190,74 @@ class RefLogpsParams:
     precompute_ref_batch_size: int | None = owned("precompute_ref_batch_size")
 
 
+JUDGES = ("auto", "builtin", "reward_model", "pairwise", "none")  # evaluate.judge (pipeline.judge.judges)
+
+
+@dataclass
+class JudgeModelParams:
+    name_or_path: str | None = knob(
+        None,
+        "The judge's model: for reward_model a sequence-classification model, for pairwise a causal LM; a Hub id "
+        "or a local directory (under dvc repro, list a local one in the evaluate stage's deps). Loaded with "
+        "model.trust_remote_code and model.model_init_kwargs, like the policy.",
+    )
+    revision: str | None = knob(None, "Hub revision (branch, tag or commit) of the judge model.")
+    template: str | None = knob(
+        None,
+        "pairwise: a text file with the judge's prompt, with {prompt}, {first} and {second}; null: the built-in "
+        "template (docs/evaluation.md).",
+    )
+    max_new_tokens: int = knob(4, "pairwise: tokens the judge may write for its verdict (A or B).", at_least(1))
+
+
+@dataclass
+class LmEvalParams:
+    tasks: list[str] = knob(
+        help="lm-evaluation-harness tasks run on the policy and on the reference, side by side (needs the eval "
+        "extra: pip install -e '.[eval]'); []: none.",
+        factory=list,
+    )
+    include_path: str | None = knob(None, "A directory of your own lm-evaluation-harness task YAML files.")
+    limit: int | None = knob(None, "Documents per task (null: all); a quick check on a sample.", at_least(1))
+    num_fewshot: int | None = knob(None, "Few-shot examples per document; null: each task's own.", at_least(0))
+
+
 @dataclass
 class EvaluateParams:
     batch_size: int = knob(32, "Pairs per forward pass and prompts per generation batch.", at_least(1))
     num_generations: int = knob(
         120,
-        "Held-out prompts answered greedily by policy and reference, on any data "
-        "(judged on the built-in tasks; 0: none).",
+        "Held-out prompts answered by policy and reference, on any data (judged by evaluate.judge; 0: none).",
         at_least(0),
     )
     max_new_tokens: int = knob(24, "Tokens generated per answer.", at_least(1))
+    prompts: str | None = knob(
+        None,
+        "A file of held-out prompts (.jsonl, .json or .parquet with a `prompt` field: text or chat messages); "
+        "null: the distinct prompts of the eval split.",
+    )
+    do_sample: bool = knob(False, "Sample the answers (with temperature and top_p); false: greedy.")
+    temperature: float = knob(1.0, "Sampling temperature (with do_sample).", greater_than(0))
+    top_p: float = knob(
+        1.0, "Nucleus sampling: the smallest set of tokens with this much probability.", within(0, 1, low_open=True)
+    )
+    num_samples_per_prompt: int = knob(
+        1, "Answers per prompt from each of policy and reference (more than 1 needs do_sample).", at_least(1)
+    )
+    judge: str = knob(
+        "auto",
+        "Who compares the policy's answer with the reference's: builtin (the built-in task's program), "
+        "reward_model, pairwise (an LLM asked in both orders), none; auto: builtin on a built-in task, else none.",
+        one_of(*JUDGES),
+    )
+    judge_model: JudgeModelParams = knob(help="The reward model or pairwise judge.", factory=JudgeModelParams)
+    bootstrap_resamples: int = knob(
+        1000, "Bootstrap resamples of the prompts for the win rate's confidence interval (seeded).", at_least(1)
+    )
+    confidence: float = knob(
+        0.95, "Coverage of the win rate's bootstrap interval.", within(0, 1, low_open=True, high_open=True)
+    )
+    lm_eval: LmEvalParams = knob(help="The general-ability regression check.", factory=LmEvalParams)
 
 
 @dataclass
@@ -551,6 +609,33 @@ def _check_builtin_data(data: dict) -> None:
             )
 
 
+def _check_evaluate(params: dict) -> None:
+    """evaluate settings that contradict each other or the data, refused before any stage runs."""
+    cfg, data = params["evaluate"], params["data"]["train"]
+    if cfg["num_samples_per_prompt"] > 1 and not cfg["do_sample"]:
+        raise PipelineError(
+            f"params: evaluate.num_samples_per_prompt is {cfg['num_samples_per_prompt']}, but greedy answers "
+            "(evaluate.do_sample: false) are all the same; set evaluate.do_sample: true, or num_samples_per_prompt: 1."
+        )
+    if cfg["judge"] == "builtin" and not str(data).startswith("builtin:"):
+        raise PipelineError(
+            f"params: evaluate.judge: builtin judges only the built-in tasks, and data.train is {data!r}; set "
+            "evaluate.judge to reward_model or pairwise (with evaluate.judge_model.name_or_path), or none."
+        )
+    model = cfg["judge_model"]
+    if cfg["judge"] in ("reward_model", "pairwise") and not model["name_or_path"]:
+        raise PipelineError(
+            f"params: evaluate.judge: {cfg['judge']} needs evaluate.judge_model.name_or_path (a "
+            f"{'sequence-classification model' if cfg['judge'] == 'reward_model' else 'causal LM'}: a local "
+            "directory or a Hub id)."
+        )
+    if model["template"] and cfg["judge"] != "pairwise":
+        raise PipelineError(
+            "params: evaluate.judge_model.template is the pairwise judge's prompt, but evaluate.judge is "
+            f"{cfg['judge']}; set evaluate.judge: pairwise, or remove the template."
+        )
+
+
 def check_params(raw: dict | None) -> dict:
     """Merge `raw` over the schema's defaults and validate it; returns the full, typed params (plain dicts)."""
     params = check_section(raw or {}, Params, "")
@@ -563,6 +648,7 @@ def check_params(raw: dict | None) -> dict:
             f"{d['num_machines']}; machine ranks run from 0 to num_machines-1."
         )
     _check_builtin_data(params["data"])
+    _check_evaluate(params)
     push = params["export"]["push"]
     if push["enabled"] and not push["repo_id"]:
         raise PipelineError(

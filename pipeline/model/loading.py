@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
 from pipeline.config.options import from_pretrained_kwargs
 from pipeline.core.errors import PipelineError
@@ -75,14 +81,17 @@ def is_vision_model(model) -> bool:
     return is_vision_config(getattr(inner, "config", None))
 
 
+def config_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The `from_pretrained` keywords that say where a config is (not how the model is built)."""
+    keys = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only", "subfolder")
+    return {k: v for k, v in kwargs.items() if k in keys}
+
+
 def is_vision_source(name_or_path: str, kwargs: dict[str, Any]) -> bool:
     """Whether the model at `name_or_path` is a vision-language model, by its config (False without a config,
     e.g. a tokenizer-only directory: the loader then says what is missing)."""
-    from transformers import AutoConfig
-
-    keys = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only", "subfolder")
     try:
-        config = AutoConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k in keys})
+        config = AutoConfig.from_pretrained(name_or_path, **config_kwargs(kwargs))
     except (OSError, ValueError):
         return False
     return is_vision_config(config)
@@ -104,6 +113,36 @@ def load_causal_lm(name_or_path: str, kwargs: dict[str, Any] | None = None) -> P
     except (OSError, ValueError) as err:
         raise PipelineError(
             f"model {name_or_path!r}: could not be loaded ({err}). Give a local directory or a Hub "
+            "id that is reachable (check HF_HUB_OFFLINE and the network)."
+        ) from None
+
+
+def sequence_classifier_problem(name_or_path: str, kwargs: dict[str, Any]) -> str | None:
+    """Why the model at `name_or_path` is not a one-score sequence classifier (a reward model), from its config
+    alone; None when it is one."""
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **config_kwargs(kwargs))
+    except (OSError, ValueError) as err:
+        return f"its config could not be read ({err})"
+    architectures = getattr(config, "architectures", None) or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        return f"it is not a sequence-classification model (its architectures: {architectures or 'none recorded'})"
+    if getattr(config, "num_labels", 1) != 1:
+        return f"it has {config.num_labels} labels; a reward model has one score (num_labels 1)"
+    return None
+
+
+def load_sequence_classifier(name_or_path: str, kwargs: dict[str, Any] | None = None) -> PreTrainedModel:
+    """The sequence-classification model at `name_or_path` (a reward model) with any `from_pretrained` keyword; remote
+    code stays off unless asked."""
+    kwargs = init_kwargs(kwargs)
+    kwargs.setdefault("trust_remote_code", False)
+    announce_hub(name_or_path, "reward model")
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise PipelineError(
+            f"reward model {name_or_path!r}: could not be loaded ({err}). Give a local directory or a Hub "
             "id that is reachable (check HF_HUB_OFFLINE and the network)."
         ) from None
 

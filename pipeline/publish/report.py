@@ -17,10 +17,13 @@ from pathlib import Path
 import yaml
 
 from pipeline.core.redaction import redact
+from pipeline.judge.results import FIGURES
 from pipeline.store.artifacts import write_text
 
 TEXT_LIMIT = 600  # characters of prompt/completion text shown before an ellipsis
 MAX_EXAMPLES = 8  # generations shown
+DISAGREEMENTS_SHOWN = 5  # judged examples where the two answers are judged furthest apart
+HARNESS = "lm_eval/"  # eval.json's lm-evaluation-harness figures: lm_eval/<policy|reference>/<task>/<metric>
 PAIRS_SHOWN = 5  # pairs in each of the largest/smallest margin tables
 OUTCOMES = {1.0: "policy wins", 0.5: "tie", 0.0: "reference wins"}  # the judge's outcome of one prompt
 COUNTS = {"num_pairs": "eval pairs", "num_generations": "generations"}  # sizes of the evaluation, not metrics
@@ -239,12 +242,13 @@ def _curves_section(curves: Curves) -> str:
 def metric_rows(eval_metrics: dict, reference_metrics: dict) -> list[tuple[str, object, object]]:
     """(name, policy value, reference value) rows of the policy-vs-reference table, None where a side has no value.
 
-    Counts (COUNTS) are no rows; the judge's numbers of eval.json (`policy_mean_score`, `reference_mean_score`,
-    `win_rate`) become JUDGE_ROWS, each side in its column: the reference's win rate over the policy is 1 − win_rate
-    (ties count half to each)."""
-    judge = {"policy_mean_score", "reference_mean_score", "win_rate"}
+    Counts (COUNTS) are no rows, nor are the judge's other figures (the generations section shows them) and the
+    harness's (its own table); the judge's mean scores and win rate become JUDGE_ROWS, each side in its column: the
+    reference's win rate over the policy is 1 − win_rate (ties count half to each)."""
     names = sorted(
-        (set(eval_metrics) | set(reference_metrics)) - set(COUNTS) - judge,
+        {n for n in set(eval_metrics) | set(reference_metrics) if not n.startswith(HARNESS)}
+        - set(COUNTS)
+        - set(FIGURES),
         key=lambda n: (_group_order(plot_group(n)), _series_order(n)),
     )
     rows = [(name, eval_metrics.get(name), reference_metrics.get(name)) for name in names]
@@ -300,6 +304,91 @@ def _outcome_counts(examples: list[dict]) -> str:
     return ", ".join(f"{n} {one if n == 1 else many}" for n, (one, many) in counts if n)
 
 
+def _verdict(generations: dict, count) -> str:
+    """The win rate with its interval, the length-controlled rate, and the counts behind them."""
+    low, high = generations.get("win_rate_low"), generations.get("win_rate_high")
+    level = 100 * generations.get("confidence", 0.95)
+    interval = (
+        f" ({level:g}% interval {100 * low:.1f}–{100 * high:.1f}%)" if low is not None and high is not None else ""
+    )
+    controlled = generations.get("length_controlled_win_rate")
+    scores = (
+        f"; mean judge score: policy {format_number(generations['policy_mean_score'])}, "
+        f"reference {format_number(generations['reference_mean_score'])}"
+        if "policy_mean_score" in generations
+        else ""
+    )
+    unparsed = generations.get("unparsed_verdicts", 0)
+    return (
+        f'<div class="win-rate"><span class="big">{100 * generations["win_rate"]:.1f}%</span> '
+        f"<span>win rate of the policy over the reference{_e(interval)}, by the {_e(generations.get('judge', ''))} "
+        f"judge on {_e(generations.get('num_comparisons', count))} comparisons over {_e(count)} held-out prompts"
+        f"{scores}</span></div>"
+        + (
+            f'<p id="length-controlled">length-controlled win rate: <b>{100 * controlled:.1f}%</b> '
+            "(the judge's verdict regressed on the answers' length difference, read at equal lengths: a policy "
+            "that wins only by writing more falls toward 50%)</p>"
+            if controlled is not None
+            else ""
+        )
+        + (
+            f'<p class="note" id="unparsed">{_e(unparsed)} comparisons had a reply that was no verdict and are '
+            "left out of the win rate.</p>"
+            if unparsed
+            else ""
+        )
+    )
+
+
+def _lengths_table(generations: dict) -> str:
+    if "policy_mean_length" not in generations:
+        return ""
+    return (
+        '<table id="lengths" class="numbers"><thead><tr><th></th><th>policy</th><th>reference</th></tr></thead>'
+        f"<tbody><tr><th>mean answer length (tokens)</th><td>{format_number(generations['policy_mean_length'])}</td>"
+        f"<td>{format_number(generations['reference_mean_length'])}</td></tr></tbody></table>"
+    )
+
+
+def _examples_table(table_id: str, examples: list[dict], judged: bool) -> str:
+    rows = "".join(
+        f'<tr><td class="text">{_pictures(ex.get("images"))}{_text(ex["prompt"])}</td>'
+        f'<td class="text">{_text(ex["policy"])}</td>'
+        f'<td class="text">{_text(ex["reference"])}</td>'
+        + (f"<td>{_e(OUTCOMES.get(ex.get('outcome'), 'no verdict'))}{_scores(ex)}</td>" if judged else "")
+        + "</tr>"
+        for ex in examples
+    )
+    if not rows:
+        return '<p class="empty">No examples.</p>'
+    outcome_col, outcome_head = ('<col class="narrow">', "<th>outcome</th>") if judged else ("", "")
+    return (
+        f'<table id="{table_id}" class="texts"><colgroup><col><col><col>{outcome_col}</colgroup>'
+        f"<thead><tr><th>prompt</th><th>policy</th><th>reference</th>{outcome_head}</tr></thead>"
+        f"<tbody>{rows}</tbody></table>"
+    )
+
+
+def _scores(example: dict) -> str:
+    if "policy_score" in example:
+        return (
+            f"<br><small>{format_number(example['policy_score'])} vs "
+            f"{format_number(example['reference_score'])}</small>"
+        )
+    if example.get("replies"):
+        return f"<br><small>replies: {_e(' / '.join(example['replies']))}</small>"
+    return ""
+
+
+def most_disagreeing(examples: list[dict], limit: int = DISAGREEMENTS_SHOWN) -> list[dict]:
+    """The judged examples whose answers the judge set furthest apart (largest score gap, or a decisive pairwise
+    verdict), ties of that in file order."""
+    ranked = sorted(
+        (e for e in examples if e.get("disagreement")), key=lambda e: -e["disagreement"]
+    )  # sorted() is stable: file order within a gap
+    return ranked[:limit]
+
+
 def _generations_section(generations: dict | None) -> str:
     if generations is None:
         return (
@@ -308,43 +397,82 @@ def _generations_section(generations: dict | None) -> str:
         )
     every = generations.get("examples", [])
     examples = pick_examples(every)
-    judged = "win_rate" in generations
-    rows = "".join(
-        f'<tr><td class="text">{_pictures(ex.get("images"))}{_text(ex["prompt"])}</td>'
-        f'<td class="text">{_text(ex["policy"])}</td>'
-        f'<td class="text">{_text(ex["reference"])}</td>'
-        + (f"<td>{_e(OUTCOMES.get(ex.get('outcome'), ex.get('outcome')))}</td>" if judged else "")
-        + "</tr>"
-        for ex in examples
-    )
-    outcome_col, outcome_head = ('<col class="narrow">', "<th>outcome</th>") if judged else ("", "")
-    table = (
-        (
-            f'<table id="generation-examples" class="texts"><colgroup><col><col><col>{outcome_col}</colgroup>'
-            f"<thead><tr><th>prompt</th><th>policy</th><th>reference</th>{outcome_head}</tr></thead>"
-            f"<tbody>{rows}</tbody></table>"
-        )
-        if rows
-        else '<p class="empty">No examples.</p>'
-    )
+    judged = "win_rate" in generations or "unparsed_verdicts" in generations
     count = generations.get("num_generations", len(every))
-    if judged:
-        verdict = (
-            f'<div class="win-rate"><span class="big">{100 * generations["win_rate"]:.1f}%</span> '
-            f"<span>win rate of the policy over the reference on {_e(count)} held-out prompts (mean judge "
-            f"score: policy {format_number(generations.get('policy_mean_score', '–'))}, "
-            f"reference {format_number(generations.get('reference_mean_score', '–'))})</span></div>"
-        )
+    if "win_rate" in generations:
+        verdict = _verdict(generations, count)
         shown = f"{len(examples)} of {len(every)}: {_outcome_counts(examples)}"
-    else:
+    elif judged:
         verdict = (
-            f'<p class="note" id="no-judge">no judge: the greedy answers of both to {_e(count)} held-out '
-            "prompts, unscored (a program judges the answers of the built-in tasks only).</p>"
+            f'<p class="note" id="unparsed">The judge gave no verdict on any of the {_e(len(every))} comparisons.</p>'
         )
         shown = f"{len(examples)} of {len(every)}"
+    else:
+        verdict = (
+            f'<p class="note" id="no-judge">no judge (evaluate.judge: none): the answers of both to {_e(count)} '
+            "held-out prompts, unscored; set evaluate.judge to reward_model or pairwise to judge them.</p>"
+        )
+        shown = f"{len(examples)} of {len(every)}"
+    apart = most_disagreeing(every) if judged else []
     return (
         '<section id="generations"><h2>Generations: policy vs reference</h2>'
-        f"{verdict}<h3>Examples ({shown})</h3>{table}</section>"
+        f"{verdict}{_lengths_table(generations)}"
+        + (
+            f"<h3>Where the judge sets them furthest apart ({len(apart)})</h3>"
+            + _examples_table("disagreements", apart, judged)
+            if apart
+            else ""
+        )
+        + f"<h3>Examples ({shown})</h3>{_examples_table('generation-examples', examples, judged)}</section>"
+    )
+
+
+def harness_rows(eval_metrics: dict) -> list[tuple[str, str, object, object, object, object]]:
+    """(task, metric, policy, policy stderr, reference, reference stderr) of eval.json's lm_eval/ figures."""
+    sides: dict[str, dict[str, float]] = {"policy": {}, "reference": {}}
+    for name, value in eval_metrics.items():
+        if name.startswith(HARNESS):
+            side, _, rest = name[len(HARNESS) :].partition("/")
+            sides.setdefault(side, {})[rest] = value
+    rows = []
+    for key in sorted(set(sides["policy"]) | set(sides["reference"])):
+        if key.endswith("_stderr"):
+            continue
+        task, _, metric = key.rpartition("/")
+        stderr = f"{task}/{metric}_stderr"
+        rows.append(
+            (
+                task,
+                metric,
+                sides["policy"].get(key),
+                sides["policy"].get(stderr),
+                sides["reference"].get(key),
+                sides["reference"].get(stderr),
+            )
+        )
+    return rows
+
+
+def _harness_section(eval_metrics: dict) -> str:
+    rows = harness_rows(eval_metrics)
+    if not rows:
+        return ""
+
+    def cell(value, stderr) -> str:
+        if value is None:
+            return "<td>–</td>"
+        return f"<td>{format_number(value)}" + (f" ± {format_number(stderr)}" if stderr is not None else "") + "</td>"
+
+    body = "".join(
+        f"<tr><th>{_e(task)}</th><th>{_e(metric)}</th>{cell(p, ps)}{cell(r, rs)}</tr>"
+        for task, metric, p, ps, r, rs in rows
+    )
+    return (
+        '<section id="harness"><h2>General ability: lm-evaluation-harness</h2>'
+        '<table id="harness-table" class="numbers"><thead><tr><th>task</th><th>metric</th><th>policy</th>'
+        f"<th>reference</th></tr></thead><tbody>{body}</tbody></table>"
+        '<p class="note">± the harness\'s own standard error. A policy well below its reference here lost general '
+        "ability while it learned the preferences.</p></section>"
     )
 
 
@@ -475,6 +603,7 @@ def render_report(
     sections = [
         _generations_section(generations),
         _metrics_section(eval_metrics, reference_metrics),
+        _harness_section(eval_metrics),
         _curves_section(curves),
         _pairs_section(pairs),
         _params_section(params),

@@ -1,9 +1,6 @@
-"""Held-out evaluation: the DPO metrics of the policy and of the reference on eval pairs, and greedy generations of
-both on held-out prompts, judged into a win rate where a judge exists.
-
-Only a built-in task has a judge, a program that scores the answers: `builtin:sentiment` by the review's adjectives
-(`builtin.task.judge`), `builtin:vision-colors` by whether the answer names the picture's dominant colour
-(`builtin.vision_task.judge`, which reads the colour off the picture itself)."""
+"""Held-out evaluation: the DPO metrics of the policy and of the reference on the eval pairs; the answers of both to
+held-out prompts, judged into a win rate with its confidence interval and length control (`pipeline.judge`); and
+the lm-evaluation-harness tasks of evaluate.lm_eval on both, side by side."""
 
 from __future__ import annotations
 
@@ -16,133 +13,61 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.builtin import task
 from pipeline.config.train_params import dpo_config
 from pipeline.core.distributed import barrier, gather_shares, is_main, my_share
-from pipeline.data.images import data_uri, image_digests, open_image
-from pipeline.data.processing import chat_renderer, tokenizer_of
+from pipeline.data.images import data_uri
+from pipeline.data.processing import tokenizer_of
 from pipeline.data.schema import decoded_row
-from pipeline.data.sources import is_builtin
 from pipeline.data.tables import load_pairs
+from pipeline.judge.harness import check_tasks, run_harness
+from pipeline.judge.judges import Comparison, check_judge, judge_kind, judge_source, judged, load_judge
+from pipeline.judge.results import FIGURES, examples_of, figures
+from pipeline.judge.sampling import Sampling, answer_length, evaluation_prompts, generate_answers
 from pipeline.model.loading import load_base_tokenizer, load_trained_policy
 from pipeline.model.logps import sequence_logps
 from pipeline.objective.reference import Reference, stage_reference
 from pipeline.run.trainer import DPOScorer
+from pipeline.store.dvc_deps import require_dvc_deps
 
 
-@torch.no_grad()
-def greedy_answers(model, processing_class, prompts: list[dict], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions of prompts (`{"prompt": messages or text, "images": stored images or None}`), decoded
-    without special tokens. Messages are rendered with the chat template, text is tokenized as `tokenize` does a
-    standard row's prompt (with the tokenizer's special prefix); prompts with images go through the processor."""
-    model.eval()
-    device = next(model.parameters()).device
-    tokenizer = tokenizer_of(processing_class)
-    render = chat_renderer(processing_class).apply_chat_template
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    answers = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            texts = [
-                p["prompt"]
-                if isinstance(p["prompt"], str)
-                else render(p["prompt"], add_generation_prompt=True, tokenize=False)
-                for p in chunk
-            ]
-            images = [open_image(image) for p in chunk for image in p.get("images") or []]
-            encode = processing_class if images else tokenizer
-            batch = encode(
-                text=texts,
-                **({"images": images} if images else {}),
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=isinstance(chunk[0]["prompt"], str),
-            ).to(device)
-            out = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-    return [a.strip() for a in answers]
-
-
-def judge_answer(prompt: dict, answer: str) -> float:
-    """The built-in judge of an answer to a held-out prompt: the picture task's for a prompt with images."""
-    if prompt.get("images"):
-        from pipeline.builtin import vision_task
-
-        return vision_task.judge(open_image(prompt["images"][0]), answer)
-    return task.judge(prompt["prompt"], answer)
-
-
-def prompt_text(messages: list[dict] | str) -> str:
-    """The last turn of a prompt as text (an image part as "[image]"); a text prompt as it is."""
-    if isinstance(messages, str):
-        return messages
-    content = messages[-1]["content"]
-    if isinstance(content, list):
-        return " ".join("[image]" if part.get("type") == "image" else part.get("text", "") for part in content)
-    return content
-
-
-def greedy_generations(
-    policy, reference: Reference, processing_class, prompts: list[dict], max_new_tokens: int, batch_size: int
-) -> list[dict]:
-    """The greedy answers of the policy and of the reference to each prompt: `{"prompt", "policy", "reference"}`
-    (and the prompt's `images` as data URIs), in the prompts' order.
-
-    The reference generates inside its context (for "adapter_off": the policy with its adapter switched off)."""
-    share = my_share(prompts)  # under several processes each answers its share of the prompts
-    mine = gather_shares(greedy_answers(policy, processing_class, share, max_new_tokens, batch_size), len(prompts))
+def answer_pairs(
+    policy, reference: Reference, processing_class, prompts: list[dict], sampling: Sampling
+) -> list[Comparison]:
+    """The policy's and the reference's answers to each prompt, paired sample by sample (`sampling.num_samples`
+    comparisons per prompt), in the prompts' order. Each process answers its share of the prompts; the reference
+    generates inside its context (for "adapter_off": the policy with its adapter switched off)."""
+    share = my_share(prompts)
+    mine = gather_shares(generate_answers(policy, processing_class, share, sampling), len(prompts))
     with reference.context():
-        theirs = greedy_answers(reference.model, processing_class, share, max_new_tokens, batch_size)
+        theirs = generate_answers(reference.model, processing_class, share, sampling)
     theirs = gather_shares(theirs, len(prompts))
     return [
-        {
-            "prompt": prompt_text(p["prompt"]),
-            "policy": a,
-            "reference": b,
-            **({"images": [data_uri(i) for i in p["images"]]} if p.get("images") else {}),
-        }
-        for p, a, b in zip(prompts, mine, theirs)
+        Comparison(prompt, a, b, i)
+        for i, (prompt, policy_answers, reference_answers) in enumerate(zip(prompts, mine, theirs))
+        for a, b in zip(policy_answers, reference_answers)
     ]
 
 
-def judge_generations(prompts: list[dict], examples: list[dict]) -> dict:
-    """The built-in judge's verdict on `greedy_generations`' examples: each with `policy_score`, `reference_score` and
-    `outcome` (1 policy wins, 0.5 tie, 0 reference wins), and the win rate of the policy (ties count half)."""
-    scored = []
-    for prompt, example in zip(prompts, examples):
-        mine, theirs = judge_answer(prompt, example["policy"]), judge_answer(prompt, example["reference"])
-        outcome = 1.0 if mine > theirs else 0.5 if mine == theirs else 0.0
-        scored.append({**example, "policy_score": mine, "reference_score": theirs, "outcome": outcome})
-    count = max(1, len(scored))
+def judged_generations(params: dict, comparisons: list[Comparison], judge, processing_class) -> dict:
+    """The generations of evaluate: `{"judge", "num_generations", "num_samples_per_prompt", "examples", figures}`
+    (the figures of `pipeline.judge.results`; `judge` is the resolved evaluate.judge)."""
+    cfg = params["evaluate"]
+    verdicts = judged(judge, comparisons) if judge is not None else None
+    lengths = [
+        (answer_length(processing_class, c.policy), answer_length(processing_class, c.reference)) for c in comparisons
+    ]
+    examples = examples_of(comparisons, verdicts, lengths)
+    for example in examples:
+        if example.get("images"):
+            example["images"] = [data_uri(i) for i in example["images"]]
     return {
-        "win_rate": sum(e["outcome"] for e in scored) / count,
-        "policy_mean_score": sum(e["policy_score"] for e in scored) / count,
-        "reference_mean_score": sum(e["reference_score"] for e in scored) / count,
-        "examples": scored,
+        "judge": judge_kind(params),
+        "num_generations": len({c.group for c in comparisons}),
+        "num_samples_per_prompt": cfg["num_samples_per_prompt"],
+        "confidence": cfg["confidence"],
+        **figures(examples, cfg["bootstrap_resamples"], cfg["confidence"], params["seed"]),
+        "examples": examples,
     }
-
-
-def held_out_prompts(normalized: Path, limit: int) -> list[dict]:
-    """Distinct prompts of the eval split (messages, or text for standard rows; with their images:
-    `{"prompt", "images"}`), in file order, at most `limit`."""
-    seen, prompts = set(), []
-    for record in pq.read_table(Path(normalized) / "eval.parquet").to_pylist():
-        row = decoded_row(record)
-        key = (record["prompt"], tuple(image_digests(row["images"])))
-        if key not in seen and len(prompts) < limit:
-            seen.add(key)
-            prompts.append({"prompt": row["prompt"], "images": row["images"]})
-    return prompts
 
 
 def as_text(value) -> str:
@@ -175,13 +100,14 @@ def pair_texts(normalized: Path, row_ids: list[str]) -> dict[str, dict[str, str]
 class Evaluation:
     """What evaluate found: the policy's metrics (flat names, with the counts `num_pairs` and `num_generations`),
     the reference's own DPO metrics on the same pairs (`EvalScorer.score_reference`), the generations (None when
-    evaluate.num_generations is 0: `{"num_generations", "examples"}`, with a judge also `win_rate`,
-    `policy_mean_score`, `reference_mean_score`), and every eval pair with its text and rewards."""
+    evaluate.num_generations is 0: `judged_generations`), every eval pair with its text and rewards, and the judge
+    (`{"judge": kind}`, with its model's source record for a reward model or pairwise judge)."""
 
     metrics: dict[str, float]
     reference_metrics: dict[str, float]
     generations: dict | None
     pairs: list[dict]
+    judge: dict = dataclasses.field(default_factory=dict)
 
 
 class EvalScorer(DPOScorer):
@@ -222,17 +148,51 @@ class EvalScorer(DPOScorer):
         return sequence_logps(self._reference_per_token, mask, self.args.ld_alpha, shared)
 
 
+def harness_results(model, processing_class, params: dict) -> dict:
+    """evaluate.lm_eval's tasks run on `model` (flat `task/metric` names)."""
+    cfg = params["evaluate"]["lm_eval"]
+    results = run_harness(
+        model,
+        tokenizer_of(processing_class),
+        cfg["tasks"],
+        cfg["include_path"],
+        cfg["limit"],
+        cfg["num_fewshot"],
+        params["evaluate"]["batch_size"],
+        params["seed"],
+    )
+    return {
+        f"{task}/{name}": value for task, row in results.items() for name, value in row.items() if value is not None
+    }
+
+
+def check_evaluation(params: dict, normalized: Path) -> tuple[dict | None, list[dict]]:
+    """What evaluate reads besides the artifacts, checked before any model is loaded: the judge (its source record,
+    None without a judge model), the lm-evaluation-harness tasks, and the held-out prompts (returned)."""
+    source = judge_source(params)
+    check_judge(params, source)
+    harness = params["evaluate"]["lm_eval"]
+    if harness["tasks"]:
+        if harness["include_path"]:
+            require_dvc_deps(
+                [("evaluate.lm_eval.include_path", harness["include_path"], [Path(harness["include_path"])])]
+            )
+        check_tasks(harness["tasks"], harness["include_path"])
+    return source, evaluation_prompts(params, normalized)
+
+
 def evaluate_policy(
     params: dict, train: Path, tokenized: Path, ref_logps: Path, normalized: Path, base: Path, out_dir: Path
 ) -> Evaluation:
     """The DPO metrics of the trained policy on the eval split against the run's reference, and the reference's own;
-    per-example results (with the pairs' text) in out_dir; greedy generations of both on held-out prompts in
-    out_dir/generations.jsonl (unless evaluate.num_generations is 0), judged on a built-in task."""
+    per-example results (with the pairs' text) in out_dir; the answers of both to held-out prompts in
+    out_dir/generations.jsonl (unless evaluate.num_generations is 0), judged by evaluate.judge; the
+    lm-evaluation-harness tasks of evaluate.lm_eval on both."""
     cfg = params["evaluate"]
+    source, prompts = check_evaluation(params, normalized)
     precomputed = bool(params["train"].get("precompute_ref_log_probs", False))
     eval_set = load_pairs(tokenized, "eval", ref_logps if precomputed else None)
     tokenizer = load_base_tokenizer(base, params)
-    judge = is_builtin(params["data"]["train"])
     policy = load_trained_policy(Path(train) / "model", base, params)  # a full model, or the adapter on the base
     # the training run's reference (a new adapter's: the adapter off): its own metrics and generations run it
     reference = stage_reference(base, params, policy, "after_training")
@@ -264,21 +224,26 @@ def evaluate_policy(
     per_example = pa.Table.from_pylist([{**p, "correct": p["chosen_reward"] > p["rejected_reward"]} for p in pairs])
     if is_main():
         pq.write_table(per_example, Path(out_dir) / "per_example.parquet")
+    if reference.standalone is not None:
+        reference.standalone.to(trainer.model.device)
     generated = None
-    prompts = held_out_prompts(normalized, cfg["num_generations"])
     if prompts:
-        if reference.standalone is not None:
-            reference.standalone.to(trainer.model.device)
-        examples = greedy_generations(
-            trainer.model, reference, tokenizer, prompts, cfg["max_new_tokens"], cfg["batch_size"]
-        )
-        generated = judge_generations(prompts, examples) if judge else {"examples": examples}
-        generated["num_generations"] = metrics["num_generations"] = len(prompts)
-        metrics.update({k: generated[k] for k in ("win_rate", "policy_mean_score", "reference_mean_score") if judge})
+        comparisons = answer_pairs(trainer.model, reference, tokenizer, prompts, Sampling.of_params(params))
+        judge = load_judge(params, source, trainer.model.device)
+        generated = judged_generations(params, comparisons, judge, tokenizer)
+        del judge
+        metrics["num_generations"] = generated["num_generations"]
+        metrics.update({k: v for k, v in generated.items() if k in FIGURES})
         if is_main():
             lines = "".join(json.dumps(e) + "\n" for e in generated["examples"])
             (Path(out_dir) / "generations.jsonl").write_text(lines)
+    harness = None
+    if cfg["lm_eval"]["tasks"] and is_main():  # one process runs the harness on a model it did not load
+        harness = {"policy": harness_results(trainer.model, tokenizer, params)}
+        with reference.context():
+            harness["reference"] = harness_results(reference.model, tokenizer, params)
+        metrics.update({f"lm_eval/{side}/{name}": v for side, row in harness.items() for name, v in row.items()})
     barrier()
     if is_main():
         shutil.rmtree(Path(out_dir) / "trainer", ignore_errors=True)
-    return Evaluation(metrics, reference_metrics, generated, pairs)
+    return Evaluation(metrics, reference_metrics, generated, pairs, {"judge": judge_kind(params), **(source or {})})
