@@ -1,4 +1,5 @@
-"""A staged, cached DPO training pipeline. In-process API: `from pipeline import DPOConfig, DPOTrainer`.
+"""A staged, cached DPO training pipeline. In-process API: `from pipeline import DPOConfig, DPOTrainer`; the judges of
+evaluate: `from pipeline import RewardModelJudge, PairwiseJudge, BuiltinJudge, compare_answers`.
 
 The names below are imported on first use, so a stage that needs only `pipeline.store.artifacts` does not
 execute the trainer: `dvc.yaml` can then list exactly the files each stage runs.
@@ -6,10 +7,26 @@ execute the trainer: `dvc.yaml` can then list exactly the files each stage runs.
 
 import importlib
 
-__all__ = ["DPOConfig", "DPOTrainer", "PipelineError"]
+__all__ = [
+    "DPOConfig",
+    "DPOTrainer",
+    "PipelineError",
+    "BuiltinJudge",
+    "RewardModelJudge",
+    "PairwiseJudge",
+    "compare_answers",
+]
 __version__ = "0.1.0"
 
-_HOMES = {"DPOConfig": ".config.dpo_config", "DPOTrainer": ".run.trainer", "PipelineError": ".core.errors"}
+_HOMES = {
+    "DPOConfig": ".config.dpo_config",
+    "DPOTrainer": ".run.trainer",
+    "PipelineError": ".core.errors",
+    "BuiltinJudge": ".judge.judges",
+    "RewardModelJudge": ".judge.judges",
+    "PairwiseJudge": ".judge.judges",
+    "compare_answers": ".judge.results",
+}
 
 
 def __getattr__(name: str):

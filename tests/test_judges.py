@@ -228,3 +228,19 @@ def test_a_prompts_file_gives_text_and_chat_prompts_in_order(tmp_path):
     rows = [{"prompt": "Write a haiku."}, {"prompt": [{"role": "user", "content": "Hi"}]}, {"prompt": "Third"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert [p["prompt"] for p in prompts_file(str(path), 2)] == ["Write a haiku.", [{"role": "user", "content": "Hi"}]]
+
+
+def test_the_api_judges_answers_in_process(tokenizer):
+    from pipeline import PairwiseJudge as Exported
+    from pipeline import compare_answers
+
+    good, bad = token(tokenizer, "good"), token(tokenizer, "bad")
+    judge = stub_judge(tokenizer, lambda ids: token(tokenizer, "A" if ids.index(good) < ids.index(bad) else "B"))
+    assert isinstance(judge, Exported)
+    prompts = ["tell me about it"] * 4
+    result = compare_answers(
+        judge, prompts, ["good", "bad", "good", "the answer is good"], ["bad"] * 3 + ["bad"], tokenizer
+    )
+    assert (result["wins"], result["losses"], result["ties"]) == (3, 0, 1)  # "bad" vs "bad": identical, a tie
+    assert result["win_rate"] == 3.5 / 4 and result["win_rate_low"] <= result["win_rate"] <= result["win_rate_high"]
+    assert result["policy_mean_length"] == 1.75 and result["reference_mean_length"] == 1.0

@@ -13,8 +13,8 @@ from __future__ import annotations
 from statistics import fmean
 
 from pipeline.judge import statistics
-from pipeline.judge.judges import Comparison
-from pipeline.judge.sampling import prompt_text
+from pipeline.judge.judges import Comparison, judged
+from pipeline.judge.sampling import answer_length, prompt_text
 
 FIGURES = (
     "win_rate",
@@ -32,6 +32,13 @@ FIGURES = (
     "reference_mean_score",
     "score_margin",
 )
+
+
+def lengths_of(comparisons: list[Comparison], processing_class) -> list[tuple[int, int]]:
+    """(policy, reference) answer lengths of each comparison, in `processing_class`'s tokens."""
+    return [
+        (answer_length(processing_class, c.policy), answer_length(processing_class, c.reference)) for c in comparisons
+    ]
 
 
 def examples_of(comparisons: list[Comparison], verdicts: list[dict] | None, lengths: list[tuple[int, int]]) -> list:
@@ -88,3 +95,25 @@ def figures(examples: list[dict], resamples: int, confidence: float, seed: int) 
         metrics["reference_mean_score"] = fmean(e["reference_score"] for e in examples)
         metrics["score_margin"] = fmean(e["policy_score"] - e["reference_score"] for e in examples)
     return metrics
+
+
+def compare_answers(
+    judge,
+    prompts: list,
+    policy_answers: list[str],
+    reference_answers: list[str],
+    processing_class,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    """The in-process form of evaluate's judging: `judge` (a `BuiltinJudge`, `RewardModelJudge` or `PairwiseJudge`)
+    compares each policy answer with the reference answer to the same prompt (prompts as chat messages or text, one
+    comparison per prompt); returns the figures (module docstring) and `examples`. Lengths are counted in
+    `processing_class`'s tokens."""
+    comparisons = [
+        Comparison({"prompt": p, "images": None}, a, b, i)
+        for i, (p, a, b) in enumerate(zip(prompts, policy_answers, reference_answers, strict=True))
+    ]
+    examples = examples_of(comparisons, judged(judge, comparisons), lengths_of(comparisons, processing_class))
+    return {**figures(examples, resamples, confidence, seed), "examples": examples}

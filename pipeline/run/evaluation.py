@@ -21,8 +21,8 @@ from pipeline.data.schema import decoded_row
 from pipeline.data.tables import load_pairs
 from pipeline.judge.harness import check_tasks, run_harness
 from pipeline.judge.judges import Comparison, check_judge, judge_kind, judge_source, judged, load_judge
-from pipeline.judge.results import FIGURES, examples_of, figures
-from pipeline.judge.sampling import Sampling, answer_length, evaluation_prompts, generate_answers
+from pipeline.judge.results import FIGURES, examples_of, figures, lengths_of
+from pipeline.judge.sampling import Sampling, evaluation_prompts, generate_answers
 from pipeline.model.loading import load_base_tokenizer, load_trained_policy
 from pipeline.model.logps import sequence_logps
 from pipeline.objective.reference import Reference, stage_reference
@@ -53,10 +53,7 @@ def judged_generations(params: dict, comparisons: list[Comparison], judge, proce
     (the figures of `pipeline.judge.results`; `judge` is the resolved evaluate.judge)."""
     cfg = params["evaluate"]
     verdicts = judged(judge, comparisons) if judge is not None else None
-    lengths = [
-        (answer_length(processing_class, c.policy), answer_length(processing_class, c.reference)) for c in comparisons
-    ]
-    examples = examples_of(comparisons, verdicts, lengths)
+    examples = examples_of(comparisons, verdicts, lengths_of(comparisons, processing_class))
     for example in examples:
         if example.get("images"):
             example["images"] = [data_uri(i) for i in example["images"]]
