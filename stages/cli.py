@@ -1,4 +1,5 @@
-"""The `dpo` command: one subcommand per pipeline stage, and `dpo compare` (runs side by side; not a stage).
+"""The `dpo` command: one subcommand per pipeline stage, `dpo compare` (runs side by side) and `dpo sweep`
+(configurations trained side by side in chunks); the last two are not stages.
 
 Each subcommand's module is imported only when that subcommand runs, so `dpo train` executes the
 files `dvc.yaml` lists for the train stage and nothing of the other stages.
@@ -15,7 +16,7 @@ from pipeline.store.stage_list import STAGES
 # subcommand -> module under stages/, in pipeline order
 STAGE_MODULES = {stage.name: stage.module for stage in STAGES}
 # commands that are not pipeline stages (dvc.yaml runs none of them)
-TOOL_MODULES = {"compare": "compare"}
+TOOL_MODULES = {"compare": "compare", "sweep": "sweep"}
 
 
 class StageGroup(click.Group):

@@ -314,6 +314,59 @@ class HubParams:
     )
 
 
+SWEEP_METRICS = {  # sweep.metric: the eval metric successive halving ranks by → whether higher is better
+    "loss": False,
+    "rewards/accuracies": True,
+    "rewards/margins": True,
+    "win_rate": True,
+}
+
+
+@dataclass
+class SweepParams:
+    name: str = knob(
+        "sweep",
+        "The sweep's name: its state lives in artifacts/sweeps/<name>/, its configurations are the DVC experiments "
+        "<name>-c1, <name>-c2, ...",
+    )
+    grid: dict = knob(
+        help="Settings to sweep: a key (train.<option> or model.peft.<key>) → a list of two or more values; every "
+        "combination is one configuration (docs/caching.md, Sweeps).",
+        factory=dict,
+    )
+    configurations: list = knob(
+        help="Further configurations, each a mapping key → value (the keys the grid takes), trained next to the "
+        "grid's.",
+        factory=list,
+    )
+    chunks: int = knob(
+        4,
+        "Each configuration's training steps cut into this many chunks; every live configuration trains one chunk, "
+        "then all are evaluated and ranked, then the next.",
+        at_least(1),
+    )
+    metric: str = knob(
+        "loss",
+        "The eval metric that ranks configurations: loss, rewards/accuracies, rewards/margins, or win_rate (the "
+        "judge of evaluate.judge on sweep.judge_prompts held-out prompts).",
+        one_of(*SWEEP_METRICS),
+    )
+    eta: int = knob(
+        2,
+        "Successive halving: at each rung keep the best 1/eta of the configurations there; 1: stop none.",
+        at_least(1),
+    )
+    min_chunks: int = knob(1, "Chunks every configuration trains before any is stopped.", at_least(1))
+    rung_chunks: int = knob(1, "Chunks between two rungs (ranking and stopping) after min_chunks.", at_least(1))
+    judge_prompts: int = knob(
+        64, "metric win_rate: held-out prompts each configuration answers at each chunk boundary.", at_least(1)
+    )
+    experiments: bool = knob(
+        True,
+        "Save every configuration as a DVC experiment (its params, curves and eval metrics) when the sweep ends.",
+    )
+
+
 @dataclass
 class Params:
     seed: int = knob(0, "Seed of data generation, carving, initialisation and training.")
@@ -331,6 +384,11 @@ class Params:
     )
     hub: HubParams = knob(
         help="The network: time-out and tries of Hub requests (no stage's result depends on it).", factory=HubParams
+    )
+    sweep: SweepParams = knob(
+        help="`dpo sweep`: configurations trained side by side in chunks, the losers stopped early (no stage reads "
+        "it).",
+        factory=SweepParams,
     )
 
 

@@ -210,7 +210,7 @@ def curve_svg(
     return "".join(parts)
 
 
-def _finite(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+def finite_points(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
     return sorted((s, v) for s, v in points if math.isfinite(v))
 
 
@@ -240,7 +240,7 @@ def _table_html(runs: list[Run]) -> str:
     )
 
 
-_CSS = """
+PAGE_CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1200px;
 padding:0 16px;color:#222;font-size:14px;line-height:1.4}
 h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
@@ -260,7 +260,7 @@ def render_comparison(runs: list[Run], title: str = "DPO runs compared") -> str:
     names = curve_order({name for run in runs for name in run.curves})
     figures = []
     for name in names:
-        series = [(i, _finite(run.curves[name])) for i, run in enumerate(runs) if name in run.curves]
+        series = [(i, finite_points(run.curves[name])) for i, run in enumerate(runs) if name in run.curves]
         series = [(i, pts) for i, pts in series if pts]
         if series:
             figures.append(f'<figure class="plot" data-group="{html.escape(name)}">{curve_svg(name, series)}</figure>')
@@ -273,7 +273,7 @@ def render_comparison(runs: list[Run], title: str = "DPO runs compared") -> str:
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n"
+        f"<title>{html.escape(title)}</title><style>{PAGE_CSS}</style></head>\n"
         f'<body><h1>{html.escape(title)}</h1>\n<section id="table"><h2>Runs</h2>{_table_html(runs)}</section>\n'
         f'<section id="curves"><h2>Curves</h2>{curves}</section>\n</body></html>\n'
     )

@@ -86,26 +86,35 @@ class LiveMetricsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        from dvclive import Live
-
-        # resume=False: DVCLive clears its metrics and plots, which are then rebuilt from the history the
-        # Trainer holds now (a resumed checkpoint's, loaded before this call; empty for a fresh run)
-        self.live = Live(dir=str(self.directory), resume=False, save_dvc_exp=False, dvcyaml=False, report=None)
-        for entry in state.log_history:  # the same calls as on_log made, so the same files
-            self._log(entry["step"], entry)
+        # the history the Trainer holds now: a resumed checkpoint's (loaded before this call), empty for a fresh run
+        self.live = rebuilt_live(self.directory, state.log_history)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.live is not None and logs:
-            self._log(state.global_step, run_log(logs, state.log_history))
+            log_point(self.live, state.global_step, run_log(logs, state.log_history))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.live is not None:
             self.live.end()
             self.live = None
 
-    def _log(self, step: int, logs: dict) -> None:
-        self.live.step = step  # before the values: each lands at the step it describes
-        plot = not is_run_summary(logs)  # the end-of-training log only updates metrics.json
-        for name, value in live_points(logs).items():
-            self.live.log_metric(name, value, timestamp=False, plot=plot)
-        self.live.sync()  # metrics.json: the latest values
+
+def rebuilt_live(directory: Path, history: list[dict]):
+    """A `dvclive.Live` in `directory` whose files hold exactly `history` (a Trainer's log history): DVCLive clears
+    its metrics and plots (resume=False), then every entry is logged with the calls `on_log` makes, so the files are
+    the same bytes as those of a run that logged them one by one."""
+    from dvclive import Live
+
+    live = Live(dir=str(directory), resume=False, save_dvc_exp=False, dvcyaml=False, report=None)
+    for entry in history:
+        log_point(live, entry["step"], entry)
+    return live
+
+
+def log_point(live, step: int, logs: dict) -> None:
+    """One Trainer log as DVCLive points at `step` (`live_points`); metrics.json then holds the latest values."""
+    live.step = step  # before the values: each lands at the step it describes
+    plot = not is_run_summary(logs)  # the end-of-training log only updates metrics.json
+    for name, value in live_points(logs).items():
+        live.log_metric(name, value, timestamp=False, plot=plot)
+    live.sync()
