@@ -388,3 +388,47 @@ def test_push_then_pull_in_a_fresh_clone_leaves_nothing_to_run(project, tmp_path
         assert (clone / "artifacts" / artifact / "manifest.json").exists(), artifact
     assert ran(sh(["dvc", "repro"], clone, dict(env, PYTHONPATH=str(clone)))) == []
     assert sh(["git", "status", "--porcelain"], clone, env).strip() == ""
+
+
+def test_a_sweeps_runs_are_experiments_that_dvc_shows_applies_and_finishes(project):
+    """`dpo sweep` over the cached artifacts: each run becomes an experiment with its params, curves and where it
+    stands (sweep/chunks, sweep/stopped), the baseline's dvc.lock and nothing else of the workspace; `dvc exp apply`
+    of the stopped run then `dvc repro` trains it on from the sweep's checkpoint."""
+    repo, env = project
+    restore(repo, env)
+    sh(["dvc", "checkout", "-q", "--force"], repo, env, check=False)
+    path = repo / "params.yaml"
+    original = path.read_text()
+    params = yaml.safe_load(original)
+    params["sweep"] = {"name": "sw", "grid": {"train.learning_rate": [1e-4, 3e-3]}, "chunks": 2, "metric": "loss"}
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    edited = path.read_text()
+    lock = (repo / "dvc.lock").read_text()
+    out = sh([sys.executable, "-m", "stages.cli", "sweep"], repo, env)
+    assert "saved 2 runs as DVC experiments (sw-c1, sw-c2)" in out, out[-2000:]
+    assert path.read_text() == edited and (repo / "dvc.lock").read_text() == lock  # the workspace is put back
+    assert sh(["git", "status", "--porcelain", "--", "dvclive"], repo, env).strip() == ""
+    runs = {run["name"]: run for run in exp_show(repo, env)[1]}
+    assert {"sw-c1", "sw-c2"} <= set(runs)
+    state = json.loads((repo / "artifacts" / "sweeps" / "sw" / "state.json").read_text())["runs"]
+    for name, run in state.items():
+        row = runs[f"sw-{name}"]
+        assert (
+            row["data"]["params"]["params.yaml"]["data"]["train"]["learning_rate"]
+            == run["overrides"]["train.learning_rate"]
+        )
+        live = numbers(row, "dvclive/metrics.json")
+        assert (live["sweep/chunks"], live["sweep/stopped"]) == (run["chunks_done"], int(run["state"] == "stopped"))
+        assert live["eval/loss"] == pytest.approx(run["history"][-1]["metrics"]["loss"])
+        assert sh(["git", "show", f"{row['rev']}:dvc.lock"], repo, env) == lock
+    stopped = next(name for name, run in state.items() if run["state"] == "stopped")
+    assert state[stopped]["chunks_done"] == 1
+    plots = json.loads(sh(["dvc", "plots", "diff", "sw-c1", "sw-c2", "--json"], repo, env).strip().splitlines()[-1])
+    assert {v["rev"] for v in plots["data"]["loss"][0]["content"]["data"]["values"]} == {"sw-c1", "sw-c2"}
+    sh(["dvc", "exp", "apply", f"sw-{stopped}"], repo, env)
+    repro = sh(["dvc", "repro"], repo, env)
+    assert ran(repro) == ["train", "evaluate", "export"] and "resuming from" in repro, repro[-3000:]
+    path.write_text(original)
+    restore(repo, env)
+    sh(["dvc", "checkout", "-q", "--force"], repo, env, check=False)
+    sh(["dvc", "exp", "remove", "sw-c1", "sw-c2"], repo, env, check=False)

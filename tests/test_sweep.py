@@ -65,7 +65,9 @@ def params_for(sweep: dict, peft: bool = False, **train) -> dict:
 
 
 def paths_of(root: Path, tmp: Path) -> SweepPaths:
-    return SweepPaths(root / "tokenized", root / "ref_logps", root / "base", root / "normalized", tmp / "ck", tmp / "sw")
+    return SweepPaths(
+        root / "tokenized", root / "ref_logps", root / "base", root / "normalized", tmp / "ck", tmp / "sw"
+    )
 
 
 def final_weights(sweep: Sweep, name: str, file: str = "model.safetensors") -> dict:
@@ -237,7 +239,11 @@ def test_a_killed_sweep_run_again_resumes_every_live_run_and_reruns_nothing_done
         ({"grid": {"model.name_or_path": ["a", "b"]}}, {}, "unknown key model.name_or_path.*train.<option>"),
         ({"grid": {"train.beta": [0.1]}}, {}, r"sweep.grid.train.beta has 1 value; .*two or more"),
         ({"grid": {"train.beta": [0.1, 0.2]}, "chunks": 40}, {}, r"sweep.chunks is 40, .*only 20 optimizer steps"),
-        ({"grid": {"train.beta": [0.1, 0.2]}, "metric": "win_rate"}, {"judge": "none"}, "win_rate, but there is no judge"),
+        (
+            {"grid": {"train.beta": [0.1, 0.2]}, "metric": "win_rate"},
+            {"judge": "none"},
+            "win_rate, but there is no judge",
+        ),
         ({"grid": {"train.beta": [0.1, -1.0]}}, {}, r"sweep configuration 2 .*beta"),
     ],
 )
