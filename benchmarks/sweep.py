@@ -8,7 +8,7 @@
    as a run alone would). Printed: the steps and seconds each spends, where the bad one stopped, and whether the
    best runs agree. Target: at most 60% of the steps, the bad one stopped at the first rung, the same best run.
 
-    python benchmarks/sweep.py                       # about 4 minutes on 2 cores
+    python benchmarks/sweep.py                       # a few minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -67,7 +67,12 @@ def peak_rss(kind: str, params: dict, data: Path, work: Path) -> int:
     work.mkdir(parents=True)
     (work / "params.json").write_text(json.dumps(params))
     code = CHILD.format(
-        root=str(ROOT), tests=str(ROOT / "tests"), params=str(work / "params.json"), data=str(data), out=str(work), kind=kind
+        root=str(ROOT),
+        tests=str(ROOT / "tests"),
+        params=str(work / "params.json"),
+        data=str(data),
+        out=str(work),
+        kind=kind,
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if done.returncode != 0:
@@ -79,12 +84,15 @@ def memory(args, tmp: Path) -> None:
     from conftest import prepare_stages
 
     raw = base_params(args.hidden, args.layers, args.pairs)
+    raw["model"]["builtin"]["warmup_steps"] = 20  # memory, not answers: a short warm start
     raw["model"]["peft"].update(enabled=True, r=16, lora_alpha=32)
     data = tmp / "memory"
     prepare_stages(checked(raw), data, through="ref-logps")
     one = checked(raw)
     sweep_raw = copy.deepcopy(raw)
-    sweep_raw["sweep"].update(grid={"train.learning_rate": [1e-4, 1e-3], "train.beta": [0.1, 0.5]}, eta=1, metric="loss")
+    sweep_raw["sweep"].update(
+        grid={"train.learning_rate": [1e-4, 1e-3], "train.beta": [0.1, 0.5]}, eta=1, metric="loss"
+    )
     sweep = checked(sweep_raw)
     from pipeline.model.loading import load_policy
 
@@ -115,7 +123,9 @@ def early_stopping(args, tmp: Path) -> None:
             judge_prompts=48,
             name=f"eta{eta}",
         )
-        paths = SweepPaths(*(data / n for n in ("tokenized", "ref_logps", "base", "normalized")), tmp / "ck", tmp / "sw")
+        paths = SweepPaths(
+            *(data / n for n in ("tokenized", "ref_logps", "base", "normalized")), tmp / "ck", tmp / "sw"
+        )
         start = time.perf_counter()
         state = Sweep(checked(sweep_raw), paths, say=lambda m: None).run()
         results[eta] = (state, time.perf_counter() - start)
