@@ -355,7 +355,7 @@ class Sweep:
         )
         own = OwnSettings() if first_of_clone else None
         # before the trainer: building a fingerprint builds a DPOConfig, which resets accelerate's state
-        fingerprint = Fingerprint(self._record(run, run_params), run.fingerprint)
+        fingerprint = Fingerprint(self.fingerprint(run_params, run.start).record, run.fingerprint)
         set_seed(args.seed)  # as the train stage: a new adapter's initial weights are drawn in the constructor
         trainer = SweepTrainer(
             model=model,
@@ -391,9 +391,6 @@ class Sweep:
         if run.chunks_done == self.state.chunks:
             run.state = FINISHED
         save_state(self.dir, self.state)
-
-    def _record(self, run: Run, run_params: dict) -> dict:
-        return self.fingerprint(run_params, run.start).record
 
     def live_dir(self, run: Run) -> Path:
         return self.dir / RUNS_DIR / run.name / "dvclive"
