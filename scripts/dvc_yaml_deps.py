@@ -2,7 +2,7 @@
 
 `tests/test_dvc_deps.py` fails when dvc.yaml misses a file a stage executes; this script writes the
 lists it expects, leaving every other line of dvc.yaml as it is, then writes vision/dvc.yaml again
-from it (`scripts/dvc_yaml_vision.py`):
+from it (`scripts/dvc_yaml_vision.py`) and rounds/dvc.yaml (`scripts/dvc_yaml_rounds.py`):
 
     python scripts/dvc_yaml_deps.py
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 
+import dvc_yaml_rounds
 import dvc_yaml_vision
 from code_deps import PACKAGES, ROOT, needed_deps
 
@@ -42,3 +43,5 @@ if __name__ == "__main__":
     print(f"rewrote the code deps of {path}")
     (ROOT / "vision" / "dvc.yaml").write_text(dvc_yaml_vision.render())
     print("wrote vision/dvc.yaml")
+    (ROOT / "rounds" / "dvc.yaml").write_text(dvc_yaml_rounds.render())
+    print("wrote rounds/dvc.yaml")

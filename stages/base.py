@@ -7,12 +7,13 @@ from pathlib import Path
 import click
 
 from pipeline.builtin import BUILTIN_MODEL, BUILTIN_VLM
+from pipeline.core.errors import PipelineError
 from pipeline.run.warm_start import build_builtin_base
-from pipeline.store.artifacts import stage_output
-from pipeline.store.base_record import describe_external_base, describe_reference_and_adapter
+from pipeline.store.artifacts import check_inputs, read_json, stage_output
+from pipeline.store.base_record import describe_external_base, describe_reference_and_adapter, round_base_record
 
 from . import paths
-from .common import load, params_option, path_option, user_errors
+from .common import load, params_option, path_option, round_option, user_errors
 
 # The model.* keys that decide what the base artifact holds (the dvc.yaml base stage lists the same);
 # loading options (dtype, attention, quantization, LoRA) are read by the stages that load models.
@@ -39,12 +40,47 @@ def run(params: dict, out: Path = paths.BASE) -> dict:
     return output.manifest
 
 
+def run_round(params: dict, previous: Path, initial: Path, out: Path) -> dict:
+    """The base artifact of round params["round"]: the policy it starts from, `previous` (the train artifact of the
+    round before, or the initial base artifact for the first round), and its reference (iterate.reference)."""
+    name, reference = params["round"]["name"], params["iterate"]["reference"]
+    if params["model"]["peft"]["enabled"] or params["model"]["adapter"]:
+        raise PipelineError(
+            f"round {name}: iterative rounds train and continue a full model; set model.peft.enabled: false and "
+            "model.adapter: null in the rounds' params (LoRA rounds are not supported yet)."
+        )
+    manifest = read_json(Path(previous) / "manifest.json", f"the artifact of the round before {name}", "re-run it")
+    kind = "base" if manifest.get("stage") == "base" else "train"
+    check_inputs({kind: previous})
+    aside = {"previous": (kind, Path(previous)), "initial": ("base", Path(initial))}
+    with stage_output("base", out, {}, {"round": name, "reference": reference}, aside=aside) as output:
+        output.extra = round_base_record(name, previous, manifest, initial, reference)
+    return output.manifest
+
+
 @click.command("base")
 @params_option
 @path_option("out", paths.BASE, "Where to write the base artifact.")
+@round_option
+@click.option(
+    "--previous",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --round: the artifact of the round before (its train artifact; the initial base for the first).",
+)
+@click.option(
+    "--initial", type=click.Path(path_type=Path), default=None, help="With --round: the initial base artifact."
+)
 @user_errors
-def command(params_path: Path, out: Path) -> None:
+def command(params_path: Path, out: Path, round_name: str | None, previous: Path | None, initial: Path | None) -> None:
     """Resolve the base model (build and warm-start the built-in one, or record a Hub id / local directory),
-    and record the explicit reference model and the adapter to continue, when params name them."""
+    and record the explicit reference model and the adapter to continue, when params name them. With --round: the
+    base of an iterative round, naming the policy it starts from (--previous) and its reference."""
+    if round_name is not None:
+        if previous is None or initial is None:
+            raise click.UsageError("--round needs --previous and --initial.")
+        manifest = run_round(load(params_path, round_name=round_name), previous, initial, out)
+        click.echo(f"base: round {round_name} starts from {manifest['source']} -> {out}")
+        return
     manifest = run(load(params_path), out)
     click.echo(f"base: {manifest['source']} -> {out}")

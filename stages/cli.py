@@ -11,10 +11,10 @@ import importlib
 
 import click
 
-from pipeline.store.stage_list import STAGES
+from pipeline.store.stage_list import ROUND_STAGES, STAGES
 
 # subcommand -> module under stages/, in pipeline order
-STAGE_MODULES = {stage.name: stage.module for stage in STAGES}
+STAGE_MODULES = {stage.name: stage.module for stage in STAGES + ROUND_STAGES}
 # commands that are not pipeline stages (dvc.yaml runs none of them)
 TOOL_MODULES = {"compare": "compare", "sweep": "sweep"}
 

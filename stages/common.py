@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.config.params import load_params
+from pipeline.config.params import load_params, round_params
 from pipeline.core.distributed import init_process_group, relaunch
 from pipeline.core.errors import PipelineError
 from pipeline.core.faults import machine_fault
@@ -52,10 +52,20 @@ def user_errors(func):
     return wrapper
 
 
-def load(params_path: Path, *checks) -> dict:
-    """The checked params (and through a stage's own `checks`, e.g. the train section against DPOConfig); every
-    Hub request of the stage is bounded by their `hub` section from here on."""
-    params = load_params(params_path, *checks)
+def round_option(func):
+    return click.option(
+        "--round",
+        "round_name",
+        default=None,
+        help="A round of iterate.rounds (rounds/dvc.yaml): its settings over the params file's; default: none.",
+    )(func)
+
+
+def load(params_path: Path, *checks, round_name: str | None = None) -> dict:
+    """The checked params, as round `round_name` of iterate.rounds sees them when given (`round_params`), and through
+    a stage's own `checks` (e.g. the train section against DPOConfig); every Hub request of the stage is bounded by
+    their `hub` section from here on."""
+    params = load_params(params_path, functools.partial(round_params, name=round_name), *checks)
     configure_network(params["hub"]["timeout_s"], params["hub"]["tries"])
     return params
 

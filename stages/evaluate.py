@@ -17,7 +17,7 @@ from pipeline.run.evaluation import evaluate_policy
 from pipeline.store.artifacts import stage_output
 
 from . import paths
-from .common import launches, load, params_option, path_option, user_errors
+from .common import launches, load, params_option, path_option, round_option, user_errors
 
 
 def run(
@@ -31,13 +31,17 @@ def run(
     metrics_path: Path = paths.METRICS,
     live: Path = paths.LIVE,
     report: Path | None = None,
+    versus: Path | None = None,
 ) -> dict:
-    """Evaluate; the report goes to `report` (default: report.html beside the metrics file)."""
+    """Evaluate; the report goes to `report` (default: report.html beside the metrics file); with `versus` (a base
+    artifact), the answers are also judged against that model's (figures `versus/...`)."""
     inputs = {"train": train, "tokenized": tokenized, "normalized": normalized, "base": base}
     if params["train"].get("precompute_ref_log_probs"):
         inputs["ref_logps"] = ref_logps
-    with stage_output("evaluate", out, inputs, {"evaluate": params["evaluate"], "train": params["train"]}) as output:
-        result = evaluate_policy(params, train, tokenized, ref_logps, normalized, base, output.dir)
+    used = {"evaluate": params["evaluate"], "train": params["train"]}
+    aside = {"versus": ("base", Path(versus))} if versus is not None else None
+    with stage_output("evaluate", out, inputs, used, aside=aside) as output:
+        result = evaluate_policy(params, train, tokenized, ref_logps, normalized, base, output.dir, versus)
         output.rows = {"eval": result.metrics["num_pairs"]}
         output.extra["judge"] = result.judge  # which judge, and its model's identity: a changed judge re-runs
     if is_main():
@@ -57,6 +61,14 @@ def run(
 @path_option("metrics", paths.METRICS, "Where to write the metrics JSON (tracked by git; DVC metrics).")
 @path_option("live", paths.LIVE, "The training run's DVCLive directory (curves for the report).")
 @path_option("report", paths.REPORT, "Where to write the HTML run report.")
+@click.option(
+    "--versus",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A base artifact: also judge the policy's answers against this model's (iterative rounds: the initial "
+    "model or the previous round's policy).",
+)
+@round_option
 @user_errors
 @launches
 def command(
@@ -70,12 +82,13 @@ def command(
     metrics: Path,
     live: Path,
     report: Path,
+    versus: Path | None,
+    round_name: str | None,
 ) -> None:
     """Evaluate the trained policy on the eval split: DPO metrics, the answers of policy and reference to held-out
     prompts judged into a win rate (evaluate.judge), optional lm-evaluation-harness tasks, and a self-contained HTML
     report of the run."""
-    result = run(
-        load(params_path, check_train), train, tokenized, ref_logps, normalized, base, out, metrics, live, report
-    )
+    params = load(params_path, check_train, round_name=round_name)
+    result = run(params, train, tokenized, ref_logps, normalized, base, out, metrics, live, report, versus)
     click.echo(json.dumps(result, indent=1))
     click.echo(f"report: {report}")

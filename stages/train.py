@@ -17,7 +17,7 @@ from pipeline.run.training import run_checkpoints, train_inputs, train_policy
 from pipeline.store.artifacts import stage_output
 
 from . import paths
-from .common import launches, load, params_option, path_option, user_errors
+from .common import launches, load, params_option, path_option, round_option, user_errors
 
 
 def run(
@@ -76,11 +76,22 @@ def run(
     "fresh), true (the same, but refuse a fresh start), false, or a "
     "checkpoint path. Default: train.resume.",
 )
+@round_option
 @user_errors
 @launches
 def command(
-    params_path: Path, tokenized: Path, ref_logps: Path, base: Path, out: Path, checkpoints: Path, live: Path, resume
+    params_path: Path,
+    tokenized: Path,
+    ref_logps: Path,
+    base: Path,
+    out: Path,
+    checkpoints: Path,
+    live: Path,
+    resume,
+    round_name: str | None,
 ) -> None:
-    """Train the policy with DPO (train.* params: any DPOConfig option)."""
-    manifest = run(load(params_path, check_train), tokenized, ref_logps, base, out, checkpoints, live, resume=resume)
+    """Train the policy with DPO (train.* params: any DPOConfig option; with --round, that round's train settings
+    over them)."""
+    params = load(params_path, check_train, round_name=round_name)
+    manifest = run(params, tokenized, ref_logps, base, out, checkpoints, live, resume=resume)
     click.echo(f"train: {manifest['train_metrics']} -> {out}")

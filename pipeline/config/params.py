@@ -314,6 +314,64 @@ class HubParams:
     )
 
 
+PAIRINGS = ("best_worst", "margin")  # judge_pairs.pairing (pipeline.judge.pairing)
+PAIR_JUDGES = ("auto", "builtin", "reward_model")  # judge_pairs.judge: judges that give each answer a score
+ROUND_PAIRS = ("generated", "original", "both")  # iterate.rounds.<k>.pairs
+ROUND_KEYS = ("previous", "pairs", "original_pairs", "train")  # every round entry has each (its DVC params)
+
+
+@dataclass
+class GenerateParams:
+    num_prompts: int | None = knob(
+        256,
+        "Distinct prompts of the train split answered (the first of a seeded shuffle); null: all.",
+        at_least(1),
+    )
+    num_samples: int = knob(4, "Answers per prompt, sampled (the pairs are built among them).", at_least(2))
+    temperature: float = knob(1.0, "Sampling temperature.", greater_than(0))
+    top_p: float = knob(
+        1.0, "Nucleus sampling: the smallest set of tokens with this much probability.", within(0, 1, low_open=True)
+    )
+    max_new_tokens: int = knob(24, "Tokens generated per answer.", at_least(1))
+    batch_size: int = knob(32, "Prompts per generation batch (each batch seeded: seed + round + batch).", at_least(1))
+
+
+@dataclass
+class JudgePairsParams:
+    judge: str = knob(
+        "auto",
+        "Who scores each generated answer: builtin (the built-in task's program) or reward_model (the "
+        "sequence classifier of evaluate.judge_model); auto: builtin on the built-in task, else reward_model.",
+        one_of(*PAIR_JUDGES),
+    )
+    pairing: str = knob(
+        "best_worst",
+        "best_worst: one pair per prompt, its best-scored answer over its worst; margin: every two answers whose "
+        "scores differ by more than min_margin.",
+        one_of(*PAIRINGS),
+    )
+    min_margin: float = knob(
+        0.0, "A pair's chosen answer must score more than this above its rejected one.", at_least(0)
+    )
+
+
+@dataclass
+class IterateParams:
+    reference: str = knob(
+        "previous",
+        "The reference of round k: previous (round k-1's policy, the round's starting point) or initial (the "
+        "model of round 0, every round).",
+        one_of("previous", "initial"),
+    )
+    rounds: dict = knob(
+        help="Iterative DPO (rounds/dvc.yaml): round name (quoted, e.g. '2') → {previous: the round before, or "
+        "'0' for the initial model; pairs: generated | original | both; original_pairs: how many of the "
+        "original train pairs (null: all) with original/both; train: train.* settings of this round}. "
+        "Adding a round runs only it (docs/rounds.md).",
+        factory=dict,
+    )
+
+
 SWEEP_METRICS = {  # sweep.metric: the eval metric successive halving ranks by → whether higher is better
     "loss": False,
     "rewards/accuracies": True,
@@ -385,6 +443,13 @@ class Params:
     hub: HubParams = knob(
         help="The network: time-out and tries of Hub requests (no stage's result depends on it).", factory=HubParams
     )
+    generate: GenerateParams = knob(
+        help="`dpo generate`: a policy's sampled answers to train prompts (iterative rounds).", factory=GenerateParams
+    )
+    judge_pairs: JudgePairsParams = knob(
+        help="`dpo judge-pairs`: the generated answers scored and paired.", factory=JudgePairsParams
+    )
+    iterate: IterateParams = knob(help="Iterative DPO in cached rounds (rounds/dvc.yaml).", factory=IterateParams)
     sweep: SweepParams = knob(
         help="`dpo sweep`: configurations trained side by side in chunks, the losers stopped early (no stage reads "
         "it).",
@@ -694,6 +759,61 @@ def _check_evaluate(params: dict) -> None:
         )
 
 
+def check_rounds(rounds: dict) -> None:
+    """iterate.rounds: string names, in order, each entry naming the round before it (`previous`; the first names
+    '0', the initial model) and holding every key of ROUND_KEYS (each is a DVC param of the round's stages)."""
+    before = "0"
+    for name, entry in rounds.items():
+        key = f"iterate.rounds.{name}"
+        if not isinstance(name, str) or name == "0":
+            raise PipelineError(
+                f"params: {key}: a round's name must be quoted text other than '0' (write '{name}':), so DVC can "
+                "name its stages and params."
+            )
+        if not isinstance(entry, dict):
+            raise PipelineError(f"params: {key} must be a mapping with the keys {list(ROUND_KEYS)}.")
+        unknown = sorted(set(entry) - set(ROUND_KEYS))
+        missing = [k for k in ROUND_KEYS if k not in entry]
+        if unknown or missing:
+            raise PipelineError(
+                f"params: {key}: {'unknown key ' + unknown[0] if unknown else 'no ' + missing[0]}; every round "
+                f"has exactly {list(ROUND_KEYS)} (each is a DVC param of its stages: write null or {{}} for none)."
+            )
+        if str(entry["previous"]) != before:
+            raise PipelineError(
+                f"params: {key}.previous is {entry['previous']!r} but the round before it is {before!r}; rounds run "
+                "in the order written, each continuing the one before (the first continues '0', the initial model)."
+            )
+        check(entry["pairs"], one_of(*ROUND_PAIRS), f"params: {key}.pairs")
+        if entry["original_pairs"] is not None:
+            check(entry["original_pairs"], at_least(1), f"params: {key}.original_pairs")
+        if not isinstance(entry["train"], dict):
+            raise PipelineError(f"params: {key}.train must be a mapping of train.* settings ({{}} for none).")
+        try:
+            check_train_keys(entry["train"])
+        except PipelineError as err:
+            raise PipelineError(f"{err} (in {key}.train)") from None
+        before = name
+
+
+def round_params(params: dict, name: str | None) -> dict:
+    """The params of round `name` of iterate.rounds: its train settings over the train section, and `round` (its
+    name, its entry, its number in order from 1); unchanged for None (outside rounds)."""
+    if name is None:
+        return params
+    rounds = params["iterate"]["rounds"]
+    if name not in rounds:
+        raise PipelineError(
+            f"params: --round {name}: no such round in iterate.rounds (rounds: {list(rounds) or 'none'}); add it "
+            "there or pick one of them."
+        )
+    entry = rounds[name]
+    out = copy.deepcopy(params)
+    out["train"] = {**out["train"], **entry["train"]}
+    out["round"] = {"name": name, "number": list(rounds).index(name) + 1, **copy.deepcopy(entry)}
+    return out
+
+
 def check_params(raw: dict | None) -> dict:
     """Merge `raw` over the schema's defaults and validate it; returns the full, typed params (plain dicts)."""
     params = check_section(raw or {}, Params, "")
@@ -707,6 +827,7 @@ def check_params(raw: dict | None) -> dict:
         )
     _check_builtin_data(params["data"])
     _check_evaluate(params)
+    check_rounds(params["iterate"]["rounds"])
     push = params["export"]["push"]
     if push["enabled"] and not push["repo_id"]:
         raise PipelineError(

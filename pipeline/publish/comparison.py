@@ -167,10 +167,14 @@ def _span(values: list[float], pad: float) -> tuple[float, float]:
 
 
 def curve_svg(
-    title: str, series: list[tuple[int, list[tuple[int, float]]]], width: int = 480, height: int = 260
+    title: str,
+    series: list[tuple[int, list[tuple[int, float]]]],
+    width: int = 480,
+    height: int = 260,
+    x_label: str = "step",
 ) -> str:
     """An inline SVG plot of one curve: `series` is (run index, points) per run that logged it; run i is drawn
-    in COLORS[i] (dashed after the palette's length)."""
+    in COLORS[i] (dashed after the palette's length); the x axis is `x_label`."""
     left, right, top, bottom = 58, 12, 22, 34
     points = [(s, v) for _, pts in series for s, v in pts]
     x0, x1 = _span([s for s, _ in points], 0.0)
@@ -197,7 +201,8 @@ def curve_svg(
     parts.append(
         f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
         'fill="none" stroke="#999"/>'
-        f'<text x="{(left + width - right) / 2:.1f}" y="{height - 4}" text-anchor="middle">step</text>'
+        f'<text x="{(left + width - right) / 2:.1f}" y="{height - 4}" '
+        f'text-anchor="middle">{html.escape(x_label)}</text>'
     )
     for index, pts in series:
         color = COLORS[index % len(COLORS)]

@@ -23,7 +23,7 @@ from pipeline.judge.harness import check_tasks, run_harness
 from pipeline.judge.judges import Comparison, check_judge, judge_kind, judge_source, judged, load_judge
 from pipeline.judge.results import FIGURES, examples_of, figures, lengths_of
 from pipeline.judge.sampling import Sampling, evaluation_prompts, generate_answers
-from pipeline.model.loading import load_base_tokenizer, load_trained_policy
+from pipeline.model.loading import load_base_tokenizer, load_policy, load_trained_policy
 from pipeline.model.logps import sequence_logps
 from pipeline.objective.reference import Reference, stage_reference
 from pipeline.run.trainer import DPOScorer
@@ -178,13 +178,41 @@ def check_evaluation(params: dict, normalized: Path) -> tuple[dict | None, list[
     return source, evaluation_prompts(params, normalized)
 
 
+def versus_figures(
+    params: dict, comparisons: list[Comparison], versus: Path, judge, processing_class, device, out_dir: Path
+) -> dict:
+    """The policy's answers judged against those of another model (the policy `versus`, a base artifact, starts
+    from), written with the same sampling: its figures under `versus/`, its examples in generations_versus.jsonl."""
+    model = load_policy(versus, params, trainable=False).to(device)
+    prompts = {c.group: c.prompt for c in comparisons}
+    groups = sorted(prompts)
+    share = my_share([prompts[g] for g in groups])
+    theirs = gather_shares(generate_answers(model, processing_class, share, Sampling.of_params(params)), len(groups))
+    del model
+    by_group: dict[int, list[str]] = {g: list(answers) for g, answers in zip(groups, theirs)}
+    against = [Comparison(c.prompt, c.policy, by_group[c.group].pop(0), c.group) for c in comparisons]
+    generated = judged_generations(params, against, judge, processing_class)
+    if is_main():
+        lines = "".join(json.dumps(e) + "\n" for e in generated["examples"])
+        (Path(out_dir) / "generations_versus.jsonl").write_text(lines)
+    return {f"versus/{k}": v for k, v in generated.items() if k in FIGURES}
+
+
 def evaluate_policy(
-    params: dict, train: Path, tokenized: Path, ref_logps: Path, normalized: Path, base: Path, out_dir: Path
+    params: dict,
+    train: Path,
+    tokenized: Path,
+    ref_logps: Path,
+    normalized: Path,
+    base: Path,
+    out_dir: Path,
+    versus: Path | None = None,
 ) -> Evaluation:
     """The DPO metrics of the trained policy on the eval split against the run's reference, and the reference's own;
     per-example results (with the pairs' text) in out_dir; the answers of both to held-out prompts in
     out_dir/generations.jsonl (unless evaluate.num_generations is 0), judged by evaluate.judge; the
-    lm-evaluation-harness tasks of evaluate.lm_eval on both."""
+    lm-evaluation-harness tasks of evaluate.lm_eval on both; with `versus` (a base artifact), the policy's answers
+    also judged against that model's (`versus_figures`)."""
     cfg = params["evaluate"]
     source, prompts = check_evaluation(params, normalized)
     precomputed = bool(params["train"].get("precompute_ref_log_probs", False))
@@ -228,6 +256,8 @@ def evaluate_policy(
         comparisons = answer_pairs(trainer.model, reference, tokenizer, prompts, Sampling.of_params(params))
         judge = load_judge(params, source, trainer.model.device)
         generated = judged_generations(params, comparisons, judge, tokenizer)
+        if versus is not None and judge is not None:
+            metrics.update(versus_figures(params, comparisons, versus, judge, tokenizer, trainer.model.device, out_dir))
         del judge
         metrics["num_generations"] = generated["num_generations"]
         metrics.update({k: v for k, v in generated.items() if k in FIGURES})

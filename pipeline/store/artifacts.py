@@ -31,7 +31,7 @@ from pipeline.core.environment import environment
 from pipeline.core.errors import PipelineError
 from pipeline.core.redaction import redact
 from pipeline.store.digests import file_digest, source_digest
-from pipeline.store.stage_list import PRODUCER
+from pipeline.store.stage_list import PRODUCER, PRODUCERS
 
 SCHEMA_VERSION = 2  # 2: inputs record {digest, path}; file digests and lineage are checked on read
 MANIFEST = "manifest.json"
@@ -198,10 +198,10 @@ def read_manifest(directory: Path, kind: str) -> dict:
             f"{path}: schema version {manifest.get('schema_version')} but this pipeline reads "
             f"version {SCHEMA_VERSION}; {rerun}."
         )
-    if manifest.get("stage") != PRODUCER[kind]:
+    if manifest.get("stage") not in PRODUCERS[kind]:
         raise PipelineError(
             f"{path}: written by stage {manifest.get('stage')!r}, expected a {kind} artifact "
-            f"from {PRODUCER[kind]!r}; check the path or {rerun}."
+            f"from {' or '.join(map(repr, PRODUCERS[kind]))}; check the path or {rerun}."
         )
     return manifest
 
@@ -317,12 +317,21 @@ class StageOutput:
 
 
 @contextlib.contextmanager
-def stage_output(stage: str, out: Path, inputs: dict[str, Path], params: Any) -> Iterator[StageOutput]:
+def stage_output(
+    stage: str, out: Path, inputs: dict[str, Path], params: Any, aside: dict[str, tuple[str, Path]] | None = None
+) -> Iterator[StageOutput]:
     """A stage's frame: check its input artifacts and their lineage (`check_inputs`; `inputs`: artifact kind →
     directory), stage the output directory, and, when the block finishes, write the manifest last (input identities,
-    params, rows) and rename the directory into place. On an error nothing is renamed and the old output stays."""
+    params, rows) and rename the directory into place. On an error nothing is renamed and the old output stays.
+
+    `aside`: more inputs, name → (kind, directory), each checked on its own and recorded under its name, which the
+    lineage check does not follow: another artifact of a kind already in the lineage (the initial model beside a
+    round's, the original pairs beside a round's judged pairs)."""
     manifests = check_inputs(inputs)
     records = {kind: input_record(path) for kind, path in inputs.items()}
+    for name, (kind, path) in (aside or {}).items():
+        manifests[name] = check_inputs({kind: path})[kind]
+        records[name] = input_record(path)
     with staged_dir(out) as tmp:
         output = StageOutput(Path(tmp), manifests)
         yield output

@@ -132,3 +132,42 @@ def reference_source(base_dir: Path) -> tuple[str, str | None] | None:
 def adapter_source(base_dir: Path) -> tuple[str, str | None] | None:
     """The adapter to continue training recorded by the base stage (model.adapter), or None."""
     return _recorded_source(base_dir, "adapter")
+
+
+# ---- iterative rounds: a round's base artifact names the policy the round starts from ------------------------
+
+MODEL_RECORD_KEYS = ("source", "revision", "commit", "source_files")
+
+
+def model_record(base_dir: Path, manifest: dict, key: str) -> dict:
+    """The record of the model a base artifact holds or names: a built-in one as the local folder inside it."""
+    if manifest["source"] in BUILTIN_MODELS:
+        return describe_source(str(Path(base_dir) / MODEL_SUBDIR), None, key)
+    return {k: manifest[k] for k in MODEL_RECORD_KEYS if k in manifest}
+
+
+def round_base_record(round_name: str, previous: Path, previous_manifest: dict, initial: Path, reference: str) -> dict:
+    """The base record of iterative round `round_name`: the policy it starts from is the previous round's trained
+    model (`previous` is a train artifact), or the initial model for the first round (`previous` is the initial base
+    artifact); its reference is that starting policy (`reference` previous: nothing recorded, the initial policy is
+    the reference) or the initial model (`reference` initial). An explicit reference (model.ref_name_or_path) the
+    initial base recorded stays every round's reference."""
+    initial_manifest = read_manifest(initial, "base")
+    initial_model = model_record(initial, initial_manifest, "the initial model")
+    if previous_manifest["stage"] == "base":
+        record = {k: v for k, v in initial_manifest.items() if k in ("adapter", "reference")}
+        record.update(initial_model)
+    else:
+        model_dir = Path(previous) / "model"
+        if (model_dir / "adapter_config.json").exists():
+            raise PipelineError(
+                f"round {round_name}: {previous} holds a LoRA adapter, and iterative rounds continue a full model; "
+                "set model.peft.enabled: false for the rounds (LoRA rounds are not supported yet)."
+            )
+        record = describe_source(str(model_dir), None, f"the policy of the round before {round_name}")
+        if "reference" in initial_manifest:
+            record["reference"] = initial_manifest["reference"]
+    if reference == "initial" and "reference" not in record and previous_manifest["stage"] != "base":
+        record["reference"] = initial_model
+    record["round"] = {"name": round_name, "previous": str(previous), "reference": reference}
+    return record

@@ -8,8 +8,9 @@ without DVC noticing, and the cached output would silently be stale. DVC runs ev
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import yaml
 
@@ -25,10 +26,50 @@ def running_stage() -> tuple[str, Path] | None:
     return name, Path(root) / (dvcfile or "dvc.yaml")
 
 
+INTERPOLATION = re.compile(r"\$\{\s*([\w.-]+)\s*\}")
+
+
+def _lookup(tree: Any, dotted: str, where: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            raise PipelineError(f"{where}: ${{{dotted}}} does not resolve; check the foreach and params.yaml.")
+        tree = tree[part]
+    return tree
+
+
+def _foreach_definition(stages: dict, stage: str, dvc_yaml: Path) -> dict | None:
+    """The definition of `name@key`, a stage a `foreach` generates, with `${key}` and `${item...}` resolved in its
+    deps (DVC's interpolation for the plain forms dvc.yaml uses; a `${...}` foreach is read from params.yaml)."""
+    name, _, key = stage.partition("@")
+    template = stages.get(name)
+    if not isinstance(template, dict) or "foreach" not in template:
+        return None
+    items = template["foreach"]
+    if isinstance(items, str):
+        match = INTERPOLATION.fullmatch(items.strip())
+        params = yaml.safe_load((dvc_yaml.parent / "params.yaml").read_text()) or {}
+        items = _lookup(params, match.group(1), str(dvc_yaml)) if match else None
+    item = items.get(key) if isinstance(items, dict) else key if isinstance(items, list) else None
+    if item is None:
+        return None
+    scope = {"key": key, "item": item}
+
+    def resolve(text: str) -> str:
+        return INTERPOLATION.sub(lambda m: str(_lookup(scope, m.group(1), f"{dvc_yaml}: {stage}")), text)
+
+    definition = dict(template.get("do") or {})
+    definition["deps"] = [resolve(d) if isinstance(d, str) else d for d in definition.get("deps") or []]
+    return definition
+
+
 def stage_deps(dvc_yaml: Path, stage: str) -> list[Path]:
-    """The resolved paths of the deps a stage of `dvc_yaml` lists (relative to its `wdir`)."""
+    """The resolved paths of the deps a stage of `dvc_yaml` lists (relative to its `wdir`); a stage a `foreach`
+    generates (`name@key`) with its interpolation resolved."""
     try:
-        definition = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).get(stage)
+        stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+        definition = stages.get(stage)
+        if definition is None and "@" in stage:
+            definition = _foreach_definition(stages, stage, dvc_yaml)
     except (OSError, yaml.YAMLError) as err:
         raise PipelineError(f"{dvc_yaml}: cannot read it to check the {stage} stage's deps ({err}).") from None
     if not isinstance(definition, dict):

@@ -25,5 +25,15 @@ STAGES = (
     Stage("evaluate", "evaluate", "eval"),
     Stage("export", "export", "export"),
 )
+# the stages of iterative rounds (rounds/dvc.yaml), beside those above: a round's answers, its judged pairs (a
+# normalized artifact: tokenize reads it like normalize's), and the progress table across rounds (no artifact)
+ROUND_STAGES = (
+    Stage("generate", "generate", "samples"),
+    Stage("judge-pairs", "judge_pairs", "normalized"),
+    Stage("progress", "progress", "progress"),
+)
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
-PRODUCER = {stage.artifact: stage.name for stage in STAGES}  # artifact kind → the stage that writes it
+PRODUCER = {stage.artifact: stage.name for stage in STAGES + ROUND_STAGES[:1]}  # artifact kind → its usual writer
+PRODUCERS = {  # artifact kind → every stage that may write it
+    kind: tuple(s.name for s in STAGES + ROUND_STAGES if s.artifact == kind) for kind in PRODUCER
+}
