@@ -149,8 +149,6 @@ def pipeline() -> dict:
                 [
                     "ref_logps",
                     "train.per_device_eval_batch_size",
-                    "train.prefix_sharing",
-                    "train.packing",
                     *MODEL_LOADING,
                 ],
                 [f"{ROUND}/ref_logps"],

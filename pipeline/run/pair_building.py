@@ -121,7 +121,7 @@ def build_pairs(params: dict, samples: Path, normalized: Path, out_dir: Path) ->
         scores = answer_scores(judge, rows)
         records, generated = judged_pairs(rows, scores, cfg["pairing"], cfg["min_margin"])
         report.update(generated, judge=judged["evaluate"]["judge"], judge_source=source)
-        if not records:
+        if not records and round_cfg["pairs"] == "generated":  # (with "both", the original pairs still train)
             raise PipelineError(no_pairs_message(round_cfg["name"], generated))
     if round_cfg["pairs"] != "generated":
         original = original_rows(normalized, "train", round_cfg["original_pairs"])
