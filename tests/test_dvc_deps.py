@@ -77,3 +77,19 @@ def test_the_vision_pipeline_is_dvc_yaml_on_params_vision_yaml():
         assert [p for p in spec.get("outs", []) if isinstance(p, str)] == [
             p for p in dvc_stages()[name].get("outs", []) if isinstance(p, str)
         ], name
+
+
+def test_the_rounds_pipeline_is_generated_runs_dpo_stages_and_lists_the_files_each_executes():
+    import dvc_yaml_rounds
+
+    assert (ROOT / "rounds" / "dvc.yaml").read_text() == dvc_yaml_rounds.render(), (
+        "rounds/dvc.yaml is stale: run python scripts/dvc_yaml_deps.py"
+    )
+    assert (ROOT / "rounds" / ".dvc" / "config").is_file(), "rounds/ is a DVC project of its own (dvc init --subdir)"
+    stages = yaml.safe_load((ROOT / "rounds" / "dvc.yaml").read_text())["stages"]
+    for name, spec in stages.items():
+        spec = spec.get("do", spec)  # a foreach stage: its template
+        words = spec["cmd"].split()
+        assert words[:6] == ["cd", "..", "&&", "python", "-m", "stages.cli"], name
+        listed = {dep[3:] for dep in spec["deps"] if dep.startswith("../") and dep[3:].split("/")[0] in PACKAGES}
+        assert listed == needed_deps(words[6]), name

@@ -153,3 +153,18 @@ def test_an_unknown_key_far_from_every_valid_key_suggests_nothing():
     with pytest.raises(PipelineError) as err:
         check_params({"train": {"zzzzqqq": 1}})
     assert "did you mean" not in str(err.value) and "help(pipeline.DPOConfig)" in str(err.value)
+
+
+def test_the_rounds_params_are_valid_and_set_every_key_each_round_s_stages_track():
+    raw = yaml.safe_load((ROOT / "rounds" / "params.yaml").read_text())
+    params = check_params(raw)
+    assert list(params["iterate"]["rounds"]) == ["1", "2", "3"]
+    stages = yaml.safe_load((ROOT / "rounds" / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        keys = [""] if "foreach" not in stage else list(params["iterate"]["rounds"])
+        for key in keys:
+            for entry in stage.get("do", stage).get("params", []):
+                node = raw
+                for part in entry.replace("${key}", key).split("."):
+                    assert isinstance(node, dict) and part in node, f"rounds/dvc.yaml {name}@{key} tracks {entry}"
+                    node = node[part]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from conftest import tiny_params
 from test_dvc_pipeline import ROOT, project_files, ran, sh
 
