@@ -65,8 +65,8 @@ def run(
     "--versus",
     type=click.Path(path_type=Path),
     default=None,
-    help="A base artifact: also judge the policy's answers against this model's (iterative rounds: the initial "
-    "model or the previous round's policy).",
+    help="A base artifact: also judge the policy's answers against this model's (figures under versus/). With "
+    "--round and iterate.reference initial, the round's own base (the round before) is used instead.",
 )
 @round_option
 @user_errors
@@ -89,6 +89,8 @@ def command(
     prompts judged into a win rate (evaluate.judge), optional lm-evaluation-harness tasks, and a self-contained HTML
     report of the run."""
     params = load(params_path, check_train, round_name=round_name)
+    if round_name is not None and params["iterate"]["reference"] == "initial":
+        versus = base  # the round's reference is the initial model: the other comparison is the round's start
     result = run(params, train, tokenized, ref_logps, normalized, base, out, metrics, live, report, versus)
     click.echo(json.dumps(result, indent=1))
     click.echo(f"report: {report}")

@@ -11,7 +11,18 @@ from click.testing import CliRunner
 
 from stages.cli import main
 
-STAGES = ("base", "normalize", "tokenize", "ref-logps", "train", "evaluate", "export", "generate", "judge-pairs", "progress")
+STAGES = (
+    "base",
+    "normalize",
+    "tokenize",
+    "ref-logps",
+    "train",
+    "evaluate",
+    "export",
+    "generate",
+    "judge-pairs",
+    "progress",
+)
 
 
 def test_every_stage_has_a_help_page():

@@ -68,6 +68,20 @@ def test_the_pairs_report_adds_up_and_describes_the_scores():
     assert score_distribution([]) == {"count": 0}
 
 
+def test_progress_names_each_comparison_by_the_model_it_was_against():
+    from pipeline.publish.progress import round_row
+
+    metrics = {"win_rate": 0.6, "win_rate_low": 0.5, "win_rate_high": 0.7, "versus/win_rate": 0.8, "loss": 0.5}
+    previous = round_row(2, "2", metrics, "previous")  # the reference is the round before; versus the initial
+    assert (previous["win_rate_previous"], previous["win_rate_initial"], previous["win_rate_previous_low"]) == (
+        0.6,
+        0.8,
+        0.5,
+    )
+    initial = round_row(2, "2", metrics, "initial")
+    assert (initial["win_rate_initial"], initial["win_rate_previous"], initial["eval_loss"]) == (0.6, 0.8, 0.5)
+
+
 # ---- the rounds' params ----------------------------------------------------------------------------------------
 
 
