@@ -333,7 +333,9 @@ class GenerateParams:
         1.0, "Nucleus sampling: the smallest set of tokens with this much probability.", within(0, 1, low_open=True)
     )
     max_new_tokens: int = knob(24, "Tokens generated per answer.", at_least(1))
-    batch_size: int = knob(32, "Prompts per generation batch (each batch seeded: seed + round + batch).", at_least(1))
+    batch_size: int = knob(
+        32, "Prompts per generation batch; batch b of round r is seeded with seed + 1000 r + b.", at_least(1)
+    )
 
 
 @dataclass
