@@ -18,6 +18,8 @@ from .common import launches, load, params_option, path_option, round_option, us
 
 
 def run(params: dict, samples: Path = paths.SAMPLES, normalized: Path = paths.NORMALIZED, out: Path = paths.PAIRS):
+    """Score and pair the answers of `samples` into `out`; `normalized` gives the eval split and the original pairs
+    (recorded aside: `out` is a normalized artifact too). Returns the report."""
     round_cfg = params.get("round") or {}
     used = {
         "judge_pairs": params["judge_pairs"],
@@ -25,9 +27,8 @@ def run(params: dict, samples: Path = paths.SAMPLES, normalized: Path = paths.NO
         "pairs": round_cfg.get("pairs", "generated"),
         "original_pairs": round_cfg.get("original_pairs"),
     }
-    with stage_output(
-        "judge-pairs", out, {"samples": samples}, used, aside={"original": ("normalized", normalized)}
-    ) as (output):
+    aside = {"original": ("normalized", normalized)}
+    with stage_output("judge-pairs", out, {"samples": samples}, used, aside=aside) as output:
         report = build_pairs(params, samples, normalized, output.dir)
         if is_main():
             write_json(output.dir / "report.json", report)
