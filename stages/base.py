@@ -9,7 +9,7 @@ import click
 from pipeline.builtin import BUILTIN_MODEL, BUILTIN_VLM
 from pipeline.core.errors import PipelineError
 from pipeline.run.warm_start import build_builtin_base
-from pipeline.store.artifacts import check_inputs, read_json, stage_output
+from pipeline.store.artifacts import read_json, stage_output
 from pipeline.store.base_record import describe_external_base, describe_reference_and_adapter, round_base_record
 
 from . import paths
@@ -49,9 +49,13 @@ def run_round(params: dict, previous: Path, initial: Path, out: Path) -> dict:
             f"round {name}: iterative rounds train and continue a full model; set model.peft.enabled: false and "
             "model.adapter: null in the rounds' params (LoRA rounds are not supported yet)."
         )
+    if not (Path(previous) / "manifest.json").is_file():
+        raise PipelineError(
+            f"{previous}: no manifest.json, so the round before round {name} has not finished; run it first "
+            "(`cd rounds && dvc repro` runs the rounds in order)."
+        )
     manifest = read_json(Path(previous) / "manifest.json", f"the artifact of the round before {name}", "re-run it")
-    kind = "base" if manifest.get("stage") == "base" else "train"
-    check_inputs({kind: previous})
+    kind = "base" if manifest.get("stage") == "base" else "train"  # checked as that kind below, with its lineage
     aside = {"previous": (kind, Path(previous)), "initial": ("base", Path(initial))}
     with stage_output("base", out, {}, {"round": name, "reference": reference}, aside=aside) as output:
         output.extra = round_base_record(name, previous, manifest, initial, reference)

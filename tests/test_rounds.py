@@ -191,6 +191,8 @@ def test_the_next_round_starts_from_the_trained_policy_with_the_chosen_reference
     two["iterate"]["reference"] = "initial"
     base_stage.run_round(two, root / "r1" / "policy", root / "round-0", tmp_path / "initial")
     assert reference_source(tmp_path / "initial") == (str(root / "round-0" / "model"), None)
+    with pytest.raises(PipelineError, match="the round before round 2 has not finished"):
+        base_stage.run_round(two, tmp_path / "missing", root / "round-0", tmp_path / "early")
     lora = copy.deepcopy(two)
     lora["model"]["peft"]["enabled"] = True
     with pytest.raises(PipelineError, match="round 2: iterative rounds train and continue a full model"):
