@@ -47,9 +47,7 @@ def test_the_quick_start_timing_says_on_what_machine_and_under_what_load_it_was_
     assert "~4 min" in after_block and "AMD EPYC" in after_block and "idle" in after_block, after_block
 
 
-@pytest.mark.parametrize(
-    "timing, page", [("The suite takes about", README), ("the whole `dvc repro` takes", INDEX)]
-)
+@pytest.mark.parametrize("timing, page", [("The suite takes about", README), ("the whole `dvc repro` takes", INDEX)])
 def test_the_default_run_and_suite_timings_name_the_machine_and_its_load(timing, page):
     text = paragraph(timing, page)
     assert "AMD EPYC" in text and "idle" in text, text
