@@ -44,10 +44,16 @@ def run_round(params: dict, previous: Path, initial: Path, out: Path) -> dict:
     """The base artifact of round params["round"]: the policy it starts from, `previous` (the train artifact of the
     round before, or the initial base artifact for the first round), and its reference (iterate.reference)."""
     name, reference = params["round"]["name"], params["iterate"]["reference"]
-    if params["model"]["peft"]["enabled"] or params["model"]["adapter"]:
+    if params["model"]["adapter"]:
         raise PipelineError(
-            f"round {name}: iterative rounds train and continue a full model; set model.peft.enabled: false and "
-            "model.adapter: null in the rounds' params (LoRA rounds are not supported yet)."
+            f"round {name}: model.adapter (continue an adapter of your own) is not supported in iterative rounds; "
+            "merge it into the model first, or start the rounds from the base with model.peft.enabled: true."
+        )
+    lora = params["model"]["peft"]["enabled"]
+    if lora and reference == "initial" and not params["train"].get("precompute_ref_log_probs"):
+        raise PipelineError(
+            f"round {name}: a LoRA round whose reference is the initial model scores that reference in the "
+            "ref-logps stage (the base with the adapter off); set train.precompute_ref_log_probs: true."
         )
     if not (Path(previous) / "manifest.json").is_file():
         raise PipelineError(

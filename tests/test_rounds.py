@@ -193,11 +193,11 @@ def test_the_next_round_starts_from_the_trained_policy_with_the_chosen_reference
     assert reference_source(tmp_path / "initial") == (str(root / "round-0" / "model"), None)
     with pytest.raises(PipelineError, match="the round before round 2 has not finished"):
         base_stage.run_round(two, tmp_path / "missing", root / "round-0", tmp_path / "early")
-    lora = copy.deepcopy(two)
-    lora["model"]["peft"]["enabled"] = True
-    with pytest.raises(PipelineError, match="round 2: iterative rounds train and continue a full model"):
-        base_stage.run_round(lora, root / "r1" / "policy", root / "round-0", tmp_path / "lora")
-    assert not (tmp_path / "lora").exists()
+    own_adapter = copy.deepcopy(two)
+    own_adapter["model"]["adapter"] = str(tmp_path)
+    with pytest.raises(PipelineError, match="round 2: model.adapter .* is not supported in iterative rounds"):
+        base_stage.run_round(own_adapter, root / "r1" / "policy", root / "round-0", tmp_path / "own")
+    assert not (tmp_path / "own").exists()
 
 
 @pytest.fixture(scope="module")
@@ -302,3 +302,66 @@ def test_evaluate_judges_the_round_against_the_initial_model_and_progress_gather
     tsv = (tmp_path / "progress.tsv").read_text().splitlines()
     assert tsv[0].split("\t")[:3] == ["round", "name", "win_rate_initial"] and len(tsv) == 3
     assert "judged win rate over the initial model" in (tmp_path / "progress.html").read_text()
+
+
+@pytest.mark.parametrize("reference", ["previous", "initial"])
+def test_a_lora_round_continues_the_adapter_of_the_round_before_against_the_chosen_reference(
+    round_one, tmp_path, reference
+):
+    import stages.base as base_stage
+    import stages.evaluate as evaluate_stage
+    import stages.generate as generate_stage
+    import stages.judge_pairs as judge_pairs_stage
+    import stages.ref_logps as ref_stage
+    import stages.tokenize as tokenize_stage
+    import stages.train as train_stage
+    from pipeline.model.loading import load_policy, load_trained_policy
+    from pipeline.objective.reference import stage_reference
+    from pipeline.store.base_record import adapter_source, base_source
+
+    root, params = round_one
+    params = copy.deepcopy(params)
+    params["model"]["peft"].update(enabled=True, r=4, lora_alpha=8, lora_dropout=0.0)
+    params["iterate"]["reference"] = reference
+    one, two = round_params(params, "1"), round_params(params, "2")
+
+    def train(round_params_, base, out):  # on the original pairs (the tiny model's answers all score alike)
+        entry = {**round_params_["round"], "pairs": "original"}
+        round_params_ = {**round_params_, "round": entry}
+        generate_stage.run(round_params_, base, root / "normalized", out / "samples", say=lambda _: None)
+        judge_pairs_stage.run(round_params_, out / "samples", root / "normalized", out / "pairs")
+        tokenize_stage.run(round_params_, out / "pairs", base, out / "tokenized")
+        ref_stage.run(round_params_, out / "tokenized", base, out / "ref_logps")
+        train_stage.run(
+            round_params_, out / "tokenized", out / "ref_logps", base, out / "policy", tmp_path / "ck", out / "live"
+        )
+
+    base_stage.run_round(one, root / "round-0", root / "round-0", tmp_path / "r1" / "base")
+    train(one, tmp_path / "r1" / "base", tmp_path / "r1")  # a new adapter on the initial model
+    base_stage.run_round(two, tmp_path / "r1" / "policy", root / "round-0", tmp_path / "r2" / "base")
+    assert base_source(tmp_path / "r2" / "base")[0] == str(root / "round-0" / "model")
+    assert adapter_source(tmp_path / "r2" / "base") == (str(tmp_path / "r1" / "policy" / "model"), None)
+    start = load_policy(tmp_path / "r2" / "base", two, trainable=False)
+    expected = {"previous": "policy", "initial": "adapter_off"}[reference]  # the round before, or the base
+    assert stage_reference(tmp_path / "r2" / "base", two, start, "before_training").kind == expected
+    train(two, tmp_path / "r2" / "base", tmp_path / "r2")  # continues that adapter (no second one)
+    trained = load_trained_policy(tmp_path / "r2" / "policy" / "model", tmp_path / "r2" / "base", two)
+    assert list(trained.peft_config) == ["default"]
+    before = {k: v for k, v in start.state_dict().items() if "lora_B" in k}
+    after = {k: v for k, v in trained.state_dict().items() if "lora_B" in k}
+    assert before.keys() == after.keys() and any((before[k] != after[k]).any() for k in before)
+    assert any(v.abs().sum() > 0 for v in before.values())  # round 2 started from round 1's trained adapter
+    r2 = tmp_path / "r2"
+    metrics = evaluate_stage.run(
+        two,
+        r2 / "policy",
+        r2 / "tokenized",
+        r2 / "ref_logps",
+        r2 / "pairs",
+        r2 / "base",
+        r2 / "eval",
+        r2 / "eval.json",
+        r2 / "live",
+        versus=root / "round-0",
+    )
+    assert metrics["versus/num_comparisons"] == metrics["num_comparisons"] > 0

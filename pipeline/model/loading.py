@@ -24,7 +24,7 @@ from transformers import (
 from pipeline.config.options import from_pretrained_kwargs
 from pipeline.core.errors import PipelineError
 from pipeline.data.processing import tokenizer_of
-from pipeline.store.base_record import adapter_source, base_source, reference_source
+from pipeline.store.base_record import adapter_source, base_source, reference_source, round_reference
 
 logger = logging.getLogger(__name__)
 
@@ -332,6 +332,20 @@ def load_base_model(base_dir: Path, params: dict, quantized: bool = True):
 def peft_config(params: dict):
     """The LoRA configuration of a new adapter (model.peft.enabled), or None for full fine-tuning."""
     return lora_config(params["model"]["peft"]) if params["model"]["peft"]["enabled"] else None
+
+
+def new_adapter_config(params: dict, base_dir: Path):
+    """`peft_config` for training from the base artifact: None when the policy already carries the adapter it
+    trains (an iterative LoRA round continues the adapter of the round before)."""
+    return peft_config(params) if adapter_source(base_dir) is None else None
+
+
+def reference_is_adapter_off(params: dict, base_dir: Path) -> bool:
+    """Whether the reference is the policy with its LoRA adapter off: a new adapter's (model.peft.enabled), and an
+    iterative LoRA round's continued adapter when the round's reference is the initial model."""
+    if not params["model"]["peft"]["enabled"]:
+        return False
+    return adapter_source(base_dir) is None or round_reference(base_dir) == "initial"
 
 
 def load_policy(base_dir: Path, params: dict, trainable: bool = True):

@@ -12,7 +12,7 @@ from typing import Callable, Literal
 import torch
 
 from pipeline.core.errors import PipelineError
-from pipeline.model.loading import is_peft_model, load_explicit_reference, load_policy
+from pipeline.model.loading import is_peft_model, load_explicit_reference, load_policy, reference_is_adapter_off
 
 Model = torch.nn.Module
 When = Literal["training", "before_training", "after_training"]
@@ -116,7 +116,7 @@ def stage_reference(base_dir: Path, params: dict, policy: Model, when: When, pre
     return resolve_reference(
         policy,
         explicit=lambda: load_explicit_reference(base_dir, params),
-        new_adapter=params["model"]["peft"]["enabled"] and is_peft_model(policy),
+        new_adapter=reference_is_adapter_off(params, base_dir) and is_peft_model(policy),
         when=when,
         initial=lambda: load_policy(base_dir, params, trainable=False),
         precomputed=precomputed,

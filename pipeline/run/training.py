@@ -13,7 +13,13 @@ from transformers import set_seed
 from pipeline.config.train_params import dpo_config
 from pipeline.core.faults import require_free_space, same_file_system
 from pipeline.data.tables import load_pairs
-from pipeline.model.loading import is_peft_model, load_base_tokenizer, load_explicit_reference, load_policy, peft_config
+from pipeline.model.loading import (
+    is_peft_model,
+    load_base_tokenizer,
+    load_explicit_reference,
+    load_policy,
+    new_adapter_config,
+)
 from pipeline.run.resume import (
     CheckpointFingerprintCallback,
     plan_resume,
@@ -117,7 +123,7 @@ def train_policy(
         eval_dataset=eval_set,
         processing_class=tokenizer,
         callbacks=callbacks,
-        peft_config=peft_config(params),
+        peft_config=new_adapter_config(params, base),
     )
     trainer.add_callback(CheckpointFingerprintCallback(fingerprint))  # last: after every other on_save
     if trainer.is_world_process_zero():  # checkpoints this run writes again: never mixed with their new files

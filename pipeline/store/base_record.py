@@ -150,8 +150,9 @@ def round_base_record(round_name: str, previous: Path, previous_manifest: dict, 
     """The base record of iterative round `round_name`: the policy it starts from is the previous round's trained
     model (`previous` is a train artifact), or the initial model for the first round (`previous` is the initial base
     artifact); its reference is that starting policy (`reference` previous: nothing recorded, the initial policy is
-    the reference) or the initial model (`reference` initial). An explicit reference (model.ref_name_or_path) the
-    initial base recorded stays every round's reference."""
+    the reference) or the initial model (`reference` initial). A LoRA round's policy is the base model carrying the
+    adapter the round before trained (`adapter`: training continues it). An explicit reference
+    (model.ref_name_or_path) the initial base recorded stays every round's reference."""
     initial_manifest = read_manifest(initial, "base")
     initial_model = model_record(initial, initial_manifest, "the initial model")
     if previous_manifest["stage"] == "base":
@@ -159,15 +160,21 @@ def round_base_record(round_name: str, previous: Path, previous_manifest: dict, 
         record.update(initial_model)
     else:
         model_dir = Path(previous) / "model"
-        if (model_dir / "adapter_config.json").exists():
-            raise PipelineError(
-                f"round {round_name}: {previous} holds a LoRA adapter, and iterative rounds continue a full model; "
-                "set model.peft.enabled: false for the rounds (LoRA rounds are not supported yet)."
-            )
-        record = describe_source(str(model_dir), None, f"the policy of the round before {round_name}")
+        trained = describe_source(str(model_dir), None, f"the policy of the round before {round_name}")
+        if (model_dir / "adapter_config.json").exists():  # a LoRA round: the base model, carrying that adapter
+            record = {**initial_model, "adapter": trained}
+        else:
+            record = trained
         if "reference" in initial_manifest:
             record["reference"] = initial_manifest["reference"]
-    if reference == "initial" and "reference" not in record and previous_manifest["stage"] != "base":
-        record["reference"] = initial_model
+    if reference == "initial" and "reference" not in record and "adapter" not in record:
+        if previous_manifest["stage"] != "base":  # (an adapter's initial model is the base with the adapter off)
+            record["reference"] = initial_model
     record["round"] = {"name": round_name, "previous": str(previous), "reference": reference}
     return record
+
+
+def round_reference(base_dir: Path) -> str | None:
+    """iterate.reference of the iterative round whose base artifact this is (previous or initial); None outside
+    rounds."""
+    return (read_manifest(base_dir, "base").get("round") or {}).get("reference")
