@@ -11,7 +11,7 @@ import click
 from pipeline.core.distributed import is_main
 from pipeline.model.loading import load_base_tokenizer, load_policy, load_trained_policy
 from pipeline.run.generation import SAMPLES_SCHEMA, sample_answers, sampling_of, train_prompts, write_samples
-from pipeline.store.artifacts import manifest_digest, stage_output
+from pipeline.store.artifacts import manifest_digest, require_same_input, stage_output
 
 from . import paths
 from .common import launches, load, params_option, path_option, round_option, user_errors
@@ -28,12 +28,17 @@ def run(
     """Sample generate.num_samples answers from the policy (the trained model of `train` when given, else the one
     `base` names) to generate.num_prompts train prompts."""
     round_cfg = params.get("round") or {"name": None, "number": 0, "pairs": "generated"}
-    inputs = {"base": base} if train is None else {"base": base, "train": train}
     used = {"seed": params["seed"], "generate": params["generate"], "round": round_cfg["name"]}
     if round_cfg["pairs"] == "original":
         used["skipped"] = True
-    aside = {"prompts": ("normalized", normalized)}  # recorded aside: a round's own pairs are a normalized artifact too
-    with stage_output("generate", out, inputs, used, aside=aside) as output:
+    # recorded aside, each checked on its own: the pairs made from these answers are a normalized artifact too, and
+    # a trained policy's lineage holds the normalized pairs it was trained on
+    aside = {"prompts": ("normalized", normalized)}
+    if train is not None:
+        aside["trained_policy"] = ("train", Path(train))
+    with stage_output("generate", out, {"base": base}, used, aside=aside) as output:
+        if train is not None:  # the trained policy must come from this base (its tokenizer, its adapter's base)
+            require_same_input(output.manifests["trained_policy"], Path(train), "base", manifest_digest(base), "train")
         policy_id = manifest_digest(train if train is not None else base)
         if round_cfg["pairs"] == "original":  # this round trains on the original pairs: nothing to answer
             table = SAMPLES_SCHEMA.empty_table()

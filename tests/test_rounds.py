@@ -260,6 +260,23 @@ def test_judge_pairs_writes_canonical_pairs_that_tokenize_reads_and_a_report_tha
     assert tokenized["train"]["rows_written"] == pairs.num_rows  # lineage: pairs → samples → round base
 
 
+def test_the_stages_run_alone_on_a_trained_policy_as_the_docs_show(round_one, tmp_path, monkeypatch):
+    import stages.generate as generate_stage
+    import stages.judge_pairs as judge_pairs_stage
+    import stages.tokenize as tokenize_stage
+    from pipeline.judge.judges import BuiltinJudge
+
+    root, params = round_one
+    monkeypatch.setattr(BuiltinJudge, "score", length_score)
+    r1 = root / "r1"
+    generate_stage.run(params, r1 / "base", root / "normalized", tmp_path / "samples", train=r1 / "policy")
+    report = judge_pairs_stage.run(params, tmp_path / "samples", root / "normalized", tmp_path / "pairs")
+    tokenized = tokenize_stage.run(params, tmp_path / "pairs", r1 / "base", tmp_path / "tokenized")
+    assert tokenized["train"]["rows_written"] == report["pairs_out"] > 0
+    with pytest.raises(PipelineError, match="made from another base artifact"):
+        generate_stage.run(params, root / "round-0", root / "normalized", tmp_path / "other", train=r1 / "policy")
+
+
 def test_a_judge_that_ties_every_answer_stops_the_round_with_what_to_change(round_two, tmp_path, monkeypatch):
     import stages.judge_pairs as judge_pairs_stage
     from pipeline.judge.judges import BuiltinJudge
