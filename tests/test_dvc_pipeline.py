@@ -51,7 +51,8 @@ def restore(repo: Path, env: dict, *paths: str) -> None:
 
 
 def ran(output: str) -> list[str]:
-    return re.findall(r"Running stage '([\w-]+)'", output)
+    """The stages `dvc repro` ran, in order (a foreach stage by its generated name, `train@2`)."""
+    return re.findall(r"Running stage '([\w@-]+)'", output)
 
 
 def would_run(repo: Path, env: dict) -> list[str]:

@@ -39,13 +39,6 @@ def rounds_params(count: int) -> dict:
     return params
 
 
-def executed(output: str) -> list[str]:
-    """The stages `dvc repro` ran, in order, by their generated names (`train@2`)."""
-    import re
-
-    return re.findall(r"Running stage '([\w@-]+)'", output)
-
-
 @pytest.fixture(scope="module")
 def rounds_project(tmp_path_factory):
     if shutil.which("dvc", path=os.path.dirname(sys.executable)) is None and shutil.which("dvc") is None:
@@ -76,21 +69,21 @@ def rounds_project(tmp_path_factory):
 def test_rounds_are_cached_a_new_round_runs_alone_and_an_edit_reruns_from_its_round(rounds_project):
     repo, env = rounds_project
     rounds = Path(repo) / "rounds"
-    first = executed(sh(["dvc", "repro"], rounds, env))
+    first = ran(sh(["dvc", "repro"], rounds, env))
     assert sorted(first) == sorted(["base", "normalize", *round_stages("1"), *round_stages("2"), "progress"])
     assert first.index("train@1") < first.index("round-base@2")  # round 2 starts from round 1's policy
-    assert executed(sh(["dvc", "repro"], rounds, env)) == []
+    assert ran(sh(["dvc", "repro"], rounds, env)) == []
     assert ran(sh(["dvc", "status"], rounds, env)) == []
 
     (rounds / "params.yaml").write_text(yaml.safe_dump(rounds_params(3), sort_keys=False))
-    assert sorted(executed(sh(["dvc", "repro"], rounds, env))) == sorted([*round_stages("3"), "progress"])
+    assert sorted(ran(sh(["dvc", "repro"], rounds, env))) == sorted([*round_stages("3"), "progress"])
 
     params = rounds_params(3)
     params["iterate"]["rounds"]["2"]["train"] = {"beta": 0.3}
     (rounds / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    again = executed(sh(["dvc", "repro"], rounds, env))
+    again = ran(sh(["dvc", "repro"], rounds, env))
     assert sorted(again) == sorted(["train@2", "evaluate@2", *round_stages("3"), "progress"])
-    assert executed(sh(["dvc", "repro"], rounds, env)) == []
+    assert ran(sh(["dvc", "repro"], rounds, env)) == []
     progress = yaml.safe_load((rounds / "results" / "progress.json").read_text())
     assert list(progress) == ["1", "2", "3"] and all("win_rate_initial" in row for row in progress.values())
     assert (rounds / "results" / "progress.tsv").read_text().count("\n") == 4  # a header and a row per round

@@ -34,6 +34,7 @@ SAMPLES_SCHEMA = pa.schema(
         ("policy", pa.string()),  # the policy's identity: the digest of the base artifact that names it
     ]
 )
+PROMPT_COLUMNS = SAMPLES_SCHEMA.names[:7]  # what a sample keeps of its prompt's normalized record
 SEED_STRIDE = 1000  # round r's batches are seeded from seed + 1000 r: rounds never share a sampling stream
 
 
@@ -66,14 +67,17 @@ def sampling_of(params: dict, round_number: int) -> Sampling:
 
 def sample_answers(model, processing_class, records: list[dict], sampling: Sampling, policy: str) -> pa.Table:
     """`sampling.num_samples` answers of `model` to each prompt record, one row per answer (SAMPLES_SCHEMA)."""
-    prompts = [{"prompt": decoded_row(r)["prompt"], "images": decoded_row(r)["images"]} for r in records]
+    rows = [decoded_row(r) for r in records]
+    prompts = [{"prompt": row["prompt"], "images": row["images"]} for row in rows]
     answers = gather_shares(generate_answers(model, processing_class, my_share(prompts), sampling), len(prompts))
-    rows = [
-        {**{k: record.get(k) for k in SAMPLES_SCHEMA.names[:7]}, "sample": i, "answer": answer, "policy": policy}
-        for record, answers_of_prompt in zip(records, answers)
-        for i, answer in enumerate(answers_of_prompt)
-    ]
-    return pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA)
+    return pa.Table.from_pylist(
+        [
+            {**{k: record.get(k) for k in PROMPT_COLUMNS}, "sample": i, "answer": answer, "policy": policy}
+            for record, answers_of_prompt in zip(records, answers)
+            for i, answer in enumerate(answers_of_prompt)
+        ],
+        schema=SAMPLES_SCHEMA,
+    )
 
 
 def write_samples(table: pa.Table, out_dir: Path) -> None:
